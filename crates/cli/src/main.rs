@@ -1,0 +1,266 @@
+//! The `ferry` command: export Hugging Face transformers checkpoints to ONNX and check them.
+//!
+//! It only parses arguments, chains the stage crates (loader → tracer → onnx → verifier),
+//! draws progress on stderr and turns errors into one line and exit code 1.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use clap::{Args, Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+
+/// Export Hugging Face transformers models to ONNX, without Python.
+#[derive(Debug, Parser)]
+#[command(name = "ferry", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Export a checkpoint to ONNX.
+    Export(ExportArgs),
+    /// Run an ONNX model on a golden file's inputs and compare with its outputs.
+    Verify(VerifyArgs),
+}
+
+#[derive(Debug, Args)]
+struct ExportArgs {
+    /// Checkpoint directory, or a model id (Hugging Face cache, else downloaded).
+    #[arg(long, short)]
+    model: String,
+    /// Task to export (optimum's names; seed pipeline names accepted).
+    #[arg(long, default_value = "feature-extraction")]
+    task: String,
+    /// ONNX opset (14–21).
+    #[arg(long, default_value_t = ferry_onnx::DEFAULT_OPSET)]
+    opset: i64,
+    /// Put weights in one side file (`OUTPUT_data`) in ONNX's external-data format.
+    /// Done automatically when the model would exceed protobuf's 2 GiB limit.
+    #[arg(long)]
+    external_data: bool,
+    /// Load the result in ONNX Runtime and run dummy inputs at two sequence lengths.
+    #[arg(long)]
+    check: bool,
+    /// Hub revision (branch, tag or commit) when `--model` is a model id.
+    #[arg(long)]
+    revision: Option<String>,
+    /// Output `.onnx` file.
+    output: PathBuf,
+}
+
+#[derive(Debug, Args)]
+struct VerifyArgs {
+    /// The ONNX model.
+    model: PathBuf,
+    /// Golden safetensors file (`input.*` and `output.*` tensors).
+    golden: PathBuf,
+    /// Maximum absolute difference allowed.
+    #[arg(long, default_value_t = 1e-5)]
+    atol: f64,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Export(a) => export(&a),
+        Command::Verify(a) => verify(&a),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(msg) => {
+            eprintln!("error: {msg}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// A spinner for one stage on stderr (hidden when stderr is not a terminal).
+fn stage(name: &str) -> ProgressBar {
+    let pb = ProgressBar::new_spinner();
+    pb.set_style(
+        ProgressStyle::with_template("{spinner} {prefix:>6} {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+    );
+    pb.set_prefix(name.to_string());
+    pb.enable_steady_tick(Duration::from_millis(100));
+    pb
+}
+
+fn done(pb: ProgressBar, msg: String) {
+    pb.finish_and_clear();
+    if console_is_tty() {
+        eprintln!("  {:>6} {msg}", pb.prefix());
+    }
+}
+
+fn console_is_tty() -> bool {
+    use std::io::IsTerminal;
+    std::io::stderr().is_terminal()
+}
+
+fn human_bytes(n: u64) -> String {
+    let n = n as f64;
+    if n >= 1e9 {
+        format!("{:.2} GB", n / 1e9)
+    } else if n >= 1e6 {
+        format!("{:.1} MB", n / 1e6)
+    } else if n >= 1e3 {
+        format!("{:.1} kB", n / 1e3)
+    } else {
+        format!("{n} B")
+    }
+}
+
+fn export(a: &ExportArgs) -> Result<(), String> {
+    let start = Instant::now();
+    if !(ferry_onnx::MIN_OPSET..=ferry_onnx::MAX_OPSET).contains(&a.opset) {
+        return Err(format!(
+            "opset {} is not supported (ferry writes opsets {}..={})",
+            a.opset,
+            ferry_onnx::MIN_OPSET,
+            ferry_onnx::MAX_OPSET
+        ));
+    }
+    check_output_path(&a.output)?;
+
+    let pb = stage("load");
+    pb.set_message(a.model.clone());
+    let opts = ferry_loader::ResolveOptions {
+        revision: a.revision.clone(),
+        ..Default::default()
+    };
+    let dir = ferry_loader::resolve(&a.model, &opts).map_err(|e| e.to_string())?;
+    let ckpt = ferry_loader::load(&dir).map_err(|e| e.to_string())?;
+    done(
+        pb,
+        format!(
+            "{} ({} tensors, {})",
+            dir.display(),
+            ckpt.weights.len(),
+            ckpt.format
+        ),
+    );
+
+    let pb = stage("trace");
+    let trace_opts = ferry_tracer::TraceOptions {
+        task: a.task.clone(),
+        opset: a.opset,
+        ..Default::default()
+    };
+    let graph =
+        ferry_tracer::trace(&ckpt.config, &ckpt.weights, &trace_opts).map_err(|e| e.to_string())?;
+    done(pb, format!("{} nodes", graph.nodes.len()));
+
+    let pb = stage("write");
+    pb.set_message(a.output.display().to_string());
+    let wopts = ferry_onnx::WriteOptions {
+        external_data: if a.external_data {
+            ferry_onnx::ExternalData::Always
+        } else {
+            ferry_onnx::ExternalData::Auto
+        },
+        doc_string: format!("exported by ferry from {}", a.model),
+    };
+    let report = ferry_onnx::write_model(&graph, &a.output, &wopts).map_err(|e| e.to_string())?;
+    done(pb, human_bytes(report.model_bytes + report.data_bytes));
+
+    if a.check {
+        let pb = stage("check");
+        let runs = run_check(&a.output, &ckpt.config)?;
+        done(pb, runs);
+    }
+
+    let mut files = format!(
+        "{} ({})",
+        a.output.display(),
+        human_bytes(report.model_bytes)
+    );
+    if let Some(d) = &report.data_path {
+        files.push_str(&format!(
+            " + {} ({})",
+            d.display(),
+            human_bytes(report.data_bytes)
+        ));
+    }
+    eprintln!(
+        "exported {} [{}] task {}: {} parameters, opset {} (IR {}), {} in {:.2}s{}",
+        ckpt.config.model_type,
+        ckpt.format,
+        ferry_tracer::canonical_task(&a.task),
+        graph.parameter_count(),
+        a.opset,
+        report.ir_version,
+        files,
+        start.elapsed().as_secs_f64(),
+        if a.check { ", check passed" } else { "" }
+    );
+    Ok(())
+}
+
+/// Fails early (before any work) when the output cannot be written.
+fn check_output_path(out: &Path) -> Result<(), String> {
+    if out.file_name().is_none() {
+        return Err(format!("output {} is not a file path", out.display()));
+    }
+    if out.is_dir() {
+        return Err(format!("output {} is a directory", out.display()));
+    }
+    let dir = match out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    if !dir.is_dir() {
+        return Err(format!(
+            "cannot write {}: directory {} does not exist",
+            out.display(),
+            dir.display()
+        ));
+    }
+    Ok(())
+}
+
+fn run_check(path: &Path, config: &ferry_ir::ModelConfig) -> Result<String, String> {
+    let mut model = ferry_verifier::Model::load(path, 2).map_err(|e| e.to_string())?;
+    let spec = ferry_verifier::DummySpec {
+        batch: 2,
+        sequence_lengths: vec![8, 13],
+        vocab_size: config.vocab_size.unwrap_or(2),
+        type_vocab_size: config.type_vocab_size.unwrap_or(1),
+    };
+    let runs = ferry_verifier::check_dummy(&mut model, &spec).map_err(|e| e.to_string())?;
+    let parts: Vec<String> = runs
+        .iter()
+        .map(|r| {
+            let shapes: Vec<String> = r.shapes.iter().map(|(k, v)| format!("{k} {v:?}")).collect();
+            format!("seq {}: {}", r.sequence_length, shapes.join(", "))
+        })
+        .collect();
+    Ok(parts.join("; "))
+}
+
+fn verify(a: &VerifyArgs) -> Result<(), String> {
+    let golden = ferry_verifier::Golden::load(&a.golden).map_err(|e| e.to_string())?;
+    let mut model = ferry_verifier::Model::load(&a.model, 2).map_err(|e| e.to_string())?;
+    let reports = ferry_verifier::compare(&mut model, &golden).map_err(|e| e.to_string())?;
+    let mut worst = 0.0f64;
+    for r in &reports {
+        println!(
+            "{:<20} {:<16} max-abs {:.3e}",
+            r.name,
+            format!("{:?}", r.shape),
+            r.max_abs
+        );
+        worst = worst.max(r.max_abs);
+    }
+    if worst > a.atol {
+        return Err(format!(
+            "{}: max-abs {worst:.3e} exceeds {:.1e}",
+            a.model.display(),
+            a.atol
+        ));
+    }
+    Ok(())
+}

@@ -1,0 +1,312 @@
+//! Tensor bytes that stay borrowed from the checkpoint until a writer streams them.
+
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::fs::File;
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use memmap2::Mmap;
+
+use crate::DType;
+
+/// A read-only file mapped into memory, shared by every tensor that borrows from it.
+pub struct MappedFile {
+    path: PathBuf,
+    map: Mmap,
+    /// Handle used for in-kernel copies (`copy_file_range`), which move a byte range to the
+    /// output without it ever being paged into this process.
+    file: Mutex<File>,
+}
+
+impl MappedFile {
+    /// Maps `path` read-only.
+    pub fn open(path: &Path) -> io::Result<Self> {
+        let file = File::open(path)?;
+        // SAFETY: the map is read-only and private to this process; a checkpoint that another
+        // process truncates while ferry runs is outside what ferry can defend against (the
+        // same contract as every mmap-based safetensors reader).
+        #[allow(unsafe_code)]
+        let map = unsafe { Mmap::map(&file)? };
+        Ok(Self {
+            path: path.to_path_buf(),
+            map,
+            file: Mutex::new(file),
+        })
+    }
+
+    /// The mapped bytes.
+    pub fn bytes(&self) -> &[u8] {
+        &self.map
+    }
+
+    /// The path the file was opened from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Copies `len` bytes starting at `offset` to `out`. When `out` is a file (or a
+    /// `BufWriter` over one) the standard library turns this into an in-kernel copy, so the
+    /// bytes never pass through (or count against) this process's memory.
+    pub fn copy_range_to<W: Write + ?Sized>(
+        &self,
+        offset: u64,
+        len: u64,
+        out: &mut W,
+    ) -> io::Result<()> {
+        let file = self
+            .file
+            .lock()
+            .map_err(|_| io::Error::other("mapped file lock poisoned"))?;
+        let mut handle: &File = &file;
+        handle.seek(SeekFrom::Start(offset))?;
+        let mut take = handle.take(len);
+        let copied = io::copy(&mut take, out)?;
+        if copied != len {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!(
+                    "{}: expected {len} bytes at offset {offset}, file ended after {copied}",
+                    self.path.display()
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for MappedFile {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MappedFile")
+            .field("path", &self.path)
+            .field("len", &self.map.len())
+            .finish()
+    }
+}
+
+/// Reads a tensor's bytes on demand (used for containers that cannot be mapped directly).
+pub type LazyRead = Arc<dyn Fn() -> io::Result<Vec<u8>> + Send + Sync>;
+
+/// The bytes of a tensor: borrowed from a mapped file, owned, or read on demand.
+///
+/// Cloning is cheap (reference counted); no variant copies weight bytes until asked.
+#[derive(Clone)]
+pub enum TensorData {
+    /// A byte range of a mapped checkpoint file (zero copy).
+    Mapped {
+        /// The mapped file.
+        file: Arc<MappedFile>,
+        /// Offset of the first byte within the file.
+        offset: u64,
+        /// Number of bytes.
+        len: u64,
+    },
+    /// Bytes held in memory (small constants, computed tensors).
+    Owned(Arc<[u8]>),
+    /// Bytes produced by a reader when needed, e.g. a tensor inside a `pytorch_model.bin`.
+    Lazy {
+        /// Number of bytes the reader returns.
+        len: u64,
+        /// The reader.
+        read: LazyRead,
+    },
+}
+
+impl TensorData {
+    /// Owned bytes.
+    pub fn owned(bytes: Vec<u8>) -> Self {
+        TensorData::Owned(bytes.into())
+    }
+
+    /// Owned little-endian f32 values.
+    pub fn from_f32(values: &[f32]) -> Self {
+        Self::owned(values.iter().flat_map(|v| v.to_le_bytes()).collect())
+    }
+
+    /// Owned little-endian i64 values.
+    pub fn from_i64(values: &[i64]) -> Self {
+        Self::owned(values.iter().flat_map(|v| v.to_le_bytes()).collect())
+    }
+
+    /// Number of bytes.
+    pub fn len(&self) -> u64 {
+        match self {
+            TensorData::Mapped { len, .. } | TensorData::Lazy { len, .. } => *len,
+            TensorData::Owned(b) => b.len() as u64,
+        }
+    }
+
+    /// Whether there are no bytes.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The bytes: borrowed where possible, read when lazy.
+    pub fn bytes(&self) -> io::Result<Cow<'_, [u8]>> {
+        match self {
+            TensorData::Mapped { file, offset, len } => {
+                let start = usize::try_from(*offset).map_err(io::Error::other)?;
+                let end = start + usize::try_from(*len).map_err(io::Error::other)?;
+                file.bytes()
+                    .get(start..end)
+                    .map(Cow::Borrowed)
+                    .ok_or_else(|| {
+                        io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            format!("{}: tensor range out of bounds", file.path().display()),
+                        )
+                    })
+            }
+            TensorData::Owned(b) => Ok(Cow::Borrowed(b)),
+            TensorData::Lazy { len, read } => {
+                let v = read()?;
+                if v.len() as u64 != *len {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!("tensor reader returned {} bytes, expected {len}", v.len()),
+                    ));
+                }
+                Ok(Cow::Owned(v))
+            }
+        }
+    }
+
+    /// Streams the bytes to `out`: an in-kernel copy for mapped data when `out` is a file.
+    pub fn write_to<W: Write>(&self, out: &mut W) -> io::Result<()> {
+        match self {
+            TensorData::Mapped { file, offset, len } => file.copy_range_to(*offset, *len, out),
+            _ => out.write_all(&self.bytes()?),
+        }
+    }
+
+    /// The values decoded as little-endian f32 (for tests and small constant folding).
+    pub fn to_f32_vec(&self) -> io::Result<Vec<f32>> {
+        let b = self.bytes()?;
+        Ok(b.chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect())
+    }
+}
+
+impl fmt::Debug for TensorData {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TensorData::Mapped { file, offset, len } => {
+                write!(f, "Mapped({}@{offset}+{len})", file.path().display())
+            }
+            TensorData::Owned(b) => write!(f, "Owned({} bytes)", b.len()),
+            TensorData::Lazy { len, .. } => write!(f, "Lazy({len} bytes)"),
+        }
+    }
+}
+
+/// A named constant tensor of a graph (a weight or a folded constant).
+#[derive(Debug, Clone)]
+pub struct Initializer {
+    /// Name the graph refers to it by.
+    pub name: String,
+    /// Element type.
+    pub dtype: DType,
+    /// Shape.
+    pub dims: Vec<i64>,
+    /// Bytes, row-major, little-endian.
+    pub data: TensorData,
+}
+
+impl Initializer {
+    /// Number of elements.
+    pub fn numel(&self) -> u64 {
+        self.dims.iter().map(|&d| d.max(0) as u64).product()
+    }
+}
+
+/// The tensors of a checkpoint by name, as the loader found them.
+#[derive(Debug, Clone, Default)]
+pub struct Weights {
+    tensors: BTreeMap<String, Initializer>,
+}
+
+impl Weights {
+    /// An empty table.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds (or replaces) a tensor.
+    pub fn insert(&mut self, tensor: Initializer) {
+        self.tensors.insert(tensor.name.clone(), tensor);
+    }
+
+    /// Looks a tensor up by its checkpoint name.
+    pub fn get(&self, name: &str) -> Option<&Initializer> {
+        self.tensors.get(name)
+    }
+
+    /// Whether a tensor of that name exists.
+    pub fn contains(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+
+    /// All tensors, sorted by name.
+    pub fn iter(&self) -> impl Iterator<Item = &Initializer> {
+        self.tensors.values()
+    }
+
+    /// Number of tensors.
+    pub fn len(&self) -> usize {
+        self.tensors.len()
+    }
+
+    /// Whether the table is empty.
+    pub fn is_empty(&self) -> bool {
+        self.tensors.is_empty()
+    }
+
+    /// Total number of bytes across all tensors.
+    pub fn total_bytes(&self) -> u64 {
+        self.tensors.values().map(|t| t.data.len()).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn owned_roundtrip_and_write() {
+        let d = TensorData::from_f32(&[1.0, -2.5]);
+        assert_eq!(d.len(), 8);
+        assert_eq!(d.to_f32_vec().ok(), Some(vec![1.0, -2.5]));
+        let mut out = Vec::new();
+        assert!(d.write_to(&mut out).is_ok());
+        assert_eq!(out.len(), 8);
+    }
+
+    #[test]
+    fn mapped_range_copies_exact_bytes() -> io::Result<()> {
+        let dir = std::env::temp_dir().join(format!("ferry-ir-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let p = dir.join("f.bin");
+        std::fs::write(&p, b"0123456789")?;
+        let file = Arc::new(MappedFile::open(&p)?);
+        let d = TensorData::Mapped {
+            file,
+            offset: 3,
+            len: 4,
+        };
+        assert_eq!(&*d.bytes()?, b"3456");
+        let mut out = Vec::new();
+        d.write_to(&mut out)?;
+        assert_eq!(out, b"3456");
+        let bad = TensorData::Mapped {
+            file: Arc::new(MappedFile::open(&p)?),
+            offset: 8,
+            len: 4,
+        };
+        assert!(bad.bytes().is_err());
+        assert!(bad.write_to(&mut Vec::new()).is_err());
+        std::fs::remove_dir_all(&dir)
+    }
+}

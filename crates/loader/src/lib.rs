@@ -1,0 +1,120 @@
+//! ferry-loader: finds a Hugging Face checkpoint and opens it without copying its weights.
+//!
+//! [`resolve`] turns `--model` into a directory: a local checkpoint directory, a model id in
+//! the Hugging Face cache, or (online) a download through hf-hub into that cache.
+//! [`load`] reads `config.json` into a typed [`ModelConfig`] and indexes the weights of
+//! `model.safetensors`, a sharded `model.safetensors.index.json`, or `pytorch_model.bin`
+//! (read by pytorch-reader, which never executes pickle code). Safetensors weights are
+//! borrowed from a memory map; `.bin` tensors are read one at a time when written.
+
+mod hub;
+mod weights;
+
+use std::path::{Path, PathBuf};
+
+pub use ferry_ir::ModelConfig;
+use ferry_ir::{ConfigError, Weights};
+pub use hub::{ResolveOptions, hub_cache_dir, resolve};
+
+/// The weight file format a checkpoint was read from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WeightFormat {
+    /// One `model.safetensors`.
+    Safetensors,
+    /// `model.safetensors.index.json` with this many shards.
+    ShardedSafetensors(usize),
+    /// `pytorch_model.bin` (possibly sharded, with this many files).
+    PytorchBin(usize),
+}
+
+impl std::fmt::Display for WeightFormat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            WeightFormat::Safetensors => f.write_str("safetensors"),
+            WeightFormat::ShardedSafetensors(n) => write!(f, "safetensors ({n} shards)"),
+            WeightFormat::PytorchBin(1) => f.write_str("pytorch_model.bin"),
+            WeightFormat::PytorchBin(n) => write!(f, "pytorch_model.bin ({n} shards)"),
+        }
+    }
+}
+
+/// An opened checkpoint: its config and its weights, still on disk.
+#[derive(Debug)]
+pub struct Checkpoint {
+    /// The checkpoint directory.
+    pub dir: PathBuf,
+    /// `config.json`, typed.
+    pub config: ModelConfig,
+    /// Every tensor of the checkpoint, by its saved name.
+    pub weights: Weights,
+    /// Which weight files were read.
+    pub format: WeightFormat,
+}
+
+/// Why a checkpoint could not be found or opened.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// `--model` is neither a directory, nor in the cache, nor downloadable.
+    #[error("model `{model}` not found; searched: {searched}")]
+    NotFound {
+        /// What the user asked for.
+        model: String,
+        /// Where ferry looked, and why the download did not happen or failed.
+        searched: String,
+    },
+    /// The directory has no `config.json`.
+    #[error("{0}: no config.json (is this a Hugging Face checkpoint directory?)")]
+    MissingConfig(PathBuf),
+    /// `config.json` is unreadable or invalid.
+    #[error("{path}: {source}")]
+    Config {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: ConfigError,
+    },
+    /// No weight file of a known format.
+    #[error(
+        "{0}: no weights found (looked for model.safetensors, model.safetensors.index.json, pytorch_model.bin, pytorch_model.bin.index.json)"
+    )]
+    MissingWeights(PathBuf),
+    /// A weight file is unreadable or corrupt.
+    #[error("{path}: {reason}")]
+    Weights {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// An I/O error.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+}
+
+/// Opens the checkpoint in `dir`: config plus an index of its weights (no weight bytes read).
+pub fn load(dir: &Path) -> Result<Checkpoint, LoadError> {
+    let config_path = dir.join("config.json");
+    if !config_path.is_file() {
+        return Err(LoadError::MissingConfig(dir.to_path_buf()));
+    }
+    let text = std::fs::read_to_string(&config_path).map_err(|source| LoadError::Io {
+        path: config_path.clone(),
+        source,
+    })?;
+    let config = ModelConfig::from_json(&text).map_err(|source| LoadError::Config {
+        path: config_path.clone(),
+        source,
+    })?;
+    let (weights, format) = weights::open_weights(dir)?;
+    Ok(Checkpoint {
+        dir: dir.to_path_buf(),
+        config,
+        weights,
+        format,
+    })
+}

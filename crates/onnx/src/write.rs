@@ -1,0 +1,504 @@
+//! The streaming ONNX writer.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+use ferry_ir::{Attr, Dim, Graph, Initializer, Node, Value};
+use prost::Message;
+
+use crate::proto::{
+    self, AttributeProto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto,
+    StringStringEntryProto, TensorProto, TensorShapeProto, TypeProto, TypeProtoTensor,
+    ValueInfoProto, attribute_type as at,
+};
+use crate::{MAX_OPSET, MIN_OPSET, onnx_dtype};
+
+/// Protobuf refuses messages of 2 GiB or more; past this, weights must go to external data.
+const PROTOBUF_LIMIT: u64 = (1 << 31) - 1;
+/// Initializers smaller than this stay inline even with external data (as `onnx` does).
+const EXTERNAL_THRESHOLD: u64 = 1024;
+/// Tensors at least this large start on a page boundary in the side file, so ONNX Runtime
+/// can map them.
+const PAGE_ALIGN_FROM: u64 = 64 * 1024;
+
+/// Where initializer bytes go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ExternalData {
+    /// Inline, unless the file would pass protobuf's 2 GiB limit (then external).
+    #[default]
+    Auto,
+    /// Always in a side file.
+    Always,
+}
+
+/// Options for [`write_model`].
+#[derive(Debug, Clone, Default)]
+pub struct WriteOptions {
+    /// Inline or external weights.
+    pub external_data: ExternalData,
+    /// `doc_string` of the model (e.g. where it was exported from).
+    pub doc_string: String,
+}
+
+/// What [`write_model`] produced.
+#[derive(Debug, Clone)]
+pub struct WriteReport {
+    /// The `.onnx` file.
+    pub model_path: PathBuf,
+    /// Its size in bytes.
+    pub model_bytes: u64,
+    /// The external-data side file, if weights went there.
+    pub data_path: Option<PathBuf>,
+    /// The side file's size in bytes.
+    pub data_bytes: u64,
+    /// The ONNX IR version written.
+    pub ir_version: i64,
+}
+
+/// Why writing failed. No output file is left behind in any case.
+#[derive(Debug, thiserror::Error)]
+pub enum OnnxError {
+    /// The opset is outside what ferry writes.
+    #[error("opset {0} is not supported (ferry writes opsets {MIN_OPSET}..={MAX_OPSET})")]
+    Opset(i64),
+    /// The graph has no default-domain opset import.
+    #[error("graph has no ONNX opset import")]
+    NoOpset,
+    /// The output path cannot be used.
+    #[error("cannot write {path}: {reason}")]
+    OutputPath {
+        /// The path.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// An I/O error while writing.
+    #[error("writing {path} failed: {source}")]
+    Io {
+        /// The file being written.
+        path: PathBuf,
+        /// The cause.
+        source: io::Error,
+    },
+    /// An initializer's byte count disagrees with its dtype and shape.
+    #[error("tensor `{name}` has {actual} bytes but its dtype and shape need {expected}")]
+    TensorSize {
+        /// Tensor name.
+        name: String,
+        /// Bytes the shape needs.
+        expected: u64,
+        /// Bytes present.
+        actual: u64,
+    },
+}
+
+/// The ONNX IR version that goes with a default-domain opset (per onnx/helper.py's table).
+pub fn ir_version_for_opset(opset: i64) -> Result<i64, OnnxError> {
+    Ok(match opset {
+        14 => 7,
+        15..=18 => 8,
+        19 | 20 => 9,
+        21 => 10,
+        other => return Err(OnnxError::Opset(other)),
+    })
+}
+
+/// Writes `graph` as an ONNX model at `path`, streaming weights; see the crate docs.
+pub fn write_model(
+    graph: &Graph,
+    path: &Path,
+    opts: &WriteOptions,
+) -> Result<WriteReport, OnnxError> {
+    let opset = graph.onnx_opset().ok_or(OnnxError::NoOpset)?;
+    let ir_version = ir_version_for_opset(opset)?;
+    for init in &graph.initializers {
+        let expected = init.numel() * init.dtype.size() as u64;
+        if expected != init.data.len() {
+            return Err(OnnxError::TensorSize {
+                name: init.name.clone(),
+                expected,
+                actual: init.data.len(),
+            });
+        }
+    }
+    let file_name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| OnnxError::OutputPath {
+            path: path.to_path_buf(),
+            reason: "not a file name".into(),
+        })?
+        .to_string();
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    if !dir.is_dir() {
+        return Err(OnnxError::OutputPath {
+            path: path.to_path_buf(),
+            reason: format!("directory {} does not exist", dir.display()),
+        });
+    }
+
+    // Decide where weights go.
+    let graph_head = graph_without_initializers(graph).encode_to_vec();
+    let inline_total: u64 = graph_head.len() as u64
+        + graph
+            .initializers
+            .iter()
+            .map(|i| i.data.len() + 64 + i.name.len() as u64)
+            .sum::<u64>();
+    let external = match opts.external_data {
+        ExternalData::Always => true,
+        ExternalData::Auto => inline_total >= PROTOBUF_LIMIT,
+    };
+    let data_name = format!("{file_name}_data");
+
+    // Plan: header bytes of each initializer, and external offsets.
+    let mut plans = Vec::with_capacity(graph.initializers.len());
+    let mut data_offset = 0u64;
+    for init in &graph.initializers {
+        let len = init.data.len();
+        let ext = external && len >= EXTERNAL_THRESHOLD;
+        let mut header = tensor_header(init);
+        let mut pad = 0;
+        if ext {
+            let align = if len >= PAGE_ALIGN_FROM { 4096 } else { 64 };
+            pad = (align - data_offset % align) % align;
+            data_offset += pad;
+            header.data_location = proto::data_location::EXTERNAL;
+            header.external_data = vec![
+                entry("location", &data_name),
+                entry("offset", &data_offset.to_string()),
+                entry("length", &len.to_string()),
+            ];
+            data_offset += len;
+        }
+        let header = header.encode_to_vec();
+        let msg_len = if ext {
+            header.len() as u64
+        } else {
+            header.len() as u64 + key_len(proto::TENSOR_RAW_DATA_TAG) + varint_len(len) + len
+        };
+        plans.push(Plan {
+            header,
+            msg_len,
+            external: ext,
+            pad,
+        });
+    }
+    let graph_len = graph_head.len() as u64
+        + plans
+            .iter()
+            .map(|p| key_len(proto::GRAPH_INITIALIZER_TAG) + varint_len(p.msg_len) + p.msg_len)
+            .sum::<u64>();
+    if graph_len >= PROTOBUF_LIMIT {
+        // Only reachable with many small inline tensors; the weights are external already.
+        return Err(OnnxError::OutputPath {
+            path: path.to_path_buf(),
+            reason: "graph structure alone exceeds protobuf's 2 GiB limit".into(),
+        });
+    }
+
+    let model_head = ModelProto {
+        ir_version,
+        opset_import: graph
+            .opsets
+            .iter()
+            .map(|o| OperatorSetIdProto {
+                domain: o.domain.clone(),
+                version: o.version,
+            })
+            .collect(),
+        producer_name: "ferry".into(),
+        producer_version: env!("CARGO_PKG_VERSION").into(),
+        doc_string: opts.doc_string.clone(),
+        ..Default::default()
+    }
+    .encode_to_vec();
+
+    let data_path = dir.join(&data_name);
+    let mut model_tmp = TempOutput::create(path)?;
+    let mut data_tmp = if external {
+        Some(TempOutput::create(&data_path)?)
+    } else {
+        None
+    };
+
+    // Stream.
+    let io_err = |p: &Path| {
+        let p = p.to_path_buf();
+        move |source| OnnxError::Io {
+            path: p.clone(),
+            source,
+        }
+    };
+    {
+        let out = &mut model_tmp.writer;
+        let mut head = Vec::with_capacity(model_head.len() + 16);
+        head.extend_from_slice(&model_head);
+        put_key(&mut head, proto::MODEL_GRAPH_TAG);
+        put_varint(&mut head, graph_len);
+        head.extend_from_slice(&graph_head);
+        out.write_all(&head).map_err(io_err(path))?;
+        for (init, plan) in graph.initializers.iter().zip(&plans) {
+            let mut h = Vec::with_capacity(plan.header.len() + 24);
+            put_key(&mut h, proto::GRAPH_INITIALIZER_TAG);
+            put_varint(&mut h, plan.msg_len);
+            h.extend_from_slice(&plan.header);
+            if plan.external {
+                out.write_all(&h).map_err(io_err(path))?;
+                if let Some(data) = data_tmp.as_mut() {
+                    let w = &mut data.writer;
+                    w.write_all(&vec![0u8; plan.pad as usize])
+                        .map_err(io_err(&data_path))?;
+                    init.data.write_to(w).map_err(io_err(&data_path))?;
+                }
+            } else {
+                put_key(&mut h, proto::TENSOR_RAW_DATA_TAG);
+                put_varint(&mut h, init.data.len());
+                out.write_all(&h).map_err(io_err(path))?;
+                init.data.write_to(out).map_err(io_err(path))?;
+            }
+        }
+    }
+    let data_bytes = match data_tmp {
+        Some(d) => d.commit()?,
+        None => 0,
+    };
+    let model_bytes = model_tmp.commit()?;
+    Ok(WriteReport {
+        model_path: path.to_path_buf(),
+        model_bytes,
+        data_path: external.then_some(data_path),
+        data_bytes,
+        ir_version,
+    })
+}
+
+struct Plan {
+    header: Vec<u8>,
+    msg_len: u64,
+    external: bool,
+    pad: u64,
+}
+
+/// An output file written under a temporary name and renamed into place on commit; dropped
+/// uncommitted, it is removed.
+struct TempOutput {
+    tmp: PathBuf,
+    dest: PathBuf,
+    writer: BufWriter<File>,
+    committed: bool,
+}
+
+impl TempOutput {
+    fn create(dest: &Path) -> Result<Self, OnnxError> {
+        let name = dest
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let tmp = dest.with_file_name(format!(".{name}.ferry-tmp-{}", std::process::id()));
+        let file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)
+            .map_err(|e| OnnxError::OutputPath {
+                path: dest.to_path_buf(),
+                reason: e.to_string(),
+            })?;
+        Ok(Self {
+            tmp,
+            dest: dest.to_path_buf(),
+            writer: BufWriter::with_capacity(1 << 20, file),
+            committed: false,
+        })
+    }
+
+    fn commit(mut self) -> Result<u64, OnnxError> {
+        let err = |source| OnnxError::Io {
+            path: self.dest.clone(),
+            source,
+        };
+        self.writer.flush().map_err(err)?;
+        let len = self.writer.get_ref().metadata().map_err(err)?.len();
+        std::fs::rename(&self.tmp, &self.dest).map_err(err)?;
+        self.committed = true;
+        Ok(len)
+    }
+}
+
+impl Drop for TempOutput {
+    fn drop(&mut self) {
+        if !self.committed {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+    }
+}
+
+fn entry(key: &str, value: &str) -> StringStringEntryProto {
+    StringStringEntryProto {
+        key: key.into(),
+        value: value.into(),
+    }
+}
+
+fn tensor_header(init: &Initializer) -> TensorProto {
+    TensorProto {
+        dims: init.dims.clone(),
+        data_type: onnx_dtype(init.dtype),
+        name: init.name.clone(),
+        ..Default::default()
+    }
+}
+
+/// A small tensor fully encoded (for `Constant` node attributes).
+fn tensor_inline(init: &Initializer) -> io::Result<TensorProto> {
+    let mut t = tensor_header(init);
+    t.raw_data = init.data.bytes()?.into_owned();
+    Ok(t)
+}
+
+fn value_info(v: &Value) -> ValueInfoProto {
+    ValueInfoProto {
+        name: v.name.clone(),
+        r#type: Some(TypeProto {
+            tensor_type: Some(TypeProtoTensor {
+                elem_type: onnx_dtype(v.dtype),
+                shape: v.shape.as_ref().map(|dims| TensorShapeProto {
+                    dim: dims
+                        .iter()
+                        .map(|d| proto::Dimension {
+                            value: Some(match d {
+                                Dim::Fixed(n) => proto::DimensionValue::DimValue(*n),
+                                Dim::Sym(s) => proto::DimensionValue::DimParam(s.clone()),
+                            }),
+                            denotation: String::new(),
+                        })
+                        .collect(),
+                }),
+            }),
+            denotation: String::new(),
+        }),
+        doc_string: String::new(),
+    }
+}
+
+fn attribute(name: &str, a: &Attr) -> AttributeProto {
+    let mut p = AttributeProto {
+        name: name.to_string(),
+        ..Default::default()
+    };
+    match a {
+        Attr::Float(f) => {
+            p.r#type = at::FLOAT;
+            p.f = *f;
+        }
+        Attr::Int(i) => {
+            p.r#type = at::INT;
+            p.i = *i;
+        }
+        Attr::String(s) => {
+            p.r#type = at::STRING;
+            p.s = s.as_bytes().to_vec();
+        }
+        Attr::Floats(v) => {
+            p.r#type = at::FLOATS;
+            p.floats = v.clone();
+        }
+        Attr::Ints(v) => {
+            p.r#type = at::INTS;
+            p.ints = v.clone();
+        }
+        Attr::Strings(v) => {
+            p.r#type = at::STRINGS;
+            p.strings = v.iter().map(|s| s.as_bytes().to_vec()).collect();
+        }
+        Attr::Tensor(t) => {
+            p.r#type = at::TENSOR;
+            // Constant tensors are small owned values; a read failure leaves the attribute
+            // empty, which ONNX Runtime then rejects loudly rather than silently.
+            p.t = tensor_inline(t).ok();
+        }
+    }
+    p
+}
+
+/// A node as a `NodeProto`.
+pub(crate) fn node_proto(n: &Node) -> NodeProto {
+    NodeProto {
+        input: n.inputs.clone(),
+        output: n.outputs.clone(),
+        name: n.name.clone(),
+        op_type: n.op_type.clone(),
+        domain: n.domain.clone(),
+        attribute: n.attrs.iter().map(|(k, v)| attribute(k, v)).collect(),
+        doc_string: String::new(),
+    }
+}
+
+fn graph_without_initializers(g: &Graph) -> GraphProto {
+    GraphProto {
+        node: g.nodes.iter().map(node_proto).collect(),
+        name: g.name.clone(),
+        initializer: Vec::new(),
+        doc_string: String::new(),
+        input: g.inputs.iter().map(value_info).collect(),
+        output: g.outputs.iter().map(value_info).collect(),
+        value_info: g.value_info.iter().map(value_info).collect(),
+    }
+}
+
+fn varint_len(mut v: u64) -> u64 {
+    let mut n = 1;
+    while v >= 0x80 {
+        v >>= 7;
+        n += 1;
+    }
+    n
+}
+
+fn key_len(tag: u32) -> u64 {
+    varint_len(u64::from(tag) << 3)
+}
+
+fn put_varint(buf: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        buf.push((v as u8 & 0x7f) | 0x80);
+        v >>= 7;
+    }
+    buf.push(v as u8);
+}
+
+/// A length-delimited field key (wire type 2).
+fn put_key(buf: &mut Vec<u8>, tag: u32) {
+    put_varint(buf, (u64::from(tag) << 3) | 2);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn varints_match_prost() {
+        for v in [0u64, 1, 127, 128, 300, 1 << 31, u64::MAX] {
+            let mut a = Vec::new();
+            put_varint(&mut a, v);
+            assert_eq!(a.len() as u64, varint_len(v));
+            let mut b = Vec::new();
+            prost::encoding::encode_varint(v, &mut b);
+            assert_eq!(a, b);
+        }
+    }
+
+    #[test]
+    fn ir_versions() {
+        assert_eq!(ir_version_for_opset(14).ok(), Some(7));
+        assert_eq!(ir_version_for_opset(17).ok(), Some(8));
+        assert_eq!(ir_version_for_opset(21).ok(), Some(10));
+        assert!(ir_version_for_opset(13).is_err());
+        assert!(ir_version_for_opset(22).is_err());
+    }
+}

@@ -1,0 +1,137 @@
+//! ferry-tracer: runs transformer architectures over symbolic tensors and records the
+//! result as a ferry IR [`Graph`].
+//!
+//! Each architecture follows its transformers `modeling_*.py` op for op, so the exported
+//! graph computes what transformers computes; shared pieces (linear layers, LayerNorm,
+//! activations, self-attention) live in `layers` and are configured per architecture.
+//! Weights are referenced, never copied: initializers borrow the loader's tensor bytes.
+
+mod bert;
+mod builder;
+mod layers;
+
+pub use builder::{T, Tracer};
+use ferry_ir::{ConfigError, Graph, ModelConfig, Weights};
+
+/// Architectures (`model_type`) the tracer can export.
+pub const SUPPORTED_ARCHITECTURES: &[&str] = &["bert"];
+
+/// Tasks the tracer can export, by optimum's names.
+pub const SUPPORTED_TASKS: &[&str] = &["feature-extraction"];
+
+/// What to trace.
+#[derive(Debug, Clone)]
+pub struct TraceOptions {
+    /// Task (optimum's name or a seed pipeline alias).
+    pub task: String,
+    /// Default-domain ONNX opset the graph targets (affects which ops are used).
+    pub opset: i64,
+    /// Name of the batch axis.
+    pub batch_axis: String,
+    /// Name of the sequence axis.
+    pub sequence_axis: String,
+}
+
+impl Default for TraceOptions {
+    fn default() -> Self {
+        Self {
+            task: "feature-extraction".into(),
+            opset: 17,
+            batch_axis: "batch_size".into(),
+            sequence_axis: "sequence_length".into(),
+        }
+    }
+}
+
+/// Why a model could not be traced.
+#[derive(Debug, thiserror::Error)]
+pub enum TraceError {
+    /// `model_type` is not one ferry exports.
+    #[error("unknown architecture `{model_type}`; supported: {}", SUPPORTED_ARCHITECTURES.join(", "))]
+    UnknownArchitecture {
+        /// The config's `model_type`.
+        model_type: String,
+    },
+    /// The task is not supported for this architecture.
+    #[error("task `{task}` is not supported for `{model_type}`; supported: {supported}")]
+    UnsupportedTask {
+        /// Requested task.
+        task: String,
+        /// Architecture.
+        model_type: String,
+        /// What is supported.
+        supported: String,
+    },
+    /// The config is missing something or is inconsistent.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// A config value ferry does not implement.
+    #[error("unsupported config: {0}")]
+    Unsupported(String),
+    /// The checkpoint lacks a weight the architecture needs.
+    #[error("checkpoint has no weight `{name}` (also tried with prefix `{prefix}`)")]
+    MissingWeight {
+        /// Weight name without prefix.
+        name: String,
+        /// The base-model prefix also tried.
+        prefix: String,
+    },
+    /// A weight's shape disagrees with the config.
+    #[error("weight `{name}` has shape {actual:?} but config.json implies {expected:?}")]
+    WeightShape {
+        /// Weight name.
+        name: String,
+        /// Shape implied by the config.
+        expected: Vec<i64>,
+        /// Shape in the checkpoint.
+        actual: Vec<i64>,
+    },
+    /// A weight's dtype is not exportable yet.
+    #[error("weight `{name}` is {dtype}; only float32 checkpoints are supported")]
+    WeightDtype {
+        /// Weight name.
+        name: String,
+        /// Its dtype.
+        dtype: ferry_ir::DType,
+    },
+    /// Internal shape inference failed (a bug or an inconsistent config).
+    #[error("shape inference: {0}")]
+    Shape(String),
+}
+
+/// Canonical task name for an optimum task or seed pipeline alias.
+pub fn canonical_task(task: &str) -> String {
+    match task {
+        "default" => "feature-extraction",
+        "sentiment-analysis" | "sequence-classification" => "text-classification",
+        "ner" => "token-classification",
+        "masked-lm" => "fill-mask",
+        "causal-lm" => "text-generation",
+        other => other,
+    }
+    .to_string()
+}
+
+/// Traces the model described by `config` over `weights` into a graph.
+pub fn trace(
+    config: &ModelConfig,
+    weights: &Weights,
+    opts: &TraceOptions,
+) -> Result<Graph, TraceError> {
+    let task = canonical_task(&opts.task);
+    match config.model_type.as_str() {
+        "bert" => {
+            if task != "feature-extraction" {
+                return Err(TraceError::UnsupportedTask {
+                    task,
+                    model_type: config.model_type.clone(),
+                    supported: SUPPORTED_TASKS.join(", "),
+                });
+            }
+            bert::trace_bert(config, weights, opts)
+        }
+        other => Err(TraceError::UnknownArchitecture {
+            model_type: other.to_string(),
+        }),
+    }
+}
