@@ -30,7 +30,7 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         Some("export") => export(&args[1..]),
-        Some("verify") => verify(),
+        Some("verify") => verify(&args[1..]),
         Some("golden") => golden(),
         Some("bench") => bench(&args[1..]),
         Some("fetch-ort") => fetch_ort().map(|p| println!("{}", p.display())),
@@ -226,7 +226,42 @@ fn golden_cases() -> Result<Vec<PathBuf>> {
     Ok(v)
 }
 
-fn verify() -> Result<()> {
+/// A Python that can import torch and transformers: `target/venv` (made by `xtask golden`),
+/// else `$PYTHON`/`python3`.
+fn python_with_torch() -> Option<PathBuf> {
+    let venv = target().join("venv").join("bin").join("python");
+    [venv, PathBuf::from(python())].into_iter().find(|py| {
+        Command::new(py)
+            .args(["-c", "import torch, transformers"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    })
+}
+
+/// `verify --torch`: torch.jit.load ferry's TorchScript archives and compare with
+/// transformers (skipped, saying so, without a Python that has torch).
+fn verify_torch(ferry: &Path) -> Result<()> {
+    let Some(py) = python_with_torch() else {
+        println!(
+            "\nTorchScript check skipped: no Python with torch and transformers (run `cargo xtask golden` to make target/venv)"
+        );
+        return Ok(());
+    };
+    println!(
+        "\nTorchScript archives loaded by torch.jit.load ({}):",
+        py.display()
+    );
+    run(Command::new(py)
+        .arg(root().join("testdata").join("verify_torchscript.py"))
+        .arg(ferry)
+        .arg(root().join("testdata"))
+        .arg(target().join("verify").join("torchscript")))
+}
+
+fn verify(args: &[String]) -> Result<()> {
+    let torch = args.iter().any(|a| a == "--torch");
     let lib = fetch_ort()?;
     let minilm = fetch_minilm()?;
     run(cargo()
@@ -235,8 +270,9 @@ fn verify() -> Result<()> {
         .env("FERRY_REQUIRE_REAL_MODEL", "1")
         .args(["test", "--workspace"]))?;
 
-    // Parity report: every golden case at opsets 14 and 17, plus external data.
-    let ferry = ferry_release()?;
+    // Parity report: every golden case at opsets 14 and 17, plus external data, with the
+    // debug binary `cargo test` just built (no second, release, build in CI).
+    let ferry = target().join("debug").join("ferry");
     let out_dir = target().join("verify");
     std::fs::create_dir_all(&out_dir).map_err(|e| e.to_string())?;
     let mut cases: Vec<(PathBuf, PathBuf, f64)> = golden_cases()?
@@ -299,6 +335,9 @@ fn verify() -> Result<()> {
     }
     if failures > 0 {
         return Err(format!("{failures} golden case(s) failed"));
+    }
+    if torch {
+        verify_torch(&ferry)?;
     }
     Ok(())
 }
@@ -510,8 +549,11 @@ fn bench(args: &[String]) -> Result<()> {
     let mut cat_t = Vec::new();
     let mut fer_t = Vec::new();
     let mut ext_t = Vec::new();
+    let mut ts_t = Vec::new();
     let mut fer_rss = 0;
     let mut ext_rss = 0;
+    let mut ts_rss = 0;
+    let ts_s = out_dir.join("traced_bert.pt").display().to_string();
     for _ in 0..runs {
         cat_t.push(measure(&["sh", "-c", &cat])?.0);
         let (t, r) = measure(&[&ferry_s, "export", "--model", &dir_s, &onnx_s])?;
@@ -527,9 +569,20 @@ fn bench(args: &[String]) -> Result<()> {
         ])?;
         ext_t.push(t);
         ext_rss = ext_rss.max(r);
+        let (t, r) = measure(&[
+            &ferry_s,
+            "export",
+            "--format",
+            "torchscript",
+            "--model",
+            &dir_s,
+            &ts_s,
+        ])?;
+        ts_t.push(t);
+        ts_rss = ts_rss.max(r);
     }
     let size = std::fs::metadata(&st).map(|m| m.len()).unwrap_or(0);
-    let (c, f, e) = (median(cat_t), median(fer_t), median(ext_t));
+    let (c, f, e, ts) = (median(cat_t), median(fer_t), median(ext_t), median(ts_t));
     println!(
         "bert-base-sized export ({:.0} MB f32 safetensors), median of {runs} runs:",
         size as f64 / 1e6
@@ -544,6 +597,11 @@ fn bench(args: &[String]) -> Result<()> {
         "  ferry export --external-data     {e:.3} s  ({:.2}x cat)  peak RSS {:.1} MiB",
         e / c,
         ext_rss as f64 / 1024.0
+    );
+    println!(
+        "  ferry export --format torchscript {ts:.3} s  ({:.2}x cat)  peak RSS {:.1} MiB",
+        ts / c,
+        ts_rss as f64 / 1024.0
     );
     let _ = std::fs::remove_file(&copy);
     Ok(())

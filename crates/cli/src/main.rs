@@ -47,8 +47,34 @@ struct ExportArgs {
     /// Hub revision (branch, tag or commit) when `--model` is a model id.
     #[arg(long)]
     revision: Option<String>,
-    /// Output `.onnx` file.
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = Format::Onnx)]
+    format: Format,
+    /// TorchScript: untie tied weights (each use gets its own cloned parameter), as
+    /// transformers' `torchscript=True` flag does.
+    #[arg(long)]
+    torchscript: bool,
+    /// TorchScript: write size-generic code so one archive serves every batch size and
+    /// sequence length (default: a fixed-shape trace, as `torch.jit.trace` produces).
+    #[arg(long)]
+    dynamic_axes: bool,
+    /// Batch size of a fixed-shape TorchScript trace.
+    #[arg(long, default_value_t = 1)]
+    batch_size: i64,
+    /// Sequence length of a fixed-shape TorchScript trace.
+    #[arg(long, default_value_t = 128)]
+    sequence_length: i64,
+    /// Output file (`.onnx`, or `.pt` with `--format torchscript`).
     output: PathBuf,
+}
+
+/// Output formats of `ferry export`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Format {
+    /// ONNX (`.onnx`), for ONNX Runtime and other ONNX consumers.
+    Onnx,
+    /// TorchScript archive (`.pt`), for `torch.jit.load` in Python or libtorch.
+    Torchscript,
 }
 
 #[derive(Debug, Args)]
@@ -147,12 +173,21 @@ fn export(a: &ExportArgs) -> Result<(), String> {
     let pb = stage("trace");
     let trace_opts = ferry_tracer::TraceOptions {
         task: a.task.clone(),
-        opset: a.opset,
+        // TorchScript is generated from the opset-17 form (LayerNormalization as one op).
+        opset: if a.format == Format::Torchscript {
+            17
+        } else {
+            a.opset
+        },
         ..Default::default()
     };
     let graph =
         ferry_tracer::trace(&ckpt.config, &ckpt.weights, &trace_opts).map_err(|e| e.to_string())?;
     done(pb, format!("{} nodes", graph.nodes.len()));
+
+    if a.format == Format::Torchscript {
+        return export_torchscript(a, &ckpt, &graph, start);
+    }
 
     let pb = stage("write");
     pb.set_message(a.output.display().to_string());
@@ -196,6 +231,54 @@ fn export(a: &ExportArgs) -> Result<(), String> {
         files,
         start.elapsed().as_secs_f64(),
         if a.check { ", check passed" } else { "" }
+    );
+    Ok(())
+}
+
+fn export_torchscript(
+    a: &ExportArgs,
+    ckpt: &ferry_loader::Checkpoint,
+    graph: &ferry_ir::Graph,
+    start: Instant,
+) -> Result<(), String> {
+    if a.check || a.external_data {
+        return Err("--check and --external-data apply to ONNX exports only".into());
+    }
+    if !a.dynamic_axes && (a.batch_size < 1 || a.sequence_length < 1) {
+        return Err("--batch-size and --sequence-length must be at least 1".into());
+    }
+    let shapes = if a.dynamic_axes {
+        ferry_torchscript::Shapes::Dynamic
+    } else {
+        ferry_torchscript::Shapes::Fixed(
+            [
+                ("batch_size".to_string(), a.batch_size),
+                ("sequence_length".to_string(), a.sequence_length),
+            ]
+            .into(),
+        )
+    };
+    let class = ferry_tracer::model_class_name(&ckpt.config.model_type, &a.task);
+    let pb = stage("write");
+    pb.set_message(a.output.display().to_string());
+    let report = ferry_torchscript::export(graph, &class, &shapes, a.torchscript, &a.output)
+        .map_err(|e| e.to_string())?;
+    done(pb, human_bytes(report.bytes));
+    let shape_note = if a.dynamic_axes {
+        "dynamic axes".to_string()
+    } else {
+        format!("fixed shape {}x{}", a.batch_size, a.sequence_length)
+    };
+    eprintln!(
+        "exported {} [{}] task {} as TorchScript ({class}, {shape_note}): {} parameters, {} tensors, {} ({}) in {:.2}s",
+        ckpt.config.model_type,
+        ckpt.format,
+        ferry_tracer::canonical_task(&a.task),
+        graph.parameter_count(),
+        report.tensors,
+        a.output.display(),
+        human_bytes(report.bytes),
+        start.elapsed().as_secs_f64(),
     );
     Ok(())
 }

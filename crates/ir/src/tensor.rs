@@ -77,6 +77,37 @@ impl MappedFile {
     }
 }
 
+impl MappedFile {
+    /// Reads `len` bytes from `offset` in chunks of at most `chunk` bytes into a reused
+    /// buffer, handing each to `f`. Positional reads (`pread`) keep the bytes out of this
+    /// process's resident memory, unlike touching the map, so memory stays flat however
+    /// large the tensor is.
+    pub fn for_each_chunk(
+        &self,
+        offset: u64,
+        len: u64,
+        chunk: usize,
+        mut f: impl FnMut(&[u8]) -> io::Result<()>,
+    ) -> io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        let file = self
+            .file
+            .lock()
+            .map_err(|_| io::Error::other("mapped file lock poisoned"))?;
+        let mut buf = vec![0u8; chunk.max(1).min(usize::try_from(len).unwrap_or(usize::MAX))];
+        let mut done = 0u64;
+        while done < len {
+            let n = buf
+                .len()
+                .min(usize::try_from(len - done).unwrap_or(usize::MAX));
+            file.read_exact_at(&mut buf[..n], offset + done)?;
+            f(&buf[..n])?;
+            done += n as u64;
+        }
+        Ok(())
+    }
+}
+
 impl fmt::Debug for MappedFile {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("MappedFile")
@@ -178,6 +209,27 @@ impl TensorData {
         match self {
             TensorData::Mapped { file, offset, len } => file.copy_range_to(*offset, *len, out),
             _ => out.write_all(&self.bytes()?),
+        }
+    }
+
+    /// Streams the bytes to `f` in chunks of at most `chunk` bytes, without mapping them
+    /// into memory (for writers that must see the bytes, e.g. to checksum them).
+    pub fn for_each_chunk(
+        &self,
+        chunk: usize,
+        mut f: impl FnMut(&[u8]) -> io::Result<()>,
+    ) -> io::Result<()> {
+        match self {
+            TensorData::Mapped { file, offset, len } => {
+                file.for_each_chunk(*offset, *len, chunk, f)
+            }
+            _ => {
+                let b = self.bytes()?;
+                for c in b.chunks(chunk.max(1)) {
+                    f(c)?;
+                }
+                Ok(())
+            }
         }
     }
 

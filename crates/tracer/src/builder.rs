@@ -115,6 +115,10 @@ impl Tracer {
     /// Finishes tracing.
     pub fn finish(mut self) -> Graph {
         let renames: HashMap<String, String> = self.renames.drain(..).collect();
+        // Graph outputs carry their own type; value_info describes intermediates only.
+        self.graph
+            .value_info
+            .retain(|v| !renames.contains_key(v.name.as_str()));
         for n in &mut self.graph.nodes {
             for s in n.inputs.iter_mut().chain(n.outputs.iter_mut()) {
                 if let Some(to) = renames.get(s.as_str()) {
@@ -148,6 +152,9 @@ impl Tracer {
     ) -> T {
         let name = self.node_name(op_type);
         let out = format!("{name}_output_0");
+        self.graph
+            .value_info
+            .push(Value::new(out.clone(), dtype, shape.clone()));
         self.graph.nodes.push(Node {
             name,
             op_type: op_type.to_string(),

@@ -99,6 +99,29 @@ pub enum TraceError {
     Shape(String),
 }
 
+/// The transformers class a (model type, task) pair corresponds to (`BertModel`).
+pub fn model_class_name(model_type: &str, task: &str) -> String {
+    let base: String = model_type
+        .split(['-', '_'])
+        .map(|p| {
+            let mut c = p.chars();
+            c.next()
+                .map(|f| f.to_ascii_uppercase().to_string() + c.as_str())
+                .unwrap_or_default()
+        })
+        .collect();
+    let suffix = match canonical_task(task).as_str() {
+        "text-classification" => "ForSequenceClassification",
+        "token-classification" => "ForTokenClassification",
+        "question-answering" => "ForQuestionAnswering",
+        "fill-mask" => "ForMaskedLM",
+        "multiple-choice" => "ForMultipleChoice",
+        "text-generation" | "text-generation-with-past" => "ForCausalLM",
+        _ => "Model",
+    };
+    format!("{base}{suffix}")
+}
+
 /// Canonical task name for an optimum task or seed pipeline alias.
 pub fn canonical_task(task: &str) -> String {
     match task {

@@ -1,0 +1,630 @@
+//! Translates a ferry IR graph into the TorchScript source of one module class.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt::Write as _;
+
+use ferry_ir::{Attr, DType, Dim, Graph, Initializer, Node};
+
+use crate::TsError;
+
+/// How sizes appear in the generated code.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Shapes {
+    /// Every symbolic dim replaced by a fixed size, as `torch.jit.trace` records them;
+    /// the archive rejects inputs of other shapes.
+    Fixed(BTreeMap<String, i64>),
+    /// Sizes read from the inputs at run time (`torch.size(x, 1)`), so one archive serves
+    /// every batch size and sequence length.
+    Dynamic,
+}
+
+/// A generated module: class source and the parameters its attributes hold.
+#[derive(Debug, Clone)]
+pub struct Module {
+    /// Class name (`BertModel`).
+    pub class_name: String,
+    /// Qualified name (`__torch__.ferry.BertModel`).
+    pub qualified_name: String,
+    /// Parameters in declaration order: attribute name and tensor.
+    pub params: Vec<(String, Initializer)>,
+    /// The `code/__torch__/ferry.py` source.
+    pub source: String,
+}
+
+#[derive(Debug, Clone)]
+enum Val {
+    /// A tensor held in a local variable or graph input.
+    Tensor(String),
+    /// A module parameter attribute.
+    Param(String),
+    /// `W^T` of a 2-D parameter, not yet materialised.
+    ParamT(String),
+    /// `x @ W^T`, not yet materialised (becomes `torch.linear` with a following bias add).
+    MatMulT { x: String, w: String },
+    /// A float scalar constant.
+    F(f64),
+    /// An int scalar constant.
+    I(i64),
+    /// A constant int list.
+    Ints(Vec<i64>),
+    /// A run-time int list expression (`torch.size(x)` or a slice of one).
+    IntList(String),
+}
+
+struct Gen<'a> {
+    env: HashMap<String, Val>,
+    body: String,
+    next: usize,
+    shapes: &'a Shapes,
+    dims: HashMap<String, Vec<Dim>>,
+    params: Vec<(String, Initializer)>,
+    param_of: HashMap<String, String>,
+    inits: HashMap<String, &'a Initializer>,
+    uses: HashMap<String, usize>,
+    untie: bool,
+}
+
+fn ident(name: &str) -> String {
+    let mut s: String = name
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect();
+    if s.is_empty() || s.starts_with(|c: char| c.is_ascii_digit()) {
+        s.insert_str(0, "p_");
+    }
+    s
+}
+
+fn fmt_f(v: f64) -> String {
+    if v.is_finite() {
+        let s = format!("{v:?}");
+        if s.contains('.') || s.contains('e') {
+            s
+        } else {
+            format!("{s}.")
+        }
+    } else if v > 0.0 {
+        "inf".into()
+    } else {
+        "-inf".into()
+    }
+}
+
+fn fmt_ints(v: &[i64]) -> String {
+    let parts: Vec<String> = v.iter().map(i64::to_string).collect();
+    format!("[{}]", parts.join(", "))
+}
+
+/// ONNX `Cast.to` code → torch ScalarType number.
+fn torch_scalar_type(onnx: i64) -> Option<i64> {
+    Some(match onnx {
+        1 => 6,
+        7 => 4,
+        6 => 3,
+        10 => 5,
+        16 => 15,
+        9 => 11,
+        11 => 7,
+        _ => return None,
+    })
+}
+
+impl<'a> Gen<'a> {
+    fn tmp(&mut self) -> String {
+        let v = format!("_{}", self.next);
+        self.next += 1;
+        v
+    }
+
+    fn emit(&mut self, expr: String) -> String {
+        let v = self.tmp();
+        let _ = writeln!(self.body, "    {v} = {expr}");
+        v
+    }
+
+    fn get(&self, name: &str, node: &Node) -> Result<Val, TsError> {
+        self.env.get(name).cloned().ok_or_else(|| {
+            TsError::Unsupported(format!("{}: input `{name}` is not defined", node.name))
+        })
+    }
+
+    /// The attribute holding initializer `name` (a fresh clone per extra use when untying).
+    fn param(&mut self, name: &str) -> Option<String> {
+        let init = *self.inits.get(name)?;
+        let uses = self.uses.entry(name.to_string()).or_insert(0);
+        *uses += 1;
+        if let Some(attr) = self.param_of.get(name)
+            && !(self.untie && *uses > 1)
+        {
+            return Some(attr.clone());
+        }
+        let mut attr = ident(name);
+        if self.untie && *uses > 1 {
+            attr = format!("{attr}_{}", *uses - 1);
+        }
+        while self.params.iter().any(|(a, _)| *a == attr) {
+            attr.push('_');
+        }
+        self.params.push((attr.clone(), init.clone()));
+        self.param_of
+            .entry(name.to_string())
+            .or_insert(attr.clone());
+        Some(attr)
+    }
+
+    /// A tensor-valued expression for `v`.
+    fn tensor(&mut self, v: &Val, node: &Node) -> Result<String, TsError> {
+        Ok(match v {
+            Val::Tensor(s) => s.clone(),
+            Val::Param(a) => format!("self.{a}"),
+            Val::ParamT(a) => format!("torch.t(self.{a})"),
+            Val::MatMulT { x, w } => self.emit(format!("torch.matmul({x}, torch.t(self.{w}))")),
+            other => {
+                return Err(TsError::Unsupported(format!(
+                    "{}: expected a tensor, got {other:?}",
+                    node.name
+                )));
+            }
+        })
+    }
+
+    fn input_val(&mut self, name: &str, node: &Node) -> Result<Val, TsError> {
+        if self.inits.contains_key(name) {
+            let attr = self
+                .param(name)
+                .ok_or_else(|| TsError::Unsupported(format!("initializer {name}")))?;
+            return Ok(Val::Param(attr));
+        }
+        self.get(name, node)
+    }
+
+    fn dim_expr(&self, tensor: &str, value: &str, axis: usize) -> String {
+        if let Shapes::Fixed(map) = self.shapes
+            && let Some(d) = self.dims.get(value).and_then(|d| d.get(axis))
+        {
+            match d {
+                Dim::Fixed(n) => return n.to_string(),
+                Dim::Sym(s) => {
+                    if let Some(n) = map.get(s) {
+                        return n.to_string();
+                    }
+                }
+            }
+        }
+        format!("torch.size({tensor}, {axis})")
+    }
+
+    fn constant(&mut self, node: &Node) -> Result<Val, TsError> {
+        let Some(Attr::Tensor(t)) = node.attr("value") else {
+            return Err(TsError::Unsupported(format!(
+                "{}: Constant without a tensor",
+                node.name
+            )));
+        };
+        let bytes = t.data.bytes().map_err(TsError::Io)?;
+        Ok(match (t.dtype, t.dims.len()) {
+            (DType::F32, 0) => {
+                let v = f32::from_le_bytes(bytes[..4].try_into().unwrap_or([0; 4]));
+                Val::F(f64::from(v))
+            }
+            (DType::I64, 0) => Val::I(i64::from_le_bytes(bytes[..8].try_into().unwrap_or([0; 8]))),
+            (DType::I64, 1) => Val::Ints(
+                bytes
+                    .chunks_exact(8)
+                    .map(|c| i64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
+                    .collect(),
+            ),
+            (d, r) => {
+                return Err(TsError::Unsupported(format!(
+                    "{}: constant of {d} rank {r}",
+                    node.name
+                )));
+            }
+        })
+    }
+
+    fn ints_attr(node: &Node, name: &str) -> Option<Vec<i64>> {
+        match node.attr(name) {
+            Some(Attr::Ints(v)) => Some(v.clone()),
+            _ => None,
+        }
+    }
+
+    fn int_attr(node: &Node, name: &str) -> Option<i64> {
+        match node.attr(name) {
+            Some(Attr::Int(v)) => Some(*v),
+            _ => None,
+        }
+    }
+
+    fn float_attr(node: &Node, name: &str) -> Option<f32> {
+        match node.attr(name) {
+            Some(Attr::Float(v)) => Some(*v),
+            _ => None,
+        }
+    }
+
+    fn binary(&mut self, node: &Node, a: Val, b: Val) -> Result<Val, TsError> {
+        let op = node.op_type.as_str();
+        // x @ W^T + b  →  torch.linear
+        if op == "Add"
+            && let (Val::MatMulT { x, w }, Val::Param(bias))
+            | (Val::Param(bias), Val::MatMulT { x, w }) = (&a, &b)
+            && self
+                .params
+                .iter()
+                .any(|(a, i)| a == bias && i.dims.len() == 1)
+        {
+            let e = format!("torch.linear({x}, self.{w}, self.{bias})");
+            return Ok(Val::Tensor(self.emit(e)));
+        }
+        let scalar = |v: &Val| match v {
+            Val::F(f) => Some(fmt_f(*f)),
+            Val::I(i) => Some(i.to_string()),
+            _ => None,
+        };
+        let (sa, sb) = (scalar(&a), scalar(&b));
+        let expr = match (op, sa, sb) {
+            (_, Some(_), Some(_)) => {
+                return Err(TsError::Unsupported(format!(
+                    "{}: scalar op scalar",
+                    node.name
+                )));
+            }
+            ("Add", Some(s), None) => format!("torch.add({}, {s})", self.tensor(&b, node)?),
+            ("Mul", Some(s), None) => format!("torch.mul({}, {s})", self.tensor(&b, node)?),
+            ("Sub", Some(s), None) => format!("torch.rsub({}, {s})", self.tensor(&b, node)?),
+            ("Div", Some(s), None) => {
+                format!(
+                    "torch.mul(torch.reciprocal({}), {s})",
+                    self.tensor(&b, node)?
+                )
+            }
+            (_, Some(_), None) => {
+                return Err(TsError::Unsupported(format!(
+                    "{}: scalar {op} tensor",
+                    node.name
+                )));
+            }
+            (_, None, Some(s)) => {
+                let f = torch_binary(op);
+                format!("{f}({}, {s})", self.tensor(&a, node)?)
+            }
+            (_, None, None) => {
+                let f = torch_binary(op);
+                let (x, y) = (self.tensor(&a, node)?, self.tensor(&b, node)?);
+                format!("{f}({x}, {y})")
+            }
+        };
+        Ok(Val::Tensor(self.emit(expr)))
+    }
+
+    fn node(&mut self, node: &Node) -> Result<(), TsError> {
+        let op = node.op_type.as_str();
+        let inputs: Vec<String> = node.inputs.clone();
+        let mut ins = Vec::with_capacity(inputs.len());
+        if op != "Constant" {
+            for i in &inputs {
+                ins.push(self.input_val(i, node)?);
+            }
+        }
+        let unsupported = || TsError::Unsupported(format!("{}: {op} in this form", node.name));
+        let out = match op {
+            "Constant" => self.constant(node)?,
+            "Identity" => ins[0].clone(),
+            "Add" | "Sub" | "Mul" | "Div" | "Pow" => {
+                self.binary(node, ins[0].clone(), ins[1].clone())?
+            }
+            "Erf" | "Tanh" | "Relu" | "Sqrt" | "Sigmoid" | "Neg" | "Exp" => {
+                let x = self.tensor(&ins[0], node)?;
+                Val::Tensor(self.emit(format!("torch.{}({x})", op.to_lowercase())))
+            }
+            "MatMul" => match &ins[1] {
+                Val::ParamT(w) => {
+                    let x = self.tensor(&ins[0], node)?;
+                    Val::MatMulT { x, w: w.clone() }
+                }
+                b => {
+                    let b = b.clone();
+                    let (x, y) = (self.tensor(&ins[0], node)?, self.tensor(&b, node)?);
+                    Val::Tensor(self.emit(format!("torch.matmul({x}, {y})")))
+                }
+            },
+            "Transpose" => {
+                let perm = Self::ints_attr(node, "perm").ok_or_else(unsupported)?;
+                match &ins[0] {
+                    Val::Param(a) if perm == [1, 0] => Val::ParamT(a.clone()),
+                    v => {
+                        let v = v.clone();
+                        let x = self.tensor(&v, node)?;
+                        Val::Tensor(self.emit(format!("torch.permute({x}, {})", fmt_ints(&perm))))
+                    }
+                }
+            }
+            "Gemm" => {
+                let tb = Self::int_attr(node, "transB").unwrap_or(0);
+                let ta = Self::int_attr(node, "transA").unwrap_or(0);
+                let alpha = Self::float_attr(node, "alpha").unwrap_or(1.0);
+                let beta = Self::float_attr(node, "beta").unwrap_or(1.0);
+                if ta != 0 || alpha != 1.0 || beta != 1.0 || ins.len() != 3 {
+                    return Err(unsupported());
+                }
+                let (a, b, c) = (
+                    self.tensor(&ins[0], node)?,
+                    self.tensor(&ins[1], node)?,
+                    self.tensor(&ins[2], node)?,
+                );
+                let e = if tb == 1 {
+                    format!("torch.linear({a}, {b}, {c})")
+                } else {
+                    format!("torch.addmm({c}, {a}, {b})")
+                };
+                Val::Tensor(self.emit(e))
+            }
+            "Gather" => {
+                let axis = Self::int_attr(node, "axis").unwrap_or(0);
+                let data = self.tensor(&ins[0], node)?;
+                match &ins[1] {
+                    Val::I(i) => {
+                        Val::Tensor(self.emit(format!("torch.select({data}, {axis}, {i})")))
+                    }
+                    v if axis == 0 => {
+                        let v = v.clone();
+                        let idx = self.tensor(&v, node)?;
+                        Val::Tensor(self.emit(format!("torch.embedding({data}, {idx})")))
+                    }
+                    _ => return Err(unsupported()),
+                }
+            }
+            "Reshape" => {
+                let Val::Ints(target) = &ins[1] else {
+                    return Err(unsupported());
+                };
+                let target = target.clone();
+                let x = self.tensor(&ins[0], node)?;
+                let parts: Vec<String> = target
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &d)| {
+                        if d == 0 {
+                            self.dim_expr(&x, &inputs[0], i)
+                        } else {
+                            d.to_string()
+                        }
+                    })
+                    .collect();
+                Val::Tensor(self.emit(format!("torch.reshape({x}, [{}])", parts.join(", "))))
+            }
+            "Unsqueeze" => {
+                let Val::Ints(axes) = &ins[1] else {
+                    return Err(unsupported());
+                };
+                let mut axes = axes.clone();
+                axes.sort_unstable();
+                let mut x = self.tensor(&ins[0], node)?;
+                for a in axes {
+                    x = self.emit(format!("torch.unsqueeze({x}, {a})"));
+                }
+                Val::Tensor(x)
+            }
+            "Cast" => {
+                let to = Self::int_attr(node, "to")
+                    .and_then(torch_scalar_type)
+                    .ok_or_else(unsupported)?;
+                let x = self.tensor(&ins[0], node)?;
+                Val::Tensor(self.emit(format!("torch.to({x}, {to})")))
+            }
+            "Softmax" => {
+                let axis = Self::int_attr(node, "axis").unwrap_or(-1);
+                let x = self.tensor(&ins[0], node)?;
+                Val::Tensor(self.emit(format!("torch.softmax({x}, {axis})")))
+            }
+            "LayerNormalization" => {
+                let eps = Self::float_attr(node, "epsilon").unwrap_or(1e-5);
+                let axis = Self::int_attr(node, "axis").unwrap_or(-1);
+                if axis != -1 {
+                    return Err(unsupported());
+                }
+                let n = self
+                    .inits
+                    .get(&inputs[1])
+                    .and_then(|g| g.dims.first().copied())
+                    .ok_or_else(unsupported)?;
+                let (x, g, b) = (
+                    self.tensor(&ins[0], node)?,
+                    self.tensor(&ins[1], node)?,
+                    self.tensor(&ins[2], node)?,
+                );
+                Val::Tensor(self.emit(format!(
+                    "torch.layer_norm({x}, [{n}], {g}, {b}, {})",
+                    fmt_f(f64::from(eps))
+                )))
+            }
+            "ReduceMean" => {
+                let axes = Self::ints_attr(node, "axes")
+                    .or_else(|| match ins.get(1) {
+                        Some(Val::Ints(v)) => Some(v.clone()),
+                        _ => None,
+                    })
+                    .ok_or_else(unsupported)?;
+                let keep = Self::int_attr(node, "keepdims").unwrap_or(1) != 0;
+                let x = self.tensor(&ins[0], node)?;
+                let keep = if keep { "True" } else { "False" };
+                Val::Tensor(self.emit(format!("torch.mean({x}, {}, {keep})", fmt_ints(&axes))))
+            }
+            "Shape" => {
+                let x = self.tensor(&ins[0], node)?;
+                let dims = self.dims.get(&inputs[0]).cloned();
+                match (self.shapes, dims) {
+                    (Shapes::Fixed(map), Some(dims)) => {
+                        let fixed: Option<Vec<i64>> = dims
+                            .iter()
+                            .map(|d| match d {
+                                Dim::Fixed(n) => Some(*n),
+                                Dim::Sym(s) => map.get(s).copied(),
+                            })
+                            .collect();
+                        match fixed {
+                            Some(v) => Val::Ints(v),
+                            None => Val::IntList(self.emit(format!("torch.size({x})"))),
+                        }
+                    }
+                    _ => Val::IntList(self.emit(format!("torch.size({x})"))),
+                }
+            }
+            "Slice" => self.slice(node, &ins)?,
+            _ => return Err(unsupported()),
+        };
+        if let Some(o) = node.outputs.first() {
+            self.env.insert(o.clone(), out);
+        }
+        Ok(())
+    }
+
+    fn slice(&mut self, node: &Node, ins: &[Val]) -> Result<Val, TsError> {
+        let unsupported = || TsError::Unsupported(format!("{}: Slice in this form", node.name));
+        let starts = match ins.get(1) {
+            Some(Val::Ints(v)) => v.clone(),
+            _ => return Err(unsupported()),
+        };
+        let axes = match ins.get(3) {
+            Some(Val::Ints(v)) => v.clone(),
+            None => (0..starts.len() as i64).collect(),
+            _ => return Err(unsupported()),
+        };
+        let ends: Vec<String> = match ins.get(2) {
+            Some(Val::Ints(v)) => v.iter().map(i64::to_string).collect(),
+            Some(Val::IntList(e)) => (0..starts.len()).map(|i| format!("{e}[{i}]")).collect(),
+            _ => return Err(unsupported()),
+        };
+        if ins.len() > 4 {
+            return Err(unsupported());
+        }
+        match &ins[0] {
+            // Slicing a shape list.
+            Val::Ints(v) if axes == [0] => {
+                let e: i64 = ends[0].parse().map_err(|_| unsupported())?;
+                let n = v.len() as i64;
+                let clamp = |x: i64| if x < 0 { (x + n).max(0) } else { x.min(n) } as usize;
+                Ok(Val::Ints(v[clamp(starts[0])..clamp(e)].to_vec()))
+            }
+            Val::IntList(l) if axes == [0] => {
+                let l = l.clone();
+                Ok(Val::IntList(
+                    self.emit(format!("{l}[{}:{}]", starts[0], ends[0])),
+                ))
+            }
+            v => {
+                let v = v.clone();
+                let mut x = self.tensor(&v, node)?;
+                for ((s, e), a) in starts.iter().zip(&ends).zip(&axes) {
+                    x = self.emit(format!("torch.slice({x}, {a}, {s}, {e})"));
+                }
+                Ok(Val::Tensor(x))
+            }
+        }
+    }
+}
+
+fn torch_binary(op: &str) -> &'static str {
+    match op {
+        "Add" => "torch.add",
+        "Sub" => "torch.sub",
+        "Mul" => "torch.mul",
+        "Div" => "torch.div",
+        _ => "torch.pow",
+    }
+}
+
+/// Generates the module class for `graph`. With `untie`, a parameter used more than once
+/// (tied weights) gets its own cloned attribute per use, as transformers' `torchscript`
+/// flag does.
+pub fn generate(
+    graph: &Graph,
+    class_name: &str,
+    shapes: &Shapes,
+    untie: bool,
+) -> Result<Module, TsError> {
+    let package = "ferry";
+    let qualified = format!("__torch__.{package}.{class_name}");
+    let mut dims = HashMap::new();
+    for v in graph
+        .inputs
+        .iter()
+        .chain(&graph.value_info)
+        .chain(&graph.outputs)
+    {
+        if let Some(s) = &v.shape {
+            dims.insert(v.name.clone(), s.clone());
+        }
+    }
+    let mut g = Gen {
+        env: HashMap::new(),
+        body: String::new(),
+        next: 0,
+        shapes,
+        dims,
+        params: Vec::new(),
+        param_of: HashMap::new(),
+        inits: graph
+            .initializers
+            .iter()
+            .map(|i| (i.name.clone(), i))
+            .collect(),
+        uses: HashMap::new(),
+        untie,
+    };
+    for i in &graph.inputs {
+        g.env.insert(i.name.clone(), Val::Tensor(ident(&i.name)));
+    }
+    for n in &graph.nodes {
+        g.node(n)?;
+    }
+    let dummy = Node {
+        name: "return".into(),
+        op_type: "Return".into(),
+        domain: String::new(),
+        inputs: vec![],
+        outputs: vec![],
+        attrs: BTreeMap::new(),
+    };
+    let mut outs = Vec::new();
+    for o in &graph.outputs {
+        let v = g.get(&o.name, &dummy)?;
+        outs.push(g.tensor(&v, &dummy)?);
+    }
+    let ret = if outs.len() == 1 {
+        format!("({},)", outs[0])
+    } else {
+        format!("({})", outs.join(", "))
+    };
+    let ret_ty = format!("Tuple[{}]", vec!["Tensor"; outs.len()].join(", "));
+
+    let mut src = String::new();
+    let _ = writeln!(src, "class {class_name}(Module):");
+    let names: Vec<String> = g.params.iter().map(|(a, _)| format!("\"{a}\", ")).collect();
+    let _ = writeln!(src, "  __parameters__ = [{}]", names.join(""));
+    let _ = writeln!(src, "  __buffers__ = []");
+    let _ = writeln!(src, "  training : bool");
+    for (a, _) in &g.params {
+        let _ = writeln!(src, "  {a} : Tensor");
+    }
+    let args: Vec<String> = graph
+        .inputs
+        .iter()
+        .map(|i| format!(",\n    {}: Tensor", ident(&i.name)))
+        .collect();
+    let _ = writeln!(
+        src,
+        "  def forward(self: {qualified}{}) -> {ret_ty}:",
+        args.join("")
+    );
+    src.push_str(&g.body);
+    let _ = writeln!(src, "    return {ret}");
+    Ok(Module {
+        class_name: class_name.to_string(),
+        qualified_name: qualified,
+        params: g.params,
+        source: src,
+    })
+}
