@@ -319,3 +319,43 @@ fn model_not_found_lists_what_was_searched() {
         .arg(&out));
     assert_fails_cleanly(&o, &out, "not found; searched: local directory");
 }
+
+#[test]
+fn torchscript_export_writes_an_archive() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().join("traced_bert.pt");
+    let o = export(
+        &testdata("bert-tiny-tanh-bin"),
+        &out,
+        &["--format", "torchscript", "--dynamic-axes"],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let bytes = std::fs::read(&out).expect("archive");
+    assert_eq!(&bytes[..4], b"PK\x03\x04", "a zip archive");
+    assert!(
+        stderr(&o).contains("TorchScript (BertModel, dynamic axes)"),
+        "{}",
+        stderr(&o)
+    );
+
+    let bad = dir.path().join("missing").join("x.pt");
+    assert_fails_cleanly(
+        &export(
+            &testdata("bert-tiny-gelu"),
+            &bad,
+            &["--format", "torchscript"],
+        ),
+        &bad,
+        "does not exist",
+    );
+    let bad = dir.path().join("y.pt");
+    assert_fails_cleanly(
+        &export(
+            &testdata("bert-tiny-gelu"),
+            &bad,
+            &["--format", "torchscript", "--check"],
+        ),
+        &bad,
+        "ONNX exports only",
+    );
+}
