@@ -21,7 +21,15 @@ import shutil
 import torch
 import transformers
 from safetensors.torch import save_file
-from transformers import BertConfig, BertForSequenceClassification, BertModel
+from transformers import (
+    BertConfig,
+    BertForMaskedLM,
+    BertForMultipleChoice,
+    BertForQuestionAnswering,
+    BertForSequenceClassification,
+    BertForTokenClassification,
+    BertModel,
+)
 
 BATCH = 3
 SEQ = 11  # not a length the exporter's dummy inputs or --check use
@@ -44,14 +52,16 @@ def run(model, inputs):
     return {"last_hidden_state": out.last_hidden_state, "pooler_output": out.pooler_output}
 
 
-def save_golden(case_dir, inputs, outputs, meta):
+def save_golden(case_dir, inputs, outputs, meta, task="feature-extraction"):
     tensors = {f"input.{k}": v.contiguous() for k, v in inputs.items()}
     tensors.update({f"output.{k}": v.contiguous().float() for k, v in outputs.items()})
     save_file(tensors, os.path.join(case_dir, "golden.safetensors"))
     meta = dict(meta)
     meta["transformers"] = transformers.__version__
     meta["torch"] = torch.__version__
-    meta["outputs"] = sorted(outputs)
+    meta["task"] = task
+    # In the order transformers returns them with return_dict=False.
+    meta["outputs"] = list(outputs)
     with open(os.path.join(case_dir, "case.json"), "w") as f:
         json.dump(meta, f, indent=2, sort_keys=True)
         f.write("\n")
@@ -119,6 +129,53 @@ def tiny_cases(root):
     })
 
 
+TASK_HEADS = {
+    "fill-mask": (BertForMaskedLM, ["logits"]),
+    "text-classification": (BertForSequenceClassification, ["logits"]),
+    "token-classification": (BertForTokenClassification, ["logits"]),
+    "question-answering": (BertForQuestionAnswering, ["start_logits", "end_logits"]),
+    "multiple-choice": (BertForMultipleChoice, ["logits"]),
+}
+
+
+def task_cases(root):
+    """One tiny BERT per task head, each with a config unlike the others."""
+    variants = {
+        "fill-mask": dict(hidden_act="gelu", hidden_size=32, num_attention_heads=4, layer_norm_eps=1e-6),
+        "text-classification": dict(hidden_act="gelu_new", hidden_size=24, num_attention_heads=3,
+                                    num_labels=3, id2label={0: "negative", 1: "neutral", 2: "positive"},
+                                    label2id={"negative": 0, "neutral": 1, "positive": 2}),
+        "token-classification": dict(hidden_act="relu", hidden_size=16, num_attention_heads=2, num_labels=5),
+        "question-answering": dict(hidden_act="gelu", hidden_size=20, num_attention_heads=5),
+        "multiple-choice": dict(hidden_act="gelu", hidden_size=16, num_attention_heads=4),
+    }
+    for seed, (task, extra) in enumerate(variants.items(), start=40):
+        cls, names = TASK_HEADS[task]
+        cfg = BertConfig(vocab_size=64, num_hidden_layers=2, intermediate_size=30,
+                         max_position_embeddings=24, type_vocab_size=2, initializer_range=0.2,
+                         **extra)
+        torch.manual_seed(seed)
+        model = cls(cfg).eval()
+        d = os.path.join(root, f"bert-tiny-{task}")
+        fresh(d)
+        model.save_pretrained(d)
+        gen = torch.Generator().manual_seed(seed + 100)
+        if task == "multiple-choice":
+            flat = padded_inputs(gen, cfg.vocab_size, cfg.type_vocab_size, batch=6, seq=9,
+                                 lengths=(9, 7, 4, 9, 2, 5))
+            inputs = {k: v.view(2, 3, 9) for k, v in flat.items()}
+        else:
+            inputs = padded_inputs(gen, cfg.vocab_size, cfg.type_vocab_size)
+        model.eval()
+        with torch.no_grad():
+            out = model(**inputs, return_dict=False)
+        outputs = {n: out[i] for i, n in enumerate(names)}
+        save_golden(d, inputs, outputs, {
+            "description": f"{cls.__name__}, {extra['hidden_act']}, safetensors",
+            "weights": "model.safetensors",
+        }, task=task)
+
+
 SENTENCES = [
     "The quick brown fox jumps over the lazy dog near the quiet riverbank at dawn, "
     "while the farmer watches from his porch and sips his coffee slowly.",
@@ -149,6 +206,7 @@ def main():
     a = p.parse_args()
     torch.use_deterministic_algorithms(True)
     tiny_cases(a.root)
+    task_cases(a.root)
     if a.minilm:
         minilm_case(a.root, a.minilm)
 

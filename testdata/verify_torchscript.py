@@ -4,8 +4,10 @@ For each golden checkpoint under testdata/ this:
   1. exports a fixed-shape archive at the golden's batch x sequence and checks that
      torch.jit.load loads it and `loaded(*inputs)` matches transformers' golden outputs;
   2. checks that the fixed-shape archive rejects inputs of another sequence length;
-  3. exports a --dynamic-axes archive and compares it with transformers (BertModel loaded
-     from the same checkpoint) at two other batch sizes and sequence lengths.
+  3. exports a --dynamic-axes archive and compares it with transformers (the case's task
+     class loaded from the same checkpoint) at two other batch sizes and sequence lengths;
+  4. for fill-mask, checks that a --torchscript archive holds separate, equal tensors for
+     the word embeddings and the tied decoder weight (a plain one holds one tensor).
 
 Usage: verify_torchscript.py FERRY_BINARY TESTDATA_DIR OUT_DIR
 Prints one line per check and exits non-zero on any failure.
@@ -18,6 +20,7 @@ import sys
 import warnings
 
 import torch
+import transformers
 from safetensors.torch import load_file
 from transformers import AutoModel
 
@@ -30,15 +33,25 @@ def export(ferry, model, out, *flags):
                    check=True, capture_output=True)
 
 
-def inputs_for(batch, seq, vocab, types, seed):
+def inputs_for(batch, seq, vocab, types, seed, choices=None):
+    rows = batch * (choices or 1)
     g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1, vocab, (batch, seq), generator=g)
-    mask = torch.ones((batch, seq), dtype=torch.int64)
-    for r in range(1, batch):
+    ids = torch.randint(1, vocab, (rows, seq), generator=g)
+    mask = torch.ones((rows, seq), dtype=torch.int64)
+    for r in range(1, rows):
         mask[r, max(1, seq - 2 * r):] = 0
     ids = ids * mask
-    tt = torch.randint(0, types, (batch, seq), generator=g) * mask
+    tt = torch.randint(0, types, (rows, seq), generator=g) * mask
+    if choices:
+        return tuple(x.view(batch, choices, seq) for x in (ids, mask, tt))
     return ids, mask, tt
+
+
+def reference_model(model_dir, cfg, task):
+    if task == "feature-extraction":
+        return AutoModel.from_pretrained(model_dir).eval()
+    cls = getattr(transformers, cfg["architectures"][0])
+    return cls.from_pretrained(model_dir).eval()
 
 
 def main():
@@ -51,15 +64,16 @@ def main():
     for case in cases:
         model_dir = os.path.join(testdata, case)
         golden = load_file(os.path.join(model_dir, "golden.safetensors"))
-        names = sorted(k[len("output."):] for k in golden if k.startswith("output."))
-        order = ["last_hidden_state", "pooler_output"]
-        names = [n for n in order if n in names]
+        meta = json.load(open(os.path.join(model_dir, "case.json")))
+        task, names = meta["task"], meta["outputs"]
         ids, mask, tt = (golden["input.input_ids"], golden["input.attention_mask"],
                          golden["input.token_type_ids"])
-        batch, seq = ids.shape
+        batch, seq = ids.shape[0], ids.shape[-1]
+        choices = ids.shape[1] if ids.dim() == 3 else None
 
         fixed = os.path.join(out_dir, f"{case}-fixed.pt")
-        export(ferry, model_dir, fixed, "--batch-size", str(batch), "--sequence-length", str(seq))
+        export(ferry, model_dir, fixed, "--task", task, "--batch-size", str(batch),
+               "--sequence-length", str(seq))
         loaded = torch.jit.load(fixed)
         with torch.no_grad():
             out = loaded(ids, mask, tt)
@@ -71,7 +85,7 @@ def main():
 
         try:
             with torch.no_grad():
-                loaded(ids[:, : seq - 3], mask[:, : seq - 3], tt[:, : seq - 3])
+                loaded(ids[..., : seq - 3], mask[..., : seq - 3], tt[..., : seq - 3])
             print(f"FAIL {case} fixed archive accepted another sequence length")
             failures += 1
         except Exception as e:  # torch raises a RuntimeError from the reshape
@@ -79,12 +93,13 @@ def main():
                   f"{type(e).__name__}")
 
         dyn = os.path.join(out_dir, f"{case}-dynamic.pt")
-        export(ferry, model_dir, dyn, "--dynamic-axes")
+        export(ferry, model_dir, dyn, "--task", task, "--dynamic-axes")
         loaded = torch.jit.load(dyn)
         cfg = json.load(open(os.path.join(model_dir, "config.json")))
-        ref = AutoModel.from_pretrained(model_dir).eval()
+        ref = reference_model(model_dir, cfg, task)
         for b, s in ((1, 5), (4, 17)):
-            x = inputs_for(b, s, cfg["vocab_size"], cfg.get("type_vocab_size", 2), 100 + s)
+            x = inputs_for(b, s, cfg["vocab_size"], cfg.get("type_vocab_size", 2), 100 + s,
+                           choices=choices and choices + 1)
             with torch.no_grad():
                 want = ref(*x, return_dict=False)
                 got = loaded(*x)
@@ -93,6 +108,18 @@ def main():
             failures += not ok
             print(f"{'ok  ' if ok else 'FAIL'} {case} dynamic {b}x{s}: "
                   + ", ".join(f"{n} {d:.2e}" for n, d in zip(names, diffs)))
+        if task == "fill-mask":
+            untied = os.path.join(out_dir, f"{case}-untied.pt")
+            export(ferry, model_dir, untied, "--task", task, "--dynamic-axes", "--torchscript")
+            sd = torch.jit.load(untied).state_dict()
+            emb, dec = sd.get("embeddings_word_embeddings_weight"), sd.get("embeddings_word_embeddings_weight_1")
+            plain = torch.jit.load(dyn).state_dict()
+            ok = (emb is not None and dec is not None and torch.equal(emb, dec)
+                  and emb.data_ptr() != dec.data_ptr()
+                  and "embeddings_word_embeddings_weight_1" not in plain)
+            failures += not ok
+            print(f"{'ok  ' if ok else 'FAIL'} {case} --torchscript: separate equal embedding and "
+                  f"decoder tensors ({len(sd)} tensors untied, {len(plain)} tied)")
     print(f"{'FAILED' if failures else 'passed'}: {failures} failure(s)")
     sys.exit(1 if failures else 0)
 

@@ -275,25 +275,32 @@ fn verify(args: &[String]) -> Result<()> {
     let ferry = target().join("debug").join("ferry");
     let out_dir = target().join("verify");
     std::fs::create_dir_all(&out_dir).map_err(|e| e.to_string())?;
-    let mut cases: Vec<(PathBuf, PathBuf, f64)> = golden_cases()?
-        .into_iter()
-        .map(|c| (c.clone(), c.join("golden.safetensors"), 1e-5))
-        .collect();
+    let mut cases: Vec<(PathBuf, PathBuf, f64, String)> = Vec::new();
+    for c in golden_cases()? {
+        let meta = std::fs::read_to_string(c.join("case.json")).map_err(|e| e.to_string())?;
+        let meta: serde_json::Value = serde_json::from_str(&meta).map_err(|e| e.to_string())?;
+        let task = meta["task"]
+            .as_str()
+            .unwrap_or("feature-extraction")
+            .to_string();
+        cases.push((c.clone(), c.join("golden.safetensors"), 1e-5, task));
+    }
     cases.push((
         minilm,
         root().join("testdata/real/all-minilm-l6-v2/golden.safetensors"),
         1e-4,
+        "feature-extraction".into(),
     ));
     let mut failures = 0;
     println!("\nparity with transformers (max-abs per output):");
-    for (model, golden, atol) in &cases {
+    for (model, golden, atol, task) in &cases {
         for (opset, external) in [(14, false), (17, false), (17, true)] {
             let name = model
                 .file_name()
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default();
             let label = format!(
-                "{name} opset {opset}{}",
+                "{name} {task} opset {opset}{}",
                 if external { " external-data" } else { "" }
             );
             let out = out_dir.join(format!(
@@ -304,7 +311,7 @@ fn verify(args: &[String]) -> Result<()> {
             export
                 .args(["export", "--model"])
                 .arg(model)
-                .args(["--opset", &opset.to_string()])
+                .args(["--task", task, "--opset", &opset.to_string()])
                 .arg(&out);
             if external {
                 export.arg("--external-data");
@@ -325,10 +332,10 @@ fn verify(args: &[String]) -> Result<()> {
                 }
             });
             match verified {
-                Ok(text) => println!("  ok   {label:<44} {text}"),
+                Ok(text) => println!("  ok   {label:<62} {text}"),
                 Err(e) => {
                     failures += 1;
-                    println!("  FAIL {label:<44} {e}");
+                    println!("  FAIL {label:<62} {e}");
                 }
             }
         }

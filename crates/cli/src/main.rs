@@ -31,9 +31,10 @@ struct ExportArgs {
     /// Checkpoint directory, or a model id (Hugging Face cache, else downloaded).
     #[arg(long, short)]
     model: String,
-    /// Task to export (optimum's names; seed pipeline names accepted).
-    #[arg(long, default_value = "feature-extraction")]
-    task: String,
+    /// Task to export (optimum's names; seed pipeline names such as `sentiment-analysis`
+    /// and `ner` accepted). Default: inferred from `config.architectures`.
+    #[arg(long)]
+    task: Option<String>,
     /// ONNX opset (14–21).
     #[arg(long, default_value_t = ferry_onnx::DEFAULT_OPSET)]
     opset: i64,
@@ -171,8 +172,13 @@ fn export(a: &ExportArgs) -> Result<(), String> {
     );
 
     let pb = stage("trace");
+    let task = a
+        .task
+        .as_deref()
+        .map(ferry_tracer::canonical_task)
+        .unwrap_or_else(|| ferry_tracer::infer_task(&ckpt.config));
     let trace_opts = ferry_tracer::TraceOptions {
-        task: a.task.clone(),
+        task: task.clone(),
         // TorchScript is generated from the opset-17 form (LayerNormalization as one op).
         opset: if a.format == Format::Torchscript {
             17
@@ -186,7 +192,7 @@ fn export(a: &ExportArgs) -> Result<(), String> {
     done(pb, format!("{} nodes", graph.nodes.len()));
 
     if a.format == Format::Torchscript {
-        return export_torchscript(a, &ckpt, &graph, start);
+        return export_torchscript(a, &ckpt, &graph, &task, start);
     }
 
     let pb = stage("write");
@@ -224,7 +230,7 @@ fn export(a: &ExportArgs) -> Result<(), String> {
         "exported {} [{}] task {}: {} parameters, opset {} (IR {}), {} in {:.2}s{}",
         ckpt.config.model_type,
         ckpt.format,
-        ferry_tracer::canonical_task(&a.task),
+        task,
         graph.parameter_count(),
         a.opset,
         report.ir_version,
@@ -239,6 +245,7 @@ fn export_torchscript(
     a: &ExportArgs,
     ckpt: &ferry_loader::Checkpoint,
     graph: &ferry_ir::Graph,
+    task: &str,
     start: Instant,
 ) -> Result<(), String> {
     if a.check || a.external_data {
@@ -258,7 +265,7 @@ fn export_torchscript(
             .into(),
         )
     };
-    let class = ferry_tracer::model_class_name(&ckpt.config.model_type, &a.task);
+    let class = ferry_tracer::model_class_name(&ckpt.config.model_type, task);
     let pb = stage("write");
     pb.set_message(a.output.display().to_string());
     let report = ferry_torchscript::export(graph, &class, &shapes, a.torchscript, &a.output)
@@ -273,7 +280,7 @@ fn export_torchscript(
         "exported {} [{}] task {} as TorchScript ({class}, {shape_note}): {} parameters, {} tensors, {} ({}) in {:.2}s",
         ckpt.config.model_type,
         ckpt.format,
-        ferry_tracer::canonical_task(&a.task),
+        task,
         graph.parameter_count(),
         report.tensors,
         a.output.display(),

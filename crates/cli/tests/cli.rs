@@ -65,28 +65,99 @@ fn parity(model: &Path, golden: &Path, extra: &[&str], atol: f64) {
     }
 }
 
-const TINY: &[&str] = &[
-    "bert-tiny-gelu",
-    "bert-tiny-tanh-bin",
-    "bert-tiny-relu-sharded",
-];
+/// Every golden case under testdata: (checkpoint dir, task it was made for).
+fn golden_cases() -> Vec<(PathBuf, String)> {
+    let mut cases: Vec<(PathBuf, String)> = std::fs::read_dir(root().join("testdata"))
+        .expect("testdata")
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.join("golden.safetensors").is_file() && p.join("config.json").is_file())
+        .map(|p| {
+            let meta: serde_json::Value = serde_json::from_str(
+                &std::fs::read_to_string(p.join("case.json")).expect("case.json"),
+            )
+            .expect("case.json is JSON");
+            let task = meta["task"].as_str().expect("case task").to_string();
+            (p, task)
+        })
+        .collect();
+    cases.sort();
+    assert!(cases.len() >= 8, "golden cases missing: {cases:?}");
+    cases
+}
 
 #[test]
 fn tiny_goldens_match_transformers_at_opsets_14_17_21() {
-    for case in TINY {
-        let golden = testdata(case).join("golden.safetensors");
+    for (dir, task) in golden_cases() {
+        let golden = dir.join("golden.safetensors");
         for opset in ["14", "17", "21"] {
-            parity(&testdata(case), &golden, &["--opset", opset], 1e-5);
+            parity(&dir, &golden, &["--task", &task, "--opset", opset], 1e-5);
         }
     }
 }
 
 #[test]
 fn external_data_export_matches() {
-    for case in TINY {
-        let golden = testdata(case).join("golden.safetensors");
-        parity(&testdata(case), &golden, &["--external-data"], 1e-5);
+    for (dir, task) in golden_cases() {
+        let golden = dir.join("golden.safetensors");
+        parity(&dir, &golden, &["--task", &task, "--external-data"], 1e-5);
     }
+}
+
+#[test]
+fn task_is_inferred_from_architectures() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().join("qa.onnx");
+    let o = export(&testdata("bert-tiny-question-answering"), &out, &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("task question-answering"),
+        "{}",
+        stderr(&o)
+    );
+    let golden = testdata("bert-tiny-question-answering").join("golden.safetensors");
+    parity(
+        &testdata("bert-tiny-question-answering"),
+        &golden,
+        &[],
+        1e-5,
+    );
+    // Seed pipeline aliases are accepted.
+    let o = export(
+        &testdata("bert-tiny-tanh-bin"),
+        &out,
+        &["--task", "sentiment-analysis"],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("task text-classification"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn task_without_head_weights_is_a_clear_error() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().join("x.onnx");
+    assert_fails_cleanly(
+        &export(
+            &testdata("bert-tiny-gelu"),
+            &out,
+            &["--task", "question-answering"],
+        ),
+        &out,
+        "task `question-answering` needs weight `qa_outputs.weight`",
+    );
+    assert_fails_cleanly(
+        &export(
+            &testdata("bert-tiny-gelu"),
+            &out,
+            &["--task", "text-generation"],
+        ),
+        &out,
+        "task `text-generation` is not supported for `bert`",
+    );
 }
 
 #[test]
@@ -333,7 +404,7 @@ fn torchscript_export_writes_an_archive() {
     let bytes = std::fs::read(&out).expect("archive");
     assert_eq!(&bytes[..4], b"PK\x03\x04", "a zip archive");
     assert!(
-        stderr(&o).contains("TorchScript (BertModel, dynamic axes)"),
+        stderr(&o).contains("TorchScript (BertForSequenceClassification, dynamic axes)"),
         "{}",
         stderr(&o)
     );

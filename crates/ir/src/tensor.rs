@@ -90,21 +90,59 @@ impl MappedFile {
         mut f: impl FnMut(&[u8]) -> io::Result<()>,
     ) -> io::Result<()> {
         use std::os::unix::fs::FileExt;
-        let file = self
+        use std::sync::mpsc::sync_channel;
+        let guard = self
             .file
             .lock()
             .map_err(|_| io::Error::other("mapped file lock poisoned"))?;
-        let mut buf = vec![0u8; chunk.max(1).min(usize::try_from(len).unwrap_or(usize::MAX))];
-        let mut done = 0u64;
-        while done < len {
-            let n = buf
-                .len()
-                .min(usize::try_from(len - done).unwrap_or(usize::MAX));
-            file.read_exact_at(&mut buf[..n], offset + done)?;
-            f(&buf[..n])?;
-            done += n as u64;
+        let file: &File = &guard;
+        let chunk = chunk.max(1);
+        let piece = |done: u64| usize::try_from(len - done).unwrap_or(usize::MAX).min(chunk);
+        if len <= 2 * chunk as u64 {
+            let mut buf = vec![0u8; piece(0)];
+            let mut done = 0u64;
+            while done < len {
+                let n = piece(done);
+                file.read_exact_at(&mut buf[..n], offset + done)?;
+                f(&buf[..n])?;
+                done += n as u64;
+            }
+            return Ok(());
         }
-        Ok(())
+        // Large tensors: a reader thread fills buffers while `f` consumes the previous
+        // ones, so the copy out of the page cache overlaps the consumer's own work.
+        std::thread::scope(|s| {
+            let (full_tx, full_rx) = sync_channel::<io::Result<(Vec<u8>, usize)>>(3);
+            let (free_tx, free_rx) = sync_channel::<Vec<u8>>(4);
+            for _ in 0..4 {
+                let _ = free_tx.send(vec![0u8; chunk]);
+            }
+            s.spawn(move || {
+                let mut done = 0u64;
+                while done < len {
+                    let Ok(mut buf) = free_rx.recv() else { return };
+                    let n = piece(done);
+                    let r = file
+                        .read_exact_at(&mut buf[..n], offset + done)
+                        .map(|()| (buf, n));
+                    let failed = r.is_err();
+                    if full_tx.send(r).is_err() || failed {
+                        return;
+                    }
+                    done += n as u64;
+                }
+            });
+            let mut done = 0u64;
+            while done < len {
+                let (buf, n) = full_rx
+                    .recv()
+                    .map_err(|_| io::Error::other("tensor reader stopped"))??;
+                f(&buf[..n])?;
+                done += n as u64;
+                let _ = free_tx.send(buf);
+            }
+            Ok(())
+        })
     }
 }
 
@@ -358,6 +396,31 @@ mod tests {
             len: 4,
         };
         assert!(bad.bytes().is_err());
+        // Chunked reads, small and pipelined, see exactly the range.
+        for chunk in [1, 3, 100] {
+            let mut got = Vec::new();
+            let d = TensorData::Mapped {
+                file: Arc::new(MappedFile::open(&p)?),
+                offset: 1,
+                len: 8,
+            };
+            d.for_each_chunk(chunk, |c| {
+                got.extend_from_slice(c);
+                Ok(())
+            })?;
+            assert_eq!(got, b"12345678");
+        }
+        let mut calls = 0;
+        let r = TensorData::Mapped {
+            file: Arc::new(MappedFile::open(&p)?),
+            offset: 0,
+            len: 10,
+        }
+        .for_each_chunk(2, |_| {
+            calls += 1;
+            Err(io::Error::other("stop"))
+        });
+        assert!(r.is_err() && calls == 1);
         assert!(bad.write_to(&mut Vec::new()).is_err());
         std::fs::remove_dir_all(&dir)
     }

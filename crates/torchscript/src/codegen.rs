@@ -376,6 +376,23 @@ impl<'a> Gen<'a> {
                     _ => return Err(unsupported()),
                 }
             }
+            "Flatten" => {
+                let axis = Self::int_attr(node, "axis").unwrap_or(1);
+                if axis < 1 {
+                    return Err(unsupported());
+                }
+                let x = self.tensor(&ins[0], node)?;
+                let inner = self.emit(format!("torch.flatten({x}, {axis}, -1)"));
+                Val::Tensor(self.emit(format!("torch.flatten({inner}, 0, {})", axis - 1)))
+            }
+            "Reshape" if matches!(ins[1], Val::IntList(_)) => {
+                let Val::IntList(l) = &ins[1] else {
+                    return Err(unsupported());
+                };
+                let l = l.clone();
+                let x = self.tensor(&ins[0], node)?;
+                Val::Tensor(self.emit(format!("torch.reshape({x}, {l})")))
+            }
             "Reshape" => {
                 let Val::Ints(target) = &ins[1] else {
                     return Err(unsupported());

@@ -3,7 +3,8 @@
 use ferry_ir::{DType, Dim, Graph, ModelConfig, Weights};
 
 use crate::layers::{
-    Activation, EncoderDims, WeightSource, additive_mask, bert_attention, bert_ffn, layer_norm, sym,
+    Activation, EncoderDims, WeightSource, additive_mask, bert_attention, bert_ffn, layer_norm,
+    linear, sym,
 };
 use crate::{T, TraceError, TraceOptions, Tracer};
 
@@ -94,54 +95,215 @@ fn embeddings(
     r
 }
 
-/// Traces `BertModel` for feature extraction: outputs `last_hidden_state` and, when the
-/// checkpoint has a pooler, `pooler_output`.
+/// The BERT encoder stack (`BertModel` without pooler) over `[batch, seq]` inputs.
+fn encoder(
+    t: &mut Tracer,
+    w: &WeightSource<'_>,
+    d: &BertDims,
+    input_ids: &T,
+    attention_mask: &T,
+    token_type_ids: &T,
+) -> Result<T, TraceError> {
+    let mut x = embeddings(t, w, d, input_ids, token_type_ids)?;
+    let mask = additive_mask(t, attention_mask)?;
+    t.push("encoder");
+    for i in 0..d.layers {
+        t.push(format!("layer.{i}"));
+        let layer =
+            bert_attention(t, w, &x, &mask, &d.enc).and_then(|a| bert_ffn(t, w, &a, &d.enc));
+        t.pop();
+        x = match layer {
+            Ok(x) => x,
+            Err(e) => {
+                t.pop();
+                return Err(e);
+            }
+        };
+    }
+    t.pop();
+    Ok(x)
+}
+
+/// `BertPooler`: dense + tanh over the first token.
+fn pooler(t: &mut Tracer, w: &WeightSource<'_>, d: &BertDims, x: &T) -> Result<T, TraceError> {
+    let h = d.enc.hidden;
+    t.push("pooler");
+    let pooled = (|| {
+        let zero = t.scalar_i64(0);
+        let first = t.gather(x, &zero, 1)?;
+        t.push("dense");
+        let r = (|| {
+            let wt = w.get(t, "pooler.dense.weight", &[h, h])?;
+            let b = w.get(t, "pooler.dense.bias", &[h])?;
+            t.gemm_bt(&first, &wt, &b)
+        })();
+        t.pop();
+        let dense = r?;
+        Ok::<T, TraceError>(t.unary("Tanh", &dense))
+    })();
+    t.pop();
+    pooled
+}
+
+/// `BertOnlyMLMHead`: transform (dense, activation, LayerNorm) then the decoder, whose
+/// weight is the word-embedding matrix unless the config unties it.
+fn mlm_head(
+    t: &mut Tracer,
+    w: &WeightSource<'_>,
+    d: &BertDims,
+    tied: bool,
+    x: &T,
+) -> Result<T, TraceError> {
+    let h = d.enc.hidden;
+    t.push("cls");
+    t.push("predictions");
+    let r = (|| {
+        t.push("transform");
+        let tr = (|| {
+            let y = linear(t, w, "dense", x, h, h)?;
+            let y = d.enc.act.apply(t, &y)?;
+            layer_norm(t, w, "LayerNorm", &y, h, d.enc.eps)
+        })();
+        t.pop();
+        let y = tr?;
+        t.push("decoder");
+        let dec = (|| {
+            let weight = if tied || !w.contains("cls.predictions.decoder.weight") {
+                w.get(t, "embeddings.word_embeddings.weight", &[d.vocab, h])?
+            } else {
+                w.get(t, "cls.predictions.decoder.weight", &[d.vocab, h])?
+            };
+            let bias = if w.contains("cls.predictions.bias") {
+                w.get(t, "cls.predictions.bias", &[d.vocab])?
+            } else {
+                w.get(t, "cls.predictions.decoder.bias", &[d.vocab])?
+            };
+            let wt = t.transpose(&weight, &[1, 0])?;
+            let mm = t.matmul(&y, &wt)?;
+            t.add(&mm, &bias)
+        })();
+        t.pop();
+        dec
+    })();
+    t.pop();
+    t.pop();
+    r
+}
+
+/// Number of labels of a classification head.
+pub(crate) fn num_labels(c: &ModelConfig) -> i64 {
+    if !c.id2label.is_empty() {
+        return c.id2label.len() as i64;
+    }
+    c.raw
+        .get("num_labels")
+        .and_then(serde_json::Value::as_i64)
+        .unwrap_or(2)
+}
+
+/// Traces BERT with the head of `opts.task` (optimum's task names).
 pub(crate) fn trace_bert(
     config: &ModelConfig,
     weights: &Weights,
     opts: &TraceOptions,
+    task: &str,
 ) -> Result<Graph, TraceError> {
-    let d = BertDims::from_config(config)?;
-    let w = WeightSource::new(weights, "bert");
     let mut t = Tracer::new("main_graph", opts.opset);
-    let bs = vec![sym(&opts.batch_axis), sym(&opts.sequence_axis)];
-    let input_ids = t.input("input_ids", DType::I64, bs.clone());
-    let attention_mask = t.input("attention_mask", DType::I64, bs.clone());
-    let token_type_ids = t.input("token_type_ids", DType::I64, bs);
-
-    let mut x = embeddings(&mut t, &w, &d, &input_ids, &token_type_ids)?;
-    let mask = additive_mask(&mut t, &attention_mask)?;
-    t.push("encoder");
-    for i in 0..d.layers {
-        t.push(format!("layer.{i}"));
-        let layer = bert_attention(&mut t, &w, &x, &mask, &d.enc)
-            .and_then(|a| bert_ffn(&mut t, &w, &a, &d.enc));
-        t.pop();
-        x = layer?;
-    }
-    t.pop();
-    t.output(&x, "last_hidden_state");
-
-    let has_pooler =
-        weights.contains("pooler.dense.weight") || weights.contains("bert.pooler.dense.weight");
-    if has_pooler {
-        let h = d.enc.hidden;
-        t.push("pooler");
-        let pooled = (|| {
-            let zero = t.scalar_i64(0);
-            let first = t.gather(&x, &zero, 1)?;
-            t.push("dense");
-            let r = (|| {
-                let wt = w.get(&mut t, "pooler.dense.weight", &[h, h])?;
-                let b = w.get(&mut t, "pooler.dense.bias", &[h])?;
-                t.gemm_bt(&first, &wt, &b)
-            })();
-            t.pop();
-            let dense = r?;
-            Ok::<T, TraceError>(t.unary("Tanh", &dense))
-        })();
-        t.pop();
-        t.output(&pooled?, "pooler_output");
-    }
+    build(&mut t, config, weights, opts, task)?;
     Ok(t.finish())
 }
+
+fn build(
+    t: &mut Tracer,
+    config: &ModelConfig,
+    weights: &Weights,
+    opts: &TraceOptions,
+    task: &str,
+) -> Result<(), TraceError> {
+    let d = BertDims::from_config(config)?;
+    let w = WeightSource::new(weights, "bert");
+    let h = d.enc.hidden;
+    let (b, s) = (sym(&opts.batch_axis), sym(&opts.sequence_axis));
+
+    if task == "multiple-choice" {
+        let c = sym("num_choices");
+        let shape = vec![b.clone(), c.clone(), s.clone()];
+        let ids = t.input("input_ids", DType::I64, shape.clone());
+        let mask = t.input("attention_mask", DType::I64, shape.clone());
+        let types = t.input("token_type_ids", DType::I64, shape);
+        let flat = vec![sym("batch_size*num_choices"), s.clone()];
+        let fi = t.flatten(&ids, 2, flat.clone());
+        let fm = t.flatten(&mask, 2, flat.clone());
+        let ft = t.flatten(&types, 2, flat);
+        let x = encoder(t, &w, &d, &fi, &fm, &ft)?;
+        let pooled = pooler(t, &w, &d, &x)?;
+        let logits = linear(t, &w, "classifier", &pooled, h, 1)?;
+        let bc = t.shape_of(&ids);
+        let zero = t.ints(&[0]);
+        let two = t.ints(&[2]);
+        let bc = t.slice(&bc, &zero, &two, &zero, vec![Dim::Fixed(2)]);
+        let logits = t.reshape_to(&logits, &bc, vec![b, c]);
+        t.output(&logits, "logits");
+        return Ok(());
+    }
+
+    let bs = vec![b, s];
+    let ids = t.input("input_ids", DType::I64, bs.clone());
+    let mask = t.input("attention_mask", DType::I64, bs.clone());
+    let types = t.input("token_type_ids", DType::I64, bs);
+    let x = encoder(t, &w, &d, &ids, &mask, &types)?;
+    match task {
+        "feature-extraction" => {
+            t.output(&x, "last_hidden_state");
+            if w.contains("pooler.dense.weight") {
+                let pooled = pooler(t, &w, &d, &x)?;
+                t.output(&pooled, "pooler_output");
+            }
+        }
+        "fill-mask" => {
+            let tied = config
+                .raw
+                .get("tie_word_embeddings")
+                .and_then(serde_json::Value::as_bool)
+                .unwrap_or(true);
+            let logits = mlm_head(t, &w, &d, tied, &x)?;
+            t.output(&logits, "logits");
+        }
+        "text-classification" => {
+            let pooled = pooler(t, &w, &d, &x)?;
+            let logits = linear(t, &w, "classifier", &pooled, h, num_labels(config))?;
+            t.output(&logits, "logits");
+        }
+        "token-classification" => {
+            let logits = linear(t, &w, "classifier", &x, h, num_labels(config))?;
+            t.output(&logits, "logits");
+        }
+        "question-answering" => {
+            let logits = linear(t, &w, "qa_outputs", &x, h, 2)?;
+            let i0 = t.scalar_i64(0);
+            let start = t.gather(&logits, &i0, 2)?;
+            let i1 = t.scalar_i64(1);
+            let end = t.gather(&logits, &i1, 2)?;
+            t.output(&start, "start_logits");
+            t.output(&end, "end_logits");
+        }
+        other => {
+            return Err(TraceError::UnsupportedTask {
+                task: other.to_string(),
+                model_type: config.model_type.clone(),
+                supported: BERT_TASKS.join(", "),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Tasks BERT exports.
+pub(crate) const BERT_TASKS: &[&str] = &[
+    "feature-extraction",
+    "fill-mask",
+    "text-classification",
+    "token-classification",
+    "question-answering",
+    "multiple-choice",
+];

@@ -330,6 +330,22 @@ impl Tracer {
         Ok(self.op("Reshape", &[a, &t], vec![], a.dtype, shape))
     }
 
+    /// Reshapes to a run-time shape (a 1-D int64 tensor) whose result shape is `shape`.
+    pub fn reshape_to(&mut self, a: &T, target: &T, shape: Vec<Dim>) -> T {
+        self.op("Reshape", &[a, target], vec![], a.dtype, shape)
+    }
+
+    /// `Flatten(a, axis)`: the dims before `axis` and those from it each multiplied out.
+    pub fn flatten(&mut self, a: &T, axis: i64, shape: Vec<Dim>) -> T {
+        self.op(
+            "Flatten",
+            &[a],
+            vec![("axis", Attr::Int(axis))],
+            a.dtype,
+            shape,
+        )
+    }
+
     /// Gathers along `axis` with a tensor of indices.
     pub fn gather(&mut self, data: &T, indices: &T, axis: usize) -> Result<T, TraceError> {
         if axis >= data.rank() {

@@ -45,6 +45,11 @@ impl<'a> WeightSource<'a> {
         Ok(t.weight(name, init))
     }
 
+    /// Whether the checkpoint has `name` (with or without the prefix).
+    pub(crate) fn contains(&self, name: &str) -> bool {
+        self.lookup(name).is_ok()
+    }
+
     fn lookup(&self, name: &str) -> Result<&'a Initializer, TraceError> {
         self.weights
             .get(name)

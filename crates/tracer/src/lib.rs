@@ -16,13 +16,42 @@ use ferry_ir::{ConfigError, Graph, ModelConfig, Weights};
 /// Architectures (`model_type`) the tracer can export.
 pub const SUPPORTED_ARCHITECTURES: &[&str] = &["bert"];
 
-/// Tasks the tracer can export, by optimum's names.
-pub const SUPPORTED_TASKS: &[&str] = &["feature-extraction"];
+/// Tasks the tracer can export for an architecture, by optimum's names.
+pub fn supported_tasks(model_type: &str) -> &'static [&'static str] {
+    match model_type {
+        "bert" => bert::BERT_TASKS,
+        _ => &[],
+    }
+}
+
+/// The task a checkpoint was saved for, from `config.architectures` (as optimum infers
+/// it): `BertForQuestionAnswering` → `question-answering`; base models → feature-extraction.
+pub fn infer_task(config: &ModelConfig) -> String {
+    let arch = config
+        .architectures
+        .first()
+        .map(String::as_str)
+        .unwrap_or("");
+    let task = [
+        ("ForMaskedLM", "fill-mask"),
+        ("ForSequenceClassification", "text-classification"),
+        ("ForTokenClassification", "token-classification"),
+        ("ForQuestionAnswering", "question-answering"),
+        ("ForMultipleChoice", "multiple-choice"),
+        ("ForCausalLM", "text-generation"),
+        ("LMHeadModel", "text-generation"),
+    ]
+    .iter()
+    .find(|(suffix, _)| arch.ends_with(suffix))
+    .map(|(_, t)| *t)
+    .unwrap_or("feature-extraction");
+    task.to_string()
+}
 
 /// What to trace.
 #[derive(Debug, Clone)]
 pub struct TraceOptions {
-    /// Task (optimum's name or a seed pipeline alias).
+    /// Task (optimum's name or a seed pipeline alias; see [`infer_task`]).
     pub task: String,
     /// Default-domain ONNX opset the graph targets (affects which ops are used).
     pub opset: i64,
@@ -71,6 +100,18 @@ pub enum TraceError {
     /// The checkpoint lacks a weight the architecture needs.
     #[error("checkpoint has no weight `{name}` (also tried with prefix `{prefix}`)")]
     MissingWeight {
+        /// Weight name without prefix.
+        name: String,
+        /// The base-model prefix also tried.
+        prefix: String,
+    },
+    /// The checkpoint lacks a weight the task's head (or base) needs.
+    #[error(
+        "task `{task}` needs weight `{name}` (also tried with prefix `{prefix}`), which the checkpoint lacks; export a task the checkpoint was trained for, e.g. feature-extraction"
+    )]
+    MissingHeadWeight {
+        /// Task.
+        task: String,
         /// Weight name without prefix.
         name: String,
         /// The base-model prefix also tried.
@@ -142,19 +183,25 @@ pub fn trace(
     opts: &TraceOptions,
 ) -> Result<Graph, TraceError> {
     let task = canonical_task(&opts.task);
-    match config.model_type.as_str() {
-        "bert" => {
-            if task != "feature-extraction" {
-                return Err(TraceError::UnsupportedTask {
-                    task,
-                    model_type: config.model_type.clone(),
-                    supported: SUPPORTED_TASKS.join(", "),
-                });
-            }
-            bert::trace_bert(config, weights, opts)
-        }
+    let supported = supported_tasks(&config.model_type);
+    if !supported.is_empty() && !supported.contains(&task.as_str()) {
+        return Err(TraceError::UnsupportedTask {
+            task,
+            model_type: config.model_type.clone(),
+            supported: supported.join(", "),
+        });
+    }
+    let result = match config.model_type.as_str() {
+        "bert" => bert::trace_bert(config, weights, opts, &task),
         other => Err(TraceError::UnknownArchitecture {
             model_type: other.to_string(),
         }),
-    }
+    };
+    // A head weight the checkpoint lacks: say which task needed it.
+    result.map_err(|e| match e {
+        TraceError::MissingWeight { name, prefix } if task != "feature-extraction" => {
+            TraceError::MissingHeadWeight { task, name, prefix }
+        }
+        e => e,
+    })
 }

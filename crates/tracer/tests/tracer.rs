@@ -65,6 +65,32 @@ fn bert_graph_structure() {
 }
 
 #[test]
+fn fill_mask_ties_decoder_to_word_embeddings() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../testdata/bert-tiny-fill-mask");
+    let c = ferry_loader::load(&dir).expect("load");
+    assert_eq!(ferry_tracer::infer_task(&c.config), "fill-mask");
+    let mut o = opts(17);
+    o.task = "fill-mask".into();
+    let g = trace(&c.config, &c.weights, &o).expect("trace");
+    let n = g
+        .initializers
+        .iter()
+        .filter(|i| i.name == "embeddings.word_embeddings.weight")
+        .count();
+    assert_eq!(n, 1, "the tied matrix is stored once");
+    let users = g
+        .nodes
+        .iter()
+        .filter(|n| {
+            n.inputs
+                .iter()
+                .any(|i| i == "embeddings.word_embeddings.weight")
+        })
+        .count();
+    assert_eq!(users, 2, "embedding Gather and decoder Transpose share it");
+}
+
+#[test]
 fn opset_14_decomposes_layer_norm() {
     let c = tiny();
     let g = trace(&c.config, &c.weights, &opts(14)).expect("trace");
@@ -78,10 +104,15 @@ fn opset_14_decomposes_layer_norm() {
 fn task_and_architecture_errors() {
     let c = tiny();
     let mut o = opts(17);
-    o.task = "question-answering".into();
+    o.task = "text-generation".into();
     assert!(matches!(
         trace(&c.config, &c.weights, &o),
         Err(TraceError::UnsupportedTask { .. })
+    ));
+    o.task = "question-answering".into();
+    assert!(matches!(
+        trace(&c.config, &c.weights, &o),
+        Err(TraceError::MissingHeadWeight { .. })
     ));
     let mut cfg = c.config.clone();
     cfg.hidden_act = Some("mish".into());
