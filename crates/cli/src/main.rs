@@ -28,9 +28,12 @@ enum Command {
 
 #[derive(Debug, Args)]
 struct ExportArgs {
+    /// Print the supported architecture × task table and exit.
+    #[arg(long)]
+    list: bool,
     /// Checkpoint directory, or a model id (Hugging Face cache, else downloaded).
-    #[arg(long, short)]
-    model: String,
+    #[arg(long, short, required_unless_present = "list")]
+    model: Option<String>,
     /// Task to export (optimum's names; seed pipeline names such as `sentiment-analysis`
     /// and `ner` accepted). Default: inferred from `config.architectures`.
     #[arg(long)]
@@ -66,7 +69,8 @@ struct ExportArgs {
     #[arg(long, default_value_t = 128)]
     sequence_length: i64,
     /// Output file (`.onnx`, or `.pt` with `--format torchscript`).
-    output: PathBuf,
+    #[arg(required_unless_present = "list")]
+    output: Option<PathBuf>,
 }
 
 /// Output formats of `ferry export`.
@@ -142,6 +146,13 @@ fn human_bytes(n: u64) -> String {
 }
 
 fn export(a: &ExportArgs) -> Result<(), String> {
+    if a.list {
+        print!("{}", ferry_tracer::support_table());
+        return Ok(());
+    }
+    let (Some(model), Some(output)) = (a.model.as_deref(), a.output.as_deref()) else {
+        return Err("--model and OUTPUT are required".into());
+    };
     let start = Instant::now();
     if !(ferry_onnx::MIN_OPSET..=ferry_onnx::MAX_OPSET).contains(&a.opset) {
         return Err(format!(
@@ -151,15 +162,15 @@ fn export(a: &ExportArgs) -> Result<(), String> {
             ferry_onnx::MAX_OPSET
         ));
     }
-    check_output_path(&a.output)?;
+    check_output_path(output)?;
 
     let pb = stage("load");
-    pb.set_message(a.model.clone());
+    pb.set_message(model.to_string());
     let opts = ferry_loader::ResolveOptions {
         revision: a.revision.clone(),
         ..Default::default()
     };
-    let dir = ferry_loader::resolve(&a.model, &opts).map_err(|e| e.to_string())?;
+    let dir = ferry_loader::resolve(model, &opts).map_err(|e| e.to_string())?;
     let ckpt = ferry_loader::load(&dir).map_err(|e| e.to_string())?;
     done(
         pb,
@@ -192,31 +203,31 @@ fn export(a: &ExportArgs) -> Result<(), String> {
     done(pb, format!("{} nodes", graph.nodes.len()));
 
     if a.format == Format::Torchscript {
-        return export_torchscript(a, &ckpt, &graph, &task, start);
+        return export_torchscript(a, output, &ckpt, &graph, &task, start);
     }
 
     let pb = stage("write");
-    pb.set_message(a.output.display().to_string());
+    pb.set_message(output.display().to_string());
     let wopts = ferry_onnx::WriteOptions {
         external_data: if a.external_data {
             ferry_onnx::ExternalData::Always
         } else {
             ferry_onnx::ExternalData::Auto
         },
-        doc_string: format!("exported by ferry from {}", a.model),
+        doc_string: format!("exported by ferry from {model}"),
     };
-    let report = ferry_onnx::write_model(&graph, &a.output, &wopts).map_err(|e| e.to_string())?;
+    let report = ferry_onnx::write_model(&graph, output, &wopts).map_err(|e| e.to_string())?;
     done(pb, human_bytes(report.model_bytes + report.data_bytes));
 
     if a.check {
         let pb = stage("check");
-        let runs = run_check(&a.output, &ckpt.config)?;
+        let runs = run_check(output, &ckpt.config)?;
         done(pb, runs);
     }
 
     let mut files = format!(
         "{} ({})",
-        a.output.display(),
+        output.display(),
         human_bytes(report.model_bytes)
     );
     if let Some(d) = &report.data_path {
@@ -243,6 +254,7 @@ fn export(a: &ExportArgs) -> Result<(), String> {
 
 fn export_torchscript(
     a: &ExportArgs,
+    output: &Path,
     ckpt: &ferry_loader::Checkpoint,
     graph: &ferry_ir::Graph,
     task: &str,
@@ -267,8 +279,8 @@ fn export_torchscript(
     };
     let class = ferry_tracer::model_class_name(&ckpt.config.model_type, task);
     let pb = stage("write");
-    pb.set_message(a.output.display().to_string());
-    let report = ferry_torchscript::export(graph, &class, &shapes, a.torchscript, &a.output)
+    pb.set_message(output.display().to_string());
+    let report = ferry_torchscript::export(graph, &class, &shapes, a.torchscript, output)
         .map_err(|e| e.to_string())?;
     done(pb, human_bytes(report.bytes));
     let shape_note = if a.dynamic_axes {
@@ -283,7 +295,7 @@ fn export_torchscript(
         task,
         graph.parameter_count(),
         report.tensors,
-        a.output.display(),
+        output.display(),
         human_bytes(report.bytes),
         start.elapsed().as_secs_f64(),
     );

@@ -430,3 +430,19 @@ fn torchscript_export_writes_an_archive() {
         "ONNX exports only",
     );
 }
+
+/// `ferry export --list` is generated from the tracer's registry; this snapshot changes
+/// whenever an architecture or task is added (rewrite it with FERRY_UPDATE_SNAPSHOTS=1).
+#[test]
+fn list_matches_snapshot() {
+    let o = run(ferry().args(["export", "--list"]));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let got = String::from_utf8_lossy(&o.stdout).into_owned();
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/snapshots/export-list.txt");
+    if std::env::var_os("FERRY_UPDATE_SNAPSHOTS").is_some() {
+        std::fs::write(&path, &got).expect("write snapshot");
+    }
+    let want = std::fs::read_to_string(&path).expect("snapshot");
+    assert_eq!(got, want, "`ferry export --list` changed; rerun with FERRY_UPDATE_SNAPSHOTS=1");
+    assert!(got.lines().any(|l| l.starts_with("bert ")), "{got}");
+}

@@ -13,15 +13,73 @@ mod layers;
 pub use builder::{T, Tracer};
 use ferry_ir::{ConfigError, Graph, ModelConfig, Weights};
 
-/// Architectures (`model_type`) the tracer can export.
-pub const SUPPORTED_ARCHITECTURES: &[&str] = &["bert"];
+/// Traces one architecture for one (canonical) task.
+type TraceFn = fn(&ModelConfig, &Weights, &TraceOptions, &str) -> Result<Graph, TraceError>;
+
+/// One exportable architecture: the `model_type`s it covers, its tasks and its tracer.
+struct Arch {
+    model_types: &'static [&'static str],
+    tasks: &'static [&'static str],
+    trace: TraceFn,
+}
+
+/// The registry every lookup (dispatch, `--list`, error messages) is generated from.
+const ARCHITECTURES: &[Arch] = &[Arch {
+    model_types: &["bert"],
+    tasks: bert::BERT_TASKS,
+    trace: bert::trace_bert,
+}];
+
+fn arch(model_type: &str) -> Option<&'static Arch> {
+    ARCHITECTURES
+        .iter()
+        .find(|a| a.model_types.contains(&model_type))
+}
+
+/// Architectures (`model_type`) the tracer can export, sorted.
+pub fn supported_architectures() -> Vec<&'static str> {
+    let mut v: Vec<&str> = ARCHITECTURES
+        .iter()
+        .flat_map(|a| a.model_types.iter().copied())
+        .collect();
+    v.sort_unstable();
+    v
+}
 
 /// Tasks the tracer can export for an architecture, by optimum's names.
 pub fn supported_tasks(model_type: &str) -> &'static [&'static str] {
-    match model_type {
-        "bert" => bert::BERT_TASKS,
-        _ => &[],
+    arch(model_type).map(|a| a.tasks).unwrap_or(&[])
+}
+
+/// Every task any architecture supports, in a stable order.
+pub const ALL_TASKS: &[&str] = &[
+    "feature-extraction",
+    "fill-mask",
+    "text-classification",
+    "token-classification",
+    "question-answering",
+    "multiple-choice",
+    "text-generation",
+    "text-generation-with-past",
+];
+
+/// The supported architecture × task table, as `ferry export --list` prints it.
+pub fn support_table() -> String {
+    let mut out = format!("{:<12}", "model_type");
+    for t in ALL_TASKS {
+        out.push_str(&format!(" {t}"));
     }
+    out.push('\n');
+    for m in supported_architectures() {
+        out.push_str(&format!("{m:<12}"));
+        let tasks = supported_tasks(m);
+        for t in ALL_TASKS {
+            let mark = if tasks.contains(t) { "yes" } else { "-" };
+            out.push_str(&format!(" {mark:^w$}", w = t.len()));
+        }
+        out.push('\n');
+    }
+    out
 }
 
 /// The task a checkpoint was saved for, from `config.architectures` (as optimum infers
@@ -76,7 +134,7 @@ impl Default for TraceOptions {
 #[derive(Debug, thiserror::Error)]
 pub enum TraceError {
     /// `model_type` is not one ferry exports.
-    #[error("unknown architecture `{model_type}`; supported: {}", SUPPORTED_ARCHITECTURES.join(", "))]
+    #[error("unknown architecture `{model_type}`; supported: {}", supported_architectures().join(", "))]
     UnknownArchitecture {
         /// The config's `model_type`.
         model_type: String,
@@ -191,10 +249,10 @@ pub fn trace(
             supported: supported.join(", "),
         });
     }
-    let result = match config.model_type.as_str() {
-        "bert" => bert::trace_bert(config, weights, opts, &task),
-        other => Err(TraceError::UnknownArchitecture {
-            model_type: other.to_string(),
+    let result = match arch(&config.model_type) {
+        Some(a) => (a.trace)(config, weights, opts, &task),
+        None => Err(TraceError::UnknownArchitecture {
+            model_type: config.model_type.clone(),
         }),
     };
     // A head weight the checkpoint lacks: say which task needed it.
