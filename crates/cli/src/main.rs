@@ -225,11 +225,7 @@ fn export(a: &ExportArgs) -> Result<(), String> {
         done(pb, runs);
     }
 
-    let mut files = format!(
-        "{} ({})",
-        output.display(),
-        human_bytes(report.model_bytes)
-    );
+    let mut files = format!("{} ({})", output.display(), human_bytes(report.model_bytes));
     if let Some(d) = &report.data_path {
         files.push_str(&format!(
             " + {} ({})",

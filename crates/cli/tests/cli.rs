@@ -443,6 +443,9 @@ fn list_matches_snapshot() {
         std::fs::write(&path, &got).expect("write snapshot");
     }
     let want = std::fs::read_to_string(&path).expect("snapshot");
-    assert_eq!(got, want, "`ferry export --list` changed; rerun with FERRY_UPDATE_SNAPSHOTS=1");
+    assert_eq!(
+        got, want,
+        "`ferry export --list` changed; rerun with FERRY_UPDATE_SNAPSHOTS=1"
+    );
     assert!(got.lines().any(|l| l.starts_with("bert ")), "{got}");
 }

@@ -218,6 +218,72 @@ pub(crate) fn additive_mask(t: &mut Tracer, mask: &T) -> Result<T, TraceError> {
     t.mul(&inv, &min)
 }
 
+/// Names and sizes of a multi-head self-attention's projections.
+#[derive(Debug, Clone)]
+pub(crate) struct AttentionSpec<'n> {
+    /// Module names (relative to the current scope) of the query, key and value
+    /// `nn.Linear`s: `query`/`key`/`value` in BERT, `q_lin`/`k_lin`/`v_lin` in DistilBERT.
+    pub q: &'n str,
+    /// Key projection name.
+    pub k: &'n str,
+    /// Value projection name.
+    pub v: &'n str,
+    /// Model width (`hidden_size`).
+    pub hidden: i64,
+    /// Number of heads.
+    pub heads: i64,
+}
+
+/// The multi-head attention core shared by the encoders: project q/k/v with the three
+/// linears named in `spec`, split heads, `softmax(q kᵀ · head_dim^-0.5 + bias + mask)`,
+/// weight v, merge heads. `mask` is an additive `[batch, 1, 1, seq]` mask (see
+/// [`additive_mask`]); `bias` an optional additive score bias (MPNet's relative position
+/// bias, `[batch|1, heads, seq, seq]`). Returns the `[batch, seq, hidden]` context before
+/// the output projection.
+pub(crate) fn multi_head_attention(
+    t: &mut Tracer,
+    w: &WeightSource<'_>,
+    x: &T,
+    mask: &T,
+    bias: Option<&T>,
+    spec: &AttentionSpec<'_>,
+) -> Result<T, TraceError> {
+    let (hidden, heads) = (spec.hidden, spec.heads);
+    let head_dim = hidden / heads;
+    let q = linear(t, w, spec.q, x, hidden, hidden)?;
+    let k = linear(t, w, spec.k, x, hidden, hidden)?;
+    let v = linear(t, w, spec.v, x, hidden, hidden)?;
+    let q = t.reshape(&q, &[0, 0, heads, head_dim])?;
+    let q = t.transpose(&q, &[0, 2, 1, 3])?;
+    let k = t.reshape(&k, &[0, 0, heads, head_dim])?;
+    let k = t.transpose(&k, &[0, 2, 3, 1])?;
+    let v = t.reshape(&v, &[0, 0, heads, head_dim])?;
+    let v = t.transpose(&v, &[0, 2, 1, 3])?;
+    let scores = t.matmul(&q, &k)?;
+    let scale = t.scalar_f32((head_dim as f64).powf(-0.5) as f32);
+    let mut scores = t.mul(&scores, &scale)?;
+    if let Some(b) = bias {
+        scores = t.add(&scores, b)?;
+    }
+    let scores = t.add(&scores, mask)?;
+    let probs = t.softmax_last(&scores);
+    let ctx = t.matmul(&probs, &v)?;
+    let ctx = t.transpose(&ctx, &[0, 2, 1, 3])?;
+    t.reshape(&ctx, &[0, 0, hidden])
+}
+
+/// Runs `f` inside scope `name`, leaving the scope whatever `f` returns.
+pub(crate) fn scoped<R>(
+    t: &mut Tracer,
+    name: &str,
+    f: impl FnOnce(&mut Tracer) -> Result<R, TraceError>,
+) -> Result<R, TraceError> {
+    t.push(name);
+    let r = f(t);
+    t.pop();
+    r
+}
+
 /// BERT-style post-LayerNorm self-attention block (`attention.self` + `attention.output`).
 pub(crate) fn bert_attention(
     t: &mut Tracer,
@@ -226,42 +292,23 @@ pub(crate) fn bert_attention(
     mask: &T,
     d: &EncoderDims,
 ) -> Result<T, TraceError> {
-    let head_dim = d.hidden / d.heads;
-    t.push("attention");
-    let r = (|| {
-        t.push("self");
-        let ctx = (|| {
-            let q = linear(t, w, "query", x, d.hidden, d.hidden)?;
-            let k = linear(t, w, "key", x, d.hidden, d.hidden)?;
-            let v = linear(t, w, "value", x, d.hidden, d.hidden)?;
-            let q = t.reshape(&q, &[0, 0, d.heads, head_dim])?;
-            let q = t.transpose(&q, &[0, 2, 1, 3])?;
-            let k = t.reshape(&k, &[0, 0, d.heads, head_dim])?;
-            let k = t.transpose(&k, &[0, 2, 3, 1])?;
-            let v = t.reshape(&v, &[0, 0, d.heads, head_dim])?;
-            let v = t.transpose(&v, &[0, 2, 1, 3])?;
-            let scores = t.matmul(&q, &k)?;
-            let scale = t.scalar_f32((head_dim as f64).powf(-0.5) as f32);
-            let scores = t.mul(&scores, &scale)?;
-            let scores = t.add(&scores, mask)?;
-            let probs = t.softmax_last(&scores);
-            let ctx = t.matmul(&probs, &v)?;
-            let ctx = t.transpose(&ctx, &[0, 2, 1, 3])?;
-            t.reshape(&ctx, &[0, 0, d.hidden])
-        })();
-        t.pop();
-        let ctx = ctx?;
-        t.push("output");
-        let out = (|| {
+    let spec = AttentionSpec {
+        q: "query",
+        k: "key",
+        v: "value",
+        hidden: d.hidden,
+        heads: d.heads,
+    };
+    scoped(t, "attention", |t| {
+        let ctx = scoped(t, "self", |t| {
+            multi_head_attention(t, w, x, mask, None, &spec)
+        })?;
+        scoped(t, "output", |t| {
             let o = linear(t, w, "dense", &ctx, d.hidden, d.hidden)?;
             let s = t.add(&o, x)?;
             layer_norm(t, w, "LayerNorm", &s, d.hidden, d.eps)
-        })();
-        t.pop();
-        out
-    })();
-    t.pop();
-    r
+        })
+    })
 }
 
 /// BERT-style feed-forward block (`intermediate` + `output`).
