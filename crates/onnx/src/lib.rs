@@ -11,7 +11,7 @@ pub mod proto;
 mod read;
 mod write;
 
-pub use read::{ReadError, read_model_proto};
+pub use read::{ReadError, read_metadata, read_model_proto};
 pub use write::{
     ExternalData, OnnxError, WriteOptions, WriteReport, ir_version_for_opset, write_model,
 };

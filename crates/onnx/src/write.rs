@@ -39,6 +39,8 @@ pub struct WriteOptions {
     pub external_data: ExternalData,
     /// `doc_string` of the model (e.g. where it was exported from).
     pub doc_string: String,
+    /// `metadata_props` of the model: key/value pairs, in order (e.g. the task, labels).
+    pub metadata: Vec<(String, String)>,
 }
 
 /// What [`write_model`] produced.
@@ -214,6 +216,7 @@ pub fn write_model(
         producer_name: "ferry".into(),
         producer_version: env!("CARGO_PKG_VERSION").into(),
         doc_string: opts.doc_string.clone(),
+        metadata_props: opts.metadata.iter().map(|(k, v)| entry(k, v)).collect(),
         ..Default::default()
     }
     .encode_to_vec();

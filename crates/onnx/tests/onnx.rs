@@ -146,3 +146,89 @@ fn failures_leave_no_file() {
         "nothing left behind"
     );
 }
+
+/// burn interop: every plain export of every golden checkpoint parses in burn's `onnx-ir`
+/// (`OnnxGraphBuilder`), which refuses graphs with operators it does not support.
+#[test]
+fn every_golden_export_parses_in_burn_onnx_ir() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../testdata");
+    let mut cases: Vec<std::path::PathBuf> = std::fs::read_dir(&root)
+        .expect("testdata")
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.join("config.json").is_file() && p.join("case.json").is_file())
+        .collect();
+    cases.sort();
+    assert!(!cases.is_empty());
+    let dir = tempfile::tempdir().expect("tempdir");
+    for case in cases {
+        let meta: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(case.join("case.json")).expect("case"))
+                .expect("json");
+        let task = meta["task"]
+            .as_str()
+            .unwrap_or("feature-extraction")
+            .to_string();
+        let ck = ferry_loader::load(&case).expect("load");
+        for opset in [14, 17] {
+            let opts = ferry_tracer::TraceOptions {
+                task: task.clone(),
+                opset,
+                ..Default::default()
+            };
+            let g = ferry_tracer::trace(&ck.config, &ck.weights, &opts).expect("trace");
+            let out = dir.path().join(format!("m{opset}.onnx"));
+            write_model(&g, &out, &WriteOptions::default()).expect("write");
+            let parsed = onnx_ir::OnnxGraphBuilder::new().parse_file(&out);
+            assert!(
+                parsed.is_ok(),
+                "{} ({task}, opset {opset}) does not parse in burn onnx-ir: {:?}",
+                case.display(),
+                parsed.err()
+            );
+        }
+    }
+}
+
+/// `WriteOptions::metadata` lands in `ModelProto.metadata_props`, in order, and
+/// `read_metadata` finds it without decoding the graph, inline or with external data.
+#[test]
+fn metadata_props_round_trip() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let weight: Vec<f32> = (0..2000).map(|i| i as f32).collect();
+    let metadata = vec![
+        ("ferry.task".to_string(), "fill-mask".to_string()),
+        (
+            "ferry.id2label".to_string(),
+            r#"{"0":"négatif"}"#.to_string(),
+        ),
+    ];
+    for external in [ExternalData::Auto, ExternalData::Always] {
+        let out = dir.path().join("meta.onnx");
+        let opts = WriteOptions {
+            external_data: external,
+            metadata: metadata.clone(),
+            ..Default::default()
+        };
+        write_model(&graph(17, weight.clone()), &out, &opts).expect("write");
+        let m = read_model_proto(&out).expect("decode");
+        let props: Vec<(String, String)> = m
+            .metadata_props
+            .iter()
+            .map(|e| (e.key.clone(), e.value.clone()))
+            .collect();
+        assert_eq!(props, metadata);
+        assert_eq!(m.graph.expect("graph").node[0].op_type, "Add");
+        assert_eq!(ferry_onnx::read_metadata(&out).expect("metadata"), metadata);
+    }
+    let plain = dir.path().join("plain.onnx");
+    write_model(&graph(17, vec![1.0]), &plain, &WriteOptions::default()).expect("write");
+    assert!(
+        ferry_onnx::read_metadata(&plain)
+            .expect("metadata")
+            .is_empty()
+    );
+    let junk = dir.path().join("junk.onnx");
+    std::fs::write(&junk, [0xffu8; 16]).expect("write");
+    assert!(ferry_onnx::read_metadata(&junk).is_err());
+}

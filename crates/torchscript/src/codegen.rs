@@ -49,6 +49,8 @@ enum Val {
     Ints(Vec<i64>),
     /// A run-time int list expression (`torch.size(x)` or a slice of one).
     IntList(String),
+    /// A run-time int scalar expression (one element of an [`Val::IntList`]).
+    IntExpr(String),
 }
 
 struct Gen<'a> {
@@ -258,6 +260,23 @@ impl<'a> Gen<'a> {
             let e = format!("torch.linear({x}, self.{w}, self.{bias})");
             return Ok(Val::Tensor(self.emit(e)));
         }
+        // Arithmetic on run-time int scalars (sizes) stays int arithmetic.
+        let int_scalar = |v: &Val| match v {
+            Val::I(i) => Some(i.to_string()),
+            Val::IntExpr(e) => Some(e.clone()),
+            _ => None,
+        };
+        if let (Some(x), Some(y)) = (int_scalar(&a), int_scalar(&b))
+            && matches!((&a, &b), (Val::IntExpr(_), _) | (_, Val::IntExpr(_)))
+        {
+            let sym = match op {
+                "Add" => "+",
+                "Sub" => "-",
+                "Mul" => "*",
+                _ => return Err(TsError::Unsupported(format!("{}: int {op}", node.name))),
+            };
+            return Ok(Val::IntExpr(self.emit(format!("{x} {sym} {y}"))));
+        }
         let scalar = |v: &Val| match v {
             Val::F(f) => Some(fmt_f(*f)),
             Val::I(i) => Some(i.to_string()),
@@ -360,6 +379,24 @@ impl<'a> Gen<'a> {
                     format!("torch.addmm({c}, {a}, {b})")
                 };
                 Val::Tensor(self.emit(e))
+            }
+            // One element of a shape (a sequence length feeding `Range`).
+            "Gather"
+                if matches!(ins[0], Val::Ints(_) | Val::IntList(_))
+                    && matches!(ins[1], Val::I(_)) =>
+            {
+                if Self::int_attr(node, "axis").unwrap_or(0) != 0 {
+                    return Err(unsupported());
+                }
+                match (&ins[0], &ins[1]) {
+                    (Val::Ints(v), Val::I(i)) => {
+                        let i = if *i < 0 { *i + v.len() as i64 } else { *i };
+                        let e = usize::try_from(i).ok().and_then(|i| v.get(i));
+                        Val::I(*e.ok_or_else(unsupported)?)
+                    }
+                    (Val::IntList(l), Val::I(i)) => Val::IntExpr(self.emit(format!("{l}[{i}]"))),
+                    _ => return Err(unsupported()),
+                }
             }
             "Gather" => {
                 let axis = Self::int_attr(node, "axis").unwrap_or(0);
@@ -490,6 +527,171 @@ impl<'a> Gen<'a> {
                 }
             }
             "Slice" => self.slice(node, &ins)?,
+            "Range" => {
+                let arg = |v: &Val| match v {
+                    Val::I(i) => Some(i.to_string()),
+                    Val::F(f) => Some(fmt_f(*f)),
+                    Val::IntExpr(e) => Some(e.clone()),
+                    _ => None,
+                };
+                let args: Option<Vec<String>> = ins.iter().map(arg).collect();
+                match args.as_deref() {
+                    Some([start, limit, delta]) => {
+                        Val::Tensor(self.emit(format!("torch.arange({start}, {limit}, {delta})")))
+                    }
+                    _ => return Err(unsupported()),
+                }
+            }
+            "Abs" | "Log" => {
+                let x = self.tensor(&ins[0], node)?;
+                let f = if op == "Abs" {
+                    "torch.abs"
+                } else {
+                    "torch.log"
+                };
+                Val::Tensor(self.emit(format!("{f}({x})")))
+            }
+            "Less" | "Greater" => {
+                let f = if op == "Less" { "torch.lt" } else { "torch.gt" };
+                let x = self.tensor(&ins[0], node)?;
+                let y = match &ins[1] {
+                    Val::I(i) => i.to_string(),
+                    Val::F(v) => fmt_f(*v),
+                    v => {
+                        let v = v.clone();
+                        self.tensor(&v, node)?
+                    }
+                };
+                Val::Tensor(self.emit(format!("{f}({x}, {y})")))
+            }
+            // Two-input Min / Max; a constant bound becomes clamp_max / clamp_min.
+            "Min" | "Max" if ins.len() == 2 => {
+                let (tensor_fn, clamp_fn) = if op == "Min" {
+                    ("torch.minimum", "torch.clamp_max")
+                } else {
+                    ("torch.maximum", "torch.clamp_min")
+                };
+                let scalar = |v: &Val| match v {
+                    Val::I(i) => Some(i.to_string()),
+                    Val::F(f) => Some(fmt_f(*f)),
+                    _ => None,
+                };
+                let e = match (scalar(&ins[0]), scalar(&ins[1])) {
+                    (None, Some(s)) => format!("{clamp_fn}({}, {s})", self.tensor(&ins[0], node)?),
+                    (Some(s), None) => format!("{clamp_fn}({}, {s})", self.tensor(&ins[1], node)?),
+                    (None, None) => {
+                        let (a, b) = (self.tensor(&ins[0], node)?, self.tensor(&ins[1], node)?);
+                        format!("{tensor_fn}({a}, {b})")
+                    }
+                    (Some(_), Some(_)) => return Err(unsupported()),
+                };
+                Val::Tensor(self.emit(e))
+            }
+            "Where" => {
+                let c = self.tensor(&ins[0], node)?;
+                let mut branch = |v: &Val| -> Result<String, TsError> {
+                    match v {
+                        Val::I(i) => Ok(i.to_string()),
+                        Val::F(f) => Ok(fmt_f(*f)),
+                        v => self.tensor(v, node),
+                    }
+                };
+                let x = branch(&ins[1])?;
+                let y = branch(&ins[2])?;
+                Val::Tensor(self.emit(format!("torch.where({c}, {x}, {y})")))
+            }
+            // RoBERTa's position ids: cumsum(ids != pad) over the sequence axis.
+            "Equal" | "Not" | "CumSum" => {
+                let x = self.tensor(&ins[0], node)?;
+                let e = match (op, ins.get(1)) {
+                    ("Equal", Some(Val::I(s))) => format!("torch.eq({x}, {s})"),
+                    ("Equal", Some(v)) => {
+                        let v = v.clone();
+                        format!("torch.eq({x}, {})", self.tensor(&v, node)?)
+                    }
+                    ("Not", None) => format!("torch.logical_not({x})"),
+                    ("CumSum", Some(Val::I(a))) => {
+                        if Self::int_attr(node, "exclusive").unwrap_or(0) != 0
+                            || Self::int_attr(node, "reverse").unwrap_or(0) != 0
+                        {
+                            return Err(unsupported());
+                        }
+                        format!("torch.cumsum({x}, {a})")
+                    }
+                    _ => return Err(unsupported()),
+                };
+                Val::Tensor(self.emit(e))
+            }
+            // GPT-2's causal mask and last-token pooling.
+            "And" => {
+                let (a, b) = (self.tensor(&ins[0], node)?, self.tensor(&ins[1], node)?);
+                Val::Tensor(self.emit(format!("torch.logical_and({a}, {b})")))
+            }
+            "ArgMax" => {
+                let axis = Self::int_attr(node, "axis").unwrap_or(0);
+                let keep = Self::int_attr(node, "keepdims").unwrap_or(1) != 0;
+                if Self::int_attr(node, "select_last_index").unwrap_or(0) != 0 {
+                    return Err(unsupported());
+                }
+                let x = self.tensor(&ins[0], node)?;
+                let keep = if keep { "True" } else { "False" };
+                Val::Tensor(self.emit(format!("torch.argmax({x}, {axis}, {keep})")))
+            }
+            "GatherElements" => {
+                let axis = Self::int_attr(node, "axis").unwrap_or(0);
+                let (x, i) = (self.tensor(&ins[0], node)?, self.tensor(&ins[1], node)?);
+                Val::Tensor(self.emit(format!("torch.gather({x}, {axis}, {i})")))
+            }
+            "Expand" => {
+                let size = match &ins[1] {
+                    Val::Ints(v) => fmt_ints(v),
+                    Val::IntList(l) => l.clone(),
+                    _ => return Err(unsupported()),
+                };
+                let e = match &ins[0] {
+                    Val::I(i) => format!("torch.full({size}, {i})"),
+                    Val::IntExpr(i) => format!("torch.full({size}, {i})"),
+                    v => {
+                        let v = v.clone();
+                        format!("torch.expand({}, {size})", self.tensor(&v, node)?)
+                    }
+                };
+                Val::Tensor(self.emit(e))
+            }
+            "Concat" => {
+                let axis = Self::int_attr(node, "axis").unwrap_or(0);
+                let lists = ins
+                    .iter()
+                    .all(|v| matches!(v, Val::Ints(_) | Val::IntList(_)));
+                if lists && axis == 0 {
+                    if let Some(all) = ins
+                        .iter()
+                        .map(|v| match v {
+                            Val::Ints(v) => Some(v.clone()),
+                            _ => None,
+                        })
+                        .collect::<Option<Vec<_>>>()
+                    {
+                        Val::Ints(all.concat())
+                    } else {
+                        let parts: Vec<String> = ins
+                            .iter()
+                            .map(|v| match v {
+                                Val::Ints(v) => fmt_ints(v),
+                                Val::IntList(l) => l.clone(),
+                                _ => String::new(),
+                            })
+                            .collect();
+                        Val::IntList(self.emit(parts.join(" + ")))
+                    }
+                } else {
+                    let mut parts = Vec::with_capacity(ins.len());
+                    for v in &ins {
+                        parts.push(self.tensor(v, node)?);
+                    }
+                    Val::Tensor(self.emit(format!("torch.cat([{}], {axis})", parts.join(", "))))
+                }
+            }
             _ => return Err(unsupported()),
         };
         if let Some(o) = node.outputs.first() {

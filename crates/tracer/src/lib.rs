@@ -6,9 +6,15 @@
 //! activations, self-attention) live in `layers` and are configured per architecture.
 //! Weights are referenced, never copied: initializers borrow the loader's tensor bytes.
 
+mod albert;
 mod bert;
 mod builder;
+mod distilbert;
+mod electra;
+mod gpt2;
 mod layers;
+mod mpnet;
+mod roberta;
 
 pub use builder::{T, Tracer};
 use ferry_ir::{ConfigError, Graph, ModelConfig, Weights};
@@ -24,11 +30,43 @@ struct Arch {
 }
 
 /// The registry every lookup (dispatch, `--list`, error messages) is generated from.
-const ARCHITECTURES: &[Arch] = &[Arch {
-    model_types: &["bert"],
-    tasks: bert::BERT_TASKS,
-    trace: bert::trace_bert,
-}];
+const ARCHITECTURES: &[Arch] = &[
+    Arch {
+        model_types: &["albert"],
+        tasks: albert::ALBERT_TASKS,
+        trace: albert::trace_albert,
+    },
+    Arch {
+        model_types: &["mpnet"],
+        tasks: mpnet::MPNET_TASKS,
+        trace: mpnet::trace_mpnet,
+    },
+    Arch {
+        model_types: &["gpt2"],
+        tasks: gpt2::GPT2_TASKS,
+        trace: gpt2::trace_gpt2,
+    },
+    Arch {
+        model_types: &["bert"],
+        tasks: bert::BERT_TASKS,
+        trace: bert::trace_bert,
+    },
+    Arch {
+        model_types: &["distilbert"],
+        tasks: distilbert::DISTILBERT_TASKS,
+        trace: distilbert::trace_distilbert,
+    },
+    Arch {
+        model_types: &["roberta", "xlm-roberta", "camembert"],
+        tasks: roberta::ROBERTA_TASKS,
+        trace: roberta::trace_roberta,
+    },
+    Arch {
+        model_types: &["electra"],
+        tasks: electra::ELECTRA_TASKS,
+        trace: electra::trace_electra,
+    },
+];
 
 fn arch(model_type: &str) -> Option<&'static Arch> {
     ARCHITECTURES
@@ -200,21 +238,33 @@ pub enum TraceError {
 
 /// The transformers class a (model type, task) pair corresponds to (`BertModel`).
 pub fn model_class_name(model_type: &str, task: &str) -> String {
-    let base: String = model_type
-        .split(['-', '_'])
-        .map(|p| {
-            let mut c = p.chars();
-            c.next()
-                .map(|f| f.to_ascii_uppercase().to_string() + c.as_str())
-                .unwrap_or_default()
-        })
-        .collect();
+    let base: String = match model_type {
+        "bert" => "Bert".into(),
+        "distilbert" => "DistilBert".into(),
+        "roberta" => "Roberta".into(),
+        "xlm-roberta" => "XLMRoberta".into(),
+        "camembert" => "Camembert".into(),
+        "albert" => "Albert".into(),
+        "electra" => "Electra".into(),
+        "mpnet" => "MPNet".into(),
+        "gpt2" => "GPT2".into(),
+        other => other
+            .split(['-', '_'])
+            .map(|p| {
+                let mut c = p.chars();
+                c.next()
+                    .map(|f| f.to_ascii_uppercase().to_string() + c.as_str())
+                    .unwrap_or_default()
+            })
+            .collect(),
+    };
     let suffix = match canonical_task(task).as_str() {
         "text-classification" => "ForSequenceClassification",
         "token-classification" => "ForTokenClassification",
         "question-answering" => "ForQuestionAnswering",
         "fill-mask" => "ForMaskedLM",
         "multiple-choice" => "ForMultipleChoice",
+        "text-generation" | "text-generation-with-past" if model_type == "gpt2" => "LMHeadModel",
         "text-generation" | "text-generation-with-past" => "ForCausalLM",
         _ => "Model",
     };

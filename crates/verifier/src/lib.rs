@@ -125,7 +125,48 @@ pub struct F32Tensor {
     pub data: Vec<f32>,
 }
 
+/// A model input of either element type ferry's exports take.
+#[derive(Debug, Clone)]
+pub enum Input {
+    /// Token ids, masks, positions.
+    I64(I64Tensor),
+    /// Floats (e.g. a key/value cache).
+    F32(F32Tensor),
+}
+
 impl Model {
+    /// Runs the model on inputs of mixed element types, returning every float output.
+    pub fn run_inputs(
+        &mut self,
+        inputs: &BTreeMap<String, Input>,
+    ) -> Result<BTreeMap<String, F32Tensor>, VerifyError> {
+        let mut feed: Vec<(String, SessionInputValue<'_>)> = Vec::new();
+        for (name, t) in inputs {
+            let v = match t {
+                Input::I64(t) => {
+                    SessionInputValue::from(Tensor::from_array((t.shape.clone(), t.data.clone()))?)
+                }
+                Input::F32(t) => {
+                    SessionInputValue::from(Tensor::from_array((t.shape.clone(), t.data.clone()))?)
+                }
+            };
+            feed.push((name.clone(), v));
+        }
+        let outs = self.session.run(feed)?;
+        let mut result = BTreeMap::new();
+        for (name, value) in outs.iter() {
+            let (shape, data) = value.try_extract_tensor::<f32>()?;
+            result.insert(
+                name.to_string(),
+                F32Tensor {
+                    shape: shape.to_vec(),
+                    data: data.to_vec(),
+                },
+            );
+        }
+        Ok(result)
+    }
+
     /// Loads `path` with basic graph optimizations (as optimum validates) on `threads`
     /// intra-op threads.
     pub fn load(path: &Path, threads: usize) -> Result<Self, VerifyError> {
@@ -335,8 +376,28 @@ fn splitmix(state: &mut u64) -> u64 {
     z ^ (z >> 31)
 }
 
-/// Dummy inputs for every int64 input of `model` at one sequence length.
-pub fn dummy_inputs(model: &Model, spec: &DummySpec, seq: i64) -> BTreeMap<String, I64Tensor> {
+/// Cache length used for `past_sequence_length` in dummy runs.
+const DUMMY_PAST: i64 = 2;
+/// Number of choices used for `num_choices` in dummy runs.
+const DUMMY_CHOICES: i64 = 2;
+
+/// The size a named symbolic dim takes in a dummy run.
+fn dummy_dim(symbol: &str, axis: usize, spec: &DummySpec, seq: i64) -> Option<i64> {
+    match symbol {
+        "batch_size" => Some(spec.batch),
+        "sequence_length" => Some(seq),
+        "past_sequence_length" => Some(DUMMY_PAST),
+        "past_sequence_length + sequence_length" => Some(DUMMY_PAST + seq),
+        "num_choices" => Some(DUMMY_CHOICES),
+        "" if axis == 0 => Some(spec.batch),
+        _ => None,
+    }
+}
+
+/// Dummy inputs for every input of `model` at one sequence length: token ids below the
+/// vocabulary, right-padded attention masks, positions counting from the cache length,
+/// small random floats for cache inputs.
+pub fn dummy_inputs(model: &Model, spec: &DummySpec, seq: i64) -> BTreeMap<String, Input> {
     let mut state = 0x5eed ^ seq as u64;
     let mut inputs = BTreeMap::new();
     for info in model.inputs() {
@@ -346,12 +407,33 @@ pub fn dummy_inputs(model: &Model, spec: &DummySpec, seq: i64) -> BTreeMap<Strin
             .enumerate()
             .map(|(i, d)| match d {
                 Ok(n) => *n,
-                Err(_) if i == 0 => spec.batch,
-                Err(_) => seq,
+                Err(sym) => dummy_dim(sym, i, spec, seq).unwrap_or(seq),
             })
             .collect();
         let n: i64 = shape.iter().product();
         let cols = shape.last().copied().unwrap_or(1).max(1);
+        if info.elem.contains("Float") || info.elem.contains("f32") {
+            let data = (0..n)
+                .map(|_| (splitmix(&mut state) % 2000) as f32 / 1000.0 - 1.0)
+                .collect();
+            inputs.insert(info.name.clone(), Input::F32(F32Tensor { shape, data }));
+            continue;
+        }
+        let past = if info
+            .dims
+            .iter()
+            .any(|d| matches!(d, Err(s) if s.starts_with("past_sequence_length +")))
+        {
+            0
+        } else if model
+            .inputs()
+            .iter()
+            .any(|i| i.name.starts_with("past_key_values."))
+        {
+            DUMMY_PAST
+        } else {
+            0
+        };
         let data = (0..n)
             .map(|i| {
                 let (row, col) = (i / cols, i % cols);
@@ -361,11 +443,12 @@ pub fn dummy_inputs(model: &Model, spec: &DummySpec, seq: i64) -> BTreeMap<Strin
                     "token_type_ids" => {
                         (splitmix(&mut state) % spec.type_vocab_size.max(1) as u64) as i64
                     }
+                    "position_ids" => past + col,
                     _ => (splitmix(&mut state) % spec.vocab_size.max(1) as u64) as i64,
                 }
             })
             .collect();
-        inputs.insert(info.name.clone(), I64Tensor { shape, data });
+        inputs.insert(info.name.clone(), Input::I64(I64Tensor { shape, data }));
     }
     inputs
 }
@@ -378,7 +461,7 @@ pub fn check_dummy(model: &mut Model, spec: &DummySpec) -> Result<Vec<DummyRun>,
     let mut runs = Vec::new();
     for &seq in &spec.sequence_lengths {
         let inputs = dummy_inputs(model, spec, seq);
-        let outs = model.run(&inputs)?;
+        let outs = model.run_inputs(&inputs)?;
         let mut shapes = BTreeMap::new();
         for d in &declared {
             let Some(o) = outs.get(&d.name) else {
@@ -395,9 +478,7 @@ pub fn check_dummy(model: &mut Model, spec: &DummySpec) -> Result<Vec<DummyRun>,
             for (i, (got, want)) in o.shape.iter().zip(&d.dims).enumerate() {
                 let expected = match want {
                     Ok(n) => Some(*n),
-                    Err(s) if s == "batch_size" || (s.is_empty() && i == 0) => Some(spec.batch),
-                    Err(s) if s == "sequence_length" => Some(seq),
-                    Err(_) => None,
+                    Err(s) => dummy_dim(s, i, spec, seq),
                 };
                 if let Some(e) = expected
                     && e != *got

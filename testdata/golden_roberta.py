@@ -1,0 +1,93 @@
+"""RoBERTa-family golden cases: RoBERTa per task, plus XLM-RoBERTa and CamemBERT.
+
+Run by make_golden.py (`--only golden_roberta`). RoBERTa has no token_type_ids input in
+optimum's export, so the saved inputs are input_ids and attention_mask only. Position ids
+come from input_ids (padding tokens keep `pad_token_id`, the others count up from
+`pad_token_id + 1`), so padded positions hold the config's pad_token_id, not 0; one case
+uses a pad id other than the default 1.
+"""
+
+import os
+
+import torch
+from transformers import (
+    CamembertConfig,
+    CamembertForMaskedLM,
+    RobertaConfig,
+    RobertaForMaskedLM,
+    RobertaForMultipleChoice,
+    RobertaForQuestionAnswering,
+    RobertaForSequenceClassification,
+    RobertaForTokenClassification,
+    RobertaModel,
+    XLMRobertaConfig,
+    XLMRobertaModel,
+)
+
+CASES = [
+    # (case, config class, model class, output names, config overrides)
+    ("roberta-tiny-feature-extraction", RobertaConfig, RobertaModel,
+     ["last_hidden_state", "pooler_output"],
+     dict(hidden_act="gelu", hidden_size=32, num_attention_heads=4, intermediate_size=37,
+          vocab_size=99, layer_norm_eps=1e-7)),
+    ("roberta-tiny-fill-mask", RobertaConfig, RobertaForMaskedLM, ["logits"],
+     dict(hidden_act="relu", hidden_size=24, num_attention_heads=3, intermediate_size=41,
+          vocab_size=80, layer_norm_eps=1e-6)),
+    ("roberta-tiny-text-classification", RobertaConfig, RobertaForSequenceClassification,
+     ["logits"],
+     dict(hidden_act="gelu_new", hidden_size=20, num_attention_heads=5, intermediate_size=30,
+          vocab_size=64, num_labels=3,
+          id2label={0: "negative", 1: "neutral", 2: "positive"},
+          label2id={"negative": 0, "neutral": 1, "positive": 2})),
+    ("roberta-tiny-token-classification", RobertaConfig, RobertaForTokenClassification,
+     ["logits"],
+     dict(hidden_act="relu", hidden_size=16, num_attention_heads=2, intermediate_size=28,
+          vocab_size=70, num_labels=5, pad_token_id=3)),
+    ("roberta-tiny-question-answering", RobertaConfig, RobertaForQuestionAnswering,
+     ["start_logits", "end_logits"],
+     dict(hidden_act="gelu", hidden_size=24, num_attention_heads=4, intermediate_size=33,
+          vocab_size=90, layer_norm_eps=1e-5)),
+    ("roberta-tiny-multiple-choice", RobertaConfig, RobertaForMultipleChoice, ["logits"],
+     dict(hidden_act="gelu", hidden_size=16, num_attention_heads=4, intermediate_size=24,
+          vocab_size=64)),
+    ("xlm-roberta-tiny-feature-extraction", XLMRobertaConfig, XLMRobertaModel,
+     ["last_hidden_state", "pooler_output"],
+     dict(hidden_act="gelu", hidden_size=24, num_attention_heads=2, intermediate_size=30,
+          vocab_size=77, layer_norm_eps=1e-5)),
+    ("camembert-tiny-fill-mask", CamembertConfig, CamembertForMaskedLM, ["logits"],
+     dict(hidden_act="gelu_new", hidden_size=16, num_attention_heads=4, intermediate_size=26,
+          vocab_size=72)),
+]
+
+
+def make(root, g):
+    for seed, (case, cfg_cls, cls, names, extra) in enumerate(CASES, start=90):
+        cfg = cfg_cls(num_hidden_layers=2, initializer_range=0.2, max_position_embeddings=40,
+                      type_vocab_size=1, **extra)
+        torch.manual_seed(seed)
+        model = cls(cfg).eval()
+        d = os.path.join(root, case)
+        g.fresh(d)
+        model.save_pretrained(d)
+        gen = torch.Generator().manual_seed(seed + 100)
+        pad = cfg.pad_token_id
+        if case.endswith("multiple-choice"):
+            flat = g.padded_inputs(gen, cfg.vocab_size, 1, batch=6, seq=9,
+                                   lengths=(9, 7, 4, 9, 2, 5))
+            shape = (2, 3, 9)
+        else:
+            flat = g.padded_inputs(gen, cfg.vocab_size, 1)
+            shape = flat["input_ids"].shape
+        mask = flat["attention_mask"]
+        ids = torch.where(mask.bool(), flat["input_ids"], torch.full_like(mask, pad))
+        # Avoid the pad id inside the sequences (a real tokenizer never emits it there).
+        ids = torch.where(mask.bool() & (ids == pad), torch.full_like(ids, pad + 1), ids)
+        inputs = {"input_ids": ids.view(shape), "attention_mask": mask.view(shape)}
+        with torch.no_grad():
+            out = model(**inputs, return_dict=False)
+        outputs = {n: out[i] for i, n in enumerate(names)}
+        g.save_golden(d, inputs, outputs, {
+            "description": f"{cls.__name__}, {extra['hidden_act']}, pad_token_id {pad}, "
+                           "safetensors",
+            "weights": "model.safetensors",
+        }, task=case.split("-tiny-", 1)[1])
