@@ -10,6 +10,7 @@ uses a pad id other than the default 1.
 import os
 
 import torch
+import transformers
 from transformers import (
     CamembertConfig,
     CamembertForMaskedLM,
@@ -58,6 +59,31 @@ CASES = [
      dict(hidden_act="gelu_new", hidden_size=16, num_attention_heads=4, intermediate_size=26,
           vocab_size=72)),
 ]
+
+
+# XLM-RoBERTa and CamemBERT share RoBERTa's code in transformers; give each sibling its own
+# case for every task too (smaller still, with configs unlike the RoBERTa ones).
+_SIBLING_TASKS = [
+    ("feature-extraction", "Model", ["last_hidden_state", "pooler_output"]),
+    ("fill-mask", "ForMaskedLM", ["logits"]),
+    ("text-classification", "ForSequenceClassification", ["logits"]),
+    ("token-classification", "ForTokenClassification", ["logits"]),
+    ("question-answering", "ForQuestionAnswering", ["start_logits", "end_logits"]),
+    ("multiple-choice", "ForMultipleChoice", ["logits"]),
+]
+for _prefix, _cls_prefix, _acts in (("xlm-roberta", "XLMRoberta", ("gelu", "relu")),
+                                   ("camembert", "Camembert", ("gelu_new", "gelu"))):
+    for _i, (_task, _suffix, _names) in enumerate(_SIBLING_TASKS):
+        _case = f"{_prefix}-tiny-{_task}"
+        if any(c[0] == _case for c in CASES):
+            continue
+        CASES.append((
+            _case, getattr(transformers, f"{_cls_prefix}Config"),
+            getattr(transformers, f"{_cls_prefix}{_suffix}"), _names,
+            dict(hidden_act=_acts[_i % 2], hidden_size=16, num_attention_heads=2 + 2 * (_i % 2),
+                 intermediate_size=20, vocab_size=48, layer_norm_eps=1e-6,
+                 num_labels=3 if _task.endswith("classification") else 2),
+        ))
 
 
 def make(root, g):
