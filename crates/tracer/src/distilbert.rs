@@ -7,14 +7,15 @@
 //! table is a checkpoint weight even with `sinusoidal_pos_embds` (transformers loads it as
 //! stored), so it is used as is.
 
-use ferry_ir::{DType, Dim, Graph, ModelConfig, Weights};
+use ferry_ir::ModelConfig;
 
-use crate::bert::num_labels;
+use crate::embeddings::{EmbeddingSpec, Positions, TokenTypes, embeddings};
+use crate::heads::{ChoiceHead, ClassificationHead, EncoderHeads, INPUTS, MlmHead, SequenceHead};
 use crate::layers::{
-    Activation, AttentionSpec, WeightSource, additive_mask, layer_norm, linear,
-    multi_head_attention, scoped, sym,
+    Activation, AttentionSpec, EncoderDims, HeadActivation, WeightSource, add_norm, additive_mask,
+    layer_stack, linear, multi_head_attention, scoped,
 };
-use crate::{T, TraceError, TraceOptions, Tracer};
+use crate::{Request, T, TraceError, Tracer};
 
 /// DistilBERT's LayerNorm epsilon: hard-coded in every `nn.LayerNorm` of the model.
 const EPS: f64 = 1e-12;
@@ -23,12 +24,10 @@ const EPS: f64 = 1e-12;
 #[derive(Debug, Clone)]
 struct DistilBertDims {
     vocab: i64,
-    dim: i64,
-    heads: i64,
     layers: i64,
-    hidden_dim: i64,
     max_positions: i64,
-    act: Activation,
+    /// `dim`, `n_heads`, `hidden_dim`, `activation` and [`EPS`].
+    enc: EncoderDims,
 }
 
 /// A positive integer from `config.json`: DistilBERT's own name first, then the generic
@@ -62,50 +61,23 @@ impl DistilBertDims {
                 )))
             })?,
         };
+        let vocab = c.require(c.vocab_size, "vocab_size")?;
+        let layers = raw_int(c, "n_layers", c.num_hidden_layers)?;
+        let intermediate = raw_int(c, "hidden_dim", c.intermediate_size)?;
+        let max_positions = c.require(c.max_position_embeddings, "max_position_embeddings")?;
         Ok(Self {
-            vocab: c.require(c.vocab_size, "vocab_size")?,
-            dim,
-            heads,
-            layers: raw_int(c, "n_layers", c.num_hidden_layers)?,
-            hidden_dim: raw_int(c, "hidden_dim", c.intermediate_size)?,
-            max_positions: c.require(c.max_position_embeddings, "max_position_embeddings")?,
-            act: Activation::parse(act)?,
+            vocab,
+            layers,
+            max_positions,
+            enc: EncoderDims {
+                hidden: dim,
+                heads,
+                intermediate,
+                eps: EPS,
+                act: Activation::parse(act)?,
+            },
         })
     }
-}
-
-/// `Embeddings`: word + absolute-position embeddings (`position_ids = arange(seq)`), then
-/// LayerNorm.
-fn embeddings(
-    t: &mut Tracer,
-    w: &WeightSource<'_>,
-    d: &DistilBertDims,
-    input_ids: &T,
-) -> Result<T, TraceError> {
-    scoped(t, "embeddings", |t| {
-        let word = w.get(t, "embeddings.word_embeddings.weight", &[d.vocab, d.dim])?;
-        let pos = w.get(
-            t,
-            "embeddings.position_embeddings.weight",
-            &[d.max_positions, d.dim],
-        )?;
-        let we = t.gather(&word, input_ids, 0)?;
-        // Rows [0, seq) of the position table.
-        let shape = t.shape_of(input_ids);
-        let one = t.ints(&[1]);
-        let two = t.ints(&[2]);
-        let zero = t.ints(&[0]);
-        let seq = t.slice(&shape, &one, &two, &zero, vec![Dim::Fixed(1)]);
-        let pe = t.slice(
-            &pos,
-            &zero,
-            &seq,
-            &zero,
-            vec![input_ids.shape[1].clone(), Dim::Fixed(d.dim)],
-        );
-        let e = t.add(&we, &pe)?;
-        layer_norm(t, w, "LayerNorm", &e, d.dim, EPS)
-    })
 }
 
 /// One `TransformerBlock`: self-attention + `sa_layer_norm`, FFN + `output_layer_norm`
@@ -113,33 +85,27 @@ fn embeddings(
 fn block(
     t: &mut Tracer,
     w: &WeightSource<'_>,
-    d: &DistilBertDims,
+    d: &EncoderDims,
     x: &T,
     mask: &T,
 ) -> Result<T, TraceError> {
-    let spec = AttentionSpec {
-        q: "q_lin",
-        k: "k_lin",
-        v: "v_lin",
-        hidden: d.dim,
-        heads: d.heads,
-    };
+    let spec = AttentionSpec::new(["q_lin", "k_lin", "v_lin"], d);
     let attn = scoped(t, "attention", |t| {
         let ctx = multi_head_attention(t, w, x, mask, None, &spec)?;
-        linear(t, w, "out_lin", &ctx, d.dim, d.dim)
+        linear(t, w, "out_lin", &ctx, d.hidden, d.hidden)
     })?;
-    let s = t.add(&attn, x)?;
-    let a = layer_norm(t, w, "sa_layer_norm", &s, d.dim, EPS)?;
+    let a = add_norm(t, w, "sa_layer_norm", &attn, x, d)?;
     let f = scoped(t, "ffn", |t| {
-        let h = linear(t, w, "lin1", &a, d.dim, d.hidden_dim)?;
+        let h = linear(t, w, "lin1", &a, d.hidden, d.intermediate)?;
         let h = d.act.apply(t, &h)?;
-        linear(t, w, "lin2", &h, d.hidden_dim, d.dim)
+        linear(t, w, "lin2", &h, d.intermediate, d.hidden)
     })?;
-    let s = t.add(&f, &a)?;
-    layer_norm(t, w, "output_layer_norm", &s, d.dim, EPS)
+    add_norm(t, w, "output_layer_norm", &f, &a, d)
 }
 
-/// `DistilBertModel` over `[batch, seq]` inputs: the `last_hidden_state`.
+/// `DistilBertModel` over `[batch, seq]` inputs: `Embeddings` (word + absolute-position
+/// embeddings, `position_ids = arange(seq)`, then LayerNorm), then the blocks; the
+/// `last_hidden_state`.
 fn encoder(
     t: &mut Tracer,
     w: &WeightSource<'_>,
@@ -147,152 +113,55 @@ fn encoder(
     input_ids: &T,
     attention_mask: &T,
 ) -> Result<T, TraceError> {
-    let mut x = embeddings(t, w, d, input_ids)?;
+    let spec = EmbeddingSpec {
+        vocab: d.vocab,
+        width: d.enc.hidden,
+        max_positions: d.max_positions,
+        eps: EPS,
+        token_types: TokenTypes::Absent,
+        positions: Positions::Arange,
+    };
+    let x = embeddings(t, w, &spec, input_ids)?;
     let mask = additive_mask(t, attention_mask)?;
     scoped(t, "transformer", |t| {
-        for i in 0..d.layers {
-            x = scoped(t, &format!("layer.{i}"), |t| block(t, w, d, &x, &mask))?;
-        }
-        Ok(x)
-    })
-}
-
-/// The MLM head: `vocab_transform`, activation, `vocab_layer_norm`, then `vocab_projector`,
-/// whose weight is the word-embedding matrix unless the config unties it and the
-/// checkpoint has its own.
-fn mlm_head(
-    t: &mut Tracer,
-    w: &WeightSource<'_>,
-    d: &DistilBertDims,
-    tied: bool,
-    x: &T,
-) -> Result<T, TraceError> {
-    let y = linear(t, w, "vocab_transform", x, d.dim, d.dim)?;
-    let y = d.act.apply(t, &y)?;
-    let y = layer_norm(t, w, "vocab_layer_norm", &y, d.dim, EPS)?;
-    scoped(t, "vocab_projector", |t| {
-        let weight = if tied || !w.contains("vocab_projector.weight") {
-            w.get(t, "embeddings.word_embeddings.weight", &[d.vocab, d.dim])?
-        } else {
-            w.get(t, "vocab_projector.weight", &[d.vocab, d.dim])?
-        };
-        let bias = w.get(t, "vocab_projector.bias", &[d.vocab])?;
-        let wt = t.transpose(&weight, &[1, 0])?;
-        let mm = t.matmul(&y, &wt)?;
-        t.add(&mm, &bias)
+        layer_stack(t, d.layers, x, |t, x| block(t, w, &d.enc, x, &mask))
     })
 }
 
 /// The sequence-classification / multiple-choice head: first token, `pre_classifier`,
 /// ReLU, `classifier`.
-fn first_token_head(
-    t: &mut Tracer,
-    w: &WeightSource<'_>,
-    d: &DistilBertDims,
-    x: &T,
-    labels: i64,
-) -> Result<T, TraceError> {
-    let zero = t.scalar_i64(0);
-    let first = t.gather(x, &zero, 1)?;
-    let p = linear(t, w, "pre_classifier", &first, d.dim, d.dim)?;
-    let p = t.unary("Relu", &p);
-    linear(t, w, "classifier", &p, d.dim, labels)
+const FIRST_TOKEN_HEAD: ClassificationHead = ClassificationHead {
+    scope: None,
+    dense: "pre_classifier",
+    act: HeadActivation::Act(Activation::Relu),
+    out: "classifier",
+};
+
+/// DistilBERT's heads: no pooler; the first-token head; the MLM head (`vocab_transform`,
+/// activation, `vocab_layer_norm`, then `vocab_projector`, whose weight is the
+/// word-embedding matrix unless the config unties it and the checkpoint has its own).
+fn heads(d: &DistilBertDims) -> EncoderHeads {
+    EncoderHeads {
+        hidden: d.enc.hidden,
+        pooler: None,
+        sequence: SequenceHead::FirstToken(FIRST_TOKEN_HEAD),
+        choice: Some(ChoiceHead::FirstToken(FIRST_TOKEN_HEAD)),
+        mlm: MlmHead {
+            dense: "vocab_transform",
+            norm: "vocab_layer_norm",
+            decoder: "vocab_projector",
+            ..MlmHead::new(&[], d.enc.act, &d.enc, d.enc.hidden, d.vocab)
+        },
+    }
 }
 
 /// Traces DistilBERT with the head of `task` (optimum's task names).
-pub(crate) fn trace_distilbert(
-    config: &ModelConfig,
-    weights: &Weights,
-    opts: &TraceOptions,
-    task: &str,
-) -> Result<Graph, TraceError> {
-    let mut t = Tracer::new("main_graph", opts.opset);
-    build(&mut t, config, weights, opts, task)?;
-    Ok(t.finish())
+pub(crate) fn build(t: &mut Tracer, r: &Request<'_>) -> Result<(), TraceError> {
+    let d = DistilBertDims::from_config(r.config)?;
+    heads(&d).trace(t, r, "distilbert", INPUTS, |t, w, [ids, mask]| {
+        encoder(t, w, &d, ids, mask)
+    })
 }
-
-fn build(
-    t: &mut Tracer,
-    config: &ModelConfig,
-    weights: &Weights,
-    opts: &TraceOptions,
-    task: &str,
-) -> Result<(), TraceError> {
-    let d = DistilBertDims::from_config(config)?;
-    let w = WeightSource::new(weights, "distilbert");
-    let (b, s) = (sym(&opts.batch_axis), sym(&opts.sequence_axis));
-
-    if task == "multiple-choice" {
-        let c = sym("num_choices");
-        let shape = vec![b.clone(), c.clone(), s.clone()];
-        let ids = t.input("input_ids", DType::I64, shape.clone());
-        let mask = t.input("attention_mask", DType::I64, shape);
-        let flat = vec![sym("batch_size*num_choices"), s];
-        let fi = t.flatten(&ids, 2, flat.clone());
-        let fm = t.flatten(&mask, 2, flat);
-        let x = encoder(t, &w, &d, &fi, &fm)?;
-        let logits = first_token_head(t, &w, &d, &x, 1)?;
-        let bc = t.shape_of(&ids);
-        let zero = t.ints(&[0]);
-        let two = t.ints(&[2]);
-        let bc = t.slice(&bc, &zero, &two, &zero, vec![Dim::Fixed(2)]);
-        let logits = t.reshape_to(&logits, &bc, vec![b, c]);
-        t.output(&logits, "logits");
-        return Ok(());
-    }
-
-    let bs = vec![b, s];
-    let ids = t.input("input_ids", DType::I64, bs.clone());
-    let mask = t.input("attention_mask", DType::I64, bs);
-    let x = encoder(t, &w, &d, &ids, &mask)?;
-    match task {
-        "feature-extraction" => t.output(&x, "last_hidden_state"),
-        "fill-mask" => {
-            let tied = config
-                .raw
-                .get("tie_word_embeddings")
-                .and_then(serde_json::Value::as_bool)
-                .unwrap_or(true);
-            let logits = mlm_head(t, &w, &d, tied, &x)?;
-            t.output(&logits, "logits");
-        }
-        "text-classification" => {
-            let logits = first_token_head(t, &w, &d, &x, num_labels(config))?;
-            t.output(&logits, "logits");
-        }
-        "token-classification" => {
-            let logits = linear(t, &w, "classifier", &x, d.dim, num_labels(config))?;
-            t.output(&logits, "logits");
-        }
-        "question-answering" => {
-            let logits = linear(t, &w, "qa_outputs", &x, d.dim, 2)?;
-            let i0 = t.scalar_i64(0);
-            let start = t.gather(&logits, &i0, 2)?;
-            let i1 = t.scalar_i64(1);
-            let end = t.gather(&logits, &i1, 2)?;
-            t.output(&start, "start_logits");
-            t.output(&end, "end_logits");
-        }
-        other => {
-            return Err(TraceError::UnsupportedTask {
-                task: other.to_string(),
-                model_type: config.model_type.clone(),
-                supported: DISTILBERT_TASKS.join(", "),
-            });
-        }
-    }
-    Ok(())
-}
-
-/// Tasks DistilBERT exports.
-pub(crate) const DISTILBERT_TASKS: &[&str] = &[
-    "feature-extraction",
-    "fill-mask",
-    "text-classification",
-    "token-classification",
-    "question-answering",
-    "multiple-choice",
-];
 
 #[cfg(test)]
 mod tests {
@@ -310,7 +179,13 @@ mod tests {
         );
         let d = DistilBertDims::from_config(&c)?;
         assert_eq!(
-            (d.dim, d.heads, d.layers, d.hidden_dim, d.act),
+            (
+                d.enc.hidden,
+                d.enc.heads,
+                d.layers,
+                d.enc.intermediate,
+                d.enc.act
+            ),
             (16, 4, 2, 30, Activation::Relu)
         );
         Ok(())

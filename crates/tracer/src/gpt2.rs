@@ -1,10 +1,13 @@
 //! GPT-2, as transformers' `modeling_gpt2.py` computes it, with optimum's key/value cache
 //! interface for `text-generation-with-past`.
 
-use ferry_ir::{Attr, DType, Dim, Graph, ModelConfig, Weights};
+use ferry_ir::{Attr, DType, Dim, ModelConfig};
 
-use crate::layers::{Activation, WeightSource, layer_norm, scoped, sym};
-use crate::{T, TraceError, TraceOptions, Tracer};
+use crate::config::{flag, num_labels};
+use crate::embeddings::arange_rows;
+use crate::heads::{question_answering, token_classification};
+use crate::layers::{Activation, WeightLayout, WeightSource, layer_norm, projection, scoped, sym};
+use crate::{Request, T, TraceError, Tracer};
 
 /// Tasks GPT-2 exports.
 pub(crate) const GPT2_TASKS: &[&str] = &[
@@ -49,13 +52,7 @@ impl Gpt2Dims {
                 "n_embd {hidden} is not a multiple of n_head {heads}"
             )));
         }
-        let flag = |k: &str, default: bool| {
-            c.raw
-                .get(k)
-                .and_then(serde_json::Value::as_bool)
-                .unwrap_or(default)
-        };
-        if flag("add_cross_attention", false) {
+        if flag(c, "add_cross_attention", false) {
             return Err(TraceError::Unsupported(
                 "add_cross_attention (GPT-2 as a decoder of an encoder-decoder)".into(),
             ));
@@ -82,8 +79,8 @@ impl Gpt2Dims {
                     .and_then(serde_json::Value::as_str)
                     .unwrap_or("gelu_new"),
             )?,
-            scale_weights: flag("scale_attn_weights", true),
-            scale_by_layer: flag("scale_attn_by_inverse_layer_idx", false),
+            scale_weights: flag(c, "scale_attn_weights", true),
+            scale_by_layer: flag(c, "scale_attn_by_inverse_layer_idx", false),
         })
     }
 }
@@ -97,13 +94,7 @@ fn conv1d(
     nx: i64,
     nf: i64,
 ) -> Result<T, TraceError> {
-    scoped(t, scope, |t| {
-        let path = t.module_path();
-        let weight = w.get(t, &format!("{path}.weight"), &[nx, nf])?;
-        let bias = w.get(t, &format!("{path}.bias"), &[nf])?;
-        let mm = t.matmul(x, &weight)?;
-        t.add(&mm, &bias)
-    })
+    projection(t, w, scope, x, (nx, nf), WeightLayout::InOut)
 }
 
 /// Slices `[start, end)` of the last axis.
@@ -262,24 +253,8 @@ fn mlp(t: &mut Tracer, w: &WeightSource<'_>, d: &Gpt2Dims, x: &T) -> Result<T, T
 }
 
 /// Traces GPT-2 for `task`.
-pub(crate) fn trace_gpt2(
-    config: &ModelConfig,
-    weights: &Weights,
-    opts: &TraceOptions,
-    task: &str,
-) -> Result<Graph, TraceError> {
-    let mut t = Tracer::new("main_graph", opts.opset);
-    build(&mut t, config, weights, opts, task)?;
-    Ok(t.finish())
-}
-
-fn build(
-    t: &mut Tracer,
-    config: &ModelConfig,
-    weights: &Weights,
-    opts: &TraceOptions,
-    task: &str,
-) -> Result<(), TraceError> {
+pub(crate) fn build(t: &mut Tracer, r: &Request<'_>) -> Result<(), TraceError> {
+    let (config, weights, opts, task) = (r.config, r.weights, r.opts, r.task);
     let d = Gpt2Dims::from_config(config)?;
     let w = WeightSource::new(weights, "transformer");
     let h = d.hidden;
@@ -331,14 +306,7 @@ fn build(
     let tok = t.gather(&wte, &ids, 0)?;
     let pos = match &position_ids {
         Some(p) => t.gather(&wpe, p, 0)?,
-        None => {
-            let shape = t.shape_of(&ids);
-            let one = t.ints(&[1]);
-            let two = t.ints(&[2]);
-            let zero = t.ints(&[0]);
-            let len = t.slice(&shape, &one, &two, &zero, vec![Dim::Fixed(1)]);
-            t.slice(&wpe, &zero, &len, &zero, vec![s.clone(), Dim::Fixed(h)])
-        }
+        None => arange_rows(t, &wpe, &ids, h),
     };
     let mut x = t.add(&tok, &pos)?;
 
@@ -394,22 +362,10 @@ fn build(
                 }
             }
         }
-        "token-classification" => {
-            let n = crate::bert::num_labels(config);
-            let logits = crate::layers::linear(t, &w, "classifier", &x, h, n)?;
-            t.output(&logits, "logits");
-        }
-        "question-answering" => {
-            let logits = crate::layers::linear(t, &w, "qa_outputs", &x, h, 2)?;
-            let i0 = t.scalar_i64(0);
-            let start = t.gather(&logits, &i0, 2)?;
-            let i1 = t.scalar_i64(1);
-            let end = t.gather(&logits, &i1, 2)?;
-            t.output(&start, "start_logits");
-            t.output(&end, "end_logits");
-        }
+        "token-classification" => token_classification(t, &w, config, &x, h)?,
+        "question-answering" => question_answering(t, &w, &x, h)?,
         "text-classification" => {
-            let n = crate::bert::num_labels(config);
+            let n = num_labels(config);
             let logits = scoped(t, "score", |t| {
                 let path = t.module_path();
                 let wt = w.get(t, &format!("{path}.weight"), &[n, h])?;

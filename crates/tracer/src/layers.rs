@@ -61,6 +61,43 @@ impl<'a> WeightSource<'a> {
     }
 }
 
+/// How a projection's weight is stored in the checkpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum WeightLayout {
+    /// `nn.Linear`: `[out, in]`, used as stored behind a `Transpose` node (which ONNX
+    /// Runtime folds when it loads the model).
+    OutIn,
+    /// GPT-2's `Conv1D`: `[in, out]`, multiplied as stored.
+    InOut,
+}
+
+/// The affine projection `scope` (weight and bias at the scope's module path) of `x`
+/// (last axis `in_features`) to `out_features`: `x @ W + b`, `W` read as `layout` says.
+pub(crate) fn projection(
+    t: &mut Tracer,
+    w: &WeightSource<'_>,
+    scope: &str,
+    x: &T,
+    (in_features, out_features): (i64, i64),
+    layout: WeightLayout,
+) -> Result<T, TraceError> {
+    scoped(t, scope, |t| {
+        let path = t.module_path();
+        let shape = match layout {
+            WeightLayout::OutIn => [out_features, in_features],
+            WeightLayout::InOut => [in_features, out_features],
+        };
+        let weight = w.get(t, &format!("{path}.weight"), &shape)?;
+        let bias = w.get(t, &format!("{path}.bias"), &[out_features])?;
+        let weight = match layout {
+            WeightLayout::OutIn => t.transpose(&weight, &[1, 0])?,
+            WeightLayout::InOut => weight,
+        };
+        let mm = t.matmul(x, &weight)?;
+        t.add(&mm, &bias)
+    })
+}
+
 /// `nn.Linear(in, out)` applied to `x` (last axis `in`): `x @ W^T + b`.
 ///
 /// The checkpoint's `[out, in]` weight is used as stored (no copy) behind a `Transpose`
@@ -73,17 +110,8 @@ pub(crate) fn linear(
     in_features: i64,
     out_features: i64,
 ) -> Result<T, TraceError> {
-    t.push(scope);
-    let path = t.module_path();
-    let weight = w.get(t, &format!("{path}.weight"), &[out_features, in_features]);
-    let result = weight.and_then(|weight| {
-        let bias = w.get(t, &format!("{path}.bias"), &[out_features])?;
-        let wt = t.transpose(&weight, &[1, 0])?;
-        let mm = t.matmul(x, &wt)?;
-        t.add(&mm, &bias)
-    });
-    t.pop();
-    result
+    let features = (in_features, out_features);
+    projection(t, w, scope, x, features, WeightLayout::OutIn)
 }
 
 /// `nn.LayerNorm(hidden, eps)` over the last axis: the `LayerNormalization` op from opset 17,
@@ -197,13 +225,41 @@ impl Activation {
     }
 }
 
+/// The activation of a head's hidden layer: one of [`Activation`], `tanh`, or none
+/// (`get_activation` / `SequenceSummary` names).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum HeadActivation {
+    /// No activation (`linear`).
+    Identity,
+    /// `tanh`.
+    Tanh,
+    /// One of the `ACT2FN` activations.
+    Act(Activation),
+}
+
+impl HeadActivation {
+    /// Applies the activation.
+    pub(crate) fn apply(self, t: &mut Tracer, x: T) -> Result<T, TraceError> {
+        match self {
+            HeadActivation::Identity => Ok(x),
+            HeadActivation::Tanh => Ok(t.unary("Tanh", &x)),
+            HeadActivation::Act(a) => a.apply(t, &x),
+        }
+    }
+}
+
 /// Shapes of an encoder layer.
 #[derive(Debug, Clone)]
 pub(crate) struct EncoderDims {
+    /// Model width (`hidden_size`).
     pub hidden: i64,
+    /// Number of attention heads.
     pub heads: i64,
+    /// Feed-forward width (`intermediate_size`).
     pub intermediate: i64,
+    /// LayerNorm epsilon.
     pub eps: f64,
+    /// Feed-forward activation.
     pub act: Activation,
 }
 
@@ -232,6 +288,19 @@ pub(crate) struct AttentionSpec<'n> {
     pub hidden: i64,
     /// Number of heads.
     pub heads: i64,
+}
+
+impl<'n> AttentionSpec<'n> {
+    /// The query, key and value projections `[q, k, v]` of an encoder of shape `d`.
+    pub(crate) fn new([q, k, v]: [&'n str; 3], d: &EncoderDims) -> Self {
+        Self {
+            q,
+            k,
+            v,
+            hidden: d.hidden,
+            heads: d.heads,
+        }
+    }
 }
 
 /// The multi-head attention core shared by the encoders: project q/k/v with the three
@@ -284,6 +353,52 @@ pub(crate) fn scoped<R>(
     r
 }
 
+/// The post-LayerNorm residual: `LayerNorm(a + b)` with the LayerNorm module `norm`.
+pub(crate) fn add_norm(
+    t: &mut Tracer,
+    w: &WeightSource<'_>,
+    norm: &str,
+    a: &T,
+    b: &T,
+    d: &EncoderDims,
+) -> Result<T, TraceError> {
+    let s = t.add(a, b)?;
+    layer_norm(t, w, norm, &s, d.hidden, d.eps)
+}
+
+/// `layers` applications of `layer`, the `i`-th in scope `layer.{i}`, each over the
+/// previous one's output.
+pub(crate) fn layer_stack(
+    t: &mut Tracer,
+    layers: i64,
+    x: T,
+    mut layer: impl FnMut(&mut Tracer, &T) -> Result<T, TraceError>,
+) -> Result<T, TraceError> {
+    let mut x = x;
+    for i in 0..layers {
+        x = scoped(t, &format!("layer.{i}"), |t| layer(t, &x))?;
+    }
+    Ok(x)
+}
+
+/// The BERT-style encoder stack (`encoder.layer.{i}`: post-LayerNorm attention + FFN) over
+/// embeddings `x` with an additive mask; shared by the BERT-shaped encoders.
+pub(crate) fn bert_encoder_stack(
+    t: &mut Tracer,
+    w: &WeightSource<'_>,
+    enc: &EncoderDims,
+    layers: i64,
+    x: T,
+    mask: &T,
+) -> Result<T, TraceError> {
+    scoped(t, "encoder", |t| {
+        layer_stack(t, layers, x, |t, x| {
+            let a = bert_attention(t, w, x, mask, enc)?;
+            bert_ffn(t, w, &a, enc)
+        })
+    })
+}
+
 /// BERT-style post-LayerNorm self-attention block (`attention.self` + `attention.output`).
 pub(crate) fn bert_attention(
     t: &mut Tracer,
@@ -292,21 +407,14 @@ pub(crate) fn bert_attention(
     mask: &T,
     d: &EncoderDims,
 ) -> Result<T, TraceError> {
-    let spec = AttentionSpec {
-        q: "query",
-        k: "key",
-        v: "value",
-        hidden: d.hidden,
-        heads: d.heads,
-    };
+    let spec = AttentionSpec::new(["query", "key", "value"], d);
     scoped(t, "attention", |t| {
         let ctx = scoped(t, "self", |t| {
             multi_head_attention(t, w, x, mask, None, &spec)
         })?;
         scoped(t, "output", |t| {
             let o = linear(t, w, "dense", &ctx, d.hidden, d.hidden)?;
-            let s = t.add(&o, x)?;
-            layer_norm(t, w, "LayerNorm", &s, d.hidden, d.eps)
+            add_norm(t, w, "LayerNorm", &o, x, d)
         })
     })
 }
@@ -318,18 +426,14 @@ pub(crate) fn bert_ffn(
     x: &T,
     d: &EncoderDims,
 ) -> Result<T, TraceError> {
-    t.push("intermediate");
-    let h = linear(t, w, "dense", x, d.hidden, d.intermediate).and_then(|h| d.act.apply(t, &h));
-    t.pop();
-    let h = h?;
-    t.push("output");
-    let r = (|| {
+    let h = scoped(t, "intermediate", |t| {
+        let h = linear(t, w, "dense", x, d.hidden, d.intermediate)?;
+        d.act.apply(t, &h)
+    })?;
+    scoped(t, "output", |t| {
         let o = linear(t, w, "dense", &h, d.intermediate, d.hidden)?;
-        let s = t.add(&o, x)?;
-        layer_norm(t, w, "LayerNorm", &s, d.hidden, d.eps)
-    })();
-    t.pop();
-    r
+        add_norm(t, w, "LayerNorm", &o, x, d)
+    })
 }
 
 /// A symbolic dim by name.

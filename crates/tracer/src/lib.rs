@@ -2,16 +2,21 @@
 //! result as a ferry IR [`Graph`].
 //!
 //! Each architecture follows its transformers `modeling_*.py` op for op, so the exported
-//! graph computes what transformers computes; shared pieces (linear layers, LayerNorm,
-//! activations, self-attention) live in `layers` and are configured per architecture.
+//! graph computes what transformers computes; shared pieces are written once and configured
+//! per architecture: linear layers, LayerNorm, activations, self-attention and feed-forward
+//! blocks in `layers`, embeddings in `embeddings`, task inputs and heads in `heads`, shared
+//! config reading in `config`.
 //! Weights are referenced, never copied: initializers borrow the loader's tensor bytes.
 
 mod albert;
 mod bert;
 mod builder;
+mod config;
 mod distilbert;
 mod electra;
+mod embeddings;
 mod gpt2;
+mod heads;
 mod layers;
 mod mpnet;
 mod roberta;
@@ -19,52 +24,64 @@ mod roberta;
 pub use builder::{T, Tracer};
 use ferry_ir::{ConfigError, Graph, ModelConfig, Weights};
 
-/// Traces one architecture for one (canonical) task.
-type TraceFn = fn(&ModelConfig, &Weights, &TraceOptions, &str) -> Result<Graph, TraceError>;
+/// Traces one architecture for one (canonical) task into the tracer.
+type BuildFn = fn(&mut Tracer, &Request<'_>) -> Result<(), TraceError>;
+
+/// What an architecture's tracer is asked to trace.
+pub(crate) struct Request<'a> {
+    /// The checkpoint's config.
+    pub config: &'a ModelConfig,
+    /// The checkpoint's weights.
+    pub weights: &'a Weights,
+    /// Options (opset, axis names).
+    pub opts: &'a TraceOptions,
+    /// The canonical task (see [`canonical_task`]).
+    pub task: &'a str,
+}
 
 /// One exportable architecture: the `model_type`s it covers, its tasks and its tracer.
 struct Arch {
     model_types: &'static [&'static str],
     tasks: &'static [&'static str],
-    trace: TraceFn,
+    build: BuildFn,
 }
 
 /// The registry every lookup (dispatch, `--list`, error messages) is generated from.
 const ARCHITECTURES: &[Arch] = &[
     Arch {
         model_types: &["albert"],
-        tasks: albert::ALBERT_TASKS,
-        trace: albert::trace_albert,
+        tasks: heads::ENCODER_TASKS,
+        build: albert::build,
     },
     Arch {
         model_types: &["mpnet"],
-        tasks: mpnet::MPNET_TASKS,
-        trace: mpnet::trace_mpnet,
+        tasks: heads::ENCODER_TASKS,
+        build: mpnet::build,
     },
     Arch {
         model_types: &["gpt2"],
         tasks: gpt2::GPT2_TASKS,
-        trace: gpt2::trace_gpt2,
+        build: gpt2::build,
     },
     Arch {
         model_types: &["bert"],
-        tasks: bert::BERT_TASKS,
-        trace: bert::trace_bert,
+        tasks: heads::ENCODER_TASKS,
+        build: bert::build,
     },
     Arch {
         model_types: &["distilbert"],
-        tasks: distilbert::DISTILBERT_TASKS,
-        trace: distilbert::trace_distilbert,
+        tasks: heads::ENCODER_TASKS,
+        build: distilbert::build,
     },
     Arch {
         model_types: &["roberta", "xlm-roberta", "camembert"],
-        tasks: roberta::ROBERTA_TASKS,
-        trace: roberta::trace_roberta,
+        tasks: heads::ENCODER_TASKS,
+        build: roberta::build,
     },
     Arch {
         model_types: &["electra"],
-        tasks: electra::ELECTRA_TASKS,
-        trace: electra::trace_electra,
+        tasks: heads::ENCODER_TASKS,
+        build: electra::build,
     },
 ];
 
@@ -300,7 +317,16 @@ pub fn trace(
         });
     }
     let result = match arch(&config.model_type) {
-        Some(a) => (a.trace)(config, weights, opts, &task),
+        Some(a) => {
+            let mut t = Tracer::new("main_graph", opts.opset);
+            let request = Request {
+                config,
+                weights,
+                opts,
+                task: &task,
+            };
+            (a.build)(&mut t, &request).map(|()| t.finish())
+        }
         None => Err(TraceError::UnknownArchitecture {
             model_type: config.model_type.clone(),
         }),

@@ -3,25 +3,16 @@
 //! relative position bias (T5-style log buckets, `encoder.relative_attention_bias`)
 //! added to every layer's attention scores.
 
-use ferry_ir::{DType, Graph, ModelConfig, Weights};
+use ferry_ir::{DType, ModelConfig};
 
-use crate::albert::{choice_logits, split_qa_logits, task_inputs, ties_word_embeddings};
-use crate::bert::num_labels;
+use crate::config::{attention_width, encoder_dims};
+use crate::embeddings::{EmbeddingSpec, Positions, TokenTypes, embeddings};
+use crate::heads::{ClassificationHead, EncoderHeads, INPUTS, MlmHead, Pooler, SequenceHead};
 use crate::layers::{
-    Activation, AttentionSpec, EncoderDims, WeightSource, additive_mask, bert_ffn, layer_norm,
-    linear, multi_head_attention, scoped,
+    Activation, AttentionSpec, EncoderDims, HeadActivation, WeightSource, add_norm, additive_mask,
+    bert_ffn, layer_stack, linear, multi_head_attention, scoped,
 };
-use crate::{T, TraceError, TraceOptions, Tracer};
-
-/// Tasks MPNet exports.
-pub(crate) const MPNET_TASKS: &[&str] = &[
-    "feature-extraction",
-    "fill-mask",
-    "text-classification",
-    "token-classification",
-    "question-answering",
-    "multiple-choice",
-];
+use crate::{Request, T, TraceError, Tracer};
 
 /// `MPNetEmbeddings.padding_idx`: fixed at 1 in transformers, whatever `pad_token_id` says.
 const PADDING_IDX: i64 = 1;
@@ -43,13 +34,7 @@ struct MpnetDims {
 
 impl MpnetDims {
     fn from_config(c: &ModelConfig) -> Result<Self, TraceError> {
-        let hidden = c.require(c.hidden_size, "hidden_size")?;
-        let heads = c.require(c.num_attention_heads, "num_attention_heads")?;
-        if hidden % heads != 0 {
-            return Err(TraceError::Unsupported(format!(
-                "hidden_size {hidden} is not a multiple of num_attention_heads {heads}"
-            )));
-        }
+        let width = attention_width(c)?;
         let buckets = match c.raw.get("relative_attention_num_buckets") {
             None | Some(serde_json::Value::Null) => 32,
             Some(v) => c.require(v.as_i64(), "relative_attention_num_buckets")?,
@@ -59,59 +44,9 @@ impl MpnetDims {
             layers: c.require(c.num_hidden_layers, "num_hidden_layers")?,
             max_positions: c.max_position_embeddings.unwrap_or(512),
             buckets,
-            enc: EncoderDims {
-                hidden,
-                heads,
-                intermediate: c.require(c.intermediate_size, "intermediate_size")?,
-                eps: c.layer_norm_eps.unwrap_or(1e-12),
-                act: Activation::parse(c.hidden_act.as_deref().unwrap_or("gelu"))?,
-            },
+            enc: encoder_dims(c, width, "gelu")?,
         })
     }
-}
-
-/// `create_position_ids_from_input_ids(input_ids, 1)`: `cumsum(ids != 1) * (ids != 1) + 1`,
-/// so real tokens count from 2 and padding stays at 1.
-fn position_ids(t: &mut Tracer, input_ids: &T) -> Result<T, TraceError> {
-    let shape = input_ids.shape.clone();
-    let pad = t.scalar_i64(PADDING_IDX);
-    let is_pad = t.op(
-        "Equal",
-        &[input_ids, &pad],
-        vec![],
-        DType::Bool,
-        shape.clone(),
-    );
-    let not_pad = t.op("Not", &[&is_pad], vec![], DType::Bool, shape.clone());
-    let mask = t.cast(&not_pad, DType::I64, 7);
-    let axis = t.scalar_i64(1);
-    let counts = t.op("CumSum", &[&mask, &axis], vec![], DType::I64, shape);
-    let counts = t.mul(&counts, &mask)?;
-    t.add(&counts, &pad)
-}
-
-/// `MPNetEmbeddings`: word + position embeddings (positions from [`position_ids`]), then
-/// LayerNorm.
-fn embeddings(
-    t: &mut Tracer,
-    w: &WeightSource<'_>,
-    d: &MpnetDims,
-    input_ids: &T,
-) -> Result<T, TraceError> {
-    let h = d.enc.hidden;
-    scoped(t, "embeddings", |t| {
-        let word = w.get(t, "embeddings.word_embeddings.weight", &[d.vocab, h])?;
-        let pos = w.get(
-            t,
-            "embeddings.position_embeddings.weight",
-            &[d.max_positions, h],
-        )?;
-        let pids = position_ids(t, input_ids)?;
-        let we = t.gather(&word, input_ids, 0)?;
-        let pe = t.gather(&pos, &pids, 0)?;
-        let x = t.add(&we, &pe)?;
-        layer_norm(t, w, "LayerNorm", &x, h, d.enc.eps)
-    })
 }
 
 /// `MPNetEncoder.relative_position_bucket(memory - context, 32, 128)` over the
@@ -200,20 +135,13 @@ fn mpnet_layer(
     bias: &T,
     d: &EncoderDims,
 ) -> Result<T, TraceError> {
-    let spec = AttentionSpec {
-        q: "q",
-        k: "k",
-        v: "v",
-        hidden: d.hidden,
-        heads: d.heads,
-    };
+    let spec = AttentionSpec::new(["q", "k", "v"], d);
     let a = scoped(t, "attention", |t| {
         let o = scoped(t, "attn", |t| {
             let ctx = multi_head_attention(t, w, x, mask, Some(bias), &spec)?;
             linear(t, w, "o", &ctx, d.hidden, d.hidden)
         })?;
-        let s = t.add(&o, x)?;
-        layer_norm(t, w, "LayerNorm", &s, d.hidden, d.eps)
+        add_norm(t, w, "LayerNorm", &o, x, d)
     })?;
     bert_ffn(t, w, &a, d)
 }
@@ -226,164 +154,56 @@ fn encoder(
     input_ids: &T,
     attention_mask: &T,
 ) -> Result<T, TraceError> {
-    let mut x = embeddings(t, w, d, input_ids)?;
+    let spec = EmbeddingSpec {
+        vocab: d.vocab,
+        width: d.enc.hidden,
+        max_positions: d.max_positions,
+        eps: d.enc.eps,
+        token_types: TokenTypes::Absent,
+        positions: Positions::PastPadding(PADDING_IDX),
+    };
+    let x = embeddings(t, w, &spec, input_ids)?;
     let mask = additive_mask(t, attention_mask)?;
     scoped(t, "encoder", |t| {
         let bias = position_bias(t, w, d, input_ids)?;
-        for i in 0..d.layers {
-            x = scoped(t, &format!("layer.{i}"), |t| {
-                mpnet_layer(t, w, &x, &mask, &bias, &d.enc)
-            })?;
-        }
-        Ok(x)
-    })
-}
-
-/// `MPNetPooler`: dense + tanh over the first token.
-fn pooler(t: &mut Tracer, w: &WeightSource<'_>, d: &MpnetDims, x: &T) -> Result<T, TraceError> {
-    let h = d.enc.hidden;
-    scoped(t, "pooler", |t| {
-        let zero = t.scalar_i64(0);
-        let first = t.gather(x, &zero, 1)?;
-        let dense = scoped(t, "dense", |t| {
-            let wt = w.get(t, "pooler.dense.weight", &[h, h])?;
-            let b = w.get(t, "pooler.dense.bias", &[h])?;
-            t.gemm_bt(&first, &wt, &b)
-        })?;
-        Ok(t.unary("Tanh", &dense))
-    })
-}
-
-/// `MPNetLMHead`: dense, exact (erf) gelu whatever `hidden_act` says, `layer_norm`, then the
-/// decoder tied to the word embeddings (unless the config unties it) plus `lm_head.bias`.
-fn lm_head(
-    t: &mut Tracer,
-    w: &WeightSource<'_>,
-    d: &MpnetDims,
-    tied: bool,
-    x: &T,
-) -> Result<T, TraceError> {
-    let h = d.enc.hidden;
-    scoped(t, "lm_head", |t| {
-        let y = linear(t, w, "dense", x, h, h)?;
-        let y = Activation::GeluErf.apply(t, &y)?;
-        let y = layer_norm(t, w, "layer_norm", &y, h, d.enc.eps)?;
-        scoped(t, "decoder", |t| {
-            let weight = if tied || !w.contains("lm_head.decoder.weight") {
-                w.get(t, "embeddings.word_embeddings.weight", &[d.vocab, h])?
-            } else {
-                w.get(t, "lm_head.decoder.weight", &[d.vocab, h])?
-            };
-            let bias = if w.contains("lm_head.bias") {
-                w.get(t, "lm_head.bias", &[d.vocab])?
-            } else {
-                w.get(t, "lm_head.decoder.bias", &[d.vocab])?
-            };
-            let wt = t.transpose(&weight, &[1, 0])?;
-            let mm = t.matmul(&y, &wt)?;
-            t.add(&mm, &bias)
+        layer_stack(t, d.layers, x, |t, x| {
+            mpnet_layer(t, w, x, &mask, &bias, &d.enc)
         })
     })
 }
 
-/// `MPNetClassificationHead`: `out_proj(tanh(dense(x[:, 0])))`.
-fn classification_head(
-    t: &mut Tracer,
-    w: &WeightSource<'_>,
-    d: &MpnetDims,
-    labels: i64,
-    x: &T,
-) -> Result<T, TraceError> {
+/// `MPNetPooler`: dense (one `Gemm`) + tanh over the first token.
+const POOLER: Pooler = Pooler::Gemm(Some("dense"));
+
+/// MPNet's heads: `MPNetClassificationHead` (`out_proj(tanh(dense(x[:, 0])))`), the pooler
+/// for multiple-choice, and `MPNetLMHead` (dense, exact (erf) gelu whatever `hidden_act`
+/// says, `layer_norm`, then the decoder tied to the word embeddings unless the config
+/// unties it, plus `lm_head.bias`).
+fn heads(d: &MpnetDims) -> EncoderHeads {
     let h = d.enc.hidden;
-    scoped(t, "classifier", |t| {
-        let zero = t.scalar_i64(0);
-        let first = t.gather(x, &zero, 1)?;
-        let y = linear(t, w, "dense", &first, h, h)?;
-        let y = t.unary("Tanh", &y);
-        linear(t, w, "out_proj", &y, h, labels)
-    })
+    let mlm = MlmHead {
+        norm: "layer_norm",
+        ..MlmHead::new(&["lm_head"], Activation::GeluErf, &d.enc, h, d.vocab)
+    };
+    EncoderHeads {
+        sequence: SequenceHead::FirstToken(ClassificationHead::classifier(HeadActivation::Tanh)),
+        ..EncoderHeads::pooled(h, POOLER, mlm)
+    }
 }
 
 /// Traces MPNet with the head of `task` (optimum's task names).
-pub(crate) fn trace_mpnet(
-    config: &ModelConfig,
-    weights: &Weights,
-    opts: &TraceOptions,
-    task: &str,
-) -> Result<Graph, TraceError> {
-    let mut t = Tracer::new("main_graph", opts.opset);
-    build(&mut t, config, weights, opts, task)?;
-    Ok(t.finish())
-}
-
-fn build(
-    t: &mut Tracer,
-    config: &ModelConfig,
-    weights: &Weights,
-    opts: &TraceOptions,
-    task: &str,
-) -> Result<(), TraceError> {
-    if !MPNET_TASKS.contains(&task) {
-        return Err(TraceError::UnsupportedTask {
-            task: task.to_string(),
-            model_type: config.model_type.clone(),
-            supported: MPNET_TASKS.join(", "),
-        });
-    }
-    let d = MpnetDims::from_config(config)?;
-    let w = WeightSource::new(weights, "mpnet");
-    let h = d.enc.hidden;
-    let (inputs, choices) = task_inputs(t, opts, task, &["input_ids", "attention_mask"]);
-    let [ids, mask] = inputs.as_slice() else {
-        return Err(TraceError::Shape("expected two inputs".into()));
-    };
-    let x = encoder(t, &w, &d, ids, mask)?;
-    match (task, choices) {
-        ("multiple-choice", Some(choices)) => {
-            let pooled = pooler(t, &w, &d, &x)?;
-            let logits = linear(t, &w, "classifier", &pooled, h, 1)?;
-            let logits = choice_logits(t, &logits, &choices);
-            t.output(&logits, "logits");
-        }
-        ("feature-extraction", _) => {
-            t.output(&x, "last_hidden_state");
-            if w.contains("pooler.dense.weight") {
-                let pooled = pooler(t, &w, &d, &x)?;
-                t.output(&pooled, "pooler_output");
-            }
-        }
-        ("fill-mask", _) => {
-            let logits = lm_head(t, &w, &d, ties_word_embeddings(config), &x)?;
-            t.output(&logits, "logits");
-        }
-        ("text-classification", _) => {
-            let logits = classification_head(t, &w, &d, num_labels(config), &x)?;
-            t.output(&logits, "logits");
-        }
-        ("token-classification", _) => {
-            let logits = linear(t, &w, "classifier", &x, h, num_labels(config))?;
-            t.output(&logits, "logits");
-        }
-        ("question-answering", _) => {
-            let logits = linear(t, &w, "qa_outputs", &x, h, 2)?;
-            let (start, end) = split_qa_logits(t, &logits)?;
-            t.output(&start, "start_logits");
-            t.output(&end, "end_logits");
-        }
-        (other, _) => {
-            return Err(TraceError::UnsupportedTask {
-                task: other.to_string(),
-                model_type: config.model_type.clone(),
-                supported: MPNET_TASKS.join(", "),
-            });
-        }
-    }
-    Ok(())
+pub(crate) fn build(t: &mut Tracer, r: &Request<'_>) -> Result<(), TraceError> {
+    let d = MpnetDims::from_config(r.config)?;
+    heads(&d).trace(t, r, "mpnet", INPUTS, |t, w, [ids, mask]| {
+        encoder(t, w, &d, ids, mask)
+    })
 }
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use ferry_ir::Graph;
+
+    use crate::TraceOptions;
 
     fn traced(name: &str, task: &str) -> Graph {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
