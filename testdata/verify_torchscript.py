@@ -48,10 +48,12 @@ def inputs_for(batch, seq, vocab, types, seed, choices=None):
 
 
 def reference_model(model_dir, cfg, task):
+    # .float(): half-precision checkpoints are exported as float32 (`--dtype fp32`), so
+    # the reference computes in float32 from the same weights.
     if task == "feature-extraction":
-        return AutoModel.from_pretrained(model_dir).eval()
+        return AutoModel.from_pretrained(model_dir).float().eval()
     cls = getattr(transformers, cfg["architectures"][0])
-    return cls.from_pretrained(model_dir).eval()
+    return cls.from_pretrained(model_dir).float().eval()
 
 
 def main():

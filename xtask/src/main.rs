@@ -5,7 +5,8 @@
 //! - `verify`: fetch ONNX Runtime and the real all-MiniLM-L6-v2 checkpoint, run the whole
 //!   test suite, then print the golden parity table.
 //! - `golden`: regenerate testdata goldens with transformers (venv in `target/venv`).
-//! - `bench`: time exporting a bert-base-sized checkpoint against `cat` of its weights.
+//! - `bench`: time exporting a bert-base-sized checkpoint against `cat` of its weights;
+//!   `bench --scale` does the same (`--external-data`) for ~0.5, ~2 and ~6 GB checkpoints.
 //! - `fetch-ort`, `fetch-minilm`: the downloads the others do, on their own.
 
 use std::path::{Path, PathBuf};
@@ -369,16 +370,77 @@ fn golden() -> Result<()> {
 // ---------------------------------------------------------------------------------------
 // bench
 
-/// Writes a bert-base-cased-shaped checkpoint with random weights (uniform in ±0.05).
-fn synthetic_bert_base(dir: &Path) -> Result<PathBuf> {
+/// The shape of a synthetic BERT checkpoint.
+#[derive(Debug, Clone, Copy)]
+struct BertShape {
+    vocab: u64,
+    hidden: u64,
+    layers: u64,
+    heads: u64,
+    inter: u64,
+}
+
+impl BertShape {
+    /// bert-base-cased (436 MB of f32).
+    const BASE: BertShape = BertShape {
+        vocab: 28996,
+        hidden: 768,
+        layers: 12,
+        heads: 12,
+        inter: 3072,
+    };
+    /// `bench --scale`: ~0.5, ~2 and ~6 GB of f32 weights.
+    const SCALES: [(&'static str, BertShape); 3] = [
+        (
+            "0.5GB",
+            BertShape {
+                vocab: 30522,
+                hidden: 768,
+                layers: 14,
+                heads: 12,
+                inter: 3072,
+            },
+        ),
+        (
+            "2GB",
+            BertShape {
+                vocab: 50000,
+                hidden: 1536,
+                layers: 16,
+                heads: 16,
+                inter: 6144,
+            },
+        ),
+        (
+            "6GB",
+            BertShape {
+                vocab: 64000,
+                hidden: 2560,
+                layers: 18,
+                heads: 20,
+                inter: 10240,
+            },
+        ),
+    ];
+}
+
+/// Writes a BERT checkpoint of `shape` with random weights (uniform in ±0.05).
+fn synthetic_bert(dir: &Path, shape: BertShape) -> Result<PathBuf> {
     let st = dir.join("model.safetensors");
     if st.is_file() {
         return Ok(st);
     }
     std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
-    let (vocab, hidden, layers, inter, pos, types) = (28996u64, 768u64, 12, 3072u64, 512u64, 2u64);
+    let BertShape {
+        vocab,
+        hidden,
+        layers,
+        heads,
+        inter,
+    } = shape;
+    let (pos, types) = (512u64, 2u64);
     let config = format!(
-        r#"{{"architectures":["BertModel"],"model_type":"bert","vocab_size":{vocab},"hidden_size":{hidden},"num_hidden_layers":{layers},"num_attention_heads":12,"intermediate_size":{inter},"hidden_act":"gelu","max_position_embeddings":{pos},"type_vocab_size":{types},"layer_norm_eps":1e-12,"pad_token_id":0}}"#
+        r#"{{"architectures":["BertModel"],"model_type":"bert","vocab_size":{vocab},"hidden_size":{hidden},"num_hidden_layers":{layers},"num_attention_heads":{heads},"intermediate_size":{inter},"hidden_act":"gelu","max_position_embeddings":{pos},"type_vocab_size":{types},"layer_norm_eps":1e-12,"pad_token_id":0}}"#
     );
     std::fs::write(dir.join("config.json"), config).map_err(|e| e.to_string())?;
     let mut tensors: Vec<(String, Vec<u64>)> = vec![
@@ -530,16 +592,19 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn bench(args: &[String]) -> Result<()> {
-    let runs: usize = args
+    let runs: Option<usize> = args
         .iter()
         .position(|a| a == "--runs")
         .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(5);
+        .and_then(|v| v.parse().ok());
+    if args.iter().any(|a| a == "--scale") {
+        return bench_scale(runs.unwrap_or(2));
+    }
+    let runs = runs.unwrap_or(5);
     let ferry = ferry_release()?;
     let dir = target().join("bench").join("bert-base-synthetic");
     eprintln!("xtask: preparing {}", dir.display());
-    let st = synthetic_bert_base(&dir)?;
+    let st = synthetic_bert(&dir, BertShape::BASE)?;
     let out_dir = target().join("bench").join("out");
     std::fs::create_dir_all(&out_dir).map_err(|e| e.to_string())?;
     let copy = out_dir.join("copy.bin");
@@ -611,5 +676,108 @@ fn bench(args: &[String]) -> Result<()> {
         ts_rss as f64 / 1024.0
     );
     let _ = std::fs::remove_file(&copy);
+    Ok(())
+}
+
+/// Free bytes on the filesystem holding `path` (statvfs).
+fn free_bytes(path: &Path) -> Result<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(|e| e.to_string())?;
+    let mut st = std::mem::MaybeUninit::<libc::statvfs>::zeroed();
+    // SAFETY: `c` is a NUL-terminated path and statvfs fills the properly sized buffer.
+    #[allow(unsafe_code)]
+    let st = unsafe {
+        if libc::statvfs(c.as_ptr(), st.as_mut_ptr()) != 0 {
+            return Err(format!("statvfs {}: failed", path.display()));
+        }
+        st.assume_init()
+    };
+    Ok(st.f_bavail as u64 * st.f_frsize as u64)
+}
+
+/// `bench --scale [--runs N]`: for synthetic BERTs of ~0.5, ~2 and ~6 GB, times `cat` of
+/// the weights against `ferry export --external-data` (median of N runs after one warm-up
+/// each) with peak RSS, deleting each checkpoint and its outputs before the next.
+fn bench_scale(runs: usize) -> Result<()> {
+    let runs = runs.max(1);
+    let base = target().join("bench");
+    std::fs::create_dir_all(&base).map_err(|e| e.to_string())?;
+    let free = free_bytes(&base)?;
+    // The largest case holds the checkpoint, a `cat` copy and an export at once.
+    let need = 15_000_000_000u64;
+    if free < need {
+        return Err(format!(
+            "bench --scale needs ~{:.0} GB free under {}, {:.1} GB available",
+            need as f64 / 1e9,
+            base.display(),
+            free as f64 / 1e9
+        ));
+    }
+    let ferry = ferry_release()?;
+    let ferry_s = ferry.display().to_string();
+    let mut rows = Vec::new();
+    for (label, shape) in BertShape::SCALES {
+        let dir = base.join(format!("scale-{label}"));
+        let out_dir = base.join(format!("scale-{label}-out"));
+        let _ = std::fs::remove_dir_all(&dir);
+        let _ = std::fs::remove_dir_all(&out_dir);
+        eprintln!("xtask: writing {} ({shape:?})", dir.display());
+        let result = (|| -> Result<(u64, f64, f64, u64, u64)> {
+            let st = synthetic_bert(&dir, shape)?;
+            let size = std::fs::metadata(&st).map_err(|e| e.to_string())?.len();
+            std::fs::create_dir_all(&out_dir).map_err(|e| e.to_string())?;
+            let copy = out_dir.join("copy.bin");
+            let ext = out_dir.join("model.onnx").display().to_string();
+            let cat = format!("cat '{}' > '{}'", st.display(), copy.display());
+            let dir_s = dir.display().to_string();
+            let export = [
+                ferry_s.as_str(),
+                "export",
+                "--external-data",
+                "--model",
+                &dir_s,
+                &ext,
+            ];
+            let (mut cat_t, mut fer_t, mut cat_rss, mut fer_rss) = (Vec::new(), Vec::new(), 0, 0);
+            measure(&["sh", "-c", &cat])?;
+            for _ in 0..runs {
+                let (t, r) = measure(&["sh", "-c", &cat])?;
+                cat_t.push(t);
+                cat_rss = cat_rss.max(r);
+            }
+            let _ = std::fs::remove_file(&copy);
+            measure(&export)?;
+            for _ in 0..runs {
+                let (t, r) = measure(&export)?;
+                fer_t.push(t);
+                fer_rss = fer_rss.max(r);
+            }
+            Ok((size, median(cat_t), median(fer_t), cat_rss, fer_rss))
+        })();
+        let _ = std::fs::remove_dir_all(&dir);
+        let _ = std::fs::remove_dir_all(&out_dir);
+        let (size, c, f, cat_rss, fer_rss) = result?;
+        println!(
+            "  {label:>6}: {:.2} GB  cat {c:.2} s (peak RSS {:.1} MiB)  ferry export --external-data {f:.2} s ({:.2}x cat, peak RSS {:.1} MiB)",
+            size as f64 / 1e9,
+            cat_rss as f64 / 1024.0,
+            f / c,
+            fer_rss as f64 / 1024.0
+        );
+        rows.push((label, size, c, f, fer_rss));
+    }
+    println!("\nsynthetic BERT scale benchmark, median of {runs} run(s) after a warm-up:");
+    println!(
+        "  {:>6} {:>9} {:>9} {:>9} {:>7} {:>14}",
+        "case", "size GB", "cat s", "ferry s", "ratio", "ferry RSS MiB"
+    );
+    for (label, size, c, f, rss) in rows {
+        println!(
+            "  {label:>6} {:>9.2} {c:>9.2} {f:>9.2} {:>7.2} {:>14.1}",
+            size as f64 / 1e9,
+            f / c,
+            rss as f64 / 1024.0
+        );
+    }
     Ok(())
 }

@@ -31,6 +31,20 @@ enum Command {
     /// Run an exported model on text and print the task's answer (as the transformers
     /// pipeline for the task gives it).
     Run(RunArgs),
+    /// Optimize any ONNX model: fold constants (and transposed weights), remove dead nodes
+    /// and unused initializers.
+    Optimize(OptimizeArgs),
+}
+
+#[derive(Debug, Args)]
+struct OptimizeArgs {
+    /// The ONNX model to read (external data is read from beside it).
+    input: PathBuf,
+    /// Where to write the optimized model.
+    output: PathBuf,
+    /// Write weights to `OUTPUT_data` (automatic past protobuf's 2 GiB limit).
+    #[arg(long)]
+    external_data: bool,
 }
 
 #[derive(Debug, Args)]
@@ -92,6 +106,11 @@ struct ExportArgs {
     /// Output format.
     #[arg(long, value_enum, default_value_t = Format::Onnx)]
     format: Format,
+    /// Weight precision: `fp32` converts float16/bfloat16 checkpoint tensors to float32
+    /// while streaming them; `keep` exports the checkpoint's dtypes unchanged (float32
+    /// checkpoints only, for now).
+    #[arg(long, value_enum, default_value_t = Precision::Fp32)]
+    dtype: Precision,
     /// TorchScript: untie tied weights (each use gets its own cloned parameter), as
     /// transformers' `torchscript=True` flag does.
     #[arg(long)]
@@ -120,6 +139,15 @@ enum Format {
     Torchscript,
 }
 
+/// `ferry export --dtype`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Precision {
+    /// Float32 weights and compute (half-precision tensors upcast while streaming).
+    Fp32,
+    /// The checkpoint's own dtypes.
+    Keep,
+}
+
 #[derive(Debug, Args)]
 struct VerifyArgs {
     /// The ONNX model.
@@ -137,6 +165,7 @@ fn main() -> ExitCode {
         Command::Export(a) => export(&a),
         Command::Verify(a) => verify(&a),
         Command::Run(a) => run::run(&a),
+        Command::Optimize(a) => optimize(&a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -211,15 +240,17 @@ fn export(a: &ExportArgs) -> Result<(), String> {
     };
     let dir = ferry_loader::resolve(model, &opts).map_err(|e| e.to_string())?;
     let ckpt = ferry_loader::load(&dir).map_err(|e| e.to_string())?;
+    let dtype = checkpoint_dtype(&ckpt.weights);
     done(
         pb,
         format!(
-            "{} ({} tensors, {})",
+            "{} ({} tensors, {}, {dtype})",
             dir.display(),
             ckpt.weights.len(),
             ckpt.format
         ),
     );
+    let (weights, dtype_note) = export_weights(&ckpt.weights, &dtype, a.dtype)?;
 
     let pb = stage("trace");
     let task = a
@@ -238,11 +269,11 @@ fn export(a: &ExportArgs) -> Result<(), String> {
         ..Default::default()
     };
     let graph =
-        ferry_tracer::trace(&ckpt.config, &ckpt.weights, &trace_opts).map_err(|e| e.to_string())?;
+        ferry_tracer::trace(&ckpt.config, &weights, &trace_opts).map_err(|e| e.to_string())?;
     done(pb, format!("{} nodes", graph.nodes.len()));
 
     if a.format == Format::Torchscript {
-        return export_torchscript(a, output, &ckpt, &graph, &task, start);
+        return export_torchscript(a, output, &ckpt, &graph, &task, &dtype_note, start);
     }
 
     let pb = stage("write");
@@ -274,7 +305,7 @@ fn export(a: &ExportArgs) -> Result<(), String> {
         ));
     }
     eprintln!(
-        "exported {} [{}] task {}: {} parameters, opset {} (IR {}), {} in {:.2}s{}",
+        "exported {} [{}, {dtype_note}] task {}: {} parameters, opset {} (IR {}), {} in {:.2}s{}",
         ckpt.config.model_type,
         ckpt.format,
         task,
@@ -294,6 +325,7 @@ fn export_torchscript(
     ckpt: &ferry_loader::Checkpoint,
     graph: &ferry_ir::Graph,
     task: &str,
+    dtype_note: &str,
     start: Instant,
 ) -> Result<(), String> {
     if a.check || a.external_data {
@@ -325,7 +357,7 @@ fn export_torchscript(
         format!("fixed shape {}x{}", a.batch_size, a.sequence_length)
     };
     eprintln!(
-        "exported {} [{}] task {} as TorchScript ({class}, {shape_note}): {} parameters, {} tensors, {} ({}) in {:.2}s",
+        "exported {} [{}, {dtype_note}] task {} as TorchScript ({class}, {shape_note}): {} parameters, {} tensors, {} ({}) in {:.2}s",
         ckpt.config.model_type,
         ckpt.format,
         task,
@@ -336,6 +368,43 @@ fn export_torchscript(
         start.elapsed().as_secs_f64(),
     );
     Ok(())
+}
+
+/// The floating-point dtype(s) of a checkpoint's weights, e.g. `float16` or
+/// `float16+float32` (integer buffers such as `position_ids` are not counted).
+fn checkpoint_dtype(weights: &ferry_ir::Weights) -> String {
+    let mut names: Vec<String> = weights
+        .iter()
+        .filter(|t| t.dtype.is_float())
+        .map(|t| t.dtype.to_string())
+        .collect();
+    names.sort();
+    names.dedup();
+    if names.is_empty() {
+        "float32".into()
+    } else {
+        names.join("+")
+    }
+}
+
+/// The weights to trace for `--dtype`, and how the summary describes them: with `fp32`,
+/// half-precision tensors become float32 as they are streamed (see
+/// `Weights::upcast_to_f32`); `keep` refuses them, as ferry has no fp16 compute yet.
+fn export_weights(
+    weights: &ferry_ir::Weights,
+    dtype: &str,
+    precision: Precision,
+) -> Result<(ferry_ir::Weights, String), String> {
+    let half = weights
+        .iter()
+        .any(|t| matches!(t.dtype, ferry_ir::DType::F16 | ferry_ir::DType::BF16));
+    match (precision, half) {
+        (_, false) => Ok((weights.clone(), dtype.to_string())),
+        (Precision::Fp32, true) => Ok((weights.upcast_to_f32(), format!("{dtype} -> float32"))),
+        (Precision::Keep, true) => Err(format!(
+            "--dtype keep: the checkpoint is {dtype}, and fp16/bf16 compute is not supported yet; export with --dtype fp32 (the default)"
+        )),
+    }
 }
 
 /// Fails early (before any work) when the output cannot be written.
@@ -400,5 +469,41 @@ fn verify(a: &VerifyArgs) -> Result<(), String> {
             a.atol
         ));
     }
+    Ok(())
+}
+
+fn optimize(a: &OptimizeArgs) -> Result<(), String> {
+    check_output_path(&a.output)?;
+    // The output may replace the input: it is written under a temporary name and renamed,
+    // and the input's mapped bytes stay valid after the rename.
+    let pb = stage("reading");
+    let model = ferry_onnx::read_model(&a.input).map_err(|e| e.to_string())?;
+    let mut graph = model.graph;
+    let before = graph.nodes.len();
+    done(pb, format!("read {} ({before} nodes)", a.input.display()));
+    let pb = stage("optimizing");
+    let stats = ferry_optimizer::optimize(&mut graph).map_err(|e| e.to_string())?;
+    let summary = format!("{stats} ({before} → {} nodes)", graph.nodes.len());
+    done(pb, summary.clone());
+    let pb = stage("writing");
+    let opts = ferry_onnx::WriteOptions {
+        external_data: if a.external_data {
+            ferry_onnx::ExternalData::Always
+        } else {
+            ferry_onnx::ExternalData::Auto
+        },
+        doc_string: model.info.doc_string,
+        metadata: model.info.metadata,
+    };
+    let report = ferry_onnx::write_model(&graph, &a.output, &opts).map_err(|e| e.to_string())?;
+    done(
+        pb,
+        format!(
+            "wrote {} ({})",
+            report.model_path.display(),
+            human_bytes(report.model_bytes + report.data_bytes)
+        ),
+    );
+    println!("{summary}");
     Ok(())
 }

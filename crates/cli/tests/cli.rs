@@ -369,6 +369,23 @@ fn output_in_read_only_directory() {
 }
 
 #[test]
+fn keep_dtype_of_a_half_checkpoint_is_a_clear_error() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for case in ["bert-tiny-fp16", "bert-tiny-bf16"] {
+        let out = dir.path().join(format!("{case}.onnx"));
+        assert_fails_cleanly(
+            &export(&testdata(case), &out, &["--dtype", "keep"]),
+            &out,
+            "fp16/bf16 compute is not supported yet",
+        );
+    }
+    // A float32 checkpoint exports as it is with --dtype keep.
+    let out = dir.path().join("keep.onnx");
+    let o = export(&testdata("bert-tiny-gelu"), &out, &["--dtype", "keep"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+}
+
+#[test]
 fn unsupported_opset() {
     let dir = tempfile::tempdir().expect("tempdir");
     let out = dir.path().join("out.onnx");
@@ -881,4 +898,61 @@ fn run_bad_input_is_one_line() {
         ],
     );
     assert!(got["answer"].is_string(), "{got}");
+}
+
+/// `ferry optimize` on the tiny BERT export: Transposes of weights and Constants are folded,
+/// and the optimized model (inline and with external data, and in place) still matches its
+/// golden within 1e-4 in ONNX Runtime.
+#[test]
+fn optimized_tiny_bert_matches_golden() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let model = dir.path().join("model.onnx");
+    let o = export(&testdata("bert-tiny-gelu"), &model, &[]);
+    assert!(o.status.success(), "export failed: {}", stderr(&o));
+    let before = ferry_onnx::read_graph(&model).expect("read export");
+    let golden =
+        ferry_verifier::Golden::load(&testdata("bert-tiny-gelu").join("golden.safetensors"))
+            .expect("golden");
+    for (name, extra) in [
+        ("opt.onnx", &[][..]),
+        ("opt-ext.onnx", &["--external-data"][..]),
+    ] {
+        let out = dir.path().join(name);
+        let o = run(ferry().arg("optimize").arg(&model).arg(&out).args(extra));
+        assert!(o.status.success(), "optimize failed: {}", stderr(&o));
+        let summary = String::from_utf8_lossy(&o.stdout);
+        assert!(summary.contains("Transpose"), "{summary}");
+        let after = ferry_onnx::read_graph(&out).expect("read optimized");
+        let count = |g: &ferry_ir::Graph, op: &str| g.op_counts().get(op).copied().unwrap_or(0);
+        assert!(
+            count(&before, "Transpose") > count(&after, "Transpose"),
+            "{summary}"
+        );
+        assert_eq!(count(&after, "Constant"), 0, "{summary}");
+        assert!(after.nodes.len() < before.nodes.len(), "{summary}");
+        let mut m = ferry_verifier::Model::load(&out, 2).expect("ONNX Runtime loads it");
+        for r in ferry_verifier::compare(&mut m, &golden).expect("runs") {
+            assert!(
+                r.max_abs <= 1e-4,
+                "{name}: {} max-abs {}",
+                r.name,
+                r.max_abs
+            );
+        }
+    }
+    // In place, and a bad input is one error line.
+    let o = run(ferry().arg("optimize").arg(&model).arg(&model));
+    assert!(
+        o.status.success(),
+        "in-place optimize failed: {}",
+        stderr(&o)
+    );
+    let junk = dir.path().join("junk.onnx");
+    std::fs::write(&junk, [0xffu8; 32]).expect("write");
+    let o = run(ferry()
+        .arg("optimize")
+        .arg(&junk)
+        .arg(dir.path().join("x.onnx")));
+    assert!(!o.status.success());
+    assert!(stderr(&o).starts_with("error: "), "{}", stderr(&o));
 }

@@ -12,6 +12,9 @@ use memmap2::Mmap;
 
 use crate::DType;
 
+/// Bytes converted per step when a [`TensorData::Converted`] is written (256 KiB out).
+const CONVERT_CHUNK: usize = 256 * 1024;
+
 /// A read-only file mapped into memory, shared by every tensor that borrows from it.
 pub struct MappedFile {
     path: PathBuf,
@@ -181,6 +184,58 @@ pub enum TensorData {
         /// The reader.
         read: LazyRead,
     },
+    /// `source`'s elements converted from `from` to `to` as they are streamed, chunk by
+    /// chunk (a half-precision checkpoint exported as float32): the converted tensor is
+    /// never held in memory whole, except when [`TensorData::bytes`] is asked for it.
+    /// Supported conversions: see [`TensorData::converted`].
+    Converted {
+        /// The stored bytes, in `from`.
+        source: Arc<TensorData>,
+        /// The element type of `source`.
+        from: DType,
+        /// The element type produced.
+        to: DType,
+    },
+}
+
+/// Whether [`TensorData::converted`] can convert `from` to `to`.
+pub fn can_convert(from: DType, to: DType) -> bool {
+    from == to || (matches!(from, DType::F16 | DType::BF16) && to == DType::F32)
+}
+
+/// Appends the conversion of `src` (whole `from` elements) to `out`.
+fn convert_into(from: DType, to: DType, src: &[u8], out: &mut Vec<u8>) -> io::Result<()> {
+    if !src.len().is_multiple_of(from.size()) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!(
+                "tensor length is not a multiple of {}-byte {from} elements",
+                from.size()
+            ),
+        ));
+    }
+    match (from, to) {
+        (a, b) if a == b => out.extend_from_slice(src),
+        (DType::F16, DType::F32) => {
+            for c in src.chunks_exact(2) {
+                let v = half::f16::from_le_bytes([c[0], c[1]]).to_f32();
+                out.extend_from_slice(&v.to_le_bytes());
+            }
+        }
+        (DType::BF16, DType::F32) => {
+            for c in src.chunks_exact(2) {
+                let v = half::bf16::from_le_bytes([c[0], c[1]]).to_f32();
+                out.extend_from_slice(&v.to_le_bytes());
+            }
+        }
+        (a, b) => {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                format!("cannot convert tensor data from {a} to {b}"),
+            ));
+        }
+    }
+    Ok(())
 }
 
 impl TensorData {
@@ -204,7 +259,23 @@ impl TensorData {
         match self {
             TensorData::Mapped { len, .. } | TensorData::Lazy { len, .. } => *len,
             TensorData::Owned(b) => b.len() as u64,
+            TensorData::Converted { source, from, to } => {
+                source.len() / from.size() as u64 * to.size() as u64
+            }
         }
+    }
+
+    /// `source` (elements of `from`) converted to `to` when streamed; `None` when ferry
+    /// cannot convert between the two (see [`can_convert`]). Equal types return `source`.
+    pub fn converted(source: TensorData, from: DType, to: DType) -> Option<Self> {
+        if from == to {
+            return Some(source);
+        }
+        can_convert(from, to).then(|| TensorData::Converted {
+            source: Arc::new(source),
+            from,
+            to,
+        })
     }
 
     /// Whether there are no bytes.
@@ -239,6 +310,12 @@ impl TensorData {
                 }
                 Ok(Cow::Owned(v))
             }
+            TensorData::Converted { source, from, to } => {
+                let src = source.bytes()?;
+                let mut out = Vec::with_capacity(usize::try_from(self.len()).unwrap_or(0));
+                convert_into(*from, *to, &src, &mut out)?;
+                Ok(Cow::Owned(out))
+            }
         }
     }
 
@@ -246,6 +323,9 @@ impl TensorData {
     pub fn write_to<W: Write>(&self, out: &mut W) -> io::Result<()> {
         match self {
             TensorData::Mapped { file, offset, len } => file.copy_range_to(*offset, *len, out),
+            TensorData::Converted { .. } => {
+                self.for_each_chunk(CONVERT_CHUNK, |c| out.write_all(c))
+            }
             _ => out.write_all(&self.bytes()?),
         }
     }
@@ -257,9 +337,56 @@ impl TensorData {
         chunk: usize,
         mut f: impl FnMut(&[u8]) -> io::Result<()>,
     ) -> io::Result<()> {
+        self.for_each_chunk_dyn(chunk, &mut f)
+    }
+
+    /// [`TensorData::for_each_chunk`] over a trait object (`Converted` recurses into its
+    /// source, which a generic closure type cannot).
+    fn for_each_chunk_dyn(
+        &self,
+        chunk: usize,
+        f: &mut dyn FnMut(&[u8]) -> io::Result<()>,
+    ) -> io::Result<()> {
         match self {
             TensorData::Mapped { file, offset, len } => {
                 file.for_each_chunk(*offset, *len, chunk, f)
+            }
+            TensorData::Converted { source, from, to } => {
+                let (fs, ts) = (from.size(), to.size());
+                // Source chunks of whole elements whose conversion is at most `chunk` bytes.
+                let src_chunk = (chunk / ts).max(1) * fs;
+                let mut carry: Vec<u8> = Vec::new();
+                let mut buf: Vec<u8> = Vec::with_capacity(src_chunk / fs * ts);
+                source.for_each_chunk_dyn(src_chunk, &mut |c: &[u8]| {
+                    // Chunks normally hold whole elements; keep any split one for the next.
+                    let mut c = c;
+                    if !carry.is_empty() {
+                        let need = fs - carry.len();
+                        let take = need.min(c.len());
+                        carry.extend_from_slice(&c[..take]);
+                        c = &c[take..];
+                        if carry.len() < fs {
+                            return Ok(());
+                        }
+                        buf.clear();
+                        convert_into(*from, *to, &carry, &mut buf)?;
+                        carry.clear();
+                        f(&buf)?;
+                    }
+                    let whole = c.len() / fs * fs;
+                    buf.clear();
+                    convert_into(*from, *to, &c[..whole], &mut buf)?;
+                    carry.extend_from_slice(&c[whole..]);
+                    if buf.is_empty() { Ok(()) } else { f(&buf) }
+                })?;
+                if carry.is_empty() {
+                    Ok(())
+                } else {
+                    Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!("tensor length is not a multiple of {fs}-byte {from} elements"),
+                    ))
+                }
             }
             _ => {
                 let b = self.bytes()?;
@@ -288,6 +415,9 @@ impl fmt::Debug for TensorData {
             }
             TensorData::Owned(b) => write!(f, "Owned({} bytes)", b.len()),
             TensorData::Lazy { len, .. } => write!(f, "Lazy({len} bytes)"),
+            TensorData::Converted { source, from, to } => {
+                write!(f, "Converted({from}->{to}, {source:?})")
+            }
         }
     }
 }
@@ -358,6 +488,29 @@ impl Weights {
     pub fn total_bytes(&self) -> u64 {
         self.tensors.values().map(|t| t.data.len()).sum()
     }
+
+    /// The same table with every float16 and bfloat16 tensor as float32: each becomes a
+    /// [`TensorData::Converted`] over the checkpoint's bytes, converted chunk by chunk when
+    /// a writer streams it, so no weight is read here and no whole-model copy is ever made.
+    /// Other tensors (float32, integer, float64) are shared unchanged. This is what
+    /// `ferry export --dtype fp32` (the default) traces half-precision checkpoints from.
+    pub fn upcast_to_f32(&self) -> Weights {
+        let mut out = Weights::new();
+        for t in self.tensors.values() {
+            let mut t = t.clone();
+            if matches!(t.dtype, DType::F16 | DType::BF16) {
+                let source = std::mem::replace(&mut t.data, TensorData::owned(Vec::new()));
+                t.data = TensorData::Converted {
+                    source: Arc::new(source),
+                    from: t.dtype,
+                    to: DType::F32,
+                };
+                t.dtype = DType::F32;
+            }
+            out.insert(t);
+        }
+        out
+    }
 }
 
 #[cfg(test)]
@@ -372,6 +525,52 @@ mod tests {
         let mut out = Vec::new();
         assert!(d.write_to(&mut out).is_ok());
         assert_eq!(out.len(), 8);
+    }
+
+    #[test]
+    fn converted_half_streams_as_f32_in_any_chunk_size() -> io::Result<()> {
+        let values = [0.0f32, 1.0, -2.5, 0.333, 65504.0, -1e-3, 7.25];
+        for from in [DType::F16, DType::BF16] {
+            let (raw, want): (Vec<u8>, Vec<f32>) = if from == DType::F16 {
+                let h: Vec<half::f16> = values.iter().map(|&v| half::f16::from_f32(v)).collect();
+                (
+                    h.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                    h.iter().map(|v| v.to_f32()).collect(),
+                )
+            } else {
+                let h: Vec<half::bf16> = values.iter().map(|&v| half::bf16::from_f32(v)).collect();
+                (
+                    h.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                    h.iter().map(|v| v.to_f32()).collect(),
+                )
+            };
+            let d = TensorData::converted(TensorData::owned(raw), from, DType::F32)
+                .ok_or_else(|| io::Error::other("no conversion"))?;
+            assert_eq!(d.len(), values.len() as u64 * 4);
+            assert_eq!(d.to_f32_vec()?, want);
+            let mut out = Vec::new();
+            d.write_to(&mut out)?;
+            assert_eq!(out, &*d.bytes()?);
+            for chunk in [1, 3, 4, 5, 8, 1000] {
+                let mut got = Vec::new();
+                d.for_each_chunk(chunk, |c| {
+                    assert!(c.len() <= chunk.max(4));
+                    got.extend_from_slice(c);
+                    Ok(())
+                })?;
+                assert_eq!(got, out, "chunk {chunk}");
+            }
+        }
+        assert!(
+            TensorData::converted(TensorData::owned(vec![0; 4]), DType::F32, DType::F16).is_none()
+        );
+        let odd = TensorData::Converted {
+            source: Arc::new(TensorData::owned(vec![0; 3])),
+            from: DType::F16,
+            to: DType::F32,
+        };
+        assert!(odd.write_to(&mut Vec::new()).is_err());
+        Ok(())
     }
 
     #[test]

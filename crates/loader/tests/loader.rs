@@ -27,6 +27,63 @@ fn safetensors_weights_are_borrowed_from_the_map() {
 }
 
 #[test]
+fn half_checkpoints_upcast_to_f32_while_streaming() {
+    use ferry_ir::DType;
+    for (case, dtype) in [
+        ("bert-tiny-fp16", DType::F16),
+        ("bert-tiny-bf16", DType::BF16),
+    ] {
+        let c = load(&testdata(case)).expect("load");
+        let name = "encoder.layer.0.attention.self.query.weight";
+        let w = c.weights.get(name).expect("query weight");
+        assert_eq!(w.dtype, dtype);
+        assert_eq!(w.data.len(), 32 * 32 * 2);
+        let raw = w.data.bytes().expect("raw bytes");
+        let want: Vec<f32> = raw
+            .chunks_exact(2)
+            .map(|b| match dtype {
+                DType::F16 => half::f16::from_le_bytes([b[0], b[1]]).to_f32(),
+                _ => half::bf16::from_le_bytes([b[0], b[1]]).to_f32(),
+            })
+            .collect();
+        assert!(want.iter().any(|v| *v != 0.0));
+
+        let up = c.weights.upcast_to_f32();
+        assert_eq!(up.len(), c.weights.len());
+        assert!(
+            up.iter()
+                .all(|t| t.dtype != DType::F16 && t.dtype != DType::BF16)
+        );
+        let t = up.get(name).expect("converted");
+        assert_eq!(t.dtype, DType::F32);
+        assert_eq!(t.dims, w.dims);
+        assert!(matches!(t.data, TensorData::Converted { .. }));
+        assert_eq!(t.data.len(), 32 * 32 * 4);
+        assert_eq!(t.data.to_f32_vec().expect("convert"), want);
+        // Streamed (as the writers do) in small chunks: the same float32 bytes.
+        let mut streamed = Vec::new();
+        t.data.write_to(&mut streamed).expect("write");
+        let mut chunked = Vec::new();
+        t.data
+            .for_each_chunk(100, |b| {
+                chunked.extend_from_slice(b);
+                Ok(())
+            })
+            .expect("chunks");
+        let want_bytes: Vec<u8> = want.iter().flat_map(|v| v.to_le_bytes()).collect();
+        assert_eq!(streamed, want_bytes);
+        assert_eq!(chunked, want_bytes);
+    }
+    // Float32 checkpoints are shared unchanged.
+    let c = load(&testdata("bert-tiny-gelu")).expect("load");
+    let up = c.weights.upcast_to_f32();
+    assert!(
+        up.iter()
+            .all(|t| !matches!(t.data, TensorData::Converted { .. }))
+    );
+}
+
+#[test]
 fn sharded_safetensors() {
     let c = load(&testdata("bert-tiny-relu-sharded")).expect("load");
     assert_eq!(c.format, WeightFormat::ShardedSafetensors(3));

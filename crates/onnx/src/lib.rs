@@ -9,9 +9,11 @@
 
 pub mod proto;
 mod read;
+mod to_ir;
 mod write;
 
 pub use read::{ReadError, read_metadata, read_model_proto};
+pub use to_ir::{ModelInfo, OnnxModel, read_graph, read_model};
 pub use write::{
     ExternalData, OnnxError, WriteOptions, WriteReport, ir_version_for_opset, write_model,
 };

@@ -33,6 +33,15 @@ pub enum ReadError {
         /// What is wrong.
         reason: &'static str,
     },
+    /// The model is valid protobuf but uses something ferry's IR cannot hold, or its
+    /// contents are inconsistent (names the node or tensor).
+    #[error("{path}: {reason}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong, naming the node or tensor.
+        reason: String,
+    },
 }
 
 /// Reads and decodes a whole `.onnx` file (external data is left where it is).

@@ -176,7 +176,9 @@ fn every_golden_export_parses_in_burn_onnx_ir() {
                 opset,
                 ..Default::default()
             };
-            let g = ferry_tracer::trace(&ck.config, &ck.weights, &opts).expect("trace");
+            // Half-precision goldens export as float32, as `ferry export` does by default.
+            let weights = ck.weights.upcast_to_f32();
+            let g = ferry_tracer::trace(&ck.config, &weights, &opts).expect("trace");
             let out = dir.path().join(format!("m{opset}.onnx"));
             write_model(&g, &out, &WriteOptions::default()).expect("write");
             let parsed = onnx_ir::OnnxGraphBuilder::new().parse_file(&out);
@@ -231,4 +233,187 @@ fn metadata_props_round_trip() {
     let junk = dir.path().join("junk.onnx");
     std::fs::write(&junk, [0xffu8; 16]).expect("write");
     assert!(ferry_onnx::read_metadata(&junk).is_err());
+}
+
+/// Traces one golden checkpoint of testdata at `opset`.
+fn trace_golden(case: &str, opset: i64) -> Graph {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../testdata")
+        .join(case);
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("case.json")).expect("case"))
+            .expect("json");
+    let task = meta["task"]
+        .as_str()
+        .unwrap_or("feature-extraction")
+        .to_string();
+    let ck = ferry_loader::load(&dir).expect("load");
+    let opts = ferry_tracer::TraceOptions {
+        task,
+        opset,
+        ..Default::default()
+    };
+    ferry_tracer::trace(&ck.config, &ck.weights, &opts).expect("trace")
+}
+
+/// ONNX → IR → ONNX: golden exports read back with `read_model` (weights mapped, not
+/// copied) and written again decode to the same `ModelProto`, inline and with external
+/// data, and the model-level fields survive.
+#[test]
+fn read_graph_round_trips_golden_exports() {
+    use ferry_onnx::read_model;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (a_dir, b_dir) = (dir.path().join("a"), dir.path().join("b"));
+    std::fs::create_dir_all(&a_dir).expect("mkdir");
+    std::fs::create_dir_all(&b_dir).expect("mkdir");
+    let cases = [
+        ("bert-tiny-gelu", 17),
+        ("bert-tiny-tanh-bin", 14),
+        ("gpt2-tiny-text-generation-with-past", 17),
+        ("distilbert-tiny-question-answering", 21),
+        ("albert-tiny-fill-mask", 17),
+        ("mpnet-tiny-feature-extraction", 14),
+    ];
+    for (case, opset) in cases {
+        let g = trace_golden(case, opset);
+        for external in [ExternalData::Auto, ExternalData::Always] {
+            let what = format!("{case} (opset {opset}, {external:?})");
+            // The same file name in both directories, so external-data locations agree.
+            let (a, b) = (a_dir.join("m.onnx"), b_dir.join("m.onnx"));
+            let opts = WriteOptions {
+                external_data: external,
+                doc_string: format!("exported from {case}"),
+                metadata: vec![("ferry.task".into(), "x".into()), ("k".into(), "v".into())],
+            };
+            write_model(&g, &a, &opts).expect("write a");
+            let m = read_model(&a).expect("read_model");
+            assert_eq!(m.info.producer_name, "ferry", "{what}");
+            assert_eq!(m.info.doc_string, opts.doc_string, "{what}");
+            assert_eq!(m.info.metadata, opts.metadata, "{what}");
+            assert_eq!(m.graph.nodes.len(), g.nodes.len(), "{what}");
+            assert_eq!(m.graph.op_counts(), g.op_counts(), "{what}");
+            assert_eq!(m.graph.inputs, g.inputs, "{what}");
+            assert_eq!(m.graph.outputs, g.outputs, "{what}");
+            assert_eq!(m.graph.opsets, g.opsets, "{what}");
+            // Every initializer's bytes are a range of the model (or side) file.
+            for init in &m.graph.initializers {
+                assert!(
+                    matches!(init.data, TensorData::Mapped { .. }),
+                    "{what}: `{}` is {:?}",
+                    init.name,
+                    init.data
+                );
+            }
+            let again = WriteOptions {
+                external_data: external,
+                doc_string: m.info.doc_string.clone(),
+                metadata: m.info.metadata.clone(),
+            };
+            write_model(&m.graph, &b, &again).expect("write b");
+            let (pa, pb) = (
+                read_model_proto(&a).expect("decode a"),
+                read_model_proto(&b).expect("decode b"),
+            );
+            assert!(pa == pb, "{what}: re-written model differs");
+            if external == ExternalData::Always {
+                let side = |p: &std::path::Path| {
+                    std::fs::read(p.with_file_name("m.onnx_data")).expect("side file")
+                };
+                assert!(side(&a) == side(&b), "{what}: side files differ");
+            }
+            // The graph read back is dropped before the files it maps are replaced.
+            drop(m);
+        }
+    }
+}
+
+/// Broken files and unsafe external-data locations are errors, not panics.
+#[test]
+fn read_graph_rejects_bad_files() {
+    use ferry_onnx::proto::{AttributeProto, GraphProto, ModelProto, NodeProto, attribute_type};
+    use ferry_onnx::{ReadError, read_graph};
+    use prost::Message;
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let p = |n: &str| dir.path().join(n);
+    let weight: Vec<f32> = (0..1000).map(|i| i as f32).collect();
+    let good = p("good.onnx");
+    write_model(&graph(17, weight.clone()), &good, &WriteOptions::default()).expect("write");
+    let g = read_graph(&good).expect("good model reads");
+    assert_eq!(g.initializers[0].data.to_f32_vec().expect("f32"), weight);
+    assert!(matches!(g.nodes[0].attr("note"), Some(Attr::Ints(v)) if v == &[1, 2]));
+
+    // Garbage, empty and truncated files.
+    std::fs::write(p("junk.onnx"), [0xffu8; 64]).expect("write");
+    std::fs::write(p("empty.onnx"), []).expect("write");
+    let bytes = std::fs::read(&good).expect("read");
+    for cut in [1, 10, bytes.len() / 2, bytes.len() - 1] {
+        std::fs::write(p("cut.onnx"), &bytes[..cut]).expect("write");
+        assert!(read_graph(&p("cut.onnx")).is_err(), "cut at {cut}");
+    }
+    assert!(read_graph(&p("junk.onnx")).is_err());
+    assert!(read_graph(&p("empty.onnx")).is_err());
+    assert!(matches!(
+        read_graph(&p("missing.onnx")),
+        Err(ReadError::Io { .. })
+    ));
+
+    // External data: locations leaving the directory, and ranges past the side file's end.
+    let ext = p("ext.onnx");
+    let opts = WriteOptions {
+        external_data: ExternalData::Always,
+        ..Default::default()
+    };
+    write_model(&graph(17, weight.clone()), &ext, &opts).expect("write");
+    let g = read_graph(&ext).expect("external model reads");
+    assert_eq!(g.initializers[0].data.to_f32_vec().expect("f32"), weight);
+    let with_entry = |key: &str, value: &str| {
+        let mut m = read_model_proto(&ext).expect("decode");
+        let t = &mut m.graph.as_mut().expect("graph").initializer[0];
+        for e in &mut t.external_data {
+            if e.key == key {
+                e.value = value.into();
+            }
+        }
+        let out = p("edited.onnx");
+        std::fs::write(&out, m.encode_to_vec()).expect("write");
+        read_graph(&out)
+    };
+    for loc in ["../x", "/etc/passwd", "a/../../x", ""] {
+        let e = with_entry("location", loc).expect_err(loc);
+        assert!(
+            e.to_string().contains("outside") || e.to_string().contains("not a file inside"),
+            "{loc}: {e}"
+        );
+    }
+    let e = with_entry("offset", "4000000").expect_err("offset");
+    assert!(e.to_string().contains("runs past the end"), "{e}");
+    let e = with_entry("length", "nope").expect_err("length");
+    assert!(e.to_string().contains("not a number"), "{e}");
+
+    // An attribute kind the IR does not hold names the node.
+    let m = ModelProto {
+        ir_version: 8,
+        graph: Some(GraphProto {
+            node: vec![NodeProto {
+                name: "/If".into(),
+                op_type: "If".into(),
+                attribute: vec![AttributeProto {
+                    name: "then_branch".into(),
+                    r#type: attribute_type::GRAPH,
+                    g: Some(Box::default()),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    std::fs::write(p("if.onnx"), m.encode_to_vec()).expect("write");
+    let e = read_graph(&p("if.onnx")).expect_err("graph attribute");
+    assert!(
+        e.to_string().contains("/If") && e.to_string().contains("then_branch"),
+        "{e}"
+    );
 }

@@ -1,0 +1,173 @@
+//! ferry-optimizer: graph passes that work on any model's IR, whoever exported it.
+//!
+//! Each pass is a function over a [`Graph`] that returns how much it changed: constant
+//! folding ([`fold_constants`]: `Constant` nodes → initializers; [`fold_transposes`]:
+//! `Transpose` of an initializer → the transposed initializer, so later fusions see MatMul
+//! weights as plain initializers) and clean-ups ([`remove_dead_nodes`],
+//! [`remove_unused_initializers`]). [`optimize`] runs them in order and returns
+//! [`Stats`]. Folded tensors are owned; untouched initializers keep borrowing their bytes.
+
+mod fold;
+mod prune;
+
+use std::fmt;
+
+use ferry_ir::Graph;
+
+pub use fold::{fold_constants, fold_transposes};
+pub use prune::{remove_dead_nodes, remove_unused_initializers};
+
+/// Why a pass failed. The graph may be partly optimized when this is returned.
+#[derive(Debug, thiserror::Error)]
+pub enum OptimizeError {
+    /// An initializer's bytes could not be read.
+    #[error("cannot read tensor `{name}`: {source}")]
+    Io {
+        /// The tensor.
+        name: String,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// A node is inconsistent with its inputs (e.g. a `perm` that is not a permutation).
+    #[error("node `{node}` ({op_type}): {reason}")]
+    BadNode {
+        /// Node name.
+        node: String,
+        /// Its op type.
+        op_type: String,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+/// What [`optimize`] changed, per pass.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// `Constant` nodes turned into initializers.
+    pub constants_folded: usize,
+    /// `Transpose` nodes of initializers replaced by transposed initializers.
+    pub transposes_folded: usize,
+    /// Nodes removed because none of their outputs reaches a graph output.
+    pub dead_nodes_removed: usize,
+    /// Initializers removed because nothing uses them.
+    pub unused_initializers_removed: usize,
+}
+
+impl fmt::Display for Stats {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "folded {} Constant and {} Transpose nodes; removed {} dead nodes and {} unused initializers",
+            self.constants_folded,
+            self.transposes_folded,
+            self.dead_nodes_removed,
+            self.unused_initializers_removed
+        )
+    }
+}
+
+/// Runs every pass once, in order: constants, transposes, dead nodes, unused initializers.
+pub fn optimize(graph: &mut Graph) -> Result<Stats, OptimizeError> {
+    let constants_folded = fold_constants(graph);
+    let transposes_folded = fold_transposes(graph)?;
+    let dead_nodes_removed = remove_dead_nodes(graph);
+    let unused_initializers_removed = remove_unused_initializers(graph);
+    Ok(Stats {
+        constants_folded,
+        transposes_folded,
+        dead_nodes_removed,
+        unused_initializers_removed,
+    })
+}
+
+#[cfg(test)]
+pub(crate) mod test_util {
+    use std::collections::BTreeMap;
+
+    use ferry_ir::{Attr, DType, Graph, Initializer, Node, OpsetImport, TensorData, Value};
+
+    pub fn node(op: &str, inputs: &[&str], outputs: &[&str], attrs: Vec<(&str, Attr)>) -> Node {
+        Node {
+            name: format!("/{op}_{}", outputs.first().copied().unwrap_or("")),
+            op_type: op.into(),
+            domain: String::new(),
+            inputs: inputs.iter().map(|s| s.to_string()).collect(),
+            outputs: outputs.iter().map(|s| s.to_string()).collect(),
+            attrs: attrs
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v))
+                .collect::<BTreeMap<_, _>>(),
+        }
+    }
+
+    pub fn init(name: &str, dims: Vec<i64>, values: &[f32]) -> Initializer {
+        Initializer {
+            name: name.into(),
+            dtype: DType::F32,
+            dims,
+            data: TensorData::from_f32(values),
+        }
+    }
+
+    pub fn graph(nodes: Vec<Node>, initializers: Vec<Initializer>, outputs: &[&str]) -> Graph {
+        Graph {
+            name: "g".into(),
+            inputs: vec![Value::new("x", DType::F32, vec![])],
+            outputs: outputs
+                .iter()
+                .map(|o| Value::new(*o, DType::F32, vec![]))
+                .collect(),
+            nodes,
+            initializers,
+            value_info: vec![],
+            opsets: vec![OpsetImport {
+                domain: String::new(),
+                version: 17,
+            }],
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use ferry_ir::Attr;
+
+    use super::test_util::{graph, init, node};
+    use super::*;
+
+    #[test]
+    fn optimize_runs_every_pass() {
+        // y = x @ Transpose(w); c is a Constant nobody needs after folding; dead Relu.
+        let mut g = graph(
+            vec![
+                node("Transpose", &["w"], &["wt"], vec![]),
+                node("MatMul", &["x", "wt"], &["y"], vec![]),
+                node(
+                    "Constant",
+                    &[],
+                    &["c"],
+                    vec![("value_float", Attr::Float(2.0))],
+                ),
+                node("Relu", &["c"], &["r"], vec![]),
+            ],
+            vec![init("w", vec![2, 3], &[1., 2., 3., 4., 5., 6.])],
+            &["y"],
+        );
+        let stats = optimize(&mut g).expect("optimize");
+        assert_eq!(
+            stats,
+            Stats {
+                constants_folded: 1,
+                transposes_folded: 1,
+                dead_nodes_removed: 1,
+                unused_initializers_removed: 2,
+            }
+        );
+        assert_eq!(g.nodes.len(), 1);
+        assert_eq!(g.nodes[0].op_type, "MatMul");
+        assert_eq!(g.initializers.len(), 1);
+        assert_eq!(g.initializers[0].name, "wt");
+        assert_eq!(g.initializers[0].dims, vec![3, 2]);
+        assert!(stats.to_string().contains("1 Transpose"));
+    }
+}
