@@ -956,3 +956,76 @@ fn optimized_tiny_bert_matches_golden() {
     assert!(!o.status.success());
     assert!(stderr(&o).starts_with("error: "), "{}", stderr(&o));
 }
+
+/// `ferry optimize` fuses the tiny BERT exports at opset 17 into ONNX Runtime's contrib ops
+/// (erf GELU → BiasGelu, residual Add + LayerNormalization → SkipLayerNormalization with the
+/// dense bias absorbed) and the result still matches the golden within 1e-4. The tanh GELU
+/// checkpoint keeps its activation (FastGelu is not fused) but still gets SkipLayerNorm.
+#[test]
+fn optimize_fuses_contrib_ops_and_keeps_parity() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // (case, task flags, BiasGelu, SkipLayerNormalization)
+    let cases: [(&str, &[&str], usize, usize); 3] = [
+        ("bert-tiny-gelu", &[], 2, 4),
+        (
+            "bert-tiny-tanh-bin",
+            &["--task", "feature-extraction"],
+            0,
+            6,
+        ),
+        // The masked-LM head's transform adds a third BiasGelu.
+        ("bert-tiny-fill-mask", &[], 3, 4),
+    ];
+    for (case, extra, bias_gelu, skip_ln) in cases {
+        let model = dir.path().join(format!("{case}.onnx"));
+        let mut args = vec!["--opset", "17"];
+        args.extend_from_slice(extra);
+        let o = export(&testdata(case), &model, &args);
+        assert!(o.status.success(), "export failed: {}", stderr(&o));
+        let out = dir.path().join(format!("{case}-opt.onnx"));
+        let o = run(ferry().arg("optimize").arg(&model).arg(&out));
+        assert!(o.status.success(), "optimize failed: {}", stderr(&o));
+        let summary = String::from_utf8_lossy(&o.stdout).into_owned();
+        let proto = ferry_onnx::read_model_proto(&out).expect("read optimized");
+        let graph = proto.graph.as_ref().expect("graph");
+        let count = |op: &str| graph.node.iter().filter(|n| n.op_type == op).count();
+        assert_eq!(count("BiasGelu"), bias_gelu, "{case}: {summary}");
+        assert_eq!(
+            count("SkipLayerNormalization"),
+            skip_ln,
+            "{case}: {summary}"
+        );
+        assert_eq!(count("Gelu"), 0, "{case}: {summary}");
+        assert_eq!(count("Erf"), 0, "{case}: {summary}");
+        if bias_gelu == 0 {
+            assert!(count("Tanh") > 0, "{case}: {summary}");
+        }
+        // Every fused op is in com.microsoft, which is imported once at version 1.
+        for n in &graph.node {
+            if ["BiasGelu", "SkipLayerNormalization"].contains(&n.op_type.as_str()) {
+                assert_eq!(n.domain, "com.microsoft", "{case}");
+            }
+        }
+        let ms: Vec<i64> = proto
+            .opset_import
+            .iter()
+            .filter(|o| o.domain == "com.microsoft")
+            .map(|o| o.version)
+            .collect();
+        assert_eq!(ms, vec![1], "{case}");
+        let golden = ferry_verifier::Golden::load(&testdata(case).join("golden.safetensors"))
+            .expect("golden");
+        let mut m = ferry_verifier::Model::load(&out, 2).expect("ONNX Runtime loads it");
+        let reports = ferry_verifier::compare(&mut m, &golden).expect("runs");
+        assert_eq!(reports.len(), golden.outputs.len());
+        for r in &reports {
+            println!("{case} optimized {}: max-abs {:.3e}", r.name, r.max_abs);
+            assert!(
+                r.max_abs <= 1e-4,
+                "{case}: {} max-abs {}",
+                r.name,
+                r.max_abs
+            );
+        }
+    }
+}

@@ -4,10 +4,12 @@
 //! folding ([`fold_constants`]: `Constant` nodes → initializers; [`fold_transposes`]:
 //! `Transpose` of an initializer → the transposed initializer, so later fusions see MatMul
 //! weights as plain initializers) and clean-ups ([`remove_dead_nodes`],
-//! [`remove_unused_initializers`]). [`optimize`] runs them in order and returns
-//! [`Stats`]. Folded tensors are owned; untouched initializers keep borrowing their bytes.
+//! [`remove_unused_initializers`]) and exact-rewrite fusions into ONNX Runtime's
+//! `com.microsoft` contrib ops ([`fuse_gelu`], [`fuse_bias_gelu`], [`fuse_skip_layer_norm`]).
+//! [`optimize`] runs them in order and returns [`Stats`]. Folded tensors are owned; untouched initializers keep borrowing their bytes.
 
 mod fold;
+mod fuse;
 mod prune;
 
 use std::fmt;
@@ -15,6 +17,7 @@ use std::fmt;
 use ferry_ir::Graph;
 
 pub use fold::{fold_constants, fold_transposes};
+pub use fuse::{MS_DOMAIN, fuse_bias_gelu, fuse_gelu, fuse_skip_layer_norm};
 pub use prune::{remove_dead_nodes, remove_unused_initializers};
 
 /// Why a pass failed. The graph may be partly optimized when this is returned.
@@ -51,25 +54,38 @@ pub struct Stats {
     pub dead_nodes_removed: usize,
     /// Initializers removed because nothing uses them.
     pub unused_initializers_removed: usize,
+    /// Erf GELU patterns fused into `Gelu` (those absorbed into `BiasGelu` included).
+    pub gelu_fused: usize,
+    /// `Gelu` of a MatMul plus 1-D bias fused into `BiasGelu`.
+    pub bias_gelu_fused: usize,
+    /// Residual `Add` + `LayerNormalization` fused into `SkipLayerNormalization`.
+    pub skip_layer_norm_fused: usize,
 }
 
 impl fmt::Display for Stats {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "folded {} Constant and {} Transpose nodes; removed {} dead nodes and {} unused initializers",
+            "folded {} Constant and {} Transpose nodes; fused {} Gelu ({} into BiasGelu) and {} SkipLayerNormalization; removed {} dead nodes and {} unused initializers",
             self.constants_folded,
             self.transposes_folded,
+            self.gelu_fused,
+            self.bias_gelu_fused,
+            self.skip_layer_norm_fused,
             self.dead_nodes_removed,
             self.unused_initializers_removed
         )
     }
 }
 
-/// Runs every pass once, in order: constants, transposes, dead nodes, unused initializers.
+/// Runs every pass once, in order: constants, transposes, Gelu, BiasGelu,
+/// SkipLayerNormalization, dead nodes, unused initializers.
 pub fn optimize(graph: &mut Graph) -> Result<Stats, OptimizeError> {
     let constants_folded = fold_constants(graph);
     let transposes_folded = fold_transposes(graph)?;
+    let gelu_fused = fuse_gelu(graph);
+    let bias_gelu_fused = fuse_bias_gelu(graph);
+    let skip_layer_norm_fused = fuse_skip_layer_norm(graph);
     let dead_nodes_removed = remove_dead_nodes(graph);
     let unused_initializers_removed = remove_unused_initializers(graph);
     Ok(Stats {
@@ -77,6 +93,9 @@ pub fn optimize(graph: &mut Graph) -> Result<Stats, OptimizeError> {
         transposes_folded,
         dead_nodes_removed,
         unused_initializers_removed,
+        gelu_fused,
+        bias_gelu_fused,
+        skip_layer_norm_fused,
     })
 }
 
@@ -161,6 +180,7 @@ mod tests {
                 transposes_folded: 1,
                 dead_nodes_removed: 1,
                 unused_initializers_removed: 2,
+                ..Stats::default()
             }
         );
         assert_eq!(g.nodes.len(), 1);
