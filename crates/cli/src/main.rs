@@ -31,8 +31,9 @@ enum Command {
     /// Run an exported model on text and print the task's answer (as the transformers
     /// pipeline for the task gives it).
     Run(RunArgs),
-    /// Optimize any ONNX model: fold constants (and transposed weights), remove dead nodes
-    /// and unused initializers.
+    /// Optimize any ONNX model: fold constants (and transposed weights), fuse exact patterns
+    /// into ONNX Runtime contrib ops (Gelu, BiasGelu, FastGelu, SkipLayerNormalization),
+    /// remove dead nodes and unused initializers.
     Optimize(OptimizeArgs),
 }
 
@@ -45,6 +46,11 @@ struct OptimizeArgs {
     /// Write weights to `OUTPUT_data` (automatic past protobuf's 2 GiB limit).
     #[arg(long)]
     external_data: bool,
+    /// After fusion, replace Gelu with FastGelu and BiasGelu with FastGelu plus bias (ONNX
+    /// Runtime's `enable_gelu_approximation`). Approximate: the tanh GELU differs from the
+    /// exact erf GELU, so outputs change by up to about 1e-3.
+    #[arg(long)]
+    gelu_approximation: bool,
 }
 
 #[derive(Debug, Args)]
@@ -482,7 +488,10 @@ fn optimize(a: &OptimizeArgs) -> Result<(), String> {
     let before = graph.nodes.len();
     done(pb, format!("read {} ({before} nodes)", a.input.display()));
     let pb = stage("optimizing");
-    let stats = ferry_optimizer::optimize(&mut graph).map_err(|e| e.to_string())?;
+    let opts = ferry_optimizer::OptimizeOptions {
+        gelu_approximation: a.gelu_approximation,
+    };
+    let stats = ferry_optimizer::optimize_with(&mut graph, &opts).map_err(|e| e.to_string())?;
     let summary = format!("{stats} ({before} → {} nodes)", graph.nodes.len());
     done(pb, summary.clone());
     let pb = stage("writing");

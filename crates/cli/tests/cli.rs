@@ -960,7 +960,7 @@ fn optimized_tiny_bert_matches_golden() {
 /// `ferry optimize` fuses the tiny BERT exports at opset 17 into ONNX Runtime's contrib ops
 /// (erf GELU → BiasGelu, residual Add + LayerNormalization → SkipLayerNormalization with the
 /// dense bias absorbed) and the result still matches the golden within 1e-4. The tanh GELU
-/// checkpoint keeps its activation (FastGelu is not fused) but still gets SkipLayerNorm.
+/// checkpoint gets no Gelu/BiasGelu (its tanh pattern becomes FastGelu) and still gets SkipLayerNorm.
 #[test]
 fn optimize_fuses_contrib_ops_and_keeps_parity() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -1026,6 +1026,79 @@ fn optimize_fuses_contrib_ops_and_keeps_parity() {
                 r.name,
                 r.max_abs
             );
+        }
+    }
+}
+
+/// `ferry optimize` fuses the tanh GELU (`gelu_new`) of the tiny BERT export into one
+/// `FastGelu` per layer (bias absorbed) with parity ≤ 1e-4, leaving only the pooler's Tanh;
+/// with `--gelu-approximation` the erf GELU checkpoint's BiasGelus become FastGelu, which is
+/// approximate (parity ≤ 1e-3).
+#[test]
+fn optimize_fuses_fast_gelu_and_approximates_gelu() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // (case, export flags, optimize flags, FastGelu, tolerance)
+    type Case = (
+        &'static str,
+        &'static [&'static str],
+        &'static [&'static str],
+        usize,
+        f64,
+    );
+    let cases: [Case; 2] = [
+        (
+            "bert-tiny-tanh-bin",
+            &["--task", "feature-extraction"],
+            &[],
+            3,
+            1e-4,
+        ),
+        ("bert-tiny-gelu", &[], &["--gelu-approximation"], 2, 1e-3),
+    ];
+    for (case, export_flags, opt_flags, fast_gelu, tol) in cases {
+        let model = dir.path().join(format!("{case}.onnx"));
+        let mut args = vec!["--opset", "17"];
+        args.extend_from_slice(export_flags);
+        let o = export(&testdata(case), &model, &args);
+        assert!(o.status.success(), "export failed: {}", stderr(&o));
+        let out = dir.path().join(format!("{case}-fast.onnx"));
+        let o = run(ferry()
+            .arg("optimize")
+            .arg(&model)
+            .arg(&out)
+            .args(opt_flags));
+        assert!(o.status.success(), "optimize failed: {}", stderr(&o));
+        let summary = String::from_utf8_lossy(&o.stdout).into_owned();
+        assert!(
+            summary.contains(&format!("{fast_gelu} FastGelu"))
+                || summary.contains(&format!("approximated {fast_gelu} Gelu")),
+            "{case}: {summary}"
+        );
+        let proto = ferry_onnx::read_model_proto(&out).expect("read optimized");
+        let graph = proto.graph.as_ref().expect("graph");
+        let count = |op: &str| graph.node.iter().filter(|n| n.op_type == op).count();
+        assert_eq!(count("FastGelu"), fast_gelu, "{case}: {summary}");
+        assert_eq!(count("BiasGelu"), 0, "{case}: {summary}");
+        assert_eq!(count("Gelu"), 0, "{case}: {summary}");
+        assert_eq!(count("Erf"), 0, "{case}: {summary}");
+        assert_eq!(count("Pow"), 0, "{case}: {summary}");
+        if case == "bert-tiny-tanh-bin" {
+            // Only the pooler's activation is left.
+            assert_eq!(count("Tanh"), 1, "{case}: {summary}");
+        }
+        for n in graph.node.iter().filter(|n| n.op_type == "FastGelu") {
+            assert_eq!(n.domain, "com.microsoft", "{case}");
+            // The dense layer's bias is absorbed as FastGelu's second input.
+            assert_eq!(n.input.len(), 2, "{case}");
+        }
+        let golden = ferry_verifier::Golden::load(&testdata(case).join("golden.safetensors"))
+            .expect("golden");
+        let mut m = ferry_verifier::Model::load(&out, 2).expect("ONNX Runtime loads it");
+        let reports = ferry_verifier::compare(&mut m, &golden).expect("runs");
+        assert_eq!(reports.len(), golden.outputs.len());
+        for r in &reports {
+            println!("{case} {opt_flags:?} {}: max-abs {:.3e}", r.name, r.max_abs);
+            assert!(r.max_abs <= tol, "{case}: {} max-abs {}", r.name, r.max_abs);
         }
     }
 }

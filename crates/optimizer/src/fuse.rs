@@ -285,6 +285,138 @@ pub fn fuse_bias_gelu(graph: &mut Graph) -> usize {
     apply(graph, rewrites)
 }
 
+/// `√(2/π)` as the float32 ferry's tracer (and torch) writes for the tanh GELU.
+fn sqrt_2_over_pi() -> f32 {
+    (2.0f64 / std::f64::consts::PI).sqrt() as f32
+}
+
+/// Fuses the exact tanh GELU (`gelu_new`, `gelu_pytorch_tanh`, `gelu_fast`) ferry exports,
+/// `Mul(Mul(x, 0.5), Add(Tanh(Mul(Add(x, Mul(Pow(x, 3), 0.044715)), √(2/π))), 1))`
+/// (float32 scalars compared bit for bit, `√(2/π)` as `(2/π).sqrt() as f32`; `Add` and `Mul`
+/// in either operand order), into `com.microsoft` `FastGelu(x)`. Every intermediate must
+/// have no other consumer. When `x` is `Add(MatMul(..), bias)` with a 1-D float32 bias
+/// initializer as long as the MatMul output's last axis, and `x` is read only by the
+/// pattern, the Add is absorbed as FastGelu's optional bias: `FastGelu(matmul_out, bias)`.
+/// Returns how many were fused (with or without bias).
+pub fn fuse_fast_gelu(graph: &mut Graph) -> usize {
+    let ix = Index::new(graph);
+    let mut names = node_names(graph);
+    let mut taken: HashSet<usize> = HashSet::new();
+    let mut rewrites = Vec::new();
+    for (i, out) in graph.nodes.iter().enumerate() {
+        if !is_binary(out, "Mul") {
+            continue;
+        }
+        let m = both_orders(out).into_iter().find_map(|(h, p)| {
+            if !ix.single_use(h) || !ix.single_use(p) {
+                return None;
+            }
+            // hx = Mul(x, 0.5)
+            let (hi, hx) = ix.producer(h, "Mul").filter(|(_, n)| is_binary(n, "Mul"))?;
+            let x = both_orders(hx)
+                .into_iter()
+                .find(|&(_, half)| ix.is_scalar(half, 0.5))?
+                .0;
+            // p = Add(Tanh(..), 1)
+            let (pi, add1) = ix.producer(p, "Add").filter(|(_, n)| is_binary(n, "Add"))?;
+            let th = both_orders(add1)
+                .into_iter()
+                .find(|&(th, one)| ix.is_scalar(one, 1.0) && ix.single_use(th))?
+                .0;
+            let (ti, tanh) = ix.producer(th, "Tanh")?;
+            let s = tanh.inputs.first().filter(|_| tanh.inputs.len() == 1)?;
+            if !ix.single_use(s) {
+                return None;
+            }
+            // scaled = Mul(inner, √(2/π))
+            let (si, scaled) = ix.producer(s, "Mul").filter(|(_, n)| is_binary(n, "Mul"))?;
+            let inner = both_orders(scaled)
+                .into_iter()
+                .find(|&(inner, k)| ix.is_scalar(k, sqrt_2_over_pi()) && ix.single_use(inner))?
+                .0;
+            // inner = Add(x, Mul(Pow(x, 3), 0.044715))
+            let (ii, add_x) = ix
+                .producer(inner, "Add")
+                .filter(|(_, n)| is_binary(n, "Add"))?;
+            let cc = both_orders(add_x)
+                .into_iter()
+                .find(|&(ax, cc)| ax == x && ix.single_use(cc))?
+                .1;
+            let (ci, mul_c) = ix
+                .producer(cc, "Mul")
+                .filter(|(_, n)| is_binary(n, "Mul"))?;
+            let cube = both_orders(mul_c)
+                .into_iter()
+                .find(|&(cube, c)| ix.is_scalar(c, 0.044715) && ix.single_use(cube))?
+                .0;
+            let (qi, pow) = ix
+                .producer(cube, "Pow")
+                .filter(|(_, n)| is_binary(n, "Pow"))?;
+            (pow.inputs[0] == x && ix.is_scalar(&pow.inputs[1], 3.0))
+                .then(|| (x, vec![hi, pi, ti, si, ii, ci, qi]))
+        });
+        let Some((x, mut removed)) = m else { continue };
+        // x read only by Pow, the inner Add and Mul(x, 0.5): a bias Add can be absorbed.
+        let bias = (ix.consumers.get(x) == Some(&3) && !ix.graph_outputs.contains(x))
+            .then(|| ix.producer(x, "Add").filter(|(_, n)| is_binary(n, "Add")))
+            .flatten()
+            .and_then(|(bi, badd)| {
+                both_orders(badd)
+                    .into_iter()
+                    .find(|&(mm, bias)| {
+                        ix.producer(mm, "MatMul").is_some()
+                            && ix
+                                .last_dim(mm)
+                                .is_some_and(|h| ix.is_vector(bias, h) && ix.last_dim(x) == Some(h))
+                    })
+                    .map(|(mm, bias)| (bi, mm.to_string(), bias.to_string()))
+            })
+            .filter(|(bi, _, _)| !taken.contains(bi));
+        let inputs = match bias {
+            Some((bi, mm, bias)) => {
+                removed.push(bi);
+                vec![mm, bias]
+            }
+            None => vec![x.to_string()],
+        };
+        if removed.iter().chain([&i]).any(|k| taken.contains(k)) {
+            continue;
+        }
+        taken.extend(removed.iter().copied().chain([i]));
+        let name = fused_name(&mut names, &out.name, "FastGelu");
+        let node = ms_node(name, "FastGelu", inputs, out.outputs.clone());
+        rewrites.push(Rewrite {
+            anchor: i,
+            node,
+            removed,
+        });
+    }
+    apply(graph, rewrites)
+}
+
+/// Opt-in approximation (ONNX Runtime's `enable_gelu_approximation`): turns every
+/// `com.microsoft` `Gelu(x)` into `FastGelu(x)` and `BiasGelu(a, bias)` into
+/// `FastGelu(a, bias)`. This is **not** an exact rewrite: the tanh approximation differs
+/// from the erf GELU by up to about 1e-3 per activation. Returns how many were changed.
+pub fn approximate_gelu(graph: &mut Graph) -> usize {
+    let mut count = 0;
+    for n in &mut graph.nodes {
+        let ok = n.domain == MS_DOMAIN
+            && n.outputs.len() == 1
+            && n.attrs.is_empty()
+            && match n.op_type.as_str() {
+                "Gelu" => n.inputs.len() == 1,
+                "BiasGelu" => n.inputs.len() == 2,
+                _ => false,
+            };
+        if ok {
+            n.op_type = "FastGelu".to_string();
+            count += 1;
+        }
+    }
+    count
+}
+
 /// Fuses `LayerNormalization(Add(a, b), gamma, beta)` (default domain, so opset ≥ 17; axis
 /// −1, default stash type, one output; `a` and `b` of the same known rank-3 shape; gamma and
 /// beta 1-D float32 initializers of the hidden size; the Add's result read only by the
@@ -545,6 +677,180 @@ mod tests {
         fuse_gelu(&mut g);
         assert_eq!(fuse_bias_gelu(&mut g), 0);
         assert_eq!(ops(&g), ["MatMul", "Add", "Gelu"]);
+    }
+
+    /// The tanh GELU of `x` into `y`, as ferry exports `gelu_new`.
+    fn fast_gelu_nodes(x: &str, y: &str) -> Vec<Node> {
+        vec![
+            node("Pow", &[x, "three"], &["cube"], vec![]),
+            node("Mul", &["cube", "c"], &["cc"], vec![]),
+            node("Add", &[x, "cc"], &["inner"], vec![]),
+            node("Mul", &["inner", "k"], &["scaled"], vec![]),
+            node("Tanh", &["scaled"], &["th"], vec![]),
+            node("Add", &["th", "one"], &["p"], vec![]),
+            node("Mul", &[x, "half"], &["hx"], vec![]),
+            node("Mul", &["hx", "p"], &[y], vec![]),
+        ]
+    }
+
+    fn fast_gelu_consts() -> Vec<Initializer> {
+        vec![
+            scalar("three", 3.0),
+            scalar("c", 0.044715),
+            scalar("k", (2.0f64 / std::f64::consts::PI).sqrt() as f32),
+            scalar("one", 1.0),
+            scalar("half", 0.5),
+        ]
+    }
+
+    #[test]
+    fn tanh_gelu_fuses_into_fast_gelu() {
+        let mut g = graph(fast_gelu_nodes("x", "y"), fast_gelu_consts(), &["y"]);
+        g.value_info = shaped(&["cube", "cc", "inner", "scaled", "th", "p", "hx"], &bsh(4));
+        assert_eq!(fuse_fast_gelu(&mut g), 1);
+        assert_eq!(ops(&g), ["FastGelu"]);
+        let n = &g.nodes[0];
+        assert_eq!(n.domain, MS_DOMAIN);
+        assert_eq!(n.inputs, ["x"]);
+        assert_eq!(n.outputs, ["y"]);
+        assert!(g.value_info.is_empty());
+        assert_eq!(g.opsets.last().map(|o| o.domain.as_str()), Some(MS_DOMAIN));
+        assert_eq!(fuse_fast_gelu(&mut g), 0);
+
+        // Every commutative op's operands swapped.
+        let mut nodes = fast_gelu_nodes("x", "y");
+        for k in [1, 2, 3, 5, 6, 7] {
+            nodes[k].inputs.reverse();
+        }
+        let mut g = graph(nodes, fast_gelu_consts(), &["y"]);
+        assert_eq!(fuse_fast_gelu(&mut g), 1);
+        assert_eq!(ops(&g), ["FastGelu"]);
+    }
+
+    #[test]
+    fn inexact_tanh_gelu_patterns_stay() {
+        let check = |nodes: Vec<Node>, consts: Vec<Initializer>, outputs: &[&str]| {
+            let mut g = graph(nodes, consts, outputs);
+            assert_eq!(fuse_fast_gelu(&mut g), 0);
+            assert_eq!(g.nodes.len(), 8);
+            assert_eq!(g.opsets.len(), 1);
+        };
+        // √(2/π) one ulp off.
+        let k = (2.0f64 / std::f64::consts::PI).sqrt() as f32;
+        let mut consts = fast_gelu_consts();
+        consts[2] = scalar("k", f32::from_bits(k.to_bits() + 1));
+        check(fast_gelu_nodes("x", "y"), consts, &["y"]);
+        // 0.0447 (another constant) and exponent 2.
+        let mut consts = fast_gelu_consts();
+        consts[1] = scalar("c", 0.0447);
+        check(fast_gelu_nodes("x", "y"), consts, &["y"]);
+        let mut consts = fast_gelu_consts();
+        consts[0] = scalar("three", 2.0);
+        check(fast_gelu_nodes("x", "y"), consts, &["y"]);
+        // A 1-element vector instead of a scalar.
+        let mut consts = fast_gelu_consts();
+        consts[4] = init("half", vec![1], &[0.5]);
+        check(fast_gelu_nodes("x", "y"), consts, &["y"]);
+        // An intermediate read elsewhere, or a graph output.
+        let mut nodes = fast_gelu_nodes("x", "y");
+        nodes.push(node("Relu", &["th"], &["r"], vec![]));
+        let mut g = graph(nodes, fast_gelu_consts(), &["y", "r"]);
+        assert_eq!(fuse_fast_gelu(&mut g), 0);
+        check(
+            fast_gelu_nodes("x", "y"),
+            fast_gelu_consts(),
+            &["y", "inner"],
+        );
+        // Pow of another value than the x multiplied.
+        let mut nodes = fast_gelu_nodes("x", "y");
+        nodes[0].inputs[0] = "z".into();
+        check(nodes, fast_gelu_consts(), &["y"]);
+        // Sigmoid instead of Tanh.
+        let mut nodes = fast_gelu_nodes("x", "y");
+        nodes[4].op_type = "Sigmoid".into();
+        check(nodes, fast_gelu_consts(), &["y"]);
+        // A constant overridable as a graph input.
+        let mut g = graph(fast_gelu_nodes("x", "y"), fast_gelu_consts(), &["y"]);
+        g.inputs.push(Value::new("c", DType::F32, vec![]));
+        assert_eq!(fuse_fast_gelu(&mut g), 0);
+    }
+
+    fn fast_gelu_bias_graph(bias: Initializer) -> Graph {
+        let mut nodes = vec![
+            node("MatMul", &["x", "w"], &["mm"], vec![]),
+            node("Add", &["b", "mm"], &["a"], vec![]),
+        ];
+        nodes.extend(fast_gelu_nodes("a", "y"));
+        let mut inits = fast_gelu_consts();
+        inits.push(init("w", vec![4, 3], &[0.0; 12]));
+        inits.push(bias);
+        let mut g = graph(nodes, inits, &["y"]);
+        g.value_info = shaped(&["mm", "a"], &bsh(3));
+        g
+    }
+
+    #[test]
+    fn fast_gelu_absorbs_a_bias_add() {
+        let mut g = fast_gelu_bias_graph(init("b", vec![3], &[1., 2., 3.]));
+        assert_eq!(fuse_fast_gelu(&mut g), 1);
+        assert_eq!(ops(&g), ["MatMul", "FastGelu"]);
+        let n = &g.nodes[1];
+        assert_eq!(n.inputs, ["mm", "b"]);
+        assert_eq!(n.outputs, ["y"]);
+        assert_eq!(g.value_info.len(), 1);
+
+        // 2-D or broadcast bias, or the biased value read elsewhere: FastGelu(a), Add kept.
+        for (bias, extra_reader) in [
+            (init("b", vec![1, 3], &[1., 2., 3.]), false),
+            (init("b", vec![1], &[1.]), false),
+            (init("b", vec![3], &[1., 2., 3.]), true),
+        ] {
+            let mut g = fast_gelu_bias_graph(bias);
+            if extra_reader {
+                g.nodes.push(node("Relu", &["a"], &["r"], vec![]));
+                g.outputs.push(Value::new("r", DType::F32, bsh(3)));
+            }
+            assert_eq!(fuse_fast_gelu(&mut g), 1);
+            let n = g
+                .nodes
+                .iter()
+                .find(|n| n.op_type == "FastGelu")
+                .expect("FastGelu");
+            assert_eq!(n.inputs, ["a"]);
+            assert!(ops(&g).contains(&"Add"));
+        }
+    }
+
+    #[test]
+    fn gelu_approximation_turns_gelu_and_bias_gelu_into_fast_gelu() {
+        let mut nodes = vec![
+            node("MatMul", &["x", "w"], &["mm"], vec![]),
+            node("Add", &["mm", "b"], &["a"], vec![]),
+        ];
+        nodes.extend(gelu_nodes("a", "y"));
+        nodes.extend(gelu_nodes("y", "z").into_iter().map(|mut n| {
+            for s in n.outputs.iter_mut().chain(n.inputs.iter_mut()) {
+                if ["d", "e", "p", "m"].contains(&s.as_str()) {
+                    s.push('2');
+                }
+            }
+            n.name.push('2');
+            n
+        }));
+        let mut inits = gelu_consts();
+        inits.push(init("w", vec![4, 3], &[0.0; 12]));
+        inits.push(init("b", vec![3], &[1., 2., 3.]));
+        let mut g = graph(nodes, inits, &["z"]);
+        g.value_info = shaped(&["mm", "a", "y"], &bsh(3));
+        assert_eq!(fuse_gelu(&mut g), 2);
+        assert_eq!(fuse_bias_gelu(&mut g), 1);
+        assert_eq!(ops(&g), ["MatMul", "BiasGelu", "Gelu"]);
+        assert_eq!(approximate_gelu(&mut g), 2);
+        assert_eq!(ops(&g), ["MatMul", "FastGelu", "FastGelu"]);
+        assert_eq!(g.nodes[1].inputs, ["mm", "b"]);
+        assert_eq!(g.nodes[2].inputs, ["y"]);
+        assert!(g.nodes.iter().skip(1).all(|n| n.domain == MS_DOMAIN));
+        assert_eq!(approximate_gelu(&mut g), 0);
     }
 
     /// `y = LayerNorm(Add(MatMul(x, w) + b, r))` over hidden 2.

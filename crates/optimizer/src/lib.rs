@@ -5,8 +5,9 @@
 //! `Transpose` of an initializer → the transposed initializer, so later fusions see MatMul
 //! weights as plain initializers) and clean-ups ([`remove_dead_nodes`],
 //! [`remove_unused_initializers`]) and exact-rewrite fusions into ONNX Runtime's
-//! `com.microsoft` contrib ops ([`fuse_gelu`], [`fuse_bias_gelu`], [`fuse_skip_layer_norm`]).
-//! [`optimize`] runs them in order and returns [`Stats`]. Folded tensors are owned; untouched initializers keep borrowing their bytes.
+//! `com.microsoft` contrib ops ([`fuse_gelu`], [`fuse_bias_gelu`], [`fuse_fast_gelu`],
+//! [`fuse_skip_layer_norm`]), plus the opt-in, approximate [`approximate_gelu`].
+//! [`optimize`] / [`optimize_with`] run them in order and return [`Stats`]. Folded tensors are owned; untouched initializers keep borrowing their bytes.
 
 mod fold;
 mod fuse;
@@ -17,7 +18,9 @@ use std::fmt;
 use ferry_ir::Graph;
 
 pub use fold::{fold_constants, fold_transposes};
-pub use fuse::{MS_DOMAIN, fuse_bias_gelu, fuse_gelu, fuse_skip_layer_norm};
+pub use fuse::{
+    MS_DOMAIN, approximate_gelu, fuse_bias_gelu, fuse_fast_gelu, fuse_gelu, fuse_skip_layer_norm,
+};
 pub use prune::{remove_dead_nodes, remove_unused_initializers};
 
 /// Why a pass failed. The graph may be partly optimized when this is returned.
@@ -58,34 +61,61 @@ pub struct Stats {
     pub gelu_fused: usize,
     /// `Gelu` of a MatMul plus 1-D bias fused into `BiasGelu`.
     pub bias_gelu_fused: usize,
+    /// Tanh GELU patterns fused into `FastGelu` (with or without its bias input).
+    pub fast_gelu_fused: usize,
     /// Residual `Add` + `LayerNormalization` fused into `SkipLayerNormalization`.
     pub skip_layer_norm_fused: usize,
+    /// `Gelu` / `BiasGelu` turned into (approximate) `FastGelu` by
+    /// [`OptimizeOptions::gelu_approximation`].
+    pub gelu_approximated: usize,
+}
+
+/// Options of [`optimize_with`]; the default is exact rewrites only.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct OptimizeOptions {
+    /// After fusion, turn `Gelu` into `FastGelu` and `BiasGelu` into `FastGelu` with bias
+    /// ([`approximate_gelu`]). Approximate: outputs change by up to about 1e-3.
+    pub gelu_approximation: bool,
 }
 
 impl fmt::Display for Stats {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "folded {} Constant and {} Transpose nodes; fused {} Gelu ({} into BiasGelu) and {} SkipLayerNormalization; removed {} dead nodes and {} unused initializers",
+            "folded {} Constant and {} Transpose nodes; fused {} Gelu ({} into BiasGelu), {} FastGelu and {} SkipLayerNormalization; approximated {} Gelu as FastGelu; removed {} dead nodes and {} unused initializers",
             self.constants_folded,
             self.transposes_folded,
             self.gelu_fused,
             self.bias_gelu_fused,
+            self.fast_gelu_fused,
             self.skip_layer_norm_fused,
+            self.gelu_approximated,
             self.dead_nodes_removed,
             self.unused_initializers_removed
         )
     }
 }
 
-/// Runs every pass once, in order: constants, transposes, Gelu, BiasGelu,
+/// Runs every exact pass once, in order: constants, transposes, Gelu, BiasGelu, FastGelu,
 /// SkipLayerNormalization, dead nodes, unused initializers.
 pub fn optimize(graph: &mut Graph) -> Result<Stats, OptimizeError> {
+    optimize_with(graph, &OptimizeOptions::default())
+}
+
+/// [`optimize`] with options: when `gelu_approximation` is set, [`approximate_gelu`] runs
+/// after the fusions.
+pub fn optimize_with(graph: &mut Graph, opts: &OptimizeOptions) -> Result<Stats, OptimizeError> {
     let constants_folded = fold_constants(graph);
     let transposes_folded = fold_transposes(graph)?;
     let gelu_fused = fuse_gelu(graph);
     let bias_gelu_fused = fuse_bias_gelu(graph);
+    let fast_gelu_fused = fuse_fast_gelu(graph);
     let skip_layer_norm_fused = fuse_skip_layer_norm(graph);
+    let gelu_approximated = if opts.gelu_approximation {
+        approximate_gelu(graph)
+    } else {
+        0
+    };
     let dead_nodes_removed = remove_dead_nodes(graph);
     let unused_initializers_removed = remove_unused_initializers(graph);
     Ok(Stats {
@@ -95,7 +125,9 @@ pub fn optimize(graph: &mut Graph) -> Result<Stats, OptimizeError> {
         unused_initializers_removed,
         gelu_fused,
         bias_gelu_fused,
+        fast_gelu_fused,
         skip_layer_norm_fused,
+        gelu_approximated,
     })
 }
 
