@@ -1102,3 +1102,55 @@ fn optimize_fuses_fast_gelu_and_approximates_gelu() {
         }
     }
 }
+
+/// `ferry optimize` fuses each encoder layer's self-attention of the tiny BERT exports
+/// (2 layers) at opset 17 into one `com.microsoft` `Attention` (packed q|k|v weights, one
+/// shared `Cast(attention_mask → int32)` as the raw mask), and the result still matches the
+/// golden within 1e-4.
+#[test]
+fn optimize_fuses_attention_and_keeps_parity() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for case in ["bert-tiny-gelu", "bert-tiny-relu-sharded"] {
+        let model = dir.path().join(format!("{case}.onnx"));
+        let o = export(&testdata(case), &model, &["--opset", "17"]);
+        assert!(o.status.success(), "export failed: {}", stderr(&o));
+        let out = dir.path().join(format!("{case}-opt.onnx"));
+        let o = run(ferry().arg("optimize").arg(&model).arg(&out));
+        assert!(o.status.success(), "optimize failed: {}", stderr(&o));
+        let summary = String::from_utf8_lossy(&o.stdout).into_owned();
+        assert!(summary.contains("2 Attention"), "{case}: {summary}");
+        let proto = ferry_onnx::read_model_proto(&out).expect("read optimized");
+        let graph = proto.graph.as_ref().expect("graph");
+        let count = |op: &str| graph.node.iter().filter(|n| n.op_type == op).count();
+        assert_eq!(count("Attention"), 2, "{case}: {summary}");
+        assert_eq!(count("Softmax"), 0, "{case}: {summary}");
+        let attention: Vec<_> = graph
+            .node
+            .iter()
+            .filter(|n| n.op_type == "Attention")
+            .collect();
+        for n in &attention {
+            assert_eq!(n.domain, "com.microsoft", "{case}");
+            assert_eq!(n.input.len(), 4, "{case}");
+        }
+        // One Cast of the mask, shared by both layers.
+        assert_eq!(attention[0].input[3], attention[1].input[3], "{case}");
+        let golden = ferry_verifier::Golden::load(&testdata(case).join("golden.safetensors"))
+            .expect("golden");
+        let mut m = ferry_verifier::Model::load(&out, 2).expect("ONNX Runtime loads it");
+        let reports = ferry_verifier::compare(&mut m, &golden).expect("runs");
+        assert_eq!(reports.len(), golden.outputs.len());
+        for r in &reports {
+            println!(
+                "{case} attention-fused {}: max-abs {:.3e}",
+                r.name, r.max_abs
+            );
+            assert!(
+                r.max_abs <= 1e-4,
+                "{case}: {} max-abs {}",
+                r.name,
+                r.max_abs
+            );
+        }
+    }
+}

@@ -523,6 +523,345 @@ pub fn fuse_skip_layer_norm(graph: &mut Graph) -> usize {
     apply(graph, rewrites)
 }
 
+/// A rank-0 float32 initializer's value.
+fn scalar_value(ix: &Index<'_>, value: &str) -> Option<f32> {
+    let i = ix.inits.get(value)?;
+    if i.dtype != DType::F32 || !i.dims.is_empty() || i.data.len() != 4 {
+        return None;
+    }
+    match i.data.to_f32_vec().ok()?.as_slice() {
+        [v] => Some(*v),
+        _ => None,
+    }
+}
+
+/// A 1-D int64 initializer's values.
+fn int_vector(ix: &Index<'_>, value: &str) -> Option<Vec<i64>> {
+    let i = ix.inits.get(value)?;
+    if i.dtype != DType::I64 || i.dims.len() != 1 {
+        return None;
+    }
+    let b = i.data.bytes().ok()?;
+    let v: Vec<i64> = b
+        .chunks_exact(8)
+        .map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes")))
+        .collect();
+    (v.len() as i64 == i.dims[0]).then_some(v)
+}
+
+fn has_perm(n: &Node, perm: &[i64]) -> bool {
+    n.inputs.len() == 1
+        && n.outputs.len() == 1
+        && n.attrs.len() == 1
+        && matches!(n.attr("perm"), Some(Attr::Ints(p)) if p == perm)
+}
+
+/// ferry's `additive_mask`: `Mul(Sub(1, Cast(Unsqueeze(mask, [1, 2]), float)), f32::MIN)`
+/// over a rank-2 integer or boolean graph input `mask`; returns that input's name.
+fn additive_mask_input(ix: &Index<'_>, value: &str) -> Option<String> {
+    let (_, mul) = ix
+        .producer(value, "Mul")
+        .filter(|(_, n)| is_binary(n, "Mul"))?;
+    let inv = both_orders(mul)
+        .into_iter()
+        .find(|&(_, m)| scalar_value(ix, m).is_some_and(|v| v.to_bits() == f32::MIN.to_bits()))?
+        .0;
+    let (_, sub) = ix
+        .producer(inv, "Sub")
+        .filter(|(_, n)| is_binary(n, "Sub"))?;
+    if scalar_value(ix, &sub.inputs[0]) != Some(1.0) {
+        return None;
+    }
+    let (_, cast) = ix.producer(&sub.inputs[1], "Cast")?;
+    if cast.inputs.len() != 1
+        || cast.outputs.len() != 1
+        || cast.attrs.len() != 1
+        || !matches!(cast.attr("to"), Some(Attr::Int(1)))
+    {
+        return None;
+    }
+    let (_, unsq) = ix.producer(&cast.inputs[0], "Unsqueeze")?;
+    let axes_ok = match (unsq.inputs.len(), unsq.attr("axes")) {
+        (1, Some(Attr::Ints(a))) => a == &[1, 2],
+        (2, None) => int_vector(ix, &unsq.inputs[1]).is_some_and(|a| a == [1, 2]),
+        _ => false,
+    };
+    if !axes_ok || unsq.outputs.len() != 1 || unsq.attrs.len() > 1 {
+        return None;
+    }
+    let m = &unsq.inputs[0];
+    let input = ix.graph.inputs.iter().find(|v| &v.name == m)?;
+    let int_like = matches!(
+        input.dtype,
+        DType::I64 | DType::I32 | DType::I16 | DType::I8 | DType::U8 | DType::Bool
+    );
+    let rank_ok = input.shape.as_ref().is_none_or(|s| s.len() == 2);
+    (int_like && rank_ok && !ix.inits.contains_key(m.as_str())).then(|| m.clone())
+}
+
+/// One projection `Transpose(Reshape(Add(MatMul(x, w), b), [0, 0, heads, head_dim]), perm)`:
+/// `(x, w, b, heads, head_dim, node indices)`.
+type Projection = (String, String, String, i64, i64, Vec<usize>);
+
+fn projection(ix: &Index<'_>, value: &str, perm: &[i64]) -> Option<Projection> {
+    if !ix.single_use(value) {
+        return None;
+    }
+    let (ti, tr) = ix
+        .producer(value, "Transpose")
+        .filter(|(_, n)| has_perm(n, perm))?;
+    let r = &tr.inputs[0];
+    if !ix.single_use(r) {
+        return None;
+    }
+    let (ri, rs) = ix.producer(r, "Reshape")?;
+    if rs.inputs.len() != 2 || rs.outputs.len() != 1 || !rs.attrs.is_empty() {
+        return None;
+    }
+    let [0, 0, heads, head_dim] = int_vector(ix, &rs.inputs[1])?[..] else {
+        return None;
+    };
+    let hidden = heads
+        .checked_mul(head_dim)
+        .filter(|_| heads > 0 && head_dim > 0)?;
+    if !ix.single_use(&rs.inputs[0]) {
+        return None;
+    }
+    let (ai, add) = ix
+        .producer(&rs.inputs[0], "Add")
+        .filter(|(_, n)| is_binary(n, "Add"))?;
+    let (mm, b) = both_orders(add)
+        .into_iter()
+        .find(|&(mm, b)| ix.is_vector(b, hidden) && ix.single_use(mm))?;
+    let (mi, matmul) = ix
+        .producer(mm, "MatMul")
+        .filter(|(_, n)| is_binary(n, "MatMul"))?;
+    let (x, w) = (&matmul.inputs[0], &matmul.inputs[1]);
+    let w_ok = ix
+        .inits
+        .get(w.as_str())
+        .is_some_and(|i| i.dtype == DType::F32 && i.dims == [hidden, hidden]);
+    w_ok.then(|| {
+        (
+            x.clone(),
+            w.clone(),
+            b.to_string(),
+            heads,
+            head_dim,
+            vec![ti, ri, ai, mi],
+        )
+    })
+}
+
+/// A matched self-attention block.
+struct AttentionMatch {
+    x: String,
+    weights: [String; 3],
+    biases: [String; 3],
+    heads: i64,
+    hidden: i64,
+    scale: f32,
+    mask: String,
+    removed: Vec<usize>,
+}
+
+/// Matches the block ending in `out` (`Reshape(Transpose(MatMul(Softmax(Add(Mul(
+/// MatMul(q, k), scale), mask)), v), [0, 2, 1, 3]), [0, 0, hidden])`).
+fn match_attention(ix: &Index<'_>, out: &Node) -> Option<AttentionMatch> {
+    if out.op_type != "Reshape"
+        || !is_onnx_domain(out)
+        || out.inputs.len() != 2
+        || out.outputs.len() != 1
+        || !out.attrs.is_empty()
+    {
+        return None;
+    }
+    let [0, 0, hidden] = int_vector(ix, &out.inputs[1])?[..] else {
+        return None;
+    };
+    let ct = &out.inputs[0];
+    if !ix.single_use(ct) {
+        return None;
+    }
+    let (cti, ctr) = ix
+        .producer(ct, "Transpose")
+        .filter(|(_, n)| has_perm(n, &[0, 2, 1, 3]))?;
+    if !ix.single_use(&ctr.inputs[0]) {
+        return None;
+    }
+    let (ci, ctx) = ix
+        .producer(&ctr.inputs[0], "MatMul")
+        .filter(|(_, n)| is_binary(n, "MatMul"))?;
+    let (probs, vt) = (&ctx.inputs[0], &ctx.inputs[1]);
+    if !ix.single_use(probs) {
+        return None;
+    }
+    let (si, sm) = ix.producer(probs, "Softmax")?;
+    if sm.inputs.len() != 1
+        || sm.outputs.len() != 1
+        || sm.attrs.len() != 1
+        || !matches!(sm.attr("axis"), Some(Attr::Int(-1)))
+        || !ix.single_use(&sm.inputs[0])
+    {
+        return None;
+    }
+    let (mai, madd) = ix
+        .producer(&sm.inputs[0], "Add")
+        .filter(|(_, n)| is_binary(n, "Add"))?;
+    let (scaled, mask) = both_orders(madd).into_iter().find_map(|(sc, m)| {
+        let mask = additive_mask_input(ix, m)?;
+        (ix.single_use(sc) && ix.producer(sc, "Mul").is_some()).then_some((sc, mask))
+    })?;
+    let (mui, mul) = ix
+        .producer(scaled, "Mul")
+        .filter(|(_, n)| is_binary(n, "Mul"))?;
+    let (qk, scale) = both_orders(mul)
+        .into_iter()
+        .find_map(|(qk, s)| Some((qk, scalar_value(ix, s)?)))?;
+    if !scale.is_finite() || scale <= 0.0 || !ix.single_use(qk) {
+        return None;
+    }
+    let (qki, qkm) = ix
+        .producer(qk, "MatMul")
+        .filter(|(_, n)| is_binary(n, "MatMul"))?;
+    let q = projection(ix, &qkm.inputs[0], &[0, 2, 1, 3])?;
+    let k = projection(ix, &qkm.inputs[1], &[0, 2, 3, 1])?;
+    let v = projection(ix, vt, &[0, 2, 1, 3])?;
+    let same = |p: &Projection| p.0 == q.0 && p.3 == q.3 && p.4 == q.4;
+    let (heads, head_dim) = (q.3, q.4);
+    if !same(&k) || !same(&v) || heads * head_dim != hidden {
+        return None;
+    }
+    let x_ok = ix
+        .shapes
+        .get(q.0.as_str())
+        .is_some_and(|s| s.len() == 3 && s[2].fixed() == Some(hidden));
+    if !x_ok {
+        return None;
+    }
+    let mut removed = vec![cti, ci, si, mai, mui, qki];
+    removed.extend(q.5.iter().chain(&k.5).chain(&v.5));
+    Some(AttentionMatch {
+        x: q.0,
+        weights: [q.1, k.1, v.1],
+        biases: [q.2, k.2, v.2],
+        heads,
+        hidden,
+        scale,
+        mask,
+        removed,
+    })
+}
+
+/// Fuses ferry's encoder self-attention (`multi_head_attention` without a score bias):
+/// three `Add(MatMul(x, w), b)` projections of the same rank-3 `x` (`w` `[H, H]` and `b`
+/// `[H]` float32 initializers), each `Reshape`d to `[0, 0, heads, head_dim]` and transposed
+/// (`[0, 2, 1, 3]` for q and v, `[0, 2, 3, 1]` for k); `Softmax(Add(Mul(MatMul(q, k),
+/// scale), mask), -1)` times v, transposed back and reshaped to `[0, 0, H]`, where `mask`
+/// is exactly ferry's `additive_mask` of a rank-2 integer graph input. Every intermediate
+/// must have no other consumer. The block becomes `com.microsoft`
+/// `Attention(x, [Wq | Wk | Wv], [bq | bk | bv], mask_index)` with `num_heads`, the matched
+/// `scale` and `mask_filter_value` `f32::MIN` (what `(1 − m) · f32::MIN` adds for a 0 in a
+/// 0/1 mask); the packed weights are new owned initializers and `mask_index` is one
+/// `Cast(mask, int32)` per mask input, shared by all layers. Returns how many were fused.
+pub fn fuse_attention(graph: &mut Graph) -> usize {
+    let ix = Index::new(graph);
+    let mut names = node_names(graph);
+    let mut values: HashSet<String> = graph
+        .inputs
+        .iter()
+        .map(|v| v.name.clone())
+        .chain(graph.initializers.iter().map(|i| i.name.clone()))
+        .chain(graph.nodes.iter().flat_map(|n| n.outputs.iter().cloned()))
+        .collect();
+    let mut taken: HashSet<usize> = HashSet::new();
+    let mut rewrites = Vec::new();
+    let mut new_inits: Vec<Initializer> = Vec::new();
+    let mut casts: Vec<Node> = Vec::new();
+    let mut cast_of: HashMap<String, String> = HashMap::new();
+    for (i, out) in graph.nodes.iter().enumerate() {
+        let Some(m) = match_attention(&ix, out) else {
+            continue;
+        };
+        if m.removed.iter().chain([&i]).any(|k| taken.contains(k)) {
+            continue;
+        }
+        let read = |name: &str| ix.inits.get(name).and_then(|i| i.data.to_f32_vec().ok());
+        let (Some(ws), Some(bs)) = (
+            m.weights
+                .iter()
+                .map(|w| read(w))
+                .collect::<Option<Vec<_>>>(),
+            m.biases.iter().map(|b| read(b)).collect::<Option<Vec<_>>>(),
+        ) else {
+            continue;
+        };
+        let h = m.hidden as usize;
+        if ws.iter().any(|w| w.len() != h * h) || bs.iter().any(|b| b.len() != h) {
+            continue;
+        }
+        let mut packed = Vec::with_capacity(3 * h * h);
+        for r in 0..h {
+            for w in &ws {
+                packed.extend_from_slice(&w[r * h..(r + 1) * h]);
+            }
+        }
+        let bias: Vec<f32> = bs.concat();
+        taken.extend(m.removed.iter().copied().chain([i]));
+        let name = fused_name(&mut names, &out.name, "Attention");
+        let w_name = unique_name(&mut values, format!("{name}.qkv_weight"));
+        let b_name = unique_name(&mut values, format!("{name}.qkv_bias"));
+        new_inits.push(Initializer {
+            name: w_name.clone(),
+            dtype: DType::F32,
+            dims: vec![m.hidden, 3 * m.hidden],
+            data: ferry_ir::TensorData::from_f32(&packed),
+        });
+        new_inits.push(Initializer {
+            name: b_name.clone(),
+            dtype: DType::F32,
+            dims: vec![3 * m.hidden],
+            data: ferry_ir::TensorData::from_f32(&bias),
+        });
+        let mask_index = cast_of
+            .entry(m.mask.clone())
+            .or_insert_with(|| {
+                let cast_out = unique_name(&mut values, format!("{}_int32", m.mask));
+                let cast_name = unique_name(&mut names, format!("/{}/Cast_int32", m.mask));
+                casts.push(Node {
+                    name: cast_name,
+                    op_type: "Cast".to_string(),
+                    domain: String::new(),
+                    inputs: vec![m.mask.clone()],
+                    outputs: vec![cast_out.clone()],
+                    attrs: [("to".to_string(), Attr::Int(6))].into_iter().collect(),
+                });
+                cast_out
+            })
+            .clone();
+        let mut node = ms_node(
+            name,
+            "Attention",
+            vec![m.x, w_name, b_name, mask_index],
+            out.outputs.clone(),
+        );
+        node.attrs
+            .insert("num_heads".to_string(), Attr::Int(m.heads));
+        node.attrs.insert("scale".to_string(), Attr::Float(m.scale));
+        node.attrs
+            .insert("mask_filter_value".to_string(), Attr::Float(f32::MIN));
+        rewrites.push(Rewrite {
+            anchor: i,
+            node,
+            removed: m.removed,
+        });
+    }
+    let count = apply(graph, rewrites);
+    graph.initializers.extend(new_inits);
+    graph.nodes.splice(0..0, casts);
+    count
+}
+
 #[cfg(test)]
 mod tests {
     use ferry_ir::Value;
@@ -930,5 +1269,254 @@ mod tests {
         assert_eq!(fuse_skip_layer_norm(&mut g), 0);
         assert_eq!(g.nodes.len(), 4);
         assert_eq!(g.opsets.len(), 1);
+    }
+
+    fn ints(name: &str, values: &[i64]) -> Initializer {
+        Initializer {
+            name: name.into(),
+            dtype: DType::I64,
+            dims: vec![values.len() as i64],
+            data: ferry_ir::TensorData::from_i64(values),
+        }
+    }
+
+    /// ferry's `multi_head_attention` (hidden 4, 2 heads) over `x` with `additive_mask`
+    /// of the graph input `attention_mask`, into `y`.
+    fn attention_graph() -> Graph {
+        let mut nodes = vec![
+            node("Unsqueeze", &["attention_mask", "axes"], &["mu"], vec![]),
+            node("Cast", &["mu"], &["mf"], vec![("to", Attr::Int(1))]),
+            node("Sub", &["one", "mf"], &["inv"], vec![]),
+            node("Mul", &["inv", "fmin"], &["madd"], vec![]),
+        ];
+        let mut inits = vec![
+            ints("axes", &[1, 2]),
+            scalar("one", 1.0),
+            scalar("fmin", f32::MIN),
+            ints("heads_shape", &[0, 0, 2, 2]),
+            ints("out_shape", &[0, 0, 4]),
+            scalar("scale", (2f64).powf(-0.5) as f32),
+        ];
+        for (k, (p, perm)) in [
+            ("q", vec![0, 2, 1, 3]),
+            ("k", vec![0, 2, 3, 1]),
+            ("v", vec![0, 2, 1, 3]),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let n = |s: &str| format!("{p}_{s}");
+            nodes.extend([
+                node("MatMul", &["x", &n("w")], &[&n("mm")], vec![]),
+                node("Add", &[&n("mm"), &n("b")], &[&n("a")], vec![]),
+                node("Reshape", &[&n("a"), "heads_shape"], &[&n("r")], vec![]),
+                node(
+                    "Transpose",
+                    &[&n("r")],
+                    &[&n("t")],
+                    vec![("perm", Attr::Ints(perm))],
+                ),
+            ]);
+            let base = 100.0 * k as f32;
+            let w: Vec<f32> = (0..16).map(|i| base + i as f32).collect();
+            let b: Vec<f32> = (0..4).map(|i| base + 50.0 + i as f32).collect();
+            inits.push(init(&n("w"), vec![4, 4], &w));
+            inits.push(init(&n("b"), vec![4], &b));
+        }
+        nodes.extend([
+            node("MatMul", &["q_t", "k_t"], &["qk"], vec![]),
+            node("Mul", &["qk", "scale"], &["sc"], vec![]),
+            node("Add", &["sc", "madd"], &["s"], vec![]),
+            node("Softmax", &["s"], &["pr"], vec![("axis", Attr::Int(-1))]),
+            node("MatMul", &["pr", "v_t"], &["c"], vec![]),
+            node(
+                "Transpose",
+                &["c"],
+                &["ct"],
+                vec![("perm", Attr::Ints(vec![0, 2, 1, 3]))],
+            ),
+            node("Reshape", &["ct", "out_shape"], &["y"], vec![]),
+        ]);
+        let mut g = graph(nodes, inits, &["y"]);
+        g.inputs = shaped(&["x"], &bsh(4));
+        g.inputs.push(Value::new(
+            "attention_mask",
+            DType::I64,
+            vec![Dim::sym("batch"), Dim::sym("seq")],
+        ));
+        g
+    }
+
+    #[test]
+    fn attention_fuses_with_packed_weights_and_a_shared_mask_cast() {
+        let mut g = attention_graph();
+        assert_eq!(fuse_attention(&mut g), 1);
+        assert_eq!(
+            ops(&g),
+            ["Cast", "Unsqueeze", "Cast", "Sub", "Mul", "Attention"]
+        );
+        let cast = &g.nodes[0];
+        assert_eq!(cast.inputs, ["attention_mask"]);
+        assert!(matches!(cast.attr("to"), Some(Attr::Int(6))));
+        let att = &g.nodes[5];
+        assert_eq!(att.domain, MS_DOMAIN);
+        assert_eq!(att.outputs, ["y"]);
+        assert_eq!(att.inputs[0], "x");
+        assert_eq!(att.inputs[3], cast.outputs[0]);
+        assert!(matches!(att.attr("num_heads"), Some(Attr::Int(2))));
+        assert!(
+            matches!(att.attr("scale"), Some(Attr::Float(v)) if *v == (2f64).powf(-0.5) as f32)
+        );
+        assert!(matches!(att.attr("mask_filter_value"), Some(Attr::Float(v)) if *v == f32::MIN));
+        let find = |name: &str| {
+            g.initializers
+                .iter()
+                .find(|i| i.name == name)
+                .expect("present")
+        };
+        let w = find(&att.inputs[1]);
+        assert_eq!(w.dims, [4, 12]);
+        let w = w.data.to_f32_vec().expect("present");
+        // Row 1: q's row 1, then k's, then v's.
+        assert_eq!(
+            &w[12..24],
+            &[
+                4., 5., 6., 7., 104., 105., 106., 107., 204., 205., 206., 207.
+            ]
+        );
+        let b = find(&att.inputs[2]);
+        assert_eq!(b.dims, [12]);
+        assert_eq!(
+            b.data.to_f32_vec().expect("present"),
+            [
+                50., 51., 52., 53., 150., 151., 152., 153., 250., 251., 252., 253.
+            ]
+        );
+        assert!(g.opsets.iter().any(|o| o.domain == MS_DOMAIN));
+        // The mask chain is left for dead-node removal.
+        assert_eq!(crate::remove_dead_nodes(&mut g), 4);
+        assert_eq!(ops(&g), ["Cast", "Attention"]);
+    }
+
+    #[test]
+    fn two_attention_layers_share_one_mask_cast() {
+        let mut g = attention_graph();
+        // A second layer over y, reading the same mask and weights.
+        let renamed: Vec<Node> = g
+            .nodes
+            .iter()
+            .skip(4)
+            .map(|n| {
+                let r = |s: &String| match s.as_str() {
+                    "x" => "y".to_string(),
+                    "y" => "y2".to_string(),
+                    s if g.initializers.iter().any(|i| i.name == s) || s == "madd" => s.into(),
+                    s => format!("{s}2"),
+                };
+                Node {
+                    name: format!("{}2", n.name),
+                    inputs: n.inputs.iter().map(r).collect(),
+                    outputs: n.outputs.iter().map(r).collect(),
+                    ..n.clone()
+                }
+            })
+            .collect();
+        g.nodes.extend(renamed);
+        g.outputs = shaped(&["y2"], &bsh(4));
+        g.value_info = shaped(&["y"], &bsh(4));
+        assert_eq!(fuse_attention(&mut g), 2);
+        assert_eq!(ops(&g).iter().filter(|o| **o == "Cast").count(), 2);
+        let att: Vec<&Node> = g
+            .nodes
+            .iter()
+            .filter(|n| n.op_type == "Attention")
+            .collect();
+        assert_eq!(att.len(), 2);
+        assert_eq!(att[0].inputs[3], att[1].inputs[3]);
+        assert_eq!(att[1].inputs[0], "y");
+        assert_ne!(att[0].inputs[1], att[1].inputs[1]);
+    }
+
+    #[test]
+    fn inexact_attention_patterns_stay() {
+        let variants: Vec<fn(&mut Graph)> = vec![
+            // A score bias between the scale and the mask.
+            |g| {
+                let i = g
+                    .nodes
+                    .iter()
+                    .position(|n| n.outputs == ["sc"])
+                    .expect("present");
+                g.nodes[i].outputs = vec!["sc0".into()];
+                g.nodes
+                    .insert(i + 1, node("Add", &["sc0", "sb"], &["sc"], vec![]));
+                g.inputs.push(Value::new("sb", DType::F32, vec![]));
+            },
+            // k projects another input.
+            |g| {
+                let n = g
+                    .nodes
+                    .iter_mut()
+                    .find(|n| n.outputs == ["k_mm"])
+                    .expect("present");
+                n.inputs[0] = "x2".into();
+                g.inputs.extend(shaped(&["x2"], &bsh(4)));
+            },
+            // k transposed like q.
+            |g| {
+                let n = g
+                    .nodes
+                    .iter_mut()
+                    .find(|n| n.outputs == ["k_t"])
+                    .expect("present");
+                n.attrs.insert("perm".into(), Attr::Ints(vec![0, 2, 1, 3]));
+            },
+            // A mask fill value other than f32::MIN.
+            |g| {
+                let i = g
+                    .initializers
+                    .iter_mut()
+                    .find(|i| i.name == "fmin")
+                    .expect("present");
+                *i = scalar("fmin", -10000.0);
+            },
+            // The mask is not a graph input.
+            |g| {
+                g.inputs.retain(|v| v.name != "attention_mask");
+                g.initializers.push(ints("attention_mask", &[1, 1]));
+            },
+            // The probabilities are also a graph output.
+            |g| g.outputs.extend(shaped(&["pr"], &[])),
+            // Softmax over another axis.
+            |g| {
+                let n = g
+                    .nodes
+                    .iter_mut()
+                    .find(|n| n.op_type == "Softmax")
+                    .expect("present");
+                n.attrs.insert("axis".into(), Attr::Int(1));
+            },
+            // The output reshape does not restore the hidden size.
+            |g| {
+                let i = g
+                    .initializers
+                    .iter_mut()
+                    .find(|i| i.name == "out_shape")
+                    .expect("present");
+                *i = ints("out_shape", &[0, 0, -1]);
+            },
+            // A weight that is a graph input (overridable), not a constant.
+            |g| g.inputs.extend(shaped(&["v_w"], &[])),
+            // Unknown input shape.
+            |g| g.inputs[0].shape = None,
+        ];
+        for (k, change) in variants.iter().enumerate() {
+            let mut g = attention_graph();
+            change(&mut g);
+            let before = ops(&g).len();
+            assert_eq!(fuse_attention(&mut g), 0, "variant {k}");
+            assert_eq!(ops(&g).len(), before, "variant {k}");
+            assert!(!ops(&g).contains(&"Attention"), "variant {k}");
+        }
     }
 }
