@@ -1154,3 +1154,46 @@ fn optimize_fuses_attention_and_keeps_parity() {
         }
     }
 }
+
+#[test]
+fn optimize_fuses_embed_layer_norm_and_keeps_parity() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let case = "bert-tiny-gelu";
+    let model = dir.path().join(format!("{case}.onnx"));
+    let o = export(&testdata(case), &model, &["--opset", "17"]);
+    assert!(o.status.success(), "export failed: {}", stderr(&o));
+    let out = dir.path().join(format!("{case}-opt.onnx"));
+    let o = run(ferry().arg("optimize").arg(&model).arg(&out));
+    assert!(o.status.success(), "optimize failed: {}", stderr(&o));
+    let summary = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(summary.contains("1 EmbedLayerNormalization"), "{summary}");
+    let proto = ferry_onnx::read_model_proto(&out).expect("read optimized");
+    let graph = proto.graph.as_ref().expect("graph");
+    let count = |op: &str| graph.node.iter().filter(|n| n.op_type == op).count();
+    assert_eq!(count("EmbedLayerNormalization"), 1, "{summary}");
+    assert_eq!(count("Attention"), 2, "{summary}");
+    assert_eq!(count("SkipLayerNormalization"), 4, "{summary}");
+    assert_eq!(count("BiasGelu"), 2, "{summary}");
+    assert_eq!(count("LayerNormalization"), 0, "{summary}");
+    let embed = graph
+        .node
+        .iter()
+        .find(|n| n.op_type == "EmbedLayerNormalization")
+        .expect("present");
+    assert_eq!(embed.domain, "com.microsoft");
+    assert_eq!(embed.input.len(), 7);
+    let golden =
+        ferry_verifier::Golden::load(&testdata(case).join("golden.safetensors")).expect("golden");
+    let mut m = ferry_verifier::Model::load(&out, 2).expect("ONNX Runtime loads it");
+    let reports = ferry_verifier::compare(&mut m, &golden).expect("runs");
+    assert_eq!(reports.len(), golden.outputs.len());
+    for r in &reports {
+        println!("{case} embed-fused {}: max-abs {:.3e}", r.name, r.max_abs);
+        assert!(
+            r.max_abs <= 1e-4,
+            "{case}: {} max-abs {}",
+            r.name,
+            r.max_abs
+        );
+    }
+}

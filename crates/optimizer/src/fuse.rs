@@ -862,6 +862,250 @@ pub fn fuse_attention(graph: &mut Graph) -> usize {
     count
 }
 
+/// A 2-D float32 initializer's `(rows, columns)`.
+fn table_dims(ix: &Index<'_>, value: &str) -> Option<(i64, i64)> {
+    let i = ix.inits.get(value)?;
+    match (i.dtype, i.dims.as_slice()) {
+        (DType::F32, &[rows, h]) if rows > 0 && h > 0 => Some((rows, h)),
+        _ => None,
+    }
+}
+
+/// `Gather(table, ids, axis 0)` of a 2-D float32 initializer `table` with `h` columns at a
+/// rank-2 int64 graph input `ids`, read once: the Gather and its index.
+fn embedding_lookup<'g>(ix: &Index<'g>, value: &str, h: i64) -> Option<(usize, &'g Node)> {
+    if !ix.single_use(value) {
+        return None;
+    }
+    let (gi, g) = ix.producer(value, "Gather")?;
+    let axis_ok = matches!(
+        (g.attrs.len(), g.attr("axis")),
+        (0, None) | (1, Some(Attr::Int(0)))
+    );
+    if !axis_ok || g.inputs.len() != 2 || g.outputs.len() != 1 {
+        return None;
+    }
+    if table_dims(ix, &g.inputs[0])?.1 != h {
+        return None;
+    }
+    let ids = &g.inputs[1];
+    let input = ix.graph.inputs.iter().find(|v| &v.name == ids)?;
+    let rank_ok = input.shape.as_ref().is_some_and(|s| s.len() == 2);
+    (input.dtype == DType::I64 && rank_ok && !ix.inits.contains_key(ids.as_str()))
+        .then_some((gi, g))
+}
+
+/// `Slice(table, [0], Slice(Shape(ids), [1], [2], [0]), [0])`: rows `[0, seq)` of a 2-D
+/// float32 initializer with `h` columns, `seq` being the length of `ids`; every
+/// intermediate read once. Returns `(table, ids, node indices)`.
+fn position_rows(ix: &Index<'_>, value: &str, h: i64) -> Option<(String, String, Vec<usize>)> {
+    let plain = |n: &Node, inputs: usize| {
+        n.inputs.len() == inputs && n.outputs.len() == 1 && n.attrs.is_empty()
+    };
+    if !ix.single_use(value) {
+        return None;
+    }
+    let (pi, ps) = ix.producer(value, "Slice").filter(|(_, n)| plain(n, 4))?;
+    if table_dims(ix, &ps.inputs[0])?.1 != h
+        || int_vector(ix, &ps.inputs[1])? != [0]
+        || int_vector(ix, &ps.inputs[3])? != [0]
+        || !ix.single_use(&ps.inputs[2])
+    {
+        return None;
+    }
+    let (si, ss) = ix
+        .producer(&ps.inputs[2], "Slice")
+        .filter(|(_, n)| plain(n, 4))?;
+    if int_vector(ix, &ss.inputs[1])? != [1]
+        || int_vector(ix, &ss.inputs[2])? != [2]
+        || int_vector(ix, &ss.inputs[3])? != [0]
+        || !ix.single_use(&ss.inputs[0])
+    {
+        return None;
+    }
+    let (shi, sh) = ix
+        .producer(&ss.inputs[0], "Shape")
+        .filter(|(_, n)| plain(n, 1))?;
+    Some((
+        ps.inputs[0].clone(),
+        sh.inputs[0].clone(),
+        vec![pi, si, shi],
+    ))
+}
+
+/// A matched BERT embeddings block.
+struct EmbedMatch {
+    ids: String,
+    types: String,
+    word: String,
+    pos: String,
+    seg: String,
+    epsilon: f32,
+    removed: Vec<usize>,
+}
+
+/// Matches ferry's BERT `embeddings` ending in the LayerNormalization `ln`.
+fn match_embed_layer_norm(ix: &Index<'_>, ln: &Node) -> Option<EmbedMatch> {
+    if ln.op_type != "LayerNormalization"
+        || !is_onnx_domain(ln)
+        || ln.inputs.len() != 3
+        || ln.outputs.len() != 1
+        || !ix.single_use(&ln.inputs[0])
+    {
+        return None;
+    }
+    let axis_ok = matches!(ln.attr("axis"), None | Some(Attr::Int(-1)));
+    let stash_ok = matches!(ln.attr("stash_type"), None | Some(Attr::Int(1)));
+    let epsilon = match ln.attr("epsilon") {
+        None => 1e-5,
+        Some(Attr::Float(e)) => *e,
+        Some(_) => return None,
+    };
+    let extra = ln
+        .attrs
+        .keys()
+        .any(|k| !["axis", "epsilon", "stash_type"].contains(&k.as_str()));
+    if !axis_ok || !stash_ok || extra {
+        return None;
+    }
+    let gamma = &ln.inputs[1];
+    let h = ix.inits.get(gamma.as_str())?.dims.first().copied()?;
+    if !ix.is_vector(gamma, h) || !ix.is_vector(&ln.inputs[2], h) {
+        return None;
+    }
+    let (a2i, add2) = ix
+        .producer(&ln.inputs[0], "Add")
+        .filter(|(_, n)| is_binary(n, "Add"))?;
+    both_orders(add2).into_iter().find_map(|(sum, rows)| {
+        let (pos, shape_ids, pos_nodes) = position_rows(ix, rows, h)?;
+        if !ix.single_use(sum) {
+            return None;
+        }
+        let (a1i, add1) = ix
+            .producer(sum, "Add")
+            .filter(|(_, n)| is_binary(n, "Add"))?;
+        both_orders(add1).into_iter().find_map(|(w, t)| {
+            let (wi, wg) = embedding_lookup(ix, w, h)?;
+            let (ti, tg) = embedding_lookup(ix, t, h)?;
+            if wg.inputs[1] != shape_ids {
+                return None;
+            }
+            let shape_of = |v: &str| ix.graph.inputs.iter().find(|i| i.name == v)?.shape.clone();
+            if shape_of(&wg.inputs[1]) != shape_of(&tg.inputs[1]) {
+                return None;
+            }
+            let mut removed = vec![a2i, a1i, wi, ti];
+            removed.extend(&pos_nodes);
+            Some(EmbedMatch {
+                ids: wg.inputs[1].clone(),
+                types: tg.inputs[1].clone(),
+                word: wg.inputs[0].clone(),
+                pos: pos.clone(),
+                seg: tg.inputs[0].clone(),
+                epsilon,
+                removed,
+            })
+        })
+    })
+}
+
+/// Fuses ferry's BERT embeddings, `LayerNormalization(Add(Add(Gather(word, input_ids),
+/// Gather(types, token_type_ids)), Slice(pos, [0], Slice(Shape(input_ids), [1], [2], [0]),
+/// [0])), gamma, beta)` (axis −1, default stash type; the ids rank-2 int64 graph inputs of
+/// the same shape; word, types and pos 2-D float32 initializers of the hidden size, gamma
+/// and beta 1-D ones; Gathers on axis 0; every intermediate read once; either operand order
+/// of the Adds), into `com.microsoft` `EmbedLayerNormalization(Cast(input_ids, int32),
+/// Cast(token_type_ids, int32), word, pos, types, gamma, beta)` with the LayerNormalization's
+/// `epsilon`. Its output 0 replaces the LayerNormalization's output; output 1 (`mask_index`)
+/// is left unread. One `Cast` to int32 per ids input, reusing an existing one (such as the
+/// mask Cast of [`fuse_attention`]). Negative ids, which Gather wraps, are rejected by
+/// EmbedLayerNormalization at run time. Returns how many were fused.
+pub fn fuse_embed_layer_norm(graph: &mut Graph) -> usize {
+    let ix = Index::new(graph);
+    let mut names = node_names(graph);
+    let mut values: HashSet<String> = graph
+        .inputs
+        .iter()
+        .map(|v| v.name.clone())
+        .chain(graph.initializers.iter().map(|i| i.name.clone()))
+        .chain(graph.nodes.iter().flat_map(|n| n.outputs.iter().cloned()))
+        .collect();
+    // Existing `Cast(input, int32)` of graph inputs.
+    let mut cast_of: HashMap<String, String> = HashMap::new();
+    for n in &graph.nodes {
+        if n.op_type == "Cast"
+            && is_onnx_domain(n)
+            && n.inputs.len() == 1
+            && n.outputs.len() == 1
+            && n.attrs.len() == 1
+            && matches!(n.attr("to"), Some(Attr::Int(6)))
+            && graph.inputs.iter().any(|v| v.name == n.inputs[0])
+        {
+            cast_of
+                .entry(n.inputs[0].clone())
+                .or_insert_with(|| n.outputs[0].clone());
+        }
+    }
+    let mut taken: HashSet<usize> = HashSet::new();
+    let mut rewrites = Vec::new();
+    let mut casts: Vec<Node> = Vec::new();
+    for (i, ln) in graph.nodes.iter().enumerate() {
+        let Some(m) = match_embed_layer_norm(&ix, ln) else {
+            continue;
+        };
+        if m.removed.iter().chain([&i]).any(|k| taken.contains(k)) {
+            continue;
+        }
+        taken.extend(m.removed.iter().copied().chain([i]));
+        let mut cast = |input: &str| {
+            cast_of
+                .entry(input.to_string())
+                .or_insert_with(|| {
+                    let cast_out = unique_name(&mut values, format!("{input}_int32"));
+                    let cast_name = unique_name(&mut names, format!("/{input}/Cast_int32"));
+                    casts.push(Node {
+                        name: cast_name,
+                        op_type: "Cast".to_string(),
+                        domain: String::new(),
+                        inputs: vec![input.to_string()],
+                        outputs: vec![cast_out.clone()],
+                        attrs: [("to".to_string(), Attr::Int(6))].into_iter().collect(),
+                    });
+                    cast_out
+                })
+                .clone()
+        };
+        let ids = cast(&m.ids);
+        let types = cast(&m.types);
+        let name = fused_name(&mut names, &ln.name, "EmbedLayerNormalization");
+        let mask_index = unique_name(&mut values, format!("{name}.mask_index"));
+        let mut node = ms_node(
+            name,
+            "EmbedLayerNormalization",
+            vec![
+                ids,
+                types,
+                m.word,
+                m.pos,
+                m.seg,
+                ln.inputs[1].clone(),
+                ln.inputs[2].clone(),
+            ],
+            vec![ln.outputs[0].clone(), mask_index],
+        );
+        node.attrs
+            .insert("epsilon".to_string(), Attr::Float(m.epsilon));
+        rewrites.push(Rewrite {
+            anchor: i,
+            node,
+            removed: m.removed,
+        });
+    }
+    let count = apply(graph, rewrites);
+    graph.nodes.splice(0..0, casts);
+    count
+}
+
 #[cfg(test)]
 mod tests {
     use ferry_ir::Value;
@@ -1517,6 +1761,133 @@ mod tests {
             assert_eq!(fuse_attention(&mut g), 0, "variant {k}");
             assert_eq!(ops(&g).len(), before, "variant {k}");
             assert!(!ops(&g).contains(&"Attention"), "variant {k}");
+        }
+    }
+
+    /// ferry's BERT embeddings (hidden 2) over the int64 graph inputs `input_ids` and
+    /// `token_type_ids`, into `y`.
+    fn embed_graph() -> Graph {
+        let nodes = vec![
+            node(
+                "Gather",
+                &["word", "input_ids"],
+                &["we"],
+                vec![("axis", Attr::Int(0))],
+            ),
+            node(
+                "Gather",
+                &["types", "token_type_ids"],
+                &["te"],
+                vec![("axis", Attr::Int(0))],
+            ),
+            node("Add", &["we", "te"], &["e"], vec![]),
+            node("Shape", &["input_ids"], &["shape"], vec![]),
+            node("Slice", &["shape", "one", "two", "zero"], &["seq"], vec![]),
+            node("Slice", &["pos", "zero", "seq", "zero"], &["pe"], vec![]),
+            node("Add", &["e", "pe"], &["s"], vec![]),
+            node(
+                "LayerNormalization",
+                &["s", "gamma", "beta"],
+                &["y"],
+                vec![("axis", Attr::Int(-1)), ("epsilon", Attr::Float(1e-12))],
+            ),
+        ];
+        let inits = vec![
+            init("word", vec![3, 2], &[0., 1., 2., 3., 4., 5.]),
+            init("types", vec![2, 2], &[0., 1., 2., 3.]),
+            init("pos", vec![4, 2], &[0., 1., 2., 3., 4., 5., 6., 7.]),
+            init("gamma", vec![2], &[1., 1.]),
+            init("beta", vec![2], &[0., 0.]),
+            ints("one", &[1]),
+            ints("two", &[2]),
+            ints("zero", &[0]),
+        ];
+        let mut g = graph(nodes, inits, &["y"]);
+        let bs = vec![Dim::sym("batch"), Dim::sym("seq")];
+        g.inputs = vec![
+            Value::new("input_ids", DType::I64, bs.clone()),
+            Value::new("token_type_ids", DType::I64, bs),
+        ];
+        g
+    }
+
+    #[test]
+    fn embed_layer_norm_fuses_with_one_cast_per_ids_input() {
+        let mut g = embed_graph();
+        // An existing Cast of token_type_ids to int32 is reused.
+        g.nodes.insert(
+            0,
+            node(
+                "Cast",
+                &["token_type_ids"],
+                &["tt32"],
+                vec![("to", Attr::Int(6))],
+            ),
+        );
+        assert_eq!(fuse_embed_layer_norm(&mut g), 1);
+        assert_eq!(ops(&g), ["Cast", "Cast", "EmbedLayerNormalization"]);
+        let cast = &g.nodes[0];
+        assert_eq!(cast.inputs, ["input_ids"]);
+        assert!(matches!(cast.attr("to"), Some(Attr::Int(6))));
+        let e = &g.nodes[2];
+        assert_eq!(e.domain, MS_DOMAIN);
+        assert_eq!(
+            e.inputs,
+            [
+                cast.outputs[0].as_str(),
+                "tt32",
+                "word",
+                "pos",
+                "types",
+                "gamma",
+                "beta"
+            ]
+        );
+        assert_eq!(e.outputs.len(), 2);
+        assert_eq!(e.outputs[0], "y");
+        assert!(matches!(e.attr("epsilon"), Some(Attr::Float(v)) if *v == 1e-12));
+        assert!(g.opsets.iter().any(|o| o.domain == MS_DOMAIN));
+        // Swapped Add operands match too.
+        let mut g = embed_graph();
+        g.nodes[2].inputs.reverse();
+        g.nodes[6].inputs.reverse();
+        assert_eq!(fuse_embed_layer_norm(&mut g), 1);
+        assert_eq!(ops(&g), ["Cast", "Cast", "EmbedLayerNormalization"]);
+        assert_eq!(g.nodes[2].inputs[2], "word");
+    }
+
+    #[test]
+    fn inexact_embed_layer_norm_patterns_stay() {
+        type Change = Box<dyn Fn(&mut Graph)>;
+        let variants: Vec<Change> = vec![
+            // Not the sequence length: Shape(ids)[1:1].
+            Box::new(|g| g.nodes[4].inputs[2] = "one".into()),
+            // Rows from 1, not 0.
+            Box::new(|g| g.nodes[5].inputs[1] = "one".into()),
+            // int32 ids.
+            Box::new(|g| g.inputs[0].dtype = DType::I32),
+            // Gather on axis 1.
+            Box::new(|g| {
+                g.nodes[0].attrs.insert("axis".into(), Attr::Int(1));
+            }),
+            // The embedding sum is read elsewhere.
+            Box::new(|g| g.outputs.push(Value::new("e", DType::F32, vec![]))),
+            // LayerNormalization over another axis.
+            Box::new(|g| {
+                g.nodes[7].attrs.insert("axis".into(), Attr::Int(1));
+            }),
+            // ids that are initializers, not graph inputs.
+            Box::new(|g| {
+                g.inputs.remove(0);
+                g.initializers.push(ints("input_ids", &[0, 1]));
+            }),
+        ];
+        for (k, change) in variants.iter().enumerate() {
+            let mut g = embed_graph();
+            change(&mut g);
+            let before: Vec<String> = ops(&g).iter().map(|o| o.to_string()).collect();
+            assert_eq!(fuse_embed_layer_norm(&mut g), 0, "variant {k}");
+            assert_eq!(ops(&g), before, "variant {k}");
         }
     }
 }

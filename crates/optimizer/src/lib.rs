@@ -6,7 +6,7 @@
 //! weights as plain initializers) and clean-ups ([`remove_dead_nodes`],
 //! [`remove_unused_initializers`]) and exact-rewrite fusions into ONNX Runtime's
 //! `com.microsoft` contrib ops ([`fuse_gelu`], [`fuse_bias_gelu`], [`fuse_fast_gelu`],
-//! [`fuse_skip_layer_norm`], [`fuse_attention`]), plus the opt-in, approximate [`approximate_gelu`].
+//! [`fuse_skip_layer_norm`], [`fuse_attention`], [`fuse_embed_layer_norm`]), plus the opt-in, approximate [`approximate_gelu`].
 //! [`optimize`] / [`optimize_with`] run them in order and return [`Stats`]. Folded tensors are owned; untouched initializers keep borrowing their bytes.
 
 mod fold;
@@ -19,8 +19,8 @@ use ferry_ir::Graph;
 
 pub use fold::{fold_constants, fold_transposes};
 pub use fuse::{
-    MS_DOMAIN, approximate_gelu, fuse_attention, fuse_bias_gelu, fuse_fast_gelu, fuse_gelu,
-    fuse_skip_layer_norm,
+    MS_DOMAIN, approximate_gelu, fuse_attention, fuse_bias_gelu, fuse_embed_layer_norm,
+    fuse_fast_gelu, fuse_gelu, fuse_skip_layer_norm,
 };
 pub use prune::{remove_dead_nodes, remove_unused_initializers};
 
@@ -68,6 +68,9 @@ pub struct Stats {
     pub skip_layer_norm_fused: usize,
     /// Encoder self-attention blocks fused into `Attention`.
     pub attention_fused: usize,
+    /// BERT embeddings (word + token-type + position lookups, Add, LayerNormalization) fused
+    /// into `EmbedLayerNormalization`.
+    pub embed_layer_norm_fused: usize,
     /// `Gelu` / `BiasGelu` turned into (approximate) `FastGelu` by
     /// [`OptimizeOptions::gelu_approximation`].
     pub gelu_approximated: usize,
@@ -85,7 +88,7 @@ impl fmt::Display for Stats {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "folded {} Constant and {} Transpose nodes; fused {} Gelu ({} into BiasGelu), {} FastGelu, {} SkipLayerNormalization and {} Attention; approximated {} Gelu as FastGelu; removed {} dead nodes and {} unused initializers",
+            "folded {} Constant and {} Transpose nodes; fused {} Gelu ({} into BiasGelu), {} FastGelu, {} SkipLayerNormalization, {} Attention and {} EmbedLayerNormalization; approximated {} Gelu as FastGelu; removed {} dead nodes and {} unused initializers",
             self.constants_folded,
             self.transposes_folded,
             self.gelu_fused,
@@ -93,6 +96,7 @@ impl fmt::Display for Stats {
             self.fast_gelu_fused,
             self.skip_layer_norm_fused,
             self.attention_fused,
+            self.embed_layer_norm_fused,
             self.gelu_approximated,
             self.dead_nodes_removed,
             self.unused_initializers_removed
@@ -101,7 +105,7 @@ impl fmt::Display for Stats {
 }
 
 /// Runs every exact pass once, in order: constants, transposes, Gelu, BiasGelu, FastGelu,
-/// SkipLayerNormalization, Attention, dead nodes, unused initializers.
+/// SkipLayerNormalization, Attention, EmbedLayerNormalization, dead nodes, unused initializers.
 pub fn optimize(graph: &mut Graph) -> Result<Stats, OptimizeError> {
     optimize_with(graph, &OptimizeOptions::default())
 }
@@ -116,6 +120,7 @@ pub fn optimize_with(graph: &mut Graph, opts: &OptimizeOptions) -> Result<Stats,
     let fast_gelu_fused = fuse_fast_gelu(graph);
     let skip_layer_norm_fused = fuse_skip_layer_norm(graph);
     let attention_fused = fuse_attention(graph);
+    let embed_layer_norm_fused = fuse_embed_layer_norm(graph);
     let gelu_approximated = if opts.gelu_approximation {
         approximate_gelu(graph)
     } else {
@@ -133,6 +138,7 @@ pub fn optimize_with(graph: &mut Graph, opts: &OptimizeOptions) -> Result<Stats,
         fast_gelu_fused,
         skip_layer_norm_fused,
         attention_fused,
+        embed_layer_norm_fused,
         gelu_approximated,
     })
 }
@@ -227,6 +233,10 @@ mod tests {
         assert_eq!(g.initializers[0].name, "wt");
         assert_eq!(g.initializers[0].dims, vec![3, 2]);
         assert!(stats.to_string().contains("1 Transpose"));
-        assert!(stats.to_string().contains("and 0 Attention;"));
+        assert!(
+            stats
+                .to_string()
+                .contains("0 Attention and 0 EmbedLayerNormalization;")
+        );
     }
 }
