@@ -198,24 +198,34 @@ fn model_from_hub_cache_offline() {
     assert!(stderr(&o).contains("offline"), "{}", stderr(&o));
 }
 
-/// The real all-MiniLM-L6-v2 (fetched by `cargo xtask verify` into target/models).
-#[test]
-fn real_minilm_matches_transformers() {
+/// The real all-MiniLM-L6-v2 checkpoint (fetched by `cargo xtask verify` into
+/// target/models), or `None` (the test is skipped, saying so) when it is absent and
+/// FERRY_REQUIRE_REAL_MODEL is unset; absent and required is a failure.
+fn minilm_dir() -> Option<PathBuf> {
     let dir = std::env::var_os("FERRY_MINILM_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| root().join("target/models/all-minilm-l6-v2"));
-    if !dir.join("model.safetensors").is_file() {
-        assert!(
-            std::env::var_os("FERRY_REQUIRE_REAL_MODEL").is_none(),
-            "real model required but missing at {}",
-            dir.display()
-        );
-        eprintln!(
-            "skipped: {} absent (run `cargo xtask fetch-minilm`)",
-            dir.display()
-        );
-        return;
+    if dir.join("model.safetensors").is_file() {
+        return Some(dir);
     }
+    assert!(
+        std::env::var_os("FERRY_REQUIRE_REAL_MODEL").is_none(),
+        "real model required but missing at {}",
+        dir.display()
+    );
+    eprintln!(
+        "skipped: {} absent (run `cargo xtask fetch-minilm`)",
+        dir.display()
+    );
+    None
+}
+
+/// The real all-MiniLM-L6-v2 matches transformers' golden.
+#[test]
+fn real_minilm_matches_transformers() {
+    let Some(dir) = minilm_dir() else {
+        return;
+    };
     let golden = root().join("testdata/real/all-minilm-l6-v2/golden.safetensors");
     parity(&dir, &golden, &[], 1e-4);
     parity(&dir, &golden, &["--opset", "14"], 1e-4);
@@ -776,21 +786,9 @@ fn run_text_generation_matches_transformers() {
 /// all-MiniLM-L6-v2 agree with sentence-transformers' within 1e-4.
 #[test]
 fn run_real_minilm_sentence_embeddings() {
-    let dir = std::env::var_os("FERRY_MINILM_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root().join("target/models/all-minilm-l6-v2"));
-    if !dir.join("model.safetensors").is_file() {
-        assert!(
-            std::env::var_os("FERRY_REQUIRE_REAL_MODEL").is_none(),
-            "real model required but missing at {}",
-            dir.display()
-        );
-        eprintln!(
-            "skipped: {} absent (run `cargo xtask fetch-minilm`)",
-            dir.display()
-        );
+    let Some(dir) = minilm_dir() else {
         return;
-    }
+    };
     let want: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(
             root().join("testdata/real/all-minilm-l6-v2/sentence_embeddings.json"),

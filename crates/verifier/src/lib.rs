@@ -152,19 +152,7 @@ impl Model {
             };
             feed.push((name.clone(), v));
         }
-        let outs = self.session.run(feed)?;
-        let mut result = BTreeMap::new();
-        for (name, value) in outs.iter() {
-            let (shape, data) = value.try_extract_tensor::<f32>()?;
-            result.insert(
-                name.to_string(),
-                F32Tensor {
-                    shape: shape.to_vec(),
-                    data: data.to_vec(),
-                },
-            );
-        }
-        Ok(result)
+        self.run_feed(feed)
     }
 
     /// Loads `path` with basic graph optimizations (as optimum validates) on `threads`
@@ -223,16 +211,11 @@ impl Model {
         Self::info(self.session.outputs())
     }
 
-    /// Runs the model on int64 inputs, returning every float output by name.
-    pub fn run(
+    /// Runs a prepared feed, returning every float output by name.
+    fn run_feed(
         &mut self,
-        inputs: &BTreeMap<String, I64Tensor>,
+        feed: Vec<(String, SessionInputValue<'_>)>,
     ) -> Result<BTreeMap<String, F32Tensor>, VerifyError> {
-        let mut feed: Vec<(String, SessionInputValue<'_>)> = Vec::new();
-        for (name, t) in inputs {
-            let v = Tensor::from_array((t.shape.clone(), t.data.clone()))?;
-            feed.push((name.clone(), SessionInputValue::from(v)));
-        }
         let outs = self.session.run(feed)?;
         let mut result = BTreeMap::new();
         for (name, value) in outs.iter() {
@@ -246,6 +229,19 @@ impl Model {
             );
         }
         Ok(result)
+    }
+
+    /// Runs the model on int64 inputs, returning every float output by name.
+    pub fn run(
+        &mut self,
+        inputs: &BTreeMap<String, I64Tensor>,
+    ) -> Result<BTreeMap<String, F32Tensor>, VerifyError> {
+        let mut feed: Vec<(String, SessionInputValue<'_>)> = Vec::new();
+        for (name, t) in inputs {
+            let v = Tensor::from_array((t.shape.clone(), t.data.clone()))?;
+            feed.push((name.clone(), SessionInputValue::from(v)));
+        }
+        self.run_feed(feed)
     }
 }
 
@@ -400,7 +396,9 @@ fn dummy_dim(symbol: &str, axis: usize, spec: &DummySpec, seq: i64) -> Option<i6
 pub fn dummy_inputs(model: &Model, spec: &DummySpec, seq: i64) -> BTreeMap<String, Input> {
     let mut state = 0x5eed ^ seq as u64;
     let mut inputs = BTreeMap::new();
-    for info in model.inputs() {
+    let infos = model.inputs();
+    let has_cache = infos.iter().any(|i| i.name.starts_with("past_key_values."));
+    for info in &infos {
         let shape: Vec<i64> = info
             .dims
             .iter()
@@ -419,17 +417,13 @@ pub fn dummy_inputs(model: &Model, spec: &DummySpec, seq: i64) -> BTreeMap<Strin
             inputs.insert(info.name.clone(), Input::F32(F32Tensor { shape, data }));
             continue;
         }
-        let past = if info
+        // Positions of new tokens start after the cache (inputs spanning cache + new tokens,
+        // i.e. the attention mask, are not positions).
+        let spans_cache = info
             .dims
             .iter()
-            .any(|d| matches!(d, Err(s) if s.starts_with("past_sequence_length +")))
-        {
-            0
-        } else if model
-            .inputs()
-            .iter()
-            .any(|i| i.name.starts_with("past_key_values."))
-        {
+            .any(|d| matches!(d, Err(s) if s.starts_with("past_sequence_length +")));
+        let past = if has_cache && !spans_cache {
             DUMMY_PAST
         } else {
             0
