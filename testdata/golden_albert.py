@@ -59,12 +59,7 @@ def make(root, g):
         g.fresh(d)
         model.save_pretrained(d)
         gen = torch.Generator().manual_seed(seed + 100)
-        if task == "multiple-choice":
-            flat = g.padded_inputs(gen, cfg.vocab_size, cfg.type_vocab_size, batch=6, seq=9,
-                                   lengths=(9, 7, 4, 9, 2, 5))
-            inputs = {k: v.view(2, 3, 9) for k, v in flat.items()}
-        else:
-            inputs = g.padded_inputs(gen, cfg.vocab_size, cfg.type_vocab_size)
+        inputs = g.task_inputs(gen, cfg.vocab_size, cfg.type_vocab_size, task)
         with torch.no_grad():
             out = model(**inputs, return_dict=False)
         outputs = {n: out[i] for i, n in enumerate(names)}

@@ -97,18 +97,7 @@ def make(root, g):
         model.save_pretrained(d)
         gen = torch.Generator().manual_seed(seed + 100)
         pad = cfg.pad_token_id
-        if case.endswith("multiple-choice"):
-            flat = g.padded_inputs(gen, cfg.vocab_size, 1, batch=6, seq=9,
-                                   lengths=(9, 7, 4, 9, 2, 5))
-            shape = (2, 3, 9)
-        else:
-            flat = g.padded_inputs(gen, cfg.vocab_size, 1)
-            shape = flat["input_ids"].shape
-        mask = flat["attention_mask"]
-        ids = torch.where(mask.bool(), flat["input_ids"], torch.full_like(mask, pad))
-        # Avoid the pad id inside the sequences (a real tokenizer never emits it there).
-        ids = torch.where(mask.bool() & (ids == pad), torch.full_like(ids, pad + 1), ids)
-        inputs = {"input_ids": ids.view(shape), "attention_mask": mask.view(shape)}
+        inputs = g.pad_id_inputs(gen, cfg.vocab_size, pad, case.split("-tiny-", 1)[1])
         with torch.no_grad():
             out = model(**inputs, return_dict=False)
         outputs = {n: out[i] for i, n in enumerate(names)}

@@ -50,6 +50,25 @@ def padded_inputs(gen, vocab, type_vocab, batch=BATCH, seq=SEQ, lengths=(11, 7, 
     return {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
 
 
+def task_inputs(gen, vocab, type_vocab, task):
+    """Golden inputs for `task`: batch 3 x 11 padded, or 2 x 3 choices x 9 for multiple-choice."""
+    if task != "multiple-choice":
+        return padded_inputs(gen, vocab, type_vocab)
+    flat = padded_inputs(gen, vocab, type_vocab, batch=6, seq=9, lengths=(9, 7, 4, 9, 2, 5))
+    return {k: v.view(2, 3, 9) for k, v in flat.items()}
+
+
+def pad_id_inputs(gen, vocab, pad, task):
+    """task_inputs for models whose positions come from input_ids (RoBERTa, MPNet): no
+    token_type_ids, padded positions hold `pad`, and `pad` never occurs inside a sequence."""
+    flat = task_inputs(gen, vocab, 1, task)
+    mask = flat["attention_mask"]
+    ids = torch.where(mask.bool(), flat["input_ids"], torch.full_like(mask, pad))
+    # Avoid the pad id inside the sequences (a real tokenizer never emits it there).
+    ids = torch.where(mask.bool() & (ids == pad), torch.full_like(ids, pad + 1), ids)
+    return {"input_ids": ids, "attention_mask": mask}
+
+
 def run(model, inputs):
     model.eval()
     with torch.no_grad():
