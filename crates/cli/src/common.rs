@@ -1,0 +1,65 @@
+//! Helpers shared by the subcommands: stage spinners, sizes, output-path checks.
+
+use std::path::Path;
+use std::time::Duration;
+
+use indicatif::{ProgressBar, ProgressStyle};
+
+/// A spinner for one stage on stderr (hidden when stderr is not a terminal).
+pub fn stage(name: &str) -> ProgressBar {
+    let pb = ProgressBar::new_spinner();
+    pb.set_style(
+        ProgressStyle::with_template("{spinner} {prefix:>6} {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+    );
+    pb.set_prefix(name.to_string());
+    pb.enable_steady_tick(Duration::from_millis(100));
+    pb
+}
+
+pub fn done(pb: ProgressBar, msg: String) {
+    pb.finish_and_clear();
+    if console_is_tty() {
+        eprintln!("  {:>6} {msg}", pb.prefix());
+    }
+}
+
+pub fn console_is_tty() -> bool {
+    use std::io::IsTerminal;
+    std::io::stderr().is_terminal()
+}
+
+pub fn human_bytes(n: u64) -> String {
+    let n = n as f64;
+    if n >= 1e9 {
+        format!("{:.2} GB", n / 1e9)
+    } else if n >= 1e6 {
+        format!("{:.1} MB", n / 1e6)
+    } else if n >= 1e3 {
+        format!("{:.1} kB", n / 1e3)
+    } else {
+        format!("{n} B")
+    }
+}
+
+/// Fails early (before any work) when the output cannot be written.
+pub fn check_output_path(out: &Path) -> Result<(), String> {
+    if out.file_name().is_none() {
+        return Err(format!("output {} is not a file path", out.display()));
+    }
+    if out.is_dir() {
+        return Err(format!("output {} is a directory", out.display()));
+    }
+    let dir = match out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    if !dir.is_dir() {
+        return Err(format!(
+            "cannot write {}: directory {} does not exist",
+            out.display(),
+            dir.display()
+        ));
+    }
+    Ok(())
+}

@@ -1,0 +1,1 @@
+//! fp16 quantization (work in progress).

@@ -1,0 +1,1 @@
+//! int4 quantization (work in progress).

@@ -1,0 +1,1 @@
+//! int8 quantization (work in progress).

@@ -1,0 +1,23 @@
+//! ferry-quantizer: rewrites a float32 graph (any ONNX model's IR) into a smaller one that
+//! ONNX Runtime runs: int8 dynamic quantization ([`int8`]), int4 weight-only `MatMulNBits`
+//! ([`int4`]) and float16 ([`fp16`]).
+
+pub mod fp16;
+pub mod int4;
+pub mod int8;
+
+/// Why quantizing failed. The graph may be partly rewritten when this is returned.
+#[derive(Debug, thiserror::Error)]
+pub enum QuantizeError {
+    /// An initializer's bytes could not be read.
+    #[error("cannot read tensor `{name}`: {source}")]
+    Io {
+        /// The tensor.
+        name: String,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// A node or option is inconsistent (e.g. a block size that is not a power of two).
+    #[error("{0}")]
+    Invalid(String),
+}
