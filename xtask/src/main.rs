@@ -6,7 +6,12 @@
 //!   test suite, then print the golden parity table.
 //! - `golden`: regenerate testdata goldens with transformers (venv in `target/venv`).
 //! - `bench`: time exporting a bert-base-sized checkpoint against `cat` of its weights;
-//!   `bench --scale` does the same (`--external-data`) for ~0.5, ~2 and ~6 GB checkpoints.
+//!   `bench --scale` does the same (`--external-data`) for ~0.5, ~2 and ~6 GB checkpoints;
+//!   `bench --quantize [--latency]` times `ferry quantize` (int8) against ONNX Runtime's
+//!   `quantize_dynamic` on the optimized bert-base-sized model, sizes, and ORT latency.
+//!   The plain `bench` also times `ferry optimize` on the bert-base-sized export;
+//!   `bench --latency` compares ONNX Runtime latency of ferry's plain and optimized exports
+//!   with ONNX Runtime's own transformers optimizer output (xtask/ort_optimize.py).
 //! - `fetch-ort`, `fetch-minilm`: the downloads the others do, on their own.
 
 use std::path::{Path, PathBuf};
@@ -600,6 +605,12 @@ fn bench(args: &[String]) -> Result<()> {
     if args.iter().any(|a| a == "--scale") {
         return bench_scale(runs.unwrap_or(2));
     }
+    if args.iter().any(|a| a == "--quantize") {
+        return bench_quantize(runs.unwrap_or(5), args.iter().any(|a| a == "--latency"));
+    }
+    if args.iter().any(|a| a == "--latency") {
+        return bench_latency(runs.unwrap_or(50));
+    }
     let runs = runs.unwrap_or(5);
     let ferry = ferry_release()?;
     let dir = target().join("bench").join("bert-base-synthetic");
@@ -626,6 +637,12 @@ fn bench(args: &[String]) -> Result<()> {
     let mut ext_rss = 0;
     let mut ts_rss = 0;
     let ts_s = out_dir.join("traced_bert.pt").display().to_string();
+    let opt_s = out_dir
+        .join("bert-base-optimized.onnx")
+        .display()
+        .to_string();
+    let (mut opt_t, mut opt_rss) = (Vec::new(), 0);
+    measure(&[&ferry_s, "optimize", &onnx_s, &opt_s])?;
     for _ in 0..runs {
         cat_t.push(measure(&["sh", "-c", &cat])?.0);
         let (t, r) = measure(&[&ferry_s, "export", "--model", &dir_s, &onnx_s])?;
@@ -652,6 +669,9 @@ fn bench(args: &[String]) -> Result<()> {
         ])?;
         ts_t.push(t);
         ts_rss = ts_rss.max(r);
+        let (t, r) = measure(&[&ferry_s, "optimize", &onnx_s, &opt_s])?;
+        opt_t.push(t);
+        opt_rss = opt_rss.max(r);
     }
     let size = std::fs::metadata(&st).map(|m| m.len()).unwrap_or(0);
     let (c, f, e, ts) = (median(cat_t), median(fer_t), median(ext_t), median(ts_t));
@@ -674,6 +694,12 @@ fn bench(args: &[String]) -> Result<()> {
         "  ferry export --format torchscript {ts:.3} s  ({:.2}x cat)  peak RSS {:.1} MiB",
         ts / c,
         ts_rss as f64 / 1024.0
+    );
+    let o = median(opt_t);
+    println!(
+        "  ferry optimize (of the export)   {o:.3} s  ({:.2}x cat)  peak RSS {:.1} MiB",
+        o / c,
+        opt_rss as f64 / 1024.0
     );
     let _ = std::fs::remove_file(&copy);
     Ok(())
@@ -778,6 +804,276 @@ fn bench_scale(runs: usize) -> Result<()> {
             f / c,
             rss as f64 / 1024.0
         );
+    }
+    Ok(())
+}
+
+/// `bench --quantize [--latency] [--runs N]`: on the optimized bert-base-sized model, the
+/// median time of ferry's int8 pass (the library call, and the whole `ferry quantize`
+/// command) and the int8 file's size against the float32 export; then ONNX Runtime's
+/// `quantize_dynamic` on the same optimized file (xtask/ort_quantize_bench.py, run with
+/// target/ortvenv/bin/python), and with `--latency` both int8 models' ONNX Runtime latency
+/// at batch 1 × 128 on 2 threads, measured in one process.
+fn bench_quantize(runs: usize, latency: bool) -> Result<()> {
+    let ferry = ferry_release()?;
+    let dir = target().join("bench").join("bert-base-synthetic");
+    let st = synthetic_bert(&dir, BertShape::BASE)?;
+    let out = target().join("bench").join("out");
+    std::fs::create_dir_all(&out).map_err(|e| e.to_string())?;
+    let plain = out.join("bert-base.onnx");
+    let optimized = out.join("bert-base-optimized.onnx");
+    let int8 = out.join("bert-base-int8.onnx");
+    let ort_int8 = out.join("bert-base-ort-int8.onnx");
+    run(Command::new(&ferry)
+        .arg("export")
+        .arg("--model")
+        .arg(&dir)
+        .arg(&plain))?;
+    run(Command::new(&ferry)
+        .arg("optimize")
+        .arg(&plain)
+        .arg(&optimized))?;
+    let mut pass = Vec::new();
+    let mut wall = Vec::new();
+    for _ in 0..runs.max(1) {
+        let start = Instant::now();
+        let o = Command::new(&ferry)
+            .args(["quantize", "--no-report", "--json"])
+            .arg(&optimized)
+            .arg(&int8)
+            .output()
+            .map_err(|e| e.to_string())?;
+        wall.push(start.elapsed().as_secs_f64());
+        if !o.status.success() {
+            return Err(format!(
+                "ferry quantize failed: {}",
+                String::from_utf8_lossy(&o.stderr)
+            ));
+        }
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).map_err(|e| e.to_string())?;
+        pass.push(v["seconds"].as_f64().ok_or("no seconds in ferry's JSON")?);
+    }
+    let size = |p: &Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+    let (f32_bytes, int8_bytes) = (size(&plain), size(&int8));
+    let py = target().join("ortvenv").join("bin").join("python");
+    let mut cmd = Command::new(&py);
+    cmd.arg(root().join("xtask").join("ort_quantize_bench.py"))
+        .arg("--optimized")
+        .arg(&optimized)
+        .arg("--ort-out")
+        .arg(&ort_int8);
+    if latency {
+        cmd.arg("--latency").arg(&int8);
+    }
+    let o = cmd
+        .output()
+        .map_err(|e| format!("{}: {e} (is target/ortvenv set up?)", py.display()))?;
+    if !o.status.success() {
+        return Err(format!(
+            "ort_quantize_bench.py failed: {}",
+            String::from_utf8_lossy(&o.stderr)
+        ));
+    }
+    let ort: serde_json::Value = serde_json::from_slice(&o.stdout).map_err(|e| e.to_string())?;
+    let num = |k: &str| ort[k].as_f64().unwrap_or(f64::NAN);
+    println!(
+        "int8 dynamic quantization of the optimized bert-base-sized model ({:.0} MB f32 safetensors), median of {runs} runs:",
+        size(&st) as f64 / 1e6
+    );
+    println!(
+        "  ferry quantize (int8 pass)          {:.3} s  (whole command {:.3} s)",
+        median(pass),
+        median(wall)
+    );
+    println!(
+        "  onnxruntime {} quantize_dynamic   {:.3} s",
+        ort["onnxruntime"].as_str().unwrap_or("?"),
+        num("ort_quantize_seconds")
+    );
+    println!(
+        "  size: float32 export {:.1} MB → ferry int8 {:.1} MB ({:.1}%), ORT int8 {:.1} MB ({:.1}%)",
+        f32_bytes as f64 / 1e6,
+        int8_bytes as f64 / 1e6,
+        100.0 * int8_bytes as f64 / f32_bytes.max(1) as f64,
+        num("ort_int8_bytes") / 1e6,
+        100.0 * num("ort_int8_bytes") / f32_bytes.max(1) as f64
+    );
+    if latency {
+        let (fe, oq, fp) = (
+            num("ferry_int8_ms"),
+            num("ort_int8_ms"),
+            num("fp32_optimized_ms"),
+        );
+        println!(
+            "  ONNX Runtime latency, batch 1 × 128, 2 threads (one process, interleaved runs):"
+        );
+        println!(
+            "    ferry int8 {fe:.1} ms, ORT quantize_dynamic int8 {oq:.1} ms (ratio ferry/ORT {:.3}), float32 optimized {fp:.1} ms",
+            fe / oq
+        );
+    }
+    Ok(())
+}
+
+/// The site-packages directory of the golden venv (target/venv), which has torch.
+fn golden_site_packages() -> Option<PathBuf> {
+    let lib = target().join("venv").join("lib");
+    std::fs::read_dir(lib)
+        .ok()?
+        .filter_map(|e| e.ok())
+        .map(|e| e.path().join("site-packages"))
+        .find(|p| p.join("torch").is_dir())
+}
+
+/// Batch 1 × `seq` int64 inputs for a BERT: deterministic token ids below `vocab`, an
+/// all-ones attention mask, zero token types.
+fn bert_inputs(
+    model: &ferry_verifier::Model,
+    seq: i64,
+    vocab: u64,
+) -> std::collections::BTreeMap<String, ferry_verifier::I64Tensor> {
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    model
+        .inputs()
+        .into_iter()
+        .map(|i| {
+            let data: Vec<i64> = (0..seq)
+                .map(|_| match i.name.as_str() {
+                    "attention_mask" => 1,
+                    "token_type_ids" => 0,
+                    _ => {
+                        state ^= state << 13;
+                        state ^= state >> 7;
+                        state ^= state << 17;
+                        (state % vocab) as i64
+                    }
+                })
+                .collect();
+            (
+                i.name,
+                ferry_verifier::I64Tensor {
+                    shape: vec![1, seq],
+                    data,
+                },
+            )
+        })
+        .collect()
+}
+
+/// `bench --latency [--runs N]`: ONNX Runtime latency (ferry-verifier's session: basic graph
+/// optimizations, 2 intra-op threads, batch 1 × 128) of ferry's plain bert-base-sized
+/// export, of `ferry optimize`'s output, and of ONNX Runtime's transformers optimizer
+/// output of the same plain export (xtask/ort_optimize.py with target/ortvenv/bin/python);
+/// 5 warm-up runs each, then N interleaved runs, medians, all in this one process. Also
+/// prints the op counts of both optimized graphs. Without target/ortvenv, the ORT row is
+/// skipped with instructions.
+fn bench_latency(runs: usize) -> Result<()> {
+    const SEQ: i64 = 128;
+    const THREADS: usize = 2;
+    let shape = BertShape::BASE;
+    let ferry = ferry_release()?;
+    let dir = target().join("bench").join("bert-base-synthetic");
+    synthetic_bert(&dir, shape)?;
+    let out = target().join("bench").join("out");
+    std::fs::create_dir_all(&out).map_err(|e| e.to_string())?;
+    let plain = out.join("bert-base.onnx");
+    let optimized = out.join("bert-base-optimized.onnx");
+    let ort_optimized = out.join("bert-base-ort-optimized.onnx");
+    run(Command::new(&ferry)
+        .arg("export")
+        .arg("--model")
+        .arg(&dir)
+        .arg(&plain))?;
+    let start = Instant::now();
+    run(Command::new(&ferry)
+        .arg("optimize")
+        .arg(&plain)
+        .arg(&optimized))?;
+    let ferry_opt_s = start.elapsed().as_secs_f64();
+
+    let py = target().join("ortvenv").join("bin").join("python");
+    let mut ort_report: Option<serde_json::Value> = None;
+    if py.is_file() {
+        let mut cmd = Command::new(&py);
+        cmd.arg(root().join("xtask").join("ort_optimize.py"))
+            .arg("--input")
+            .arg(&plain)
+            .arg("--output")
+            .arg(&ort_optimized)
+            .args(["--num-heads", &shape.heads.to_string()])
+            .args(["--hidden-size", &shape.hidden.to_string()])
+            .args(["--opt-level", "1", "--count"])
+            .arg(&plain)
+            .arg(&optimized);
+        if let Some(site) = golden_site_packages() {
+            cmd.arg("--torch-site").arg(site);
+        }
+        let o = cmd.output().map_err(|e| format!("{}: {e}", py.display()))?;
+        if !o.status.success() {
+            return Err(format!(
+                "ort_optimize.py failed: {}",
+                String::from_utf8_lossy(&o.stderr)
+            ));
+        }
+        ort_report = Some(serde_json::from_slice(&o.stdout).map_err(|e| e.to_string())?);
+    } else {
+        eprintln!(
+            "xtask: {} not found, skipping ONNX Runtime's optimizer. Create it with:\n  python3 -m venv target/ortvenv && target/ortvenv/bin/pip install onnxruntime onnx numpy\n(its optimizer also needs torch importable: it uses target/venv's when present)",
+            py.display()
+        );
+    }
+
+    let mut cases: Vec<(&str, &Path)> = vec![
+        ("ferry export (plain)", &plain),
+        ("ferry optimize", &optimized),
+    ];
+    if ort_report.is_some() {
+        cases.push(("ORT transformers optimizer", &ort_optimized));
+    }
+    let err = |e: ferry_verifier::VerifyError| e.to_string();
+    let mut models = Vec::new();
+    for (name, path) in &cases {
+        let model = ferry_verifier::Model::load(path, THREADS).map_err(err)?;
+        let inputs = bert_inputs(&model, SEQ, shape.vocab);
+        models.push((*name, model, inputs, Vec::new()));
+    }
+    for (_, model, inputs, _) in models.iter_mut() {
+        for _ in 0..5 {
+            model.run(inputs).map_err(err)?;
+        }
+    }
+    // Interleaved, so that drifts in machine load affect every model alike.
+    for _ in 0..runs.max(1) {
+        for (_, model, inputs, times) in models.iter_mut() {
+            let start = Instant::now();
+            model.run(inputs).map_err(err)?;
+            times.push(start.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    println!(
+        "ONNX Runtime latency of the bert-base-sized model, batch 1 × {SEQ}, {THREADS} intra-op threads, basic session optimizations, median of {runs} interleaved runs in one process:"
+    );
+    let mut medians = Vec::new();
+    for (name, _, _, times) in models {
+        let m = median(times);
+        println!("  {name:<28} {m:8.2} ms");
+        medians.push(m);
+    }
+    println!("  (ferry optimize took {ferry_opt_s:.2} s)");
+    if let (Some(r), Some(&fe), Some(&oo)) = (&ort_report, medians.get(1), medians.get(2)) {
+        println!(
+            "  ratio ferry-optimized / ORT-optimized latency: {:.3}",
+            fe / oo
+        );
+        println!(
+            "  onnxruntime {} transformers optimizer (opt_level 1) took {:.1} s; fused: {}",
+            r["onnxruntime"].as_str().unwrap_or("?"),
+            r["seconds"].as_f64().unwrap_or(f64::NAN),
+            r["fused"]
+        );
+        let ops = |p: &Path| r["ops"][p.display().to_string()].clone();
+        println!("  op counts, ferry optimize: {}", ops(&optimized));
+        println!("  op counts, ORT optimizer:  {}", ops(&ort_optimized));
     }
     Ok(())
 }

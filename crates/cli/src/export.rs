@@ -4,7 +4,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use crate::common::{check_output_path, done, human_bytes, stage};
-use crate::{ExportArgs, Format, Precision, metadata};
+use crate::{ExportArgs, Format, FrameworkArg, Precision, metadata};
 
 pub fn export(a: &ExportArgs) -> Result<(), String> {
     if a.list {
@@ -24,15 +24,23 @@ pub fn export(a: &ExportArgs) -> Result<(), String> {
         ));
     }
     check_output_path(output)?;
+    let disabled = crate::optimize::disabled_fusions(&a.disable)?;
+    let fixed_dims = static_dims(a)?;
 
     let pb = stage("load");
     pb.set_message(model.to_string());
     let opts = ferry_loader::ResolveOptions {
         revision: a.revision.clone(),
+        progress: Some(std::sync::Arc::new(DownloadBar(pb.clone()))),
         ..Default::default()
     };
     let dir = ferry_loader::resolve(model, &opts).map_err(|e| e.to_string())?;
-    let ckpt = ferry_loader::load(&dir).map_err(|e| e.to_string())?;
+    let framework = match a.framework {
+        FrameworkArg::Auto => ferry_loader::Framework::Auto,
+        FrameworkArg::Pt => ferry_loader::Framework::Pt,
+        FrameworkArg::Tf => ferry_loader::Framework::Tf,
+    };
+    let ckpt = ferry_loader::load_framework(&dir, framework).map_err(|e| e.to_string())?;
     let dtype = checkpoint_dtype(&ckpt.weights);
     done(
         pb,
@@ -43,7 +51,10 @@ pub fn export(a: &ExportArgs) -> Result<(), String> {
             ckpt.format
         ),
     );
-    let (weights, dtype_note) = export_weights(&ckpt.weights, &dtype, a.dtype)?;
+    let (weights, float_dtype, dtype_note) = export_weights(&ckpt.weights, &dtype, a.dtype)?;
+    if a.format == Format::Torchscript && float_dtype != ferry_ir::DType::F32 {
+        return Err("TorchScript export is float32 only; use --dtype fp32".into());
+    }
 
     let pb = stage("trace");
     let task = a
@@ -59,6 +70,8 @@ pub fn export(a: &ExportArgs) -> Result<(), String> {
         } else {
             a.opset
         },
+        float_dtype,
+        fixed_dims,
         ..Default::default()
     };
     let graph =
@@ -89,6 +102,29 @@ pub fn export(a: &ExportArgs) -> Result<(), String> {
         done(pb, runs);
     }
 
+    if a.optimize || a.quantize {
+        let opts = ferry_optimizer::OptimizeOptions {
+            disabled,
+            ..Default::default()
+        };
+        // `--quantize` implies `--optimize` and quantizes the optimized model.
+        let result = optimize_export(output, &opts, a.external_data).and_then(|optimized| {
+            if a.quantize {
+                crate::quantize::quantize_export(output, &optimized, a.external_data).map(|_| ())
+            } else {
+                Ok(())
+            }
+        });
+        if let Err(e) = result {
+            // No partial output: the plain export goes too.
+            let _ = std::fs::remove_file(&report.model_path);
+            if let Some(d) = &report.data_path {
+                let _ = std::fs::remove_file(d);
+            }
+            return Err(e);
+        }
+    }
+
     let mut files = format!("{} ({})", output.display(), human_bytes(report.model_bytes));
     if let Some(d) = &report.data_path {
         files.push_str(&format!(
@@ -112,6 +148,58 @@ pub fn export(a: &ExportArgs) -> Result<(), String> {
     Ok(())
 }
 
+/// `--static-shapes`: the symbolic axes to fix (`batch_size`, `sequence_length`), after
+/// checking the flags it combines with; empty without it.
+fn static_dims(a: &ExportArgs) -> Result<std::collections::BTreeMap<String, i64>, String> {
+    if !a.static_shapes {
+        return Ok(Default::default());
+    }
+    if a.format == Format::Torchscript {
+        return Err(
+            "--static-shapes applies to ONNX exports (TorchScript traces are fixed-shape unless --dynamic-axes)"
+                .into(),
+        );
+    }
+    if a.check {
+        return Err(
+            "--check runs several sequence lengths and cannot be combined with --static-shapes"
+                .into(),
+        );
+    }
+    if a.batch_size < 1 || a.sequence_length < 1 || a.num_choices.is_some_and(|n| n < 1) {
+        return Err("--batch-size, --sequence-length and --num-choices must be at least 1".into());
+    }
+    let defaults = ferry_tracer::TraceOptions::default();
+    let mut dims: std::collections::BTreeMap<String, i64> = [
+        (defaults.batch_axis, a.batch_size),
+        (defaults.sequence_axis, a.sequence_length),
+    ]
+    .into();
+    if let Some(n) = a.num_choices {
+        dims.insert("num_choices".into(), n);
+    }
+    Ok(dims)
+}
+
+/// `--optimize`: reads the exported `output`, optimizes it and writes
+/// `<stem>-optimized.onnx` beside it (external data as the export did), printing the pass
+/// summary and the fused-operator statistics on stderr. Returns the optimized model's path.
+pub fn optimize_export(
+    output: &Path,
+    opts: &ferry_optimizer::OptimizeOptions,
+    external_data: bool,
+) -> Result<std::path::PathBuf, String> {
+    let stem = output
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "model".into());
+    let target = output.with_file_name(format!("{stem}-optimized.onnx"));
+    let o = crate::optimize::optimize_file(output, &target, opts, external_data)?;
+    eprintln!("optimized {}: {}", target.display(), o.summary);
+    eprintln!("{}", crate::optimize::fused_line(&o.fused));
+    Ok(o.report.model_path)
+}
+
 fn export_torchscript(
     a: &ExportArgs,
     output: &Path,
@@ -121,8 +209,10 @@ fn export_torchscript(
     dtype_note: &str,
     start: Instant,
 ) -> Result<(), String> {
-    if a.check || a.external_data {
-        return Err("--check and --external-data apply to ONNX exports only".into());
+    if a.check || a.external_data || a.optimize || a.quantize {
+        return Err(
+            "--check, --external-data, --optimize and --quantize apply to ONNX exports only".into(),
+        );
     }
     if !a.dynamic_axes && (a.batch_size < 1 || a.sequence_length < 1) {
         return Err("--batch-size and --sequence-length must be at least 1".into());
@@ -163,6 +253,34 @@ fn export_torchscript(
     Ok(())
 }
 
+/// Shows hub downloads on the `load` stage's bar: bytes of the file being fetched.
+struct DownloadBar(indicatif::ProgressBar);
+
+impl ferry_loader::DownloadProgress for DownloadBar {
+    fn start(&self, file: &str, bytes: u64) {
+        self.0.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{spinner} {prefix:>6} {msg} {bar:30} {bytes}/{total_bytes} {bytes_per_sec}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        self.0.set_position(0);
+        self.0.set_length(bytes);
+        self.0.set_message(format!("downloading {file}"));
+    }
+
+    fn advance(&self, _file: &str, done: u64, total: u64) {
+        if total > 0 {
+            self.0.set_length(total);
+        }
+        self.0.set_position(done);
+    }
+
+    fn finish(&self, file: &str) {
+        self.0.set_message(format!("{file} cached"));
+    }
+}
+
 /// The floating-point dtype(s) of a checkpoint's weights, e.g. `float16` or
 /// `float16+float32` (integer buffers such as `position_ids` are not counted).
 fn checkpoint_dtype(weights: &ferry_ir::Weights) -> String {
@@ -180,24 +298,51 @@ fn checkpoint_dtype(weights: &ferry_ir::Weights) -> String {
     }
 }
 
-/// The weights to trace for `--dtype`, and how the summary describes them: with `fp32`,
-/// half-precision tensors become float32 as they are streamed (see
-/// `Weights::upcast_to_f32`); `keep` refuses them, as ferry has no fp16 compute yet.
+/// The weights to trace for `--dtype`, the graph's compute dtype, and how the summary
+/// describes them. Tensors whose type changes are converted as they stream
+/// (`Weights::floats_as`); the others stay borrowed from the checkpoint.
+/// - `fp32`: float32 weights and compute;
+/// - `fp16`: float16 weights, compute and outputs;
+/// - `bf16`: bfloat16 weights, each cast to float32 where it is used (ONNX Runtime's CPU
+///   provider has no bfloat16 arithmetic kernels), float32 compute and outputs;
+/// - `keep`: one of the above, whichever the checkpoint's float tensors are stored in.
 fn export_weights(
     weights: &ferry_ir::Weights,
     dtype: &str,
     precision: Precision,
-) -> Result<(ferry_ir::Weights, String), String> {
-    let half = weights
-        .iter()
-        .any(|t| matches!(t.dtype, ferry_ir::DType::F16 | ferry_ir::DType::BF16));
-    match (precision, half) {
-        (_, false) => Ok((weights.clone(), dtype.to_string())),
-        (Precision::Fp32, true) => Ok((weights.upcast_to_f32(), format!("{dtype} -> float32"))),
-        (Precision::Keep, true) => Err(format!(
-            "--dtype keep: the checkpoint is {dtype}, and fp16/bf16 compute is not supported yet; export with --dtype fp32 (the default)"
-        )),
-    }
+) -> Result<(ferry_ir::Weights, ferry_ir::DType, String), String> {
+    use ferry_ir::DType;
+    let target = match precision {
+        Precision::Fp32 => DType::F32,
+        Precision::Fp16 => DType::F16,
+        Precision::Bf16 => DType::BF16,
+        Precision::Keep => match dtype {
+            "float32" => DType::F32,
+            "float16" => DType::F16,
+            "bfloat16" => DType::BF16,
+            _ => {
+                return Err(format!(
+                    "--dtype keep: the checkpoint mixes float types ({dtype}); choose --dtype fp32, fp16 or bf16"
+                ));
+            }
+        },
+    };
+    let compute = if target == DType::F16 {
+        DType::F16
+    } else {
+        DType::F32
+    };
+    let note = if dtype == target.to_string() {
+        dtype.to_string()
+    } else {
+        format!("{dtype} -> {target}")
+    };
+    let note = if target == DType::BF16 {
+        format!("{note}, float32 compute")
+    } else {
+        note
+    };
+    Ok((weights.floats_as(target), compute, note))
 }
 
 fn run_check(path: &Path, config: &ferry_ir::ModelConfig) -> Result<String, String> {

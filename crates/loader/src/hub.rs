@@ -1,11 +1,23 @@
 //! Resolving `--model`: local directory, Hugging Face cache, or hub download.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use crate::LoadError;
 
+/// Receives hub download progress, so a UI (the CLI's progress bar) can show it while the
+/// loader itself stays UI-free. Calls come from hf-hub's runtime thread.
+pub trait DownloadProgress: Send + Sync {
+    /// `file` starts downloading; `bytes` is its size as the hub reports it (0: unknown).
+    fn start(&self, file: &str, bytes: u64);
+    /// `done` of `total` bytes of `file` have arrived.
+    fn advance(&self, file: &str, done: u64, total: u64);
+    /// `file` is in the cache (downloaded, or already there).
+    fn finish(&self, file: &str);
+}
+
 /// How to resolve a model id.
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub struct ResolveOptions {
     /// Branch, tag or commit (default `main`).
     pub revision: Option<String>,
@@ -13,6 +25,55 @@ pub struct ResolveOptions {
     pub offline: bool,
     /// Cache directory override (default: the standard Hugging Face cache).
     pub cache_dir: Option<PathBuf>,
+    /// Hub endpoint override (default: hf-hub's, i.e. `$HF_ENDPOINT` else
+    /// `https://huggingface.co`).
+    pub endpoint: Option<String>,
+    /// Where download progress goes (none: silent).
+    pub progress: Option<Arc<dyn DownloadProgress>>,
+}
+
+impl std::fmt::Debug for ResolveOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ResolveOptions")
+            .field("revision", &self.revision)
+            .field("offline", &self.offline)
+            .field("cache_dir", &self.cache_dir)
+            .field("endpoint", &self.endpoint)
+            .field("progress", &self.progress.is_some())
+            .finish()
+    }
+}
+
+/// Forwards one file's hf-hub download events to a [`DownloadProgress`].
+struct ProgressAdapter {
+    sink: Arc<dyn DownloadProgress>,
+    file: String,
+}
+
+impl hf_hub::progress::ProgressHandler for ProgressAdapter {
+    fn on_progress(&self, event: &hf_hub::progress::ProgressEvent) {
+        use hf_hub::progress::{DownloadEvent, ProgressEvent};
+        let ProgressEvent::Download(e) = event else {
+            return;
+        };
+        match e {
+            DownloadEvent::Start { total_bytes, .. } => self.sink.start(&self.file, *total_bytes),
+            DownloadEvent::Progress { files } => {
+                for f in files {
+                    self.sink
+                        .advance(&self.file, f.bytes_completed, f.total_bytes);
+                }
+            }
+            DownloadEvent::AggregateProgress {
+                bytes_completed,
+                total_bytes,
+                ..
+            } => self
+                .sink
+                .advance(&self.file, *bytes_completed, *total_bytes),
+            DownloadEvent::Complete => self.sink.finish(&self.file),
+        }
+    }
 }
 
 /// The Hugging Face hub cache: `$HF_HUB_CACHE`, else `$HF_HOME/hub`, else
@@ -76,8 +137,10 @@ fn looks_like_repo_id(s: &str) -> bool {
 }
 
 /// Turns `--model` into a checkpoint directory: a local directory as is; else a snapshot
-/// in the Hugging Face cache; else (unless offline) a download through hf-hub into that
-/// cache. The error lists everything that was tried.
+/// in the Hugging Face cache (`refs/<revision>` or a commit; used without asking the hub
+/// whether the branch moved); else (unless offline: `opts.offline` or `HF_HUB_OFFLINE`) a
+/// download through hf-hub into that cache, reporting to `opts.progress`. The error lists
+/// everything that was tried.
 pub fn resolve(model: &str, opts: &ResolveOptions) -> Result<PathBuf, LoadError> {
     let p = Path::new(model);
     if p.is_dir() {
@@ -109,7 +172,7 @@ pub fn resolve(model: &str, opts: &ResolveOptions) -> Result<PathBuf, LoadError>
             searched: searched.join("; "),
         });
     }
-    match download(model, revision, &cache) {
+    match download(model, revision, &cache, opts) {
         Ok(dir) => Ok(dir),
         Err(e) => {
             searched.push(format!("hub download failed: {e}"));
@@ -121,19 +184,34 @@ pub fn resolve(model: &str, opts: &ResolveOptions) -> Result<PathBuf, LoadError>
     }
 }
 
-/// Downloads config, weights (safetensors preferred) and tokenizer files into the cache.
-fn download(id: &str, revision: &str, cache: &Path) -> Result<PathBuf, String> {
-    let client = hf_hub::HFClient::builder()
-        .cache_dir(cache.to_path_buf())
-        .build_sync()
-        .map_err(|e| e.to_string())?;
+/// Downloads config, weights (safetensors preferred) and tokenizer files into the cache
+/// (`models--org--name/{blobs,refs,snapshots}`, the layout transformers reads). hf-hub
+/// takes the endpoint from `HF_ENDPOINT` and the token from `HF_TOKEN` (or the token
+/// file `huggingface-cli login` writes) unless `opts` overrides the endpoint.
+fn download(
+    id: &str,
+    revision: &str,
+    cache: &Path,
+    opts: &ResolveOptions,
+) -> Result<PathBuf, String> {
+    let mut builder = hf_hub::HFClient::builder().cache_dir(cache.to_path_buf());
+    if let Some(e) = &opts.endpoint {
+        builder = builder.endpoint(e.clone());
+    }
+    let client = builder.build_sync().map_err(|e| e.to_string())?;
     let (owner, name) = hf_hub::split_id(id);
     let repo = client.model(owner, name);
     let fetch = |file: &str| {
-        repo.download_file()
-            .filename(file)
-            .revision(revision)
-            .send()
+        let req = repo.download_file().filename(file).revision(revision);
+        match &opts.progress {
+            Some(sink) => req
+                .progress(ProgressAdapter {
+                    sink: sink.clone(),
+                    file: file.to_string(),
+                })
+                .send(),
+            None => req.send(),
+        }
     };
     let config = fetch("config.json").map_err(|e| e.to_string())?;
     let dir = config
@@ -146,9 +224,15 @@ fn download(id: &str, revision: &str, cache: &Path) -> Result<PathBuf, String> {
         &["model.safetensors.index.json"],
         &["pytorch_model.bin"],
         &["pytorch_model.bin.index.json"],
+        &["tf_model.h5"],
     ] {
         let file = candidates[0];
-        if fetch(file).is_ok() {
+        let got = match fetch(file) {
+            Ok(_) => true,
+            Err(hf_hub::HFError::EntryNotFound { .. }) => false,
+            Err(e) => return Err(format!("{file}: {e}")),
+        };
+        if got {
             if file.ends_with(".index.json") {
                 let text = std::fs::read_to_string(dir.join(file)).map_err(|e| e.to_string())?;
                 let v: serde_json::Value =
@@ -173,7 +257,7 @@ fn download(id: &str, revision: &str, cache: &Path) -> Result<PathBuf, String> {
     }
     if !got_weights {
         return Err(format!(
-            "{id} has no safetensors or pytorch_model.bin weights"
+            "{id} has no safetensors, pytorch_model.bin or tf_model.h5 weights"
         ));
     }
     for optional in [
@@ -190,6 +274,68 @@ fn download(id: &str, revision: &str, cache: &Path) -> Result<PathBuf, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[derive(Default)]
+    struct Record(std::sync::Mutex<Vec<String>>);
+
+    impl DownloadProgress for Record {
+        fn start(&self, file: &str, bytes: u64) {
+            self.0
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(format!("start {file} {bytes}"));
+        }
+        fn advance(&self, file: &str, done: u64, total: u64) {
+            self.0
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(format!("advance {file} {done}/{total}"));
+        }
+        fn finish(&self, file: &str) {
+            self.0
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(format!("finish {file}"));
+        }
+    }
+
+    #[test]
+    fn hf_hub_download_events_reach_the_progress_sink() {
+        use hf_hub::progress::{
+            DownloadEvent, FileProgress, FileStatus, ProgressEvent, ProgressHandler,
+        };
+        let rec = Arc::new(Record::default());
+        let adapter = ProgressAdapter {
+            sink: rec.clone(),
+            file: "model.safetensors".into(),
+        };
+        for e in [
+            DownloadEvent::Start {
+                total_files: 1,
+                total_bytes: 100,
+            },
+            DownloadEvent::Progress {
+                files: vec![FileProgress {
+                    filename: "model.safetensors".into(),
+                    bytes_completed: 40,
+                    total_bytes: 100,
+                    status: FileStatus::InProgress,
+                }],
+            },
+            DownloadEvent::Complete,
+        ] {
+            adapter.on_progress(&ProgressEvent::Download(e));
+        }
+        let got = rec.0.lock().map(|v| v.clone()).unwrap_or_default();
+        assert_eq!(
+            got,
+            [
+                "start model.safetensors 100",
+                "advance model.safetensors 40/100",
+                "finish model.safetensors"
+            ]
+        );
+    }
 
     #[test]
     fn repo_ids() {

@@ -4,17 +4,20 @@
 //! the Hugging Face cache, or (online) a download through hf-hub into that cache.
 //! [`load`] reads `config.json` into a typed [`ModelConfig`] and indexes the weights of
 //! `model.safetensors`, a sharded `model.safetensors.index.json`, or `pytorch_model.bin`
-//! (read by pytorch-reader, which never executes pickle code). Safetensors weights are
-//! borrowed from a memory map; `.bin` tensors are read one at a time when written.
+//! (read by pytorch-reader, which never executes pickle code), or a TensorFlow
+//! `tf_model.h5` (Keras HDF5, read in pure Rust; TF names mapped to PyTorch's, see `tf`).
+//! Safetensors and HDF5 weights are borrowed from a memory map; `.bin` tensors are read one
+//! at a time when written. [`load_framework`] picks PyTorch or TF weights explicitly.
 
 mod hub;
+mod tf;
 mod weights;
 
 use std::path::{Path, PathBuf};
 
 pub use ferry_ir::ModelConfig;
 use ferry_ir::{ConfigError, Weights};
-pub use hub::{ResolveOptions, hub_cache_dir, resolve};
+pub use hub::{DownloadProgress, ResolveOptions, hub_cache_dir, resolve};
 
 /// The weight file format a checkpoint was read from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -25,6 +28,21 @@ pub enum WeightFormat {
     ShardedSafetensors(usize),
     /// `pytorch_model.bin` (possibly sharded, with this many files).
     PytorchBin(usize),
+    /// `tf_model.h5`: TensorFlow (Keras HDF5) weights under their PyTorch names.
+    TfH5,
+}
+
+/// Which framework's weights to read when a checkpoint holds several.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Framework {
+    /// PyTorch weights if present (safetensors, then `pytorch_model.bin`), else
+    /// `tf_model.h5`: transformers' own preference order.
+    #[default]
+    Auto,
+    /// PyTorch weights only (safetensors or `pytorch_model.bin`).
+    Pt,
+    /// `tf_model.h5` only.
+    Tf,
 }
 
 impl std::fmt::Display for WeightFormat {
@@ -34,6 +52,7 @@ impl std::fmt::Display for WeightFormat {
             WeightFormat::ShardedSafetensors(n) => write!(f, "safetensors ({n} shards)"),
             WeightFormat::PytorchBin(1) => f.write_str("pytorch_model.bin"),
             WeightFormat::PytorchBin(n) => write!(f, "pytorch_model.bin ({n} shards)"),
+            WeightFormat::TfH5 => f.write_str("tf_model.h5"),
         }
     }
 }
@@ -75,9 +94,17 @@ pub enum LoadError {
     },
     /// No weight file of a known format.
     #[error(
-        "{0}: no weights found (looked for model.safetensors, model.safetensors.index.json, pytorch_model.bin, pytorch_model.bin.index.json)"
+        "{0}: no weights found (looked for model.safetensors, model.safetensors.index.json, pytorch_model.bin, pytorch_model.bin.index.json, tf_model.h5)"
     )]
     MissingWeights(PathBuf),
+    /// `--framework tf` on a checkpoint without `tf_model.h5`.
+    #[error("{0}: no tf_model.h5 (the checkpoint has no TensorFlow weights)")]
+    MissingTfWeights(PathBuf),
+    /// `--framework pt` on a checkpoint without PyTorch weights.
+    #[error(
+        "{0}: no PyTorch weights (looked for model.safetensors, model.safetensors.index.json, pytorch_model.bin, pytorch_model.bin.index.json)"
+    )]
+    MissingPtWeights(PathBuf),
     /// A weight file is unreadable or corrupt.
     #[error("{path}: {reason}")]
     Weights {
@@ -97,7 +124,13 @@ pub enum LoadError {
 }
 
 /// Opens the checkpoint in `dir`: config plus an index of its weights (no weight bytes read).
+/// PyTorch weights are preferred; `tf_model.h5` is read when there are none.
 pub fn load(dir: &Path) -> Result<Checkpoint, LoadError> {
+    load_framework(dir, Framework::Auto)
+}
+
+/// [`load`], reading the weights of `framework` (see [`Framework`]).
+pub fn load_framework(dir: &Path, framework: Framework) -> Result<Checkpoint, LoadError> {
     let config_path = dir.join("config.json");
     if !config_path.is_file() {
         return Err(LoadError::MissingConfig(dir.to_path_buf()));
@@ -110,7 +143,7 @@ pub fn load(dir: &Path) -> Result<Checkpoint, LoadError> {
         path: config_path.clone(),
         source,
     })?;
-    let (weights, format) = weights::open_weights(dir)?;
+    let (weights, format) = weights::open_weights(dir, framework)?;
     Ok(Checkpoint {
         dir: dir.to_path_buf(),
         config,

@@ -1,4 +1,4 @@
-//! Weight files: safetensors (single or sharded) and pytorch_model.bin.
+//! Weight files: safetensors (single or sharded), pytorch_model.bin and tf_model.h5.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -8,15 +8,34 @@ use ferry_ir::{DType, Initializer, MappedFile, TensorData, Weights};
 use safetensors::SafeTensors;
 use safetensors::tensor::Dtype;
 
-use crate::{LoadError, WeightFormat};
+use crate::{Framework, LoadError, WeightFormat};
 
-/// Finds and indexes the weights in `dir`, preferring safetensors as transformers does.
-pub(crate) fn open_weights(dir: &Path) -> Result<(Weights, WeightFormat), LoadError> {
+/// Finds and indexes the weights in `dir` as transformers does: safetensors, then
+/// `pytorch_model.bin`, then `tf_model.h5`, restricted to `framework`'s files.
+pub(crate) fn open_weights(
+    dir: &Path,
+    framework: Framework,
+) -> Result<(Weights, WeightFormat), LoadError> {
     let mut weights = Weights::new();
     let single = dir.join("model.safetensors");
     let index = dir.join("model.safetensors.index.json");
     let bin = dir.join("pytorch_model.bin");
     let bin_index = dir.join("pytorch_model.bin.index.json");
+    let tf_h5 = dir.join("tf_model.h5");
+    let has_pt = single.is_file() || index.is_file() || bin.is_file() || bin_index.is_file();
+    let use_tf = match framework {
+        Framework::Tf => true,
+        Framework::Pt if !has_pt => return Err(LoadError::MissingPtWeights(dir.to_path_buf())),
+        Framework::Pt => false,
+        Framework::Auto => !has_pt && tf_h5.is_file(),
+    };
+    if use_tf {
+        if !tf_h5.is_file() {
+            return Err(LoadError::MissingTfWeights(dir.to_path_buf()));
+        }
+        crate::tf::add_tf_h5(&tf_h5, &mut weights)?;
+        return Ok((weights, WeightFormat::TfH5));
+    }
     let format = if single.is_file() {
         add_safetensors(&single, &mut weights)?;
         WeightFormat::Safetensors

@@ -3,6 +3,7 @@
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufWriter, Write};
 use std::path::{Path, PathBuf};
+use std::sync::mpsc::sync_channel;
 
 use ferry_ir::{Attr, Dim, Graph, Initializer, Node, Value};
 use prost::Message;
@@ -18,6 +19,10 @@ use crate::{MAX_OPSET, MIN_OPSET, onnx_dtype};
 const PROTOBUF_LIMIT: u64 = (1 << 31) - 1;
 /// Initializers smaller than this stay inline even with external data (as `onnx` does).
 const EXTERNAL_THRESHOLD: u64 = 1024;
+/// Derived tensors (transposed, concatenated or converted weights) up to this size are
+/// computed by a helper thread ahead of the writer, so computing one overlaps writing the
+/// previous; larger ones stream band by band. At most three such buffers exist at once.
+const PREFETCH_MAX: u64 = 16 << 20;
 /// Tensors at least this large start on a page boundary in the side file, so ONNX Runtime
 /// can map them.
 const PAGE_ALIGN_FROM: u64 = 64 * 1024;
@@ -237,7 +242,41 @@ pub fn write_model(
             source,
         }
     };
-    {
+    let prefetched = |i: &Initializer| i.data.is_derived() && i.data.len() <= PREFETCH_MAX;
+    std::thread::scope(|s| -> Result<(), OnnxError> {
+        // A helper computes derived tensors in order into recycled buffers; the loop below
+        // takes them in the same order.
+        let (full_tx, full_rx) = sync_channel::<io::Result<Vec<u8>>>(1);
+        let (free_tx, free_rx) = sync_channel::<Vec<u8>>(3);
+        let inits = &graph.initializers;
+        s.spawn(move || {
+            for init in inits.iter().filter(|i| prefetched(i)) {
+                let mut buf = free_rx.try_recv().unwrap_or_default();
+                let r = usize::try_from(init.data.len())
+                    .map_err(io::Error::other)
+                    .and_then(|n| {
+                        buf.resize(n, 0);
+                        init.data.read_into(0, &mut buf)
+                    })
+                    .map(|()| buf);
+                let failed = r.is_err();
+                if full_tx.send(r).is_err() || failed {
+                    return;
+                }
+            }
+        });
+        let emit = |init: &Initializer, w: &mut BufWriter<File>| -> io::Result<()> {
+            if prefetched(init) {
+                let buf = full_rx
+                    .recv()
+                    .map_err(|_| io::Error::other("tensor producer stopped"))??;
+                w.write_all(&buf)?;
+                let _ = free_tx.try_send(buf);
+                Ok(())
+            } else {
+                init.data.write_to(w)
+            }
+        };
         let out = &mut model_tmp.writer;
         let mut head = Vec::with_capacity(model_head.len() + 16);
         head.extend_from_slice(&model_head);
@@ -256,16 +295,17 @@ pub fn write_model(
                     let w = &mut data.writer;
                     w.write_all(&vec![0u8; plan.pad as usize])
                         .map_err(io_err(&data_path))?;
-                    init.data.write_to(w).map_err(io_err(&data_path))?;
+                    emit(init, w).map_err(io_err(&data_path))?;
                 }
             } else {
                 put_key(&mut h, proto::TENSOR_RAW_DATA_TAG);
                 put_varint(&mut h, init.data.len());
                 out.write_all(&h).map_err(io_err(path))?;
-                init.data.write_to(out).map_err(io_err(path))?;
+                emit(init, out).map_err(io_err(path))?;
             }
         }
-    }
+        Ok(())
+    })?;
     let data_bytes = match data_tmp {
         Some(d) => d.commit()?,
         None => 0,
@@ -327,6 +367,13 @@ impl TempOutput {
         };
         self.writer.flush().map_err(err)?;
         let len = self.writer.get_ref().metadata().map_err(err)?.len();
+        // Renaming onto an existing file makes ext4 (`auto_da_alloc`) allocate and start
+        // writing back the whole new file inside `rename`, which costs as much as writing
+        // it; an existing output is removed first instead. The output is still never
+        // partial: it is either absent for that instant or complete.
+        if std::fs::symlink_metadata(&self.dest).is_ok_and(|m| m.is_file()) {
+            let _ = std::fs::remove_file(&self.dest);
+        }
         std::fs::rename(&self.tmp, &self.dest).map_err(err)?;
         self.committed = true;
         Ok(len)
@@ -494,6 +541,92 @@ mod tests {
             prost::encoding::encode_varint(v, &mut b);
             assert_eq!(a, b);
         }
+    }
+
+    /// A graph whose initializers are the given tensors, each a graph output via Identity.
+    fn graph_of(inits: Vec<Initializer>) -> Graph {
+        use ferry_ir::{DType, OpsetImport};
+        Graph {
+            name: "g".into(),
+            inputs: vec![],
+            outputs: inits
+                .iter()
+                .map(|i| Value::new(format!("{}_out", i.name), DType::F32, vec![]))
+                .collect(),
+            nodes: inits
+                .iter()
+                .map(|i| Node {
+                    name: format!("/Identity_{}", i.name),
+                    op_type: "Identity".into(),
+                    domain: String::new(),
+                    inputs: vec![i.name.clone()],
+                    outputs: vec![format!("{}_out", i.name)],
+                    attrs: Default::default(),
+                })
+                .collect(),
+            initializers: inits,
+            value_info: vec![],
+            opsets: vec![OpsetImport {
+                domain: String::new(),
+                version: 17,
+            }],
+        }
+    }
+
+    #[test]
+    fn derived_initializers_are_written_as_their_bytes() -> Result<(), Box<dyn std::error::Error>> {
+        use ferry_ir::{DType, TensorData};
+        let f32s = |n: usize, k: f32| -> Vec<f32> { (0..n).map(|i| i as f32 * k - 1.0).collect() };
+        let w = TensorData::from_f32(&f32s(6 * 5, 0.25));
+        let big = TensorData::from_f32(&f32s(1500 * 3000, 1e-3));
+        let mut inits = vec![
+            Initializer {
+                name: "wt".into(),
+                dtype: DType::F32,
+                dims: vec![5, 6],
+                data: TensorData::transposed(w.clone(), &[6, 5], &[1, 0], 4)?,
+            },
+            Initializer {
+                name: "plain".into(),
+                dtype: DType::F32,
+                dims: vec![6, 5],
+                data: w.clone(),
+            },
+            // Larger than the prefetch limit and than one band: streamed band by band.
+            Initializer {
+                name: "bigt".into(),
+                dtype: DType::F32,
+                dims: vec![3000, 1500],
+                data: TensorData::transposed(big, &[1500, 3000], &[1, 0], 4)?,
+            },
+        ];
+        let cat = TensorData::concat_rows(vec![inits[0].data.clone(), w.clone()], 5)?;
+        inits.push(Initializer {
+            name: "cat".into(),
+            dtype: DType::F32,
+            dims: vec![5, 12],
+            data: cat,
+        });
+        let g = graph_of(inits);
+        let tmp = tempfile::tempdir()?;
+        let dir = tmp.path();
+        for external in [ExternalData::Auto, ExternalData::Always] {
+            let out = dir.join("m.onnx");
+            let opts = WriteOptions {
+                external_data: external,
+                ..Default::default()
+            };
+            // Twice: the second write replaces the first file.
+            write_model(&g, &out, &opts)?;
+            write_model(&g, &out, &opts)?;
+            let back = crate::read_graph(&out)?;
+            for (a, b) in g.initializers.iter().zip(&back.initializers) {
+                assert_eq!(a.name, b.name);
+                assert!(a.data.bytes()? == b.data.bytes()?, "{}", a.name);
+            }
+            assert!(!matches!(back.initializers[0].data, TensorData::Owned(_)));
+        }
+        Ok(())
     }
 
     #[test]

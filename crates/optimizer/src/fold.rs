@@ -1,10 +1,144 @@
-//! Constant folding: `Constant` nodes and `Transpose` of initializers become initializers.
+//! Constant folding: `Constant` nodes and `Transpose` of initializers become initializers,
+//! and [`fold_computed`] evaluates whole constant subgraphs (shape arithmetic, masks) with
+//! the evaluator in `eval.rs`.
 
 use std::collections::{HashMap, HashSet};
 
-use ferry_ir::{Attr, DType, Graph, Initializer, Node, TensorData};
+use ferry_ir::{Attr, DType, Dim, Graph, Initializer, Node, TensorData};
 
 use crate::OptimizeError;
+use crate::eval::{self, Tensor};
+
+/// Largest initializer (in elements) [`fold_computed`] reads to evaluate a node: constant
+/// paths are shape arithmetic and small index tensors, and weights are left to ONNX Runtime.
+const MAX_FOLD_INPUT_ELEMENTS: u64 = 1 << 20;
+
+/// Evaluates every default-domain node whose inputs are all constant — initializers (not
+/// overridable as graph inputs), values computed by earlier folded nodes, or, for `Shape`,
+/// any value whose dims are all fixed in the graph's inputs, value_info or initializers —
+/// and replaces it by owned initializers named after its outputs. Handled ops and dtypes are
+/// those of the evaluator (Shape, Gather, Unsqueeze, Squeeze, Concat, Cast, Add/Sub/Mul/Div,
+/// Reshape, Transpose, Slice, Equal, Where, ConstantOfShape, Range, Expand, Identity over
+/// float32/int32/int64/bool); any other node, a node producing a graph output, or one
+/// reading an initializer of more than 2²⁰ elements stays. Only computed values that a
+/// remaining node reads become initializers. Returns how many nodes were folded.
+pub fn fold_computed(graph: &mut Graph) -> usize {
+    let Some(opset) = graph.onnx_opset() else {
+        return 0;
+    };
+    let reserved = reserved(graph);
+    let graph_inputs: HashSet<&str> = graph.inputs.iter().map(|v| v.name.as_str()).collect();
+    let inits: HashMap<&str, &Initializer> = graph
+        .initializers
+        .iter()
+        .filter(|i| !graph_inputs.contains(i.name.as_str()))
+        .map(|i| (i.name.as_str(), i))
+        .collect();
+    // Fully fixed shapes known for non-constant values.
+    let fixed = |shape: &Option<Vec<Dim>>| -> Option<Vec<i64>> {
+        shape.as_ref()?.iter().map(Dim::fixed).collect()
+    };
+    let static_dims: HashMap<&str, Vec<i64>> = graph
+        .inputs
+        .iter()
+        .chain(&graph.value_info)
+        .chain(&graph.outputs)
+        .filter_map(|v| Some((v.name.as_str(), fixed(&v.shape)?)))
+        .collect();
+    let mut consts: HashMap<String, Tensor> = HashMap::new();
+    let mut computed: Vec<String> = Vec::new();
+    let mut folded = vec![false; graph.nodes.len()];
+    for (k, n) in graph.nodes.iter().enumerate() {
+        if !is_onnx_domain(n)
+            || n.inputs.is_empty()
+            || n.outputs.is_empty()
+            || n.outputs
+                .iter()
+                .any(|o| reserved.contains(o) || o.is_empty())
+        {
+            continue;
+        }
+        let outs = if n.op_type == "Shape" && n.inputs.len() == 1 {
+            let x = n.inputs[0].as_str();
+            let dims = match consts.get(x) {
+                Some(t) => Some(t.dims.iter().map(|&d| d as i64).collect()),
+                None => inits
+                    .get(x)
+                    .map(|i| i.dims.clone())
+                    .or_else(|| static_dims.get(x).cloned()),
+            };
+            dims.and_then(|d| eval::shape_of(n, &d)).map(|t| vec![t])
+        } else {
+            // Every input constant? Checked before reading any bytes, so a node with a
+            // run-time input loads nothing.
+            let is_const = |x: &String| {
+                x.is_empty()
+                    || consts.contains_key(x)
+                    || inits
+                        .get(x.as_str())
+                        .is_some_and(|i| i.numel() <= MAX_FOLD_INPUT_ELEMENTS)
+            };
+            if !n.inputs.iter().all(is_const) {
+                continue;
+            }
+            // Load the initializers it reads (once each).
+            let mut ok = true;
+            for x in &n.inputs {
+                if x.is_empty() || consts.contains_key(x) {
+                    continue;
+                }
+                match inits
+                    .get(x.as_str())
+                    .and_then(|i| Tensor::from_initializer(i))
+                {
+                    Some(t) => {
+                        consts.insert(x.clone(), t);
+                    }
+                    None => {
+                        ok = false;
+                        break;
+                    }
+                }
+            }
+            if !ok {
+                continue;
+            }
+            let args: Vec<Option<&Tensor>> = n
+                .inputs
+                .iter()
+                .map(|x| if x.is_empty() { None } else { consts.get(x) })
+                .collect();
+            eval::eval(n, &args, opset)
+        };
+        let Some(outs) = outs.filter(|o| o.len() == n.outputs.len()) else {
+            continue;
+        };
+        for (name, t) in n.outputs.iter().zip(outs) {
+            consts.insert(name.clone(), t);
+            computed.push(name.clone());
+        }
+        folded[k] = true;
+    }
+    let count = folded.iter().filter(|&&f| f).count();
+    if count == 0 {
+        return 0;
+    }
+    let mut keep = folded.iter().map(|&f| !f);
+    graph.nodes.retain(|_| keep.next().unwrap_or(true));
+    let read: HashSet<&str> = graph
+        .nodes
+        .iter()
+        .flat_map(|n| n.inputs.iter().map(String::as_str))
+        .collect();
+    let new_inits: Vec<Initializer> = computed
+        .iter()
+        .filter(|name| read.contains(name.as_str()))
+        .filter_map(|name| consts.remove(name).map(|t| t.into_initializer(name)))
+        .collect();
+    drop_value_info(graph, computed.iter().map(String::as_str));
+    graph.initializers.extend(new_inits);
+    count
+}
 
 fn is_onnx_domain(n: &Node) -> bool {
     n.domain.is_empty() || n.domain == "ai.onnx"
@@ -76,8 +210,9 @@ pub fn fold_constants(graph: &mut Graph) -> usize {
     count
 }
 
-/// Replaces each `Transpose` whose input is an initializer by an owned initializer holding
-/// the transposed tensor, named after the node's output (the source initializer stays for
+/// Replaces each `Transpose` whose input is an initializer by an initializer holding the
+/// transposed tensor, named after the node's output: a [`TensorData::Transposed`] view that
+/// the writers compute band by band, so no transposed copy of a weight is held here (the source initializer stays for
 /// its other users; [`crate::remove_unused_initializers`] drops it otherwise). Returns how
 /// many were folded.
 pub fn fold_transposes(graph: &mut Graph) -> Result<usize, OptimizeError> {
@@ -170,21 +305,25 @@ fn transpose(n: &Node, src: &Initializer) -> Result<Initializer, OptimizeError> 
             src.data.len()
         )));
     }
-    let bytes = src.data.bytes().map_err(|source| OptimizeError::Io {
-        name: src.name.clone(),
-        source,
-    })?;
     let dims: Vec<usize> = src.dims.iter().map(|&d| d.max(0) as usize).collect();
-    let out = transpose_bytes(&bytes, &dims, &perm, elem);
+    let data = TensorData::transposed(src.data.clone(), &dims, &perm, elem).map_err(|source| {
+        OptimizeError::Io {
+            name: src.name.clone(),
+            source,
+        }
+    })?;
     Ok(Initializer {
         name: n.outputs[0].clone(),
         dtype: src.dtype,
         dims: perm.iter().map(|&a| src.dims[a]).collect(),
-        data: TensorData::owned(out),
+        data,
     })
 }
 
-/// Row-major transpose of `src` (shape `dims`, `elem`-byte elements) by `perm`.
+/// Reference row-major transpose (what this pass materialized before transposes became
+/// views): the folded views must produce exactly these bytes.
+#[cfg(test)]
+/// (`src` has shape `dims` and `elem`-byte elements.)
 fn transpose_bytes(src: &[u8], dims: &[usize], perm: &[usize], elem: usize) -> Vec<u8> {
     let rank = dims.len();
     let numel: usize = dims.iter().product();
@@ -219,7 +358,7 @@ fn transpose_bytes(src: &[u8], dims: &[usize], perm: &[usize], elem: usize) -> V
 
 #[cfg(test)]
 mod tests {
-    use ferry_ir::{DType, Value};
+    use ferry_ir::{DType, Dim, Value};
 
     use super::*;
     use crate::test_util::{graph, init, node};
@@ -298,6 +437,45 @@ mod tests {
     }
 
     #[test]
+    fn folded_transposes_stream_the_bytes_a_copy_had() {
+        // A 3-D weight under every permutation, and a 2-D bert-like weight.
+        let vals: Vec<f32> = (0..2 * 3 * 5).map(|v| v as f32 * 0.5 - 3.0).collect();
+        let w2: Vec<f32> = (0..40 * 24).map(|v| (v as f32).sin()).collect();
+        for (dims, values, perm) in [
+            (vec![2i64, 3, 5], &vals, vec![2i64, 0, 1]),
+            (vec![2, 3, 5], &vals, vec![1, 2, 0]),
+            (vec![2, 3, 5], &vals, vec![0, 2, 1]),
+            (vec![2, 3, 5], &vals, vec![2, 1, 0]),
+            (vec![40, 24], &w2, vec![1, 0]),
+        ] {
+            let mut g = graph(
+                vec![
+                    node(
+                        "Transpose",
+                        &["w"],
+                        &["wt"],
+                        vec![("perm", Attr::Ints(perm.clone()))],
+                    ),
+                    node("Relu", &["wt"], &["y"], vec![]),
+                ],
+                vec![init("w", dims.clone(), values)],
+                &["y"],
+            );
+            assert_eq!(fold_transposes(&mut g).expect("fold"), 1);
+            let src = g.initializers[0].data.bytes().expect("bytes").into_owned();
+            let ud: Vec<usize> = dims.iter().map(|&d| d as usize).collect();
+            let up: Vec<usize> = perm.iter().map(|&a| a as usize).collect();
+            let want = transpose_bytes(&src, &ud, &up, 4);
+            let wt = g.initializers.iter().find(|i| i.name == "wt").expect("wt");
+            assert!(matches!(wt.data, TensorData::Transposed { .. }));
+            assert_eq!(&*wt.data.bytes().expect("bytes"), &want[..], "{perm:?}");
+            let mut streamed = Vec::new();
+            wt.data.write_to(&mut streamed).expect("write");
+            assert_eq!(streamed, want, "{perm:?}");
+        }
+    }
+
+    #[test]
     fn transposes_that_must_stay() {
         // Output is a graph output; input is an initializer overridable as a graph input.
         let mut g = graph(
@@ -326,6 +504,100 @@ mod tests {
         );
         let e = fold_transposes(&mut g).expect_err("bad perm");
         assert!(e.to_string().contains("/Transpose_wt"), "{e}");
+    }
+
+    /// The tracer's run-time reshape pattern over a static input: Shape → Gather →
+    /// Unsqueeze → Concat → Reshape target; the reshape of the (non-constant) input stays,
+    /// its target becomes an initializer, and the intermediate values leave no trace.
+    #[test]
+    fn shape_arithmetic_of_static_dims_folds() {
+        let ints = |name: &str, v: &[i64]| Initializer {
+            name: name.into(),
+            dtype: DType::I64,
+            dims: vec![v.len() as i64],
+            data: TensorData::from_i64(v),
+        };
+        let scalar = |name: &str, v: i64| Initializer {
+            dims: vec![],
+            ..ints(name, &[v])
+        };
+        let mut g = graph(
+            vec![
+                node("Shape", &["x"], &["s"], vec![]),
+                node("Gather", &["s", "zero"], &["b"], vec![]),
+                node("Unsqueeze", &["b", "axes"], &["bu"], vec![]),
+                node(
+                    "Concat",
+                    &["bu", "minus1"],
+                    &["target"],
+                    vec![("axis", Attr::Int(0))],
+                ),
+                node("Reshape", &["x", "target"], &["y"], vec![]),
+                // Not constant: reads the graph input's values.
+                node("Cast", &["x"], &["xc"], vec![("to", Attr::Int(7))]),
+                node("Add", &["y", "y"], &["out"], vec![]),
+            ],
+            vec![scalar("zero", 0), ints("axes", &[0]), ints("minus1", &[-1])],
+            &["out", "xc"],
+        );
+        g.inputs = vec![Value::new(
+            "x",
+            DType::F32,
+            vec![Dim::Fixed(2), Dim::Fixed(3), Dim::Fixed(4)],
+        )];
+        g.value_info = vec![Value::new("s", DType::I64, vec![Dim::Fixed(3)])];
+        assert_eq!(fold_computed(&mut g), 4);
+        let ops: Vec<&str> = g.nodes.iter().map(|n| n.op_type.as_str()).collect();
+        assert_eq!(ops, ["Reshape", "Cast", "Add"]);
+        let target = g
+            .initializers
+            .iter()
+            .find(|i| i.name == "target")
+            .expect("target folded");
+        assert_eq!((target.dtype, target.dims.clone()), (DType::I64, vec![2]));
+        let bytes = target.data.bytes().expect("bytes");
+        let v: Vec<i64> = bytes
+            .chunks_exact(8)
+            .map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes")))
+            .collect();
+        assert_eq!(v, [2, -1]);
+        // Intermediates are neither initializers nor value_info.
+        assert!(
+            !g.initializers
+                .iter()
+                .any(|i| ["s", "b", "bu"].contains(&i.name.as_str()))
+        );
+        assert!(g.value_info.is_empty());
+
+        // A symbolic dim keeps the Shape (and everything after it).
+        let mut g2 = graph(
+            vec![
+                node("Shape", &["x"], &["s"], vec![]),
+                node("Cast", &["s"], &["out"], vec![("to", Attr::Int(1))]),
+            ],
+            vec![],
+            &["out"],
+        );
+        g2.inputs = vec![Value::new(
+            "x",
+            DType::F32,
+            vec![Dim::sym("batch"), Dim::Fixed(3)],
+        )];
+        assert_eq!(fold_computed(&mut g2), 0);
+        // An initializer overridable as a graph input is not a constant; a graph output is
+        // never folded.
+        let mut g3 = graph(
+            vec![
+                node("Cast", &["w"], &["wc"], vec![("to", Attr::Int(7))]),
+                node("Cast", &["v"], &["out"], vec![("to", Attr::Int(7))]),
+                node("Add", &["wc", "wc"], &["o2"], vec![]),
+            ],
+            vec![init("w", vec![1], &[1.0]), init("v", vec![1], &[2.0])],
+            &["out", "o2"],
+        );
+        g3.inputs = vec![Value::new("w", DType::F32, vec![Dim::Fixed(1)])];
+        assert_eq!(fold_computed(&mut g3), 0);
+        assert_eq!(g3.nodes.len(), 3);
     }
 
     #[test]

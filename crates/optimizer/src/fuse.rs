@@ -9,23 +9,23 @@ use ferry_ir::{Attr, DType, Dim, Graph, Initializer, Node, OpsetImport};
 /// ONNX Runtime's contrib-op domain.
 pub const MS_DOMAIN: &str = "com.microsoft";
 
-fn is_onnx_domain(n: &Node) -> bool {
+pub(crate) fn is_onnx_domain(n: &Node) -> bool {
     n.domain.is_empty() || n.domain == "ai.onnx"
 }
 
 /// Who produces and who reads each value, and what is known about it.
-struct Index<'g> {
-    graph: &'g Graph,
-    producer: HashMap<&'g str, usize>,
-    consumers: HashMap<&'g str, usize>,
-    graph_outputs: HashSet<&'g str>,
+pub(crate) struct Index<'g> {
+    pub(crate) graph: &'g Graph,
+    pub(crate) producer: HashMap<&'g str, usize>,
+    pub(crate) consumers: HashMap<&'g str, usize>,
+    pub(crate) graph_outputs: HashSet<&'g str>,
     /// Initializers that are not overridable graph inputs.
-    inits: HashMap<&'g str, &'g Initializer>,
-    shapes: HashMap<&'g str, &'g [Dim]>,
+    pub(crate) inits: HashMap<&'g str, &'g Initializer>,
+    pub(crate) shapes: HashMap<&'g str, &'g [Dim]>,
 }
 
 impl<'g> Index<'g> {
-    fn new(graph: &'g Graph) -> Self {
+    pub(crate) fn new(graph: &'g Graph) -> Self {
         let mut producer = HashMap::new();
         let mut consumers: HashMap<&str, usize> = HashMap::new();
         for (i, n) in graph.nodes.iter().enumerate() {
@@ -61,7 +61,7 @@ impl<'g> Index<'g> {
     }
 
     /// The default-domain node of type `op` producing `value`, with its index.
-    fn producer(&self, value: &str, op: &str) -> Option<(usize, &'g Node)> {
+    pub(crate) fn producer(&self, value: &str, op: &str) -> Option<(usize, &'g Node)> {
         let &i = self.producer.get(value)?;
         let n = &self.graph.nodes[i];
         (n.op_type == op && is_onnx_domain(n)).then_some((i, n))
@@ -69,12 +69,12 @@ impl<'g> Index<'g> {
 
     /// Whether `value` is read by exactly one node input and is not a graph output, so the
     /// node producing it can go once that reader is rewritten.
-    fn single_use(&self, value: &str) -> bool {
+    pub(crate) fn single_use(&self, value: &str) -> bool {
         self.consumers.get(value) == Some(&1) && !self.graph_outputs.contains(value)
     }
 
     /// Whether `value` is a rank-0 float32 initializer equal to `want` bit for bit.
-    fn is_scalar(&self, value: &str, want: f32) -> bool {
+    pub(crate) fn is_scalar(&self, value: &str, want: f32) -> bool {
         let Some(i) = self.inits.get(value) else {
             return false;
         };
@@ -85,29 +85,29 @@ impl<'g> Index<'g> {
     }
 
     /// Whether `value` is a 1-D float32 initializer of `len` elements.
-    fn is_vector(&self, value: &str, len: i64) -> bool {
+    pub(crate) fn is_vector(&self, value: &str, len: i64) -> bool {
         self.inits
             .get(value)
             .is_some_and(|i| i.dtype == DType::F32 && i.dims == [len])
     }
 
     /// The last dimension of `value`, when fixed and known.
-    fn last_dim(&self, value: &str) -> Option<i64> {
+    pub(crate) fn last_dim(&self, value: &str) -> Option<i64> {
         self.shapes.get(value)?.last()?.fixed()
     }
 }
 
 /// One rewrite: `anchor` becomes `node`, the nodes in `removed` go.
-struct Rewrite {
-    anchor: usize,
-    node: Node,
-    removed: Vec<usize>,
+pub(crate) struct Rewrite {
+    pub(crate) anchor: usize,
+    pub(crate) node: Node,
+    pub(crate) removed: Vec<usize>,
 }
 
 /// Applies non-overlapping rewrites, drops the `value_info` of values no longer produced,
 /// and imports `com.microsoft` (version 1) when a contrib op was emitted. Returns how many
 /// were applied.
-fn apply(graph: &mut Graph, rewrites: Vec<Rewrite>) -> usize {
+pub(crate) fn apply(graph: &mut Graph, rewrites: Vec<Rewrite>) -> usize {
     let count = rewrites.len();
     if count == 0 {
         return 0;
@@ -118,6 +118,11 @@ fn apply(graph: &mut Graph, rewrites: Vec<Rewrite>) -> usize {
         removed.extend(r.removed);
         replace.insert(r.anchor, r.node);
     }
+    // Values a new node still produces (e.g. SkipLayerNormalization's sum output) keep theirs.
+    let kept: HashSet<String> = replace
+        .values()
+        .flat_map(|n| n.outputs.iter().cloned())
+        .collect();
     let mut gone: HashSet<String> = HashSet::new();
     let old = std::mem::take(&mut graph.nodes);
     for (i, n) in old.into_iter().enumerate() {
@@ -130,7 +135,9 @@ fn apply(graph: &mut Graph, rewrites: Vec<Rewrite>) -> usize {
             graph.nodes.push(n);
         }
     }
-    graph.value_info.retain(|v| !gone.contains(&v.name));
+    graph
+        .value_info
+        .retain(|v| !gone.contains(&v.name) || kept.contains(&v.name));
     if graph.nodes.iter().any(|n| n.domain == MS_DOMAIN)
         && !graph.opsets.iter().any(|o| o.domain == MS_DOMAIN)
     {
@@ -143,7 +150,7 @@ fn apply(graph: &mut Graph, rewrites: Vec<Rewrite>) -> usize {
 }
 
 /// A node name not yet used in `graph`: `base`, else `base_1`, `base_2`, ….
-fn unique_name(names: &mut HashSet<String>, base: String) -> String {
+pub(crate) fn unique_name(names: &mut HashSet<String>, base: String) -> String {
     let mut name = base.clone();
     let mut k = 1;
     while names.contains(&name) {
@@ -155,16 +162,16 @@ fn unique_name(names: &mut HashSet<String>, base: String) -> String {
 }
 
 /// `name`'s scope (up to its last `/`) followed by `/op`.
-fn fused_name(names: &mut HashSet<String>, like: &str, op: &str) -> String {
+pub(crate) fn fused_name(names: &mut HashSet<String>, like: &str, op: &str) -> String {
     let scope = like.rsplit_once('/').map_or("", |(s, _)| s);
     unique_name(names, format!("{scope}/{op}"))
 }
 
-fn node_names(graph: &Graph) -> HashSet<String> {
+pub(crate) fn node_names(graph: &Graph) -> HashSet<String> {
     graph.nodes.iter().map(|n| n.name.clone()).collect()
 }
 
-fn ms_node(name: String, op: &str, inputs: Vec<String>, outputs: Vec<String>) -> Node {
+pub(crate) fn ms_node(name: String, op: &str, inputs: Vec<String>, outputs: Vec<String>) -> Node {
     Node {
         name,
         op_type: op.to_string(),
@@ -176,18 +183,84 @@ fn ms_node(name: String, op: &str, inputs: Vec<String>, outputs: Vec<String>) ->
 }
 
 /// The two inputs of a binary node, in both orders (for commutative ops).
-fn both_orders(n: &Node) -> [(&str, &str); 2] {
+pub(crate) fn both_orders(n: &Node) -> [(&str, &str); 2] {
     let (a, b) = (n.inputs[0].as_str(), n.inputs[1].as_str());
     [(a, b), (b, a)]
 }
 
-fn is_binary(n: &Node, op: &str) -> bool {
+pub(crate) fn is_binary(n: &Node, op: &str) -> bool {
     n.op_type == op && is_onnx_domain(n) && n.inputs.len() == 2 && n.outputs.len() == 1
+}
+
+/// `Add(Erf(x / √2), 1)` (or `Erf(x · (1/√2))`; `Add` in either operand order), every
+/// intermediate read once: `(x, node indices)`.
+fn one_plus_erf(ix: &Index<'_>, q: &str) -> Option<(String, Vec<usize>)> {
+    if !ix.single_use(q) {
+        return None;
+    }
+    let (ai, add) = ix.producer(q, "Add").filter(|(_, n)| is_binary(n, "Add"))?;
+    let e = both_orders(add)
+        .into_iter()
+        .find(|&(e, one)| ix.is_scalar(one, 1.0) && ix.single_use(e))?
+        .0;
+    let (ei, erf) = ix.producer(e, "Erf")?;
+    let d = erf.inputs.first().filter(|_| erf.inputs.len() == 1)?;
+    if !ix.single_use(d) {
+        return None;
+    }
+    let sqrt2 = std::f32::consts::SQRT_2;
+    if let Some((di, div)) = ix.producer(d, "Div").filter(|(_, n)| is_binary(n, "Div")) {
+        return ix
+            .is_scalar(&div.inputs[1], sqrt2)
+            .then(|| (div.inputs[0].clone(), vec![ai, ei, di]));
+    }
+    let (di, mul) = ix.producer(d, "Mul").filter(|(_, n)| is_binary(n, "Mul"))?;
+    let inv = std::f32::consts::FRAC_1_SQRT_2;
+    both_orders(mul)
+        .into_iter()
+        .find(|&(_, c)| ix.is_scalar(c, inv))
+        .map(|(x, _)| (x.to_string(), vec![ai, ei, di]))
+}
+
+/// The erf GELU ending in `Mul(p, q)`, with the 0.5 factor in any of the places exporters
+/// put it: `Mul(Mul(x, 1 + erf), 0.5)`, `Mul(Mul(x, 0.5), 1 + erf)` or
+/// `Mul(x, Mul(1 + erf, 0.5))` (each `Mul` in either operand order). `(x, node indices)`.
+fn gelu_forms(ix: &Index<'_>, p: &str, q: &str) -> Option<(String, Vec<usize>)> {
+    // Mul(Mul(x, 1 + erf), 0.5).
+    if ix.is_scalar(q, 0.5) && ix.single_use(p) {
+        let (mi, mul_x) = ix.producer(p, "Mul").filter(|(_, n)| is_binary(n, "Mul"))?;
+        return both_orders(mul_x).into_iter().find_map(|(x, e)| {
+            let (ex, mut nodes) = one_plus_erf(ix, e)?;
+            nodes.push(mi);
+            (ex == x).then(|| (x.to_string(), nodes))
+        });
+    }
+    if !ix.single_use(p) {
+        return None;
+    }
+    let (mi, inner) = ix.producer(p, "Mul").filter(|(_, n)| is_binary(n, "Mul"))?;
+    both_orders(inner).into_iter().find_map(|(a, half)| {
+        if !ix.is_scalar(half, 0.5) {
+            return None;
+        }
+        // Mul(Mul(x, 0.5), 1 + erf(x)): a is x, q the erf term.
+        if let Some((ex, mut nodes)) = one_plus_erf(ix, q)
+            && ex == a
+        {
+            nodes.push(mi);
+            return Some((ex, nodes));
+        }
+        // Mul(x, Mul(1 + erf(x), 0.5)): q is x, a the erf term.
+        let (ex, mut nodes) = one_plus_erf(ix, a)?;
+        nodes.push(mi);
+        (ex == q).then_some((ex, nodes))
+    })
 }
 
 /// Fuses the exact erf GELU torch exports,
 /// `Mul(Mul(x, Add(Erf(Div(x, √2)), 1)), 0.5)` (float32 scalars `1.4142135`, `1`, `0.5`;
-/// `Add` and `Mul` in either operand order), into `com.microsoft` `Gelu(x)`. Every
+/// `Add` and `Mul` in either operand order), into `com.microsoft` `Gelu(x)`; also with the
+/// 0.5 applied first to x or to `1 + erf`, and with `Mul(x, 1/√2)` for the Div. Every
 /// intermediate must have no other consumer. Returns how many were fused.
 pub fn fuse_gelu(graph: &mut Graph) -> usize {
     let ix = Index::new(graph);
@@ -198,31 +271,9 @@ pub fn fuse_gelu(graph: &mut Graph) -> usize {
         if !is_binary(mul_half, "Mul") {
             continue;
         }
-        let m = both_orders(mul_half).into_iter().find_map(|(p, half)| {
-            if !ix.is_scalar(half, 0.5) || !ix.single_use(p) {
-                return None;
-            }
-            let (mi, mul_x) = ix.producer(p, "Mul").filter(|(_, n)| is_binary(n, "Mul"))?;
-            both_orders(mul_x).into_iter().find_map(|(x, q)| {
-                if !ix.single_use(q) {
-                    return None;
-                }
-                let (ai, add) = ix.producer(q, "Add").filter(|(_, n)| is_binary(n, "Add"))?;
-                let e = both_orders(add)
-                    .into_iter()
-                    .find(|&(e, one)| ix.is_scalar(one, 1.0) && ix.single_use(e))?
-                    .0;
-                let (ei, erf) = ix.producer(e, "Erf")?;
-                let d = erf.inputs.first().filter(|_| erf.inputs.len() == 1)?;
-                if !ix.single_use(d) {
-                    return None;
-                }
-                let (di, div) = ix.producer(d, "Div").filter(|(_, n)| is_binary(n, "Div"))?;
-                let sqrt2 = std::f32::consts::SQRT_2;
-                (div.inputs[0] == x && ix.is_scalar(&div.inputs[1], sqrt2))
-                    .then(|| (x.to_string(), vec![mi, ai, ei, di]))
-            })
-        });
+        let m = both_orders(mul_half)
+            .into_iter()
+            .find_map(|(p, q)| gelu_forms(&ix, p, q));
         let Some((x, removed)) = m else { continue };
         if removed.iter().chain([&i]).any(|k| taken.contains(k)) {
             continue;
@@ -422,8 +473,10 @@ pub fn approximate_gelu(graph: &mut Graph) -> usize {
 /// beta 1-D float32 initializers of the hidden size; the Add's result read only by the
 /// LayerNormalization) into `com.microsoft` `SkipLayerNormalization(a, b, gamma, beta)` with
 /// its `epsilon`. When `a` (or `b`) is itself `Add(MatMul(..), bias)` with a 1-D bias
-/// initializer and no other consumer, that Add is absorbed as the 5th input. Returns how many
-/// were fused.
+/// initializer and no other consumer, that Add is absorbed as the 5th input. When the
+/// residual sum is read by other nodes too (pre-LN blocks such as GPT-2's), it stays
+/// available as the fused node's output 3 (`input_skip_bias_sum`). Returns how many were
+/// fused.
 pub fn fuse_skip_layer_norm(graph: &mut Graph) -> usize {
     let ix = Index::new(graph);
     let mut names = node_names(graph);
@@ -434,10 +487,11 @@ pub fn fuse_skip_layer_norm(graph: &mut Graph) -> usize {
             || !is_onnx_domain(ln)
             || ln.inputs.len() != 3
             || ln.outputs.len() != 1
-            || !ix.single_use(&ln.inputs[0])
         {
             continue;
         }
+        // A sum read elsewhere too (pre-LN residual streams, as in GPT-2) becomes output 3.
+        let sum_used_elsewhere = !ix.single_use(&ln.inputs[0]);
         let axis_ok = matches!(ln.attr("axis"), None | Some(Attr::Int(-1)));
         let stash_ok = matches!(ln.attr("stash_type"), None | Some(Attr::Int(1)));
         let epsilon = match ln.attr("epsilon") {
@@ -511,7 +565,11 @@ pub fn fuse_skip_layer_norm(graph: &mut Graph) -> usize {
         }
         taken.extend(removed.iter().copied().chain([i]));
         let name = fused_name(&mut names, &ln.name, "SkipLayerNormalization");
-        let mut node = ms_node(name, "SkipLayerNormalization", inputs, ln.outputs.clone());
+        let mut outputs = ln.outputs.clone();
+        if sum_used_elsewhere {
+            outputs.extend([String::new(), String::new(), ln.inputs[0].clone()]);
+        }
+        let mut node = ms_node(name, "SkipLayerNormalization", inputs, outputs);
         node.attrs
             .insert("epsilon".to_string(), Attr::Float(epsilon));
         rewrites.push(Rewrite {
@@ -524,7 +582,7 @@ pub fn fuse_skip_layer_norm(graph: &mut Graph) -> usize {
 }
 
 /// A rank-0 float32 initializer's value.
-fn scalar_value(ix: &Index<'_>, value: &str) -> Option<f32> {
+pub(crate) fn scalar_value(ix: &Index<'_>, value: &str) -> Option<f32> {
     let i = ix.inits.get(value)?;
     if i.dtype != DType::F32 || !i.dims.is_empty() || i.data.len() != 4 {
         return None;
@@ -536,7 +594,7 @@ fn scalar_value(ix: &Index<'_>, value: &str) -> Option<f32> {
 }
 
 /// A 1-D int64 initializer's values.
-fn int_vector(ix: &Index<'_>, value: &str) -> Option<Vec<i64>> {
+pub(crate) fn int_vector(ix: &Index<'_>, value: &str) -> Option<Vec<i64>> {
     let i = ix.inits.get(value)?;
     if i.dtype != DType::I64 || i.dims.len() != 1 {
         return None;
@@ -549,7 +607,7 @@ fn int_vector(ix: &Index<'_>, value: &str) -> Option<Vec<i64>> {
     (v.len() as i64 == i.dims[0]).then_some(v)
 }
 
-fn has_perm(n: &Node, perm: &[i64]) -> bool {
+pub(crate) fn has_perm(n: &Node, perm: &[i64]) -> bool {
     n.inputs.len() == 1
         && n.outputs.len() == 1
         && n.attrs.len() == 1
@@ -558,7 +616,7 @@ fn has_perm(n: &Node, perm: &[i64]) -> bool {
 
 /// ferry's `additive_mask`: `Mul(Sub(1, Cast(Unsqueeze(mask, [1, 2]), float)), f32::MIN)`
 /// over a rank-2 integer or boolean graph input `mask`; returns that input's name.
-fn additive_mask_input(ix: &Index<'_>, value: &str) -> Option<String> {
+pub(crate) fn additive_mask_input(ix: &Index<'_>, value: &str) -> Option<String> {
     let (_, mul) = ix
         .producer(value, "Mul")
         .filter(|(_, n)| is_binary(n, "Mul"))?;
@@ -599,6 +657,61 @@ fn additive_mask_input(ix: &Index<'_>, value: &str) -> Option<String> {
     (int_like && rank_ok && !ix.inits.contains_key(m.as_str())).then(|| m.clone())
 }
 
+/// A plain `Reshape` (two inputs, one output, `allowzero` absent or 0).
+fn plain_reshape(n: &Node) -> bool {
+    n.op_type == "Reshape"
+        && is_onnx_domain(n)
+        && n.inputs.len() == 2
+        && n.outputs.len() == 1
+        && n.attrs.keys().all(|k| k == "allowzero")
+        && matches!(n.attr("allowzero"), None | Some(Attr::Int(0)))
+}
+
+/// `(heads, head_dim)` of a `Reshape` splitting the last axis of a rank-3 value into
+/// heads: its shape input the constant `[0, 0, heads, head_dim]`, or (a dynamic-axes
+/// export's `Concat` of `Shape` dims) its known input shape `[a, b, H]` and output shape
+/// `[a, b, heads, head_dim]`.
+pub(crate) fn split_heads_reshape(ix: &Index<'_>, rs: &Node) -> Option<(i64, i64)> {
+    if !plain_reshape(rs) {
+        return None;
+    }
+    if let Some(&[0, 0, heads, head_dim]) = int_vector(ix, &rs.inputs[1]).as_deref() {
+        return Some((heads, head_dim));
+    }
+    let input = ix.shapes.get(rs.inputs[0].as_str())?;
+    let output = ix.shapes.get(rs.outputs[0].as_str())?;
+    match (input, output) {
+        ([a, b, h], [a2, b2, heads, head_dim])
+            if a == a2 && b == b2 && h.fixed()? == heads.fixed()? * head_dim.fixed()? =>
+        {
+            Some((heads.fixed()?, head_dim.fixed()?))
+        }
+        _ => None,
+    }
+}
+
+/// The hidden size `H` of a `Reshape` merging the heads of a rank-4 value back: its shape
+/// input the constant `[0, 0, H]`, or its known input shape `[a, b, heads, head_dim]` and
+/// output shape `[a, b, heads · head_dim]`.
+pub(crate) fn merge_heads_reshape(ix: &Index<'_>, out: &Node) -> Option<i64> {
+    if !plain_reshape(out) {
+        return None;
+    }
+    if let Some(&[0, 0, hidden]) = int_vector(ix, &out.inputs[1]).as_deref() {
+        return Some(hidden);
+    }
+    let input = ix.shapes.get(out.inputs[0].as_str())?;
+    let output = ix.shapes.get(out.outputs[0].as_str())?;
+    match (input, output) {
+        ([a, b, heads, head_dim], [a2, b2, h])
+            if a == a2 && b == b2 && h.fixed()? == heads.fixed()? * head_dim.fixed()? =>
+        {
+            h.fixed()
+        }
+        _ => None,
+    }
+}
+
 /// One projection `Transpose(Reshape(Add(MatMul(x, w), b), [0, 0, heads, head_dim]), perm)`:
 /// `(x, w, b, heads, head_dim, node indices)`.
 type Projection = (String, String, String, i64, i64, Vec<usize>);
@@ -615,12 +728,7 @@ fn projection(ix: &Index<'_>, value: &str, perm: &[i64]) -> Option<Projection> {
         return None;
     }
     let (ri, rs) = ix.producer(r, "Reshape")?;
-    if rs.inputs.len() != 2 || rs.outputs.len() != 1 || !rs.attrs.is_empty() {
-        return None;
-    }
-    let [0, 0, heads, head_dim] = int_vector(ix, &rs.inputs[1])?[..] else {
-        return None;
-    };
+    let (heads, head_dim) = split_heads_reshape(ix, rs)?;
     let hidden = heads
         .checked_mul(head_dim)
         .filter(|_| heads > 0 && head_dim > 0)?;
@@ -653,6 +761,32 @@ fn projection(ix: &Index<'_>, value: &str, perm: &[i64]) -> Option<Projection> {
     })
 }
 
+/// Scaled attention scores `Mul(qk, scale)` (either order) or `Div(qk, d)` (scale `1/d`)
+/// with a positive finite float32 scalar, `qk` read once: `(node index, qk, scale)`.
+pub(crate) fn scaled_scores(ix: &Index<'_>, value: &str) -> Option<(usize, String, f32)> {
+    let (qk, scale, i) = if let Some((i, mul)) = ix
+        .producer(value, "Mul")
+        .filter(|(_, n)| is_binary(n, "Mul"))
+    {
+        let (qk, s) = both_orders(mul)
+            .into_iter()
+            .find_map(|(qk, s)| Some((qk, scalar_value(ix, s)?)))?;
+        (qk, s, i)
+    } else {
+        let (i, div) = ix
+            .producer(value, "Div")
+            .filter(|(_, n)| is_binary(n, "Div"))?;
+        let d = scalar_value(ix, &div.inputs[1])?;
+        (div.inputs[0].as_str(), 1.0 / d, i)
+    };
+    (scale.is_finite() && scale > 0.0 && ix.single_use(qk)).then(|| (i, qk.to_string(), scale))
+}
+
+/// Whether `value` is produced by [`scaled_scores`]' Mul or Div.
+pub(crate) fn is_scaled(ix: &Index<'_>, value: &str) -> bool {
+    ix.producer(value, "Mul").is_some() || ix.producer(value, "Div").is_some()
+}
+
 /// A matched self-attention block.
 struct AttentionMatch {
     x: String,
@@ -661,24 +795,28 @@ struct AttentionMatch {
     heads: i64,
     hidden: i64,
     scale: f32,
+    /// The mask graph input (ferry's additive mask), or with `bias_mask` the additive mask
+    /// value itself, passed as Attention's `attention_bias`.
     mask: String,
+    bias_mask: bool,
     removed: Vec<usize>,
+}
+
+/// Whether `mask` can be Attention's `attention_bias` for scores `scores`: both shapes
+/// known, rank 4, the mask `[batch or 1, heads or 1, seq, total_seq]` of the scores'.
+fn attention_bias_shape_ok(ix: &Index<'_>, mask: &str, scores: &str) -> bool {
+    let (Some(m), Some(s)) = (ix.shapes.get(mask), ix.shapes.get(scores)) else {
+        return false;
+    };
+    let one = Dim::Fixed(1);
+    matches!((*m, *s), ([m0, m1, m2, m3], [s0, s1, s2, s3])
+        if (m0 == s0 || *m0 == one) && (m1 == s1 || *m1 == one) && m2 == s2 && m3 == s3)
 }
 
 /// Matches the block ending in `out` (`Reshape(Transpose(MatMul(Softmax(Add(Mul(
 /// MatMul(q, k), scale), mask)), v), [0, 2, 1, 3]), [0, 0, hidden])`).
 fn match_attention(ix: &Index<'_>, out: &Node) -> Option<AttentionMatch> {
-    if out.op_type != "Reshape"
-        || !is_onnx_domain(out)
-        || out.inputs.len() != 2
-        || out.outputs.len() != 1
-        || !out.attrs.is_empty()
-    {
-        return None;
-    }
-    let [0, 0, hidden] = int_vector(ix, &out.inputs[1])?[..] else {
-        return None;
-    };
+    let hidden = merge_heads_reshape(ix, out)?;
     let ct = &out.inputs[0];
     if !ix.single_use(ct) {
         return None;
@@ -708,19 +846,19 @@ fn match_attention(ix: &Index<'_>, out: &Node) -> Option<AttentionMatch> {
     let (mai, madd) = ix
         .producer(&sm.inputs[0], "Add")
         .filter(|(_, n)| is_binary(n, "Add"))?;
-    let (scaled, mask) = both_orders(madd).into_iter().find_map(|(sc, m)| {
-        let mask = additive_mask_input(ix, m)?;
-        (ix.single_use(sc) && ix.producer(sc, "Mul").is_some()).then_some((sc, mask))
+    // ferry's additive mask of a 0/1 input becomes mask_index; any other additive mask of
+    // a known broadcastable shape (e.g. torch.onnx.export's) is passed as attention_bias.
+    let (scaled, mask, bias_mask) = both_orders(madd).into_iter().find_map(|(sc, m)| {
+        if !ix.single_use(sc) || !is_scaled(ix, sc) {
+            return None;
+        }
+        match additive_mask_input(ix, m) {
+            Some(mask) => Some((sc, mask, false)),
+            None => attention_bias_shape_ok(ix, m, sc).then(|| (sc, m.to_string(), true)),
+        }
     })?;
-    let (mui, mul) = ix
-        .producer(scaled, "Mul")
-        .filter(|(_, n)| is_binary(n, "Mul"))?;
-    let (qk, scale) = both_orders(mul)
-        .into_iter()
-        .find_map(|(qk, s)| Some((qk, scalar_value(ix, s)?)))?;
-    if !scale.is_finite() || scale <= 0.0 || !ix.single_use(qk) {
-        return None;
-    }
+    let (mui, qk, scale) = scaled_scores(ix, scaled)?;
+    let qk = qk.as_str();
     let (qki, qkm) = ix
         .producer(qk, "MatMul")
         .filter(|(_, n)| is_binary(n, "MatMul"))?;
@@ -749,6 +887,7 @@ fn match_attention(ix: &Index<'_>, out: &Node) -> Option<AttentionMatch> {
         hidden,
         scale,
         mask,
+        bias_mask,
         removed,
     })
 }
@@ -786,27 +925,36 @@ pub fn fuse_attention(graph: &mut Graph) -> usize {
         if m.removed.iter().chain([&i]).any(|k| taken.contains(k)) {
             continue;
         }
-        let read = |name: &str| ix.inits.get(name).and_then(|i| i.data.to_f32_vec().ok());
+        // The packed weight and bias are row-wise concatenations computed when written
+        // (`TensorData::Concat` over the, possibly transposed, source tensors): no copy of
+        // the weights is made here.
+        let Ok(h) = u64::try_from(m.hidden) else {
+            continue;
+        };
+        let f32_data = |name: &String, numel: u64| {
+            ix.inits
+                .get(name.as_str())
+                .filter(|i| i.dtype == DType::F32 && i.data.len() == numel * 4)
+                .map(|i| i.data.clone())
+        };
         let (Some(ws), Some(bs)) = (
             m.weights
                 .iter()
-                .map(|w| read(w))
+                .map(|w| f32_data(w, h * h))
                 .collect::<Option<Vec<_>>>(),
-            m.biases.iter().map(|b| read(b)).collect::<Option<Vec<_>>>(),
+            m.biases
+                .iter()
+                .map(|b| f32_data(b, h))
+                .collect::<Option<Vec<_>>>(),
         ) else {
             continue;
         };
-        let h = m.hidden as usize;
-        if ws.iter().any(|w| w.len() != h * h) || bs.iter().any(|b| b.len() != h) {
+        let (Ok(packed), Ok(bias)) = (
+            ferry_ir::TensorData::concat_rows(ws, h),
+            ferry_ir::TensorData::concat_rows(bs, 1),
+        ) else {
             continue;
-        }
-        let mut packed = Vec::with_capacity(3 * h * h);
-        for r in 0..h {
-            for w in &ws {
-                packed.extend_from_slice(&w[r * h..(r + 1) * h]);
-            }
-        }
-        let bias: Vec<f32> = bs.concat();
+        };
         taken.extend(m.removed.iter().copied().chain([i]));
         let name = fused_name(&mut names, &out.name, "Attention");
         let w_name = unique_name(&mut values, format!("{name}.qkv_weight"));
@@ -815,36 +963,38 @@ pub fn fuse_attention(graph: &mut Graph) -> usize {
             name: w_name.clone(),
             dtype: DType::F32,
             dims: vec![m.hidden, 3 * m.hidden],
-            data: ferry_ir::TensorData::from_f32(&packed),
+            data: packed,
         });
         new_inits.push(Initializer {
             name: b_name.clone(),
             dtype: DType::F32,
             dims: vec![3 * m.hidden],
-            data: ferry_ir::TensorData::from_f32(&bias),
+            data: bias,
         });
-        let mask_index = cast_of
-            .entry(m.mask.clone())
-            .or_insert_with(|| {
-                let cast_out = unique_name(&mut values, format!("{}_int32", m.mask));
-                let cast_name = unique_name(&mut names, format!("/{}/Cast_int32", m.mask));
-                casts.push(Node {
-                    name: cast_name,
-                    op_type: "Cast".to_string(),
-                    domain: String::new(),
-                    inputs: vec![m.mask.clone()],
-                    outputs: vec![cast_out.clone()],
-                    attrs: [("to".to_string(), Attr::Int(6))].into_iter().collect(),
-                });
-                cast_out
-            })
-            .clone();
-        let mut node = ms_node(
-            name,
-            "Attention",
-            vec![m.x, w_name, b_name, mask_index],
-            out.outputs.clone(),
-        );
+        let mut inputs = vec![m.x, w_name, b_name];
+        if m.bias_mask {
+            // mask_index and past absent; the additive mask is attention_bias.
+            inputs.extend([String::new(), String::new(), m.mask]);
+        } else {
+            let mask_index = cast_of
+                .entry(m.mask.clone())
+                .or_insert_with(|| {
+                    let cast_out = unique_name(&mut values, format!("{}_int32", m.mask));
+                    let cast_name = unique_name(&mut names, format!("/{}/Cast_int32", m.mask));
+                    casts.push(Node {
+                        name: cast_name,
+                        op_type: "Cast".to_string(),
+                        domain: String::new(),
+                        inputs: vec![m.mask.clone()],
+                        outputs: vec![cast_out.clone()],
+                        attrs: [("to".to_string(), Attr::Int(6))].into_iter().collect(),
+                    });
+                    cast_out
+                })
+                .clone();
+            inputs.push(mask_index);
+        }
+        let mut node = ms_node(name, "Attention", inputs, out.outputs.clone());
         node.attrs
             .insert("num_heads".to_string(), Attr::Int(m.heads));
         node.attrs.insert("scale".to_string(), Attr::Float(m.scale));
@@ -905,6 +1055,9 @@ fn position_rows(ix: &Index<'_>, value: &str, h: i64) -> Option<(String, String,
     if !ix.single_use(value) {
         return None;
     }
+    if ix.producer(value, "Gather").is_some() {
+        return gathered_position_rows(ix, value, h);
+    }
     let (pi, ps) = ix.producer(value, "Slice").filter(|(_, n)| plain(n, 4))?;
     if table_dims(ix, &ps.inputs[0])?.1 != h
         || int_vector(ix, &ps.inputs[1])? != [0]
@@ -933,13 +1086,92 @@ fn position_rows(ix: &Index<'_>, value: &str, h: i64) -> Option<(String, String,
     ))
 }
 
+/// torch.onnx.export's position lookup: `Gather(table, Slice(ids_buffer, [0],
+/// Unsqueeze(Gather(Shape(ids), 1), [0]), [1], [1]))`, `ids_buffer` the constant int64
+/// `[[0, 1, …, n − 1]]` (transformers' `position_ids` buffer) with `n` at most the rows of
+/// the 2-D float32 `table` with `h` columns: rows `[0, seq)` again. Every intermediate read
+/// once. Returns `(table, ids, node indices)`.
+fn gathered_position_rows(
+    ix: &Index<'_>,
+    value: &str,
+    h: i64,
+) -> Option<(String, String, Vec<usize>)> {
+    let (gi, g) = ix.producer(value, "Gather")?;
+    let axis_ok = matches!(
+        (g.attrs.len(), g.attr("axis")),
+        (0, None) | (1, Some(Attr::Int(0)))
+    );
+    let (rows, cols) = table_dims(ix, &g.inputs[0])?;
+    if !axis_ok || g.inputs.len() != 2 || cols != h || !ix.single_use(&g.inputs[1]) {
+        return None;
+    }
+    let (si, sl) = ix.producer(&g.inputs[1], "Slice")?;
+    if !(sl.inputs.len() == 4 || sl.inputs.len() == 5) || !sl.attrs.is_empty() {
+        return None;
+    }
+    let buffer = ix.inits.get(sl.inputs[0].as_str())?;
+    let n = match buffer.dims.as_slice() {
+        [1, n] if *n <= rows => *n,
+        _ => return None,
+    };
+    let arange_ok = buffer.dtype == DType::I64
+        && buffer.data.bytes().ok().is_some_and(|b| {
+            b.chunks_exact(8)
+                .map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes")))
+                .eq(0..n)
+        });
+    let steps_ok = sl.inputs.len() == 4 || int_vector(ix, &sl.inputs[4])? == [1];
+    if !arange_ok
+        || !steps_ok
+        || int_vector(ix, &sl.inputs[1])? != [0]
+        || int_vector(ix, &sl.inputs[3])? != [1]
+        || !ix.single_use(&sl.inputs[2])
+    {
+        return None;
+    }
+    let (ui, unsq) = ix.producer(&sl.inputs[2], "Unsqueeze")?;
+    let axes_ok = match (unsq.inputs.len(), unsq.attr("axes")) {
+        (1, Some(Attr::Ints(a))) => a == &[0],
+        (2, None) => int_vector(ix, &unsq.inputs[1]).is_some_and(|a| a == [0]),
+        _ => false,
+    };
+    if !axes_ok || !ix.single_use(&unsq.inputs[0]) {
+        return None;
+    }
+    let (ei, el) = ix.producer(&unsq.inputs[0], "Gather")?;
+    let el_axis_ok = matches!(
+        (el.attrs.len(), el.attr("axis")),
+        (0, None) | (1, Some(Attr::Int(0)))
+    );
+    let one = ix.inits.get(el.inputs.get(1)?.as_str())?;
+    let one_ok = one.dims.is_empty()
+        && one.dtype == DType::I64
+        && one
+            .data
+            .bytes()
+            .ok()
+            .is_some_and(|b| *b == 1i64.to_le_bytes());
+    if !el_axis_ok || !one_ok || !ix.single_use(&el.inputs[0]) {
+        return None;
+    }
+    let (shi, sh) = ix.producer(&el.inputs[0], "Shape")?;
+    if sh.inputs.len() != 1 || !sh.attrs.is_empty() {
+        return None;
+    }
+    Some((
+        g.inputs[0].clone(),
+        sh.inputs[0].clone(),
+        vec![gi, si, ui, ei, shi],
+    ))
+}
+
 /// A matched BERT embeddings block.
 struct EmbedMatch {
     ids: String,
-    types: String,
+    /// Token-type ids and table; `None` for DistilBERT-style embeddings without them.
+    types: Option<(String, String)>,
     word: String,
     pos: String,
-    seg: String,
     epsilon: f32,
     removed: Vec<usize>,
 }
@@ -978,6 +1210,21 @@ fn match_embed_layer_norm(ix: &Index<'_>, ln: &Node) -> Option<EmbedMatch> {
         .filter(|(_, n)| is_binary(n, "Add"))?;
     both_orders(add2).into_iter().find_map(|(sum, rows)| {
         let (pos, shape_ids, pos_nodes) = position_rows(ix, rows, h)?;
+        // DistilBERT: word lookup plus positions, no token types.
+        if let Some((wi, wg)) = embedding_lookup(ix, sum, h)
+            && wg.inputs[1] == shape_ids
+        {
+            let mut removed = vec![a2i, wi];
+            removed.extend(&pos_nodes);
+            return Some(EmbedMatch {
+                ids: wg.inputs[1].clone(),
+                types: None,
+                word: wg.inputs[0].clone(),
+                pos,
+                epsilon,
+                removed,
+            });
+        }
         if !ix.single_use(sum) {
             return None;
         }
@@ -998,10 +1245,9 @@ fn match_embed_layer_norm(ix: &Index<'_>, ln: &Node) -> Option<EmbedMatch> {
             removed.extend(&pos_nodes);
             Some(EmbedMatch {
                 ids: wg.inputs[1].clone(),
-                types: tg.inputs[1].clone(),
+                types: Some((tg.inputs[1].clone(), tg.inputs[0].clone())),
                 word: wg.inputs[0].clone(),
                 pos: pos.clone(),
-                seg: tg.inputs[0].clone(),
                 epsilon,
                 removed,
             })
@@ -1018,7 +1264,9 @@ fn match_embed_layer_norm(ix: &Index<'_>, ln: &Node) -> Option<EmbedMatch> {
 /// Cast(token_type_ids, int32), word, pos, types, gamma, beta)` with the LayerNormalization's
 /// `epsilon`. Its output 0 replaces the LayerNormalization's output; output 1 (`mask_index`)
 /// is left unread. One `Cast` to int32 per ids input, reusing an existing one (such as the
-/// mask Cast of [`fuse_attention`]). Negative ids, which Gather wraps, are rejected by
+/// mask Cast of [`fuse_attention`]). DistilBERT's embeddings, `LayerNormalization(Add(
+/// Gather(word, input_ids), Slice(pos, …)), gamma, beta)` without token types, fuse the same
+/// way with the segment inputs left empty. Negative ids, which Gather wraps, are rejected by
 /// EmbedLayerNormalization at run time. Returns how many were fused.
 pub fn fuse_embed_layer_norm(graph: &mut Graph) -> usize {
     let ix = Index::new(graph);
@@ -1076,7 +1324,10 @@ pub fn fuse_embed_layer_norm(graph: &mut Graph) -> usize {
                 .clone()
         };
         let ids = cast(&m.ids);
-        let types = cast(&m.types);
+        let (types, seg) = match &m.types {
+            Some((types, seg)) => (cast(types), seg.clone()),
+            None => (String::new(), String::new()),
+        };
         let name = fused_name(&mut names, &ln.name, "EmbedLayerNormalization");
         let mask_index = unique_name(&mut values, format!("{name}.mask_index"));
         let mut node = ms_node(
@@ -1087,7 +1338,7 @@ pub fn fuse_embed_layer_norm(graph: &mut Graph) -> usize {
                 types,
                 m.word,
                 m.pos,
-                m.seg,
+                seg,
                 ln.inputs[1].clone(),
                 ln.inputs[2].clone(),
             ],
@@ -1180,6 +1431,64 @@ mod tests {
         let mut g = graph(nodes, gelu_consts(), &["y"]);
         assert_eq!(fuse_gelu(&mut g), 1);
         assert_eq!(ops(&g), ["Gelu"]);
+    }
+
+    #[test]
+    fn erf_gelu_with_the_half_elsewhere_and_a_reciprocal_sqrt2_fuses() {
+        let erf = |d: Node| {
+            vec![
+                d,
+                node("Erf", &["d"], &["e"], vec![]),
+                node("Add", &["one", "e"], &["p"], vec![]),
+            ]
+        };
+        let div = || node("Div", &["x", "sqrt2"], &["d"], vec![]);
+        let mut consts = gelu_consts();
+        consts.push(scalar("rsqrt2", std::f32::consts::FRAC_1_SQRT_2));
+        let forms: Vec<Vec<Node>> = vec![
+            // (x · 0.5) · (1 + erf)
+            [
+                erf(div()),
+                vec![
+                    node("Mul", &["half", "x"], &["h"], vec![]),
+                    node("Mul", &["p", "h"], &["y"], vec![]),
+                ],
+            ]
+            .concat(),
+            // x · ((1 + erf) · 0.5)
+            [
+                erf(div()),
+                vec![
+                    node("Mul", &["p", "half"], &["h"], vec![]),
+                    node("Mul", &["x", "h"], &["y"], vec![]),
+                ],
+            ]
+            .concat(),
+            // erf(x · 1/√2)
+            [
+                erf(node("Mul", &["x", "rsqrt2"], &["d"], vec![])),
+                vec![
+                    node("Mul", &["x", "p"], &["m"], vec![]),
+                    node("Mul", &["m", "half"], &["y"], vec![]),
+                ],
+            ]
+            .concat(),
+        ];
+        for (k, nodes) in forms.into_iter().enumerate() {
+            let mut g = graph(nodes.clone(), consts.clone(), &["y"]);
+            assert_eq!(fuse_gelu(&mut g), 1, "form {k}");
+            assert_eq!(ops(&g), ["Gelu"], "form {k}");
+            assert_eq!(g.nodes[0].inputs, ["x"], "form {k}");
+            // The half applied to another value than x: not GELU.
+            let mut g = graph(nodes, consts.clone(), &["y"]);
+            g.inputs.push(ferry_ir::Value::new("z", DType::F32, vec![]));
+            for n in g.nodes.iter_mut().filter(|n| n.outputs[0] != "d") {
+                for i in n.inputs.iter_mut().filter(|i| *i == "x") {
+                    *i = "z".into();
+                }
+            }
+            assert_eq!(fuse_gelu(&mut g), 0, "form {k} of another value");
+        }
     }
 
     #[test]
@@ -1474,6 +1783,19 @@ mod tests {
     }
 
     #[test]
+    fn skip_layer_norm_keeps_a_sum_read_elsewhere_as_output_3() {
+        let mut g = skip_ln_graph(vec![]);
+        g.nodes.push(node("Relu", &["s"], &["z"], vec![]));
+        g.outputs.push(Value::new("z", DType::F32, bsh(2)));
+        assert_eq!(fuse_skip_layer_norm(&mut g), 1);
+        assert_eq!(ops(&g), ["MatMul", "SkipLayerNormalization", "Relu"]);
+        let n = &g.nodes[1];
+        assert_eq!(n.inputs, ["mm", "r", "g", "be", "b"]);
+        assert_eq!(n.outputs, ["y", "", "", "s"]);
+        assert!(g.value_info.iter().any(|v| v.name == "s"));
+    }
+
+    #[test]
     fn skip_layer_norm_without_bias_and_default_epsilon() {
         // The bias Add's result is read elsewhere too: it stays, and is the first input.
         let mut g = skip_ln_graph(vec![]);
@@ -1498,10 +1820,6 @@ mod tests {
         // Unknown shapes.
         let mut g = skip_ln_graph(vec![]);
         g.value_info.clear();
-        assert_eq!(fuse_skip_layer_norm(&mut g), 0);
-        // The sum is read elsewhere.
-        let mut g = skip_ln_graph(vec![]);
-        g.outputs.push(Value::new("s", DType::F32, bsh(2)));
         assert_eq!(fuse_skip_layer_norm(&mut g), 0);
         // gamma is not an initializer.
         let mut g = skip_ln_graph(vec![]);
@@ -1592,6 +1910,71 @@ mod tests {
     }
 
     #[test]
+    fn attention_packing_streams_the_bytes_the_owned_packing_had() {
+        // Weights reach the fusion as folded transposes, as in an exported model.
+        let mut g = attention_graph();
+        for p in ["q", "k", "v"] {
+            let w = g
+                .initializers
+                .iter_mut()
+                .find(|i| i.name == format!("{p}_w"))
+                .expect("weight");
+            w.name = format!("{p}_w_src");
+            g.nodes.insert(
+                0,
+                node(
+                    "Transpose",
+                    &[&format!("{p}_w_src")],
+                    &[&format!("{p}_w")],
+                    vec![],
+                ),
+            );
+        }
+        assert_eq!(crate::fold_transposes(&mut g).expect("fold"), 3);
+        let value = |name: &str| {
+            let i = g
+                .initializers
+                .iter()
+                .find(|i| i.name == name)
+                .expect("init");
+            i.data.to_f32_vec().expect("values")
+        };
+        let ws: Vec<Vec<f32>> = ["q_w", "k_w", "v_w"].iter().map(|n| value(n)).collect();
+        let bs: Vec<Vec<f32>> = ["q_b", "k_b", "v_b"].iter().map(|n| value(n)).collect();
+        // The owned packing this fusion used to build.
+        let h = 4;
+        let mut want_w = Vec::new();
+        for r in 0..h {
+            for w in &ws {
+                want_w.extend_from_slice(&w[r * h..(r + 1) * h]);
+            }
+        }
+        let want_b: Vec<f32> = bs.concat();
+        assert_eq!(fuse_attention(&mut g), 1);
+        let att = g
+            .nodes
+            .iter()
+            .find(|n| n.op_type == "Attention")
+            .expect("fused");
+        let find = |name: &str| {
+            g.initializers
+                .iter()
+                .find(|i| i.name == name)
+                .expect("init")
+        };
+        let (w, b) = (find(&att.inputs[1]), find(&att.inputs[2]));
+        assert!(matches!(w.data, ferry_ir::TensorData::Concat { .. }));
+        let bytes = |v: &[f32]| -> Vec<u8> { v.iter().flat_map(|x| x.to_le_bytes()).collect() };
+        let mut streamed = Vec::new();
+        w.data.write_to(&mut streamed).expect("write");
+        assert_eq!(streamed, bytes(&want_w));
+        assert_eq!(&*w.data.bytes().expect("bytes"), &bytes(&want_w)[..]);
+        let mut streamed = Vec::new();
+        b.data.write_to(&mut streamed).expect("write");
+        assert_eq!(streamed, bytes(&want_b));
+    }
+
+    #[test]
     fn attention_fuses_with_packed_weights_and_a_shared_mask_cast() {
         let mut g = attention_graph();
         assert_eq!(fuse_attention(&mut g), 1);
@@ -1640,6 +2023,119 @@ mod tests {
         // The mask chain is left for dead-node removal.
         assert_eq!(crate::remove_dead_nodes(&mut g), 4);
         assert_eq!(ops(&g), ["Cast", "Attention"]);
+    }
+
+    #[test]
+    fn attention_scaled_by_a_division_fuses_with_the_reciprocal() {
+        let mut g = attention_graph();
+        let mul = g
+            .nodes
+            .iter_mut()
+            .find(|n| n.op_type == "Mul" && n.inputs[0] == "qk")
+            .expect("scale Mul");
+        mul.op_type = "Div".into();
+        mul.inputs[1] = "sqrt_d".into();
+        g.initializers
+            .push(scalar("sqrt_d", std::f32::consts::SQRT_2));
+        assert_eq!(fuse_attention(&mut g), 1);
+        let att = g
+            .nodes
+            .iter()
+            .find(|n| n.op_type == "Attention")
+            .expect("fused");
+        let want = 1.0 / std::f32::consts::SQRT_2;
+        assert!(matches!(att.attr("scale"), Some(Attr::Float(s)) if *s == want));
+        // Dividing by a non-positive number is not a scale.
+        let mut g = attention_graph();
+        let mul = g
+            .nodes
+            .iter_mut()
+            .find(|n| n.op_type == "Mul" && n.inputs[0] == "qk")
+            .expect("scale Mul");
+        mul.op_type = "Div".into();
+        mul.inputs[1] = "neg".into();
+        g.initializers.push(scalar("neg", -2.0));
+        assert_eq!(fuse_attention(&mut g), 0);
+    }
+
+    #[test]
+    fn attention_takes_another_additive_mask_as_attention_bias() {
+        let mut g = attention_graph();
+        let add = g
+            .nodes
+            .iter_mut()
+            .find(|n| n.inputs.iter().any(|i| i == "madd"))
+            .expect("mask add");
+        add.inputs = vec!["sc".into(), "ext".into()];
+        let (b, s) = (Dim::sym("batch"), Dim::sym("seq"));
+        let mask =
+            |d1: Dim, d2: Dim| Value::new("ext", DType::F32, vec![b.clone(), d1, d2, s.clone()]);
+        let scores = Value::new(
+            "sc",
+            DType::F32,
+            vec![b.clone(), Dim::Fixed(2), s.clone(), s.clone()],
+        );
+        // Unknown shapes, or a mask that broadcasts over the query axis: left alone.
+        let mut g1 = g.clone();
+        g1.inputs.push(mask(Dim::Fixed(1), s.clone()));
+        assert_eq!(fuse_attention(&mut g1), 0);
+        let mut g2 = g.clone();
+        g2.inputs.push(mask(Dim::Fixed(1), Dim::Fixed(1)));
+        g2.value_info.push(scores.clone());
+        assert_eq!(fuse_attention(&mut g2), 0);
+        // [batch, 1, seq, seq] for scores [batch, heads, seq, seq]: attention_bias.
+        g.inputs.push(mask(Dim::Fixed(1), s.clone()));
+        g.value_info.push(scores);
+        assert_eq!(fuse_attention(&mut g), 1);
+        let att = g
+            .nodes
+            .iter()
+            .find(|n| n.op_type == "Attention")
+            .expect("fused");
+        assert_eq!(att.inputs.len(), 6);
+        assert_eq!(&att.inputs[3..], ["", "", "ext"]);
+        assert!(
+            g.nodes
+                .iter()
+                .all(|n| n.op_type != "Cast" || n.inputs[0] != "attention_mask")
+        );
+    }
+
+    #[test]
+    fn head_reshapes_are_recognized_from_known_shapes() {
+        // The [0, 0, heads, head_dim] / [0, 0, H] constants replaced by other shape inputs
+        // (as a Concat of Shape dims would be), with the shapes known.
+        let mut g = attention_graph();
+        for n in g.nodes.iter_mut().filter(|n| n.op_type == "Reshape") {
+            n.inputs[1] = format!("{}_dyn", n.inputs[1]);
+        }
+        let mut without = g.clone();
+        assert_eq!(fuse_attention(&mut without), 0);
+        let (b, s) = (Dim::sym("batch"), Dim::sym("seq"));
+        let heads = vec![b.clone(), s.clone(), Dim::Fixed(2), Dim::Fixed(2)];
+        for p in ["q", "k", "v"] {
+            g.value_info.extend(shaped(&[&format!("{p}_a")], &bsh(4)));
+            g.value_info
+                .push(Value::new(format!("{p}_r"), DType::F32, heads.clone()));
+        }
+        g.value_info.push(Value::new("ct", DType::F32, heads));
+        g.value_info.extend(shaped(&["y"], &bsh(4)));
+        g.inputs.push(Value::new(
+            "heads_shape_dyn",
+            DType::I64,
+            vec![Dim::Fixed(4)],
+        ));
+        g.inputs
+            .push(Value::new("out_shape_dyn", DType::I64, vec![Dim::Fixed(3)]));
+        assert_eq!(fuse_attention(&mut g), 1);
+        // A reshape that does not split the last axis into heads is not one.
+        let mut g = without;
+        g.value_info.push(Value::new(
+            "q_r",
+            DType::F32,
+            vec![s.clone(), b.clone(), Dim::Fixed(2), Dim::Fixed(2)],
+        ));
+        assert_eq!(fuse_attention(&mut g), 0);
     }
 
     #[test]
@@ -1854,6 +2350,74 @@ mod tests {
         assert_eq!(fuse_embed_layer_norm(&mut g), 1);
         assert_eq!(ops(&g), ["Cast", "Cast", "EmbedLayerNormalization"]);
         assert_eq!(g.nodes[2].inputs[2], "word");
+    }
+
+    #[test]
+    fn torch_position_ids_buffer_lookup_fuses() {
+        let torch_positions = |g: &mut Graph, buffer: &[i64]| {
+            g.nodes.splice(
+                3..6,
+                [
+                    node("Shape", &["input_ids"], &["shape"], vec![]),
+                    node("Gather", &["shape", "one_s"], &["seq"], vec![]),
+                    node("Unsqueeze", &["seq", "zero"], &["seq1"], vec![]),
+                    node(
+                        "Slice",
+                        &["buf", "zero", "seq1", "one", "one"],
+                        &["pidx"],
+                        vec![],
+                    ),
+                    node("Gather", &["pos", "pidx"], &["pe"], vec![]),
+                ],
+            );
+            g.initializers.push(Initializer {
+                name: "buf".into(),
+                dtype: DType::I64,
+                dims: vec![1, buffer.len() as i64],
+                data: ferry_ir::TensorData::from_i64(buffer),
+            });
+            g.initializers.push(Initializer {
+                name: "one_s".into(),
+                dtype: DType::I64,
+                dims: vec![],
+                data: ferry_ir::TensorData::from_i64(&[1]),
+            });
+        };
+        let mut g = embed_graph();
+        torch_positions(&mut g, &[0, 1, 2, 3]);
+        assert_eq!(fuse_embed_layer_norm(&mut g), 1);
+        let e = g
+            .nodes
+            .iter()
+            .find(|n| n.op_type == "EmbedLayerNormalization")
+            .expect("fused");
+        assert_eq!(e.inputs[3], "pos");
+        // A buffer that is not 0, 1, …, or longer than the table: left alone.
+        for buffer in [&[0, 2, 1, 3][..], &[0, 1, 2, 3, 4][..]] {
+            let mut g = embed_graph();
+            torch_positions(&mut g, buffer);
+            assert_eq!(fuse_embed_layer_norm(&mut g), 0, "{buffer:?}");
+        }
+    }
+
+    #[test]
+    fn distilbert_embeddings_fuse_without_token_types() {
+        let mut g = embed_graph();
+        // Drop the token-type lookup: LayerNormalization(Add(Gather(word, ids), pos rows)).
+        g.nodes.drain(1..3);
+        g.nodes[4].inputs = vec!["we".into(), "pe".into()];
+        g.inputs.truncate(1);
+        assert_eq!(fuse_embed_layer_norm(&mut g), 1);
+        assert_eq!(ops(&g), ["Cast", "EmbedLayerNormalization"]);
+        let e = &g.nodes[1];
+        let ids = g.nodes[0].outputs[0].as_str();
+        assert_eq!(e.inputs, [ids, "", "word", "pos", "", "gamma", "beta"]);
+        // Word rows from another ids input than the positions' length do not match.
+        let mut g = embed_graph();
+        g.nodes.drain(1..3);
+        g.nodes[4].inputs = vec!["we".into(), "pe".into()];
+        g.nodes[0].inputs[1] = "token_type_ids".into();
+        assert_eq!(fuse_embed_layer_norm(&mut g), 0);
     }
 
     #[test]

@@ -3,25 +3,44 @@
 //! Each pass is a function over a [`Graph`] that returns how much it changed: constant
 //! folding ([`fold_constants`]: `Constant` nodes → initializers; [`fold_transposes`]:
 //! `Transpose` of an initializer → the transposed initializer, so later fusions see MatMul
-//! weights as plain initializers) and clean-ups ([`remove_dead_nodes`],
+//! weights as plain initializers; [`fold_computed`]: nodes whose inputs are all constant,
+//! such as shape arithmetic over fixed dims, evaluated into initializers) and clean-ups ([`remove_dead_nodes`],
 //! [`remove_unused_initializers`]) and exact-rewrite fusions into ONNX Runtime's
 //! `com.microsoft` contrib ops ([`fuse_gelu`], [`fuse_bias_gelu`], [`fuse_fast_gelu`],
-//! [`fuse_skip_layer_norm`], [`fuse_attention`], [`fuse_embed_layer_norm`]), plus the opt-in, approximate [`approximate_gelu`].
-//! [`optimize`] / [`optimize_with`] run them in order and return [`Stats`]. Folded tensors are owned; untouched initializers keep borrowing their bytes.
+//! [`fuse_skip_layer_norm`], [`fuse_attention`], [`fuse_embed_layer_norm`],
+//! [`fuse_gpt2_attention`], [`fuse_multi_head_attention`]; [`fuse_layer_norm`] into ONNX's
+//! `LayerNormalization`), plus the opt-in, approximate [`approximate_gelu`]. Before the
+//! fusions, [`bypass_identities`] and [`infer_shapes`] make models from other exporters
+//! (no `value_info`, deduplicated parameters) look like ferry's own to the matchers.
+//! [`optimize`] / [`optimize_with`] run them in order (skipping [`Fusion`]s the options
+//! disable) and return [`Stats`]; [`fused_operator_statistics`] counts the fused ops of the
+//! result as ONNX Runtime reports them. Folded tensors are owned; untouched initializers keep borrowing their bytes.
 
+mod alias;
+mod eval;
 mod fold;
 mod fuse;
+mod fuse_gpt2;
+mod fuse_layer_norm;
+mod fuse_mha;
+mod infer;
 mod prune;
 
+use std::collections::BTreeMap;
 use std::fmt;
 
 use ferry_ir::Graph;
 
-pub use fold::{fold_constants, fold_transposes};
+pub use fold::{fold_computed, fold_constants, fold_transposes};
 pub use fuse::{
     MS_DOMAIN, approximate_gelu, fuse_attention, fuse_bias_gelu, fuse_embed_layer_norm,
     fuse_fast_gelu, fuse_gelu, fuse_skip_layer_norm,
 };
+pub use fuse_gpt2::fuse_gpt2_attention;
+pub use fuse_layer_norm::fuse_layer_norm;
+pub use fuse_mha::fuse_multi_head_attention;
+pub use alias::bypass_identities;
+pub use infer::infer_shapes;
 pub use prune::{remove_dead_nodes, remove_unused_initializers};
 
 /// Why a pass failed. The graph may be partly optimized when this is returned.
@@ -64,36 +83,206 @@ pub struct Stats {
     pub bias_gelu_fused: usize,
     /// Tanh GELU patterns fused into `FastGelu` (with or without its bias input).
     pub fast_gelu_fused: usize,
+    /// Decomposed layer normalizations (ReduceMean … Sqrt, Div, Mul, Add) fused into
+    /// `LayerNormalization`.
+    pub layer_norm_fused: usize,
     /// Residual `Add` + `LayerNormalization` fused into `SkipLayerNormalization`.
     pub skip_layer_norm_fused: usize,
-    /// Encoder self-attention blocks fused into `Attention`.
+    /// Self-attention blocks fused into `Attention`: encoders' ([`fuse_attention`]) and
+    /// GPT-2's causal ones ([`fuse_gpt2_attention`], `unidirectional`).
     pub attention_fused: usize,
+    /// Attention cores with separate Q/K/V projections fused into `MultiHeadAttention`
+    /// ([`fuse_multi_head_attention`]).
+    pub multi_head_attention_fused: usize,
     /// BERT embeddings (word + token-type + position lookups, Add, LayerNormalization) fused
     /// into `EmbedLayerNormalization`.
     pub embed_layer_norm_fused: usize,
     /// `Gelu` / `BiasGelu` turned into (approximate) `FastGelu` by
     /// [`OptimizeOptions::gelu_approximation`].
     pub gelu_approximated: usize,
+    /// Nodes evaluated on constant inputs by [`fold_computed`] (shape arithmetic, masks).
+    pub computed_folded: usize,
+    /// `Identity` nodes of initializers bypassed before the fusions ([`bypass_identities`]).
+    pub identities_bypassed: usize,
+    /// Shapes added to `value_info` before the fusions ([`infer_shapes`]).
+    pub shapes_inferred: usize,
 }
 
-/// Options of [`optimize_with`]; the default is exact rewrites only.
+/// Options of [`optimize_with`]; the default is exact rewrites only, every fusion enabled.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct OptimizeOptions {
     /// After fusion, turn `Gelu` into `FastGelu` and `BiasGelu` into `FastGelu` with bias
     /// ([`approximate_gelu`]). Approximate: outputs change by up to about 1e-3.
     pub gelu_approximation: bool,
+    /// Fusions not to run (ONNX Runtime's `--disable_*` options).
+    pub disabled: FusionSet,
+}
+
+/// A fusion pass [`optimize_with`] can skip, named as ONNX Runtime's optimizer options
+/// name them (`attention` for `disable_attention`, …).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Fusion {
+    /// [`fuse_gelu`] (erf pattern → `Gelu`); without it no `BiasGelu` either.
+    Gelu,
+    /// [`fuse_bias_gelu`].
+    BiasGelu,
+    /// [`fuse_fast_gelu`].
+    FastGelu,
+    /// [`fuse_layer_norm`] (decomposed layer norm → `LayerNormalization`).
+    LayerNorm,
+    /// [`fuse_skip_layer_norm`].
+    SkipLayerNorm,
+    /// [`fuse_attention`].
+    Attention,
+    /// `MultiHeadAttention` fusion (separate Q/K/V projections).
+    MultiHeadAttention,
+    /// [`fuse_embed_layer_norm`].
+    EmbedLayerNorm,
+}
+
+impl Fusion {
+    /// Every fusion, in pass order.
+    pub const ALL: [Fusion; 8] = [
+        Fusion::Gelu,
+        Fusion::BiasGelu,
+        Fusion::FastGelu,
+        Fusion::LayerNorm,
+        Fusion::SkipLayerNorm,
+        Fusion::Attention,
+        Fusion::MultiHeadAttention,
+        Fusion::EmbedLayerNorm,
+    ];
+
+    /// The name `--disable` takes (`skip-layer-norm`).
+    pub const fn name(self) -> &'static str {
+        match self {
+            Fusion::Gelu => "gelu",
+            Fusion::BiasGelu => "bias-gelu",
+            Fusion::FastGelu => "fast-gelu",
+            Fusion::LayerNorm => "layer-norm",
+            Fusion::SkipLayerNorm => "skip-layer-norm",
+            Fusion::Attention => "attention",
+            Fusion::MultiHeadAttention => "multi-head-attention",
+            Fusion::EmbedLayerNorm => "embed-layer-norm",
+        }
+    }
+
+    /// The contrib (or ONNX) op type the fusion produces (`SkipLayerNormalization`).
+    pub const fn op_type(self) -> &'static str {
+        match self {
+            Fusion::Gelu => "Gelu",
+            Fusion::BiasGelu => "BiasGelu",
+            Fusion::FastGelu => "FastGelu",
+            Fusion::LayerNorm => "LayerNormalization",
+            Fusion::SkipLayerNorm => "SkipLayerNormalization",
+            Fusion::Attention => "Attention",
+            Fusion::MultiHeadAttention => "MultiHeadAttention",
+            Fusion::EmbedLayerNorm => "EmbedLayerNormalization",
+        }
+    }
+}
+
+impl fmt::Display for Fusion {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A fusion name [`Fusion::from_str`](std::str::FromStr) does not know.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown fusion `{name}`; valid: {}", Fusion::ALL.map(Fusion::name).join(", "))]
+pub struct UnknownFusion {
+    /// The name given.
+    pub name: String,
+}
+
+impl std::str::FromStr for Fusion {
+    type Err = UnknownFusion;
+
+    /// Accepts the kebab-case name (`skip-layer-norm`), with `_` for `-` and any case
+    /// (ONNX Runtime's `disable_skip_layer_norm` spelling without the prefix), or the op
+    /// type it produces (`SkipLayerNormalization`).
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let key = s.trim().to_ascii_lowercase().replace('_', "-");
+        let key = key.strip_prefix("disable-").unwrap_or(&key);
+        Fusion::ALL
+            .into_iter()
+            .find(|f| f.name() == key || f.op_type().eq_ignore_ascii_case(s.trim()))
+            .ok_or_else(|| UnknownFusion {
+                name: s.to_string(),
+            })
+    }
+}
+
+/// A set of [`Fusion`]s (empty by default).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FusionSet(u16);
+
+impl FusionSet {
+    /// Adds a fusion.
+    pub fn insert(&mut self, f: Fusion) {
+        self.0 |= 1 << f as u16;
+    }
+
+    /// Whether the set holds `f`.
+    pub fn contains(&self, f: Fusion) -> bool {
+        self.0 & (1 << f as u16) != 0
+    }
+}
+
+impl FromIterator<Fusion> for FusionSet {
+    fn from_iter<I: IntoIterator<Item = Fusion>>(iter: I) -> Self {
+        let mut s = FusionSet::default();
+        for f in iter {
+            s.insert(f);
+        }
+        s
+    }
+}
+
+/// The op types ONNX Runtime's `get_fused_operator_statistics` reports for BERT-like
+/// models, in its order.
+pub const FUSED_OP_TYPES: [&str; 12] = [
+    "EmbedLayerNormalization",
+    "Attention",
+    "MultiHeadAttention",
+    "Gelu",
+    "FastGelu",
+    "BiasGelu",
+    "GemmFastGelu",
+    "LayerNormalization",
+    "SimplifiedLayerNormalization",
+    "SkipLayerNormalization",
+    "SkipSimplifiedLayerNormalization",
+    "RotaryEmbedding",
+];
+
+/// Fused-operator statistics, as ONNX Runtime's `get_fused_operator_statistics` gives
+/// them: for each op type of [`FUSED_OP_TYPES`], how many nodes of that type the graph has
+/// (zeros included), keyed by op type.
+pub fn fused_operator_statistics(graph: &Graph) -> BTreeMap<&'static str, usize> {
+    let mut counts: BTreeMap<&'static str, usize> =
+        FUSED_OP_TYPES.iter().map(|&op| (op, 0)).collect();
+    for n in &graph.nodes {
+        if let Some(c) = counts.get_mut(n.op_type.as_str()) {
+            *c += 1;
+        }
+    }
+    counts
 }
 
 impl fmt::Display for Stats {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "folded {} Constant and {} Transpose nodes; fused {} Gelu ({} into BiasGelu), {} FastGelu, {} SkipLayerNormalization, {} Attention and {} EmbedLayerNormalization; approximated {} Gelu as FastGelu; removed {} dead nodes and {} unused initializers",
+            "folded {} Constant, {} Transpose and {} computed nodes; fused {} Gelu ({} into BiasGelu), {} FastGelu, {} LayerNormalization, {} SkipLayerNormalization, {} Attention and {} EmbedLayerNormalization; approximated {} Gelu as FastGelu; removed {} dead nodes and {} unused initializers",
             self.constants_folded,
             self.transposes_folded,
+            self.computed_folded,
             self.gelu_fused,
             self.bias_gelu_fused,
             self.fast_gelu_fused,
+            self.layer_norm_fused,
             self.skip_layer_norm_fused,
             self.attention_fused,
             self.embed_layer_norm_fused,
@@ -110,22 +299,43 @@ pub fn optimize(graph: &mut Graph) -> Result<Stats, OptimizeError> {
     optimize_with(graph, &OptimizeOptions::default())
 }
 
-/// [`optimize`] with options: when `gelu_approximation` is set, [`approximate_gelu`] runs
-/// after the fusions.
+/// [`optimize`] with options: fusions in `disabled` are skipped; when `gelu_approximation`
+/// is set, [`approximate_gelu`] runs after the fusions. [`fold_computed`] runs after the
+/// fusions (which match the shape arithmetic of dynamic-axis exports, e.g. the position
+/// slice EmbedLayerNormalization absorbs) and folds what constant paths remain.
 pub fn optimize_with(graph: &mut Graph, opts: &OptimizeOptions) -> Result<Stats, OptimizeError> {
+    let on = |f: Fusion| !opts.disabled.contains(f);
+    let run = |f: Fusion, pass: fn(&mut Graph) -> usize, g: &mut Graph| {
+        if on(f) { pass(g) } else { 0 }
+    };
     let constants_folded = fold_constants(graph);
+    let identities_bypassed = bypass_identities(graph);
     let transposes_folded = fold_transposes(graph)?;
-    let gelu_fused = fuse_gelu(graph);
-    let bias_gelu_fused = fuse_bias_gelu(graph);
-    let fast_gelu_fused = fuse_fast_gelu(graph);
-    let skip_layer_norm_fused = fuse_skip_layer_norm(graph);
-    let attention_fused = fuse_attention(graph);
-    let embed_layer_norm_fused = fuse_embed_layer_norm(graph);
+    let shapes_inferred = infer_shapes(graph);
+    let gelu_fused = run(Fusion::Gelu, fuse_gelu, graph);
+    let bias_gelu_fused = run(Fusion::BiasGelu, fuse_bias_gelu, graph);
+    let fast_gelu_fused = run(Fusion::FastGelu, fuse_fast_gelu, graph);
+    let layer_norm_fused = run(Fusion::LayerNorm, fuse_layer_norm, graph);
+    let skip_layer_norm_fused = run(Fusion::SkipLayerNorm, fuse_skip_layer_norm, graph);
+    let attention_fused = run(Fusion::Attention, fuse_attention, graph)
+        + run(Fusion::Attention, fuse_gpt2_attention, graph);
+    // As in ONNX Runtime, disabling attention disables its MultiHeadAttention form too.
+    let multi_head_attention_fused = if on(Fusion::Attention) {
+        run(
+            Fusion::MultiHeadAttention,
+            fuse_multi_head_attention,
+            graph,
+        )
+    } else {
+        0
+    };
+    let embed_layer_norm_fused = run(Fusion::EmbedLayerNorm, fuse_embed_layer_norm, graph);
     let gelu_approximated = if opts.gelu_approximation {
         approximate_gelu(graph)
     } else {
         0
     };
+    let computed_folded = fold_computed(graph);
     let dead_nodes_removed = remove_dead_nodes(graph);
     let unused_initializers_removed = remove_unused_initializers(graph);
     Ok(Stats {
@@ -136,10 +346,15 @@ pub fn optimize_with(graph: &mut Graph, opts: &OptimizeOptions) -> Result<Stats,
         gelu_fused,
         bias_gelu_fused,
         fast_gelu_fused,
+        layer_norm_fused,
         skip_layer_norm_fused,
         attention_fused,
+        multi_head_attention_fused,
         embed_layer_norm_fused,
         gelu_approximated,
+        computed_folded,
+        identities_bypassed,
+        shapes_inferred,
     })
 }
 
@@ -199,6 +414,74 @@ mod tests {
     use super::*;
 
     #[test]
+    fn fusion_names_parse() {
+        for f in Fusion::ALL {
+            assert_eq!(f.name().parse::<Fusion>(), Ok(f));
+            assert_eq!(f.op_type().parse::<Fusion>(), Ok(f));
+        }
+        assert_eq!(
+            "SKIP_LAYER_NORM".parse::<Fusion>(),
+            Ok(Fusion::SkipLayerNorm)
+        );
+        assert_eq!(
+            "disable_embed_layer_norm".parse::<Fusion>(),
+            Ok(Fusion::EmbedLayerNorm)
+        );
+        let e = "attn".parse::<Fusion>().expect_err("unknown");
+        let msg = e.to_string();
+        assert!(
+            msg.starts_with("unknown fusion `attn`; valid: gelu, bias-gelu"),
+            "{msg}"
+        );
+        assert!(msg.contains("multi-head-attention"), "{msg}");
+        let set: FusionSet = [Fusion::Attention, Fusion::Gelu].into_iter().collect();
+        assert!(set.contains(Fusion::Attention) && set.contains(Fusion::Gelu));
+        assert!(!set.contains(Fusion::BiasGelu));
+        assert!(!FusionSet::default().contains(Fusion::Gelu));
+    }
+
+    /// The erf GELU pattern, x * 0.5 * (1 + erf(x / sqrt 2)), as transformers exports it.
+    fn gelu_graph() -> Graph {
+        graph(
+            vec![
+                node("Div", &["x", "sqrt2"], &["d"], vec![]),
+                node("Erf", &["d"], &["e"], vec![]),
+                node("Add", &["e", "one"], &["a"], vec![]),
+                node("Mul", &["x", "a"], &["m"], vec![]),
+                node("Mul", &["m", "half"], &["y"], vec![]),
+            ],
+            vec![
+                init("sqrt2", vec![], &[std::f32::consts::SQRT_2]),
+                init("one", vec![], &[1.0]),
+                init("half", vec![], &[0.5]),
+            ],
+            &["y"],
+        )
+    }
+
+    #[test]
+    fn fused_statistics_and_disabled_fusions() {
+        let mut g = gelu_graph();
+        let stats = optimize(&mut g).expect("optimize");
+        assert_eq!(stats.gelu_fused, 1, "{stats}");
+        let counts = fused_operator_statistics(&g);
+        assert_eq!(counts.len(), FUSED_OP_TYPES.len());
+        assert_eq!(counts["Gelu"], 1);
+        assert_eq!(counts["Attention"], 0);
+        assert_eq!(counts.values().sum::<usize>(), 1);
+
+        let mut g = gelu_graph();
+        let opts = OptimizeOptions {
+            disabled: [Fusion::Gelu].into_iter().collect(),
+            ..OptimizeOptions::default()
+        };
+        let stats = optimize_with(&mut g, &opts).expect("optimize");
+        assert_eq!(stats.gelu_fused, 0, "{stats}");
+        assert_eq!(fused_operator_statistics(&g)["Gelu"], 0);
+        assert_eq!(g.nodes.len(), 5);
+    }
+
+    #[test]
     fn optimize_runs_every_pass() {
         // y = x @ Transpose(w); c is a Constant nobody needs after folding; dead Relu.
         let mut g = graph(
@@ -224,6 +507,8 @@ mod tests {
                 transposes_folded: 1,
                 dead_nodes_removed: 1,
                 unused_initializers_removed: 2,
+                // The dead Relu's output, of the folded scalar.
+                shapes_inferred: 1,
                 ..Stats::default()
             }
         );

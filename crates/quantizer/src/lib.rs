@@ -5,6 +5,10 @@
 pub mod fp16;
 pub mod int4;
 pub mod int8;
+pub mod qparams;
+
+pub use int8::{Int8Options, Int8Stats, quantize_int8};
+pub use qparams::QType;
 
 /// Why quantizing failed. The graph may be partly rewritten when this is returned.
 #[derive(Debug, thiserror::Error)]

@@ -33,6 +33,8 @@ pub struct Tracer {
     used_names: HashMap<String, usize>,
     weight_names: HashSet<String>,
     renames: Vec<(String, String)>,
+    float: DType,
+    weight_casts: HashMap<String, T>,
 }
 
 impl Tracer {
@@ -53,7 +55,20 @@ impl Tracer {
             used_names: HashMap::new(),
             weight_names: HashSet::new(),
             renames: Vec::new(),
+            float: DType::F32,
+            weight_casts: HashMap::new(),
         }
+    }
+
+    /// Sets the element type of the graph's float compute (float32 by default, float16 for
+    /// `--dtype fp16`): the type of [`Tracer::scalar`] constants, masks and outputs.
+    pub fn set_float_dtype(&mut self, dtype: DType) {
+        self.float = dtype;
+    }
+
+    /// The element type of the graph's float compute.
+    pub fn float_dtype(&self) -> DType {
+        self.float
     }
 
     /// The opset being traced for.
@@ -190,9 +205,61 @@ impl Tracer {
         )
     }
 
-    /// A scalar f32 constant.
+    /// A scalar f32 constant (for float32-only arithmetic such as index computations;
+    /// values that meet activations use [`Tracer::scalar`]).
     pub fn scalar_f32(&mut self, v: f32) -> T {
         self.constant(DType::F32, vec![], TensorData::from_f32(&[v]))
+    }
+
+    /// A scalar constant in the compute dtype (see [`Tracer::set_float_dtype`]), rounded
+    /// as torch rounds a Python float it multiplies a half tensor by.
+    pub fn scalar(&mut self, v: f32) -> T {
+        let bytes = match self.float {
+            DType::F16 => half::f16::from_f32(v).to_le_bytes().to_vec(),
+            DType::BF16 => half::bf16::from_f32(v).to_le_bytes().to_vec(),
+            _ => v.to_le_bytes().to_vec(),
+        };
+        self.constant(self.float, vec![], TensorData::owned(bytes))
+    }
+
+    /// The most negative finite value of the compute dtype (`torch.finfo(dtype).min`),
+    /// which transformers puts at masked attention positions.
+    pub fn float_min(&mut self) -> T {
+        let v = match self.float {
+            DType::F16 => half::f16::MIN.to_f32(),
+            DType::BF16 => half::bf16::MIN.to_f32(),
+            _ => f32::MIN,
+        };
+        self.scalar(v)
+    }
+
+    /// Casts to the compute dtype (a no-op, returning `a`, when it already is).
+    pub fn cast_to_float(&mut self, a: &T) -> T {
+        if a.dtype == self.float {
+            return a.clone();
+        }
+        let code = match self.float {
+            DType::F16 => 10,
+            DType::BF16 => 16,
+            _ => 1,
+        };
+        self.cast(a, self.float, code)
+    }
+
+    /// A weight stored in a narrower float type than the compute dtype (bfloat16 weights
+    /// of a float32-compute graph): the initializer is kept as stored and one `Cast` to the
+    /// compute dtype, shared by every use, feeds the graph.
+    pub fn weight_cast(&mut self, name: &str, init: &Initializer) -> T {
+        if let Some(t) = self.weight_casts.get(name) {
+            return t.clone();
+        }
+        let w = self.weight(name, init);
+        let saved = std::mem::take(&mut self.scope);
+        self.scope = name.split('.').map(String::from).collect();
+        let c = self.cast_to_float(&w);
+        self.scope = saved;
+        self.weight_casts.insert(name.to_string(), c.clone());
+        c
     }
 
     /// A scalar i64 constant.
@@ -206,6 +273,12 @@ impl Tracer {
     }
 
     fn binary(&mut self, op: &str, a: &T, b: &T) -> Result<T, TraceError> {
+        if a.dtype != b.dtype {
+            return Err(TraceError::Shape(format!(
+                "{op}: element types differ ({} and {})",
+                a.dtype, b.dtype
+            )));
+        }
         let shape = broadcast(&a.shape, &b.shape).ok_or_else(|| {
             TraceError::Shape(format!(
                 "{op}: cannot broadcast {} with {}",
@@ -250,12 +323,14 @@ impl Tracer {
     pub fn matmul(&mut self, a: &T, b: &T) -> Result<T, TraceError> {
         let err = || {
             TraceError::Shape(format!(
-                "MatMul: {} x {}",
+                "MatMul: {} {} x {} {}",
+                a.dtype,
                 fmt_shape(&a.shape),
+                b.dtype,
                 fmt_shape(&b.shape)
             ))
         };
-        if a.rank() < 2 || b.rank() < 2 {
+        if a.rank() < 2 || b.rank() < 2 || a.dtype != b.dtype {
             return Err(err());
         }
         let (ab, am) = a.shape.split_at(a.rank() - 2);
@@ -539,5 +614,53 @@ mod tests {
         let bad = t.input("v", DType::F32, vec![Dim::Fixed(5), Dim::Fixed(6)]);
         assert!(t.matmul(&x, &bad).is_err());
         Ok(())
+    }
+
+    #[test]
+    fn half_compute_constants_and_dtype_checks() -> Result<(), TraceError> {
+        let mut t = Tracer::new("g", 17);
+        t.set_float_dtype(DType::F16);
+        let x = t.input("x", DType::F16, vec![Dim::Fixed(2)]);
+        let c = t.scalar(0.1);
+        assert_eq!(c.dtype, DType::F16);
+        let min = t.float_min();
+        assert_eq!(min.dtype, DType::F16);
+        assert!(t.add(&x, &c).is_ok());
+        // Mixing element types is a trace error, not a graph ONNX Runtime rejects.
+        let f = t.scalar_f32(1.0);
+        assert!(t.add(&x, &f).is_err());
+        let g = t.finish();
+        let consts: Vec<Vec<u8>> = g
+            .nodes
+            .iter()
+            .filter_map(|n| match n.attrs.get("value") {
+                Some(Attr::Tensor(i)) => i.data.bytes().ok().map(|b| b.to_vec()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(consts[0], half::f16::from_f32(0.1).to_le_bytes().to_vec());
+        assert_eq!(consts[1], half::f16::MIN.to_le_bytes().to_vec());
+        Ok(())
+    }
+
+    #[test]
+    fn bfloat16_weights_are_cast_once() {
+        let mut t = Tracer::new("g", 17);
+        let init = Initializer {
+            name: String::new(),
+            dtype: DType::BF16,
+            dims: vec![2],
+            data: TensorData::owned(vec![0; 4]),
+        };
+        let a = t.weight_cast("enc.w", &init);
+        let b = t.weight_cast("enc.w", &init);
+        assert_eq!(a, b);
+        assert_eq!(a.dtype, DType::F32);
+        let g = t.finish();
+        assert_eq!(g.initializers.len(), 1);
+        assert_eq!(g.initializers[0].dtype, DType::BF16);
+        let casts: Vec<&Node> = g.nodes.iter().filter(|n| n.op_type == "Cast").collect();
+        assert_eq!(casts.len(), 1);
+        assert_eq!(casts[0].name, "/enc/w/Cast");
     }
 }

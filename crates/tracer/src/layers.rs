@@ -36,13 +36,20 @@ impl<'a> WeightSource<'a> {
                 actual: init.dims.clone(),
             });
         }
-        if init.dtype != DType::F32 {
-            return Err(TraceError::WeightDtype {
-                name: name.to_string(),
-                dtype: init.dtype,
-            });
+        let float = t.float_dtype();
+        if init.dtype == float {
+            return Ok(t.weight(name, init));
         }
-        Ok(t.weight(name, init))
+        // bfloat16 storage with float32 compute: ONNX Runtime's CPU provider has almost
+        // no bfloat16 kernels, so the weight is cast once at its use.
+        if init.dtype == DType::BF16 && float == DType::F32 {
+            return Ok(t.weight_cast(name, init));
+        }
+        Err(TraceError::WeightDtype {
+            name: name.to_string(),
+            dtype: init.dtype,
+            compute: float,
+        })
     }
 
     /// Whether the checkpoint has `name` (with or without the prefix).
@@ -134,10 +141,17 @@ pub(crate) fn layer_norm(
         }
         let mean = t.reduce_mean_last(x)?;
         let d = t.sub(x, &mean)?;
-        let two = t.scalar_f32(2.0);
+        let two = t.scalar(2.0);
         let sq = t.pow(&d, &two)?;
         let var = t.reduce_mean_last(&sq)?;
-        let e = t.scalar_f32(eps as f32);
+        // In a float16 graph an epsilon below float16's smallest subnormal (BERT's 1e-12)
+        // would round to 0; keep it at 2^-24 so a zero variance cannot divide by zero.
+        let eps = if t.float_dtype() == DType::F16 {
+            eps.max(f64::from(half::f16::from_bits(1).to_f32()))
+        } else {
+            eps
+        };
+        let e = t.scalar(eps as f32);
         let ve = t.add(&var, &e)?;
         let std = t.unary("Sqrt", &ve);
         let n = t.div(&d, &std)?;
@@ -185,28 +199,28 @@ impl Activation {
     pub(crate) fn apply(self, t: &mut Tracer, x: &T) -> Result<T, TraceError> {
         match self {
             Activation::GeluErf => {
-                let s = t.scalar_f32(std::f32::consts::SQRT_2);
+                let s = t.scalar(std::f32::consts::SQRT_2);
                 let d = t.div(x, &s)?;
                 let e = t.unary("Erf", &d);
-                let one = t.scalar_f32(1.0);
+                let one = t.scalar(1.0);
                 let p = t.add(&e, &one)?;
                 let m = t.mul(x, &p)?;
-                let half = t.scalar_f32(0.5);
+                let half = t.scalar(0.5);
                 t.mul(&m, &half)
             }
             Activation::GeluTanh => {
                 // 0.5 * x * (1 + tanh(sqrt(2/pi) * (x + 0.044715 * x^3)))
-                let three = t.scalar_f32(3.0);
+                let three = t.scalar(3.0);
                 let cube = t.pow(x, &three)?;
-                let c = t.scalar_f32(0.044715);
+                let c = t.scalar(0.044715);
                 let cc = t.mul(&cube, &c)?;
                 let inner = t.add(x, &cc)?;
-                let k = t.scalar_f32((2.0f64 / std::f64::consts::PI).sqrt() as f32);
+                let k = t.scalar((2.0f64 / std::f64::consts::PI).sqrt() as f32);
                 let scaled = t.mul(&inner, &k)?;
                 let th = t.unary("Tanh", &scaled);
-                let one = t.scalar_f32(1.0);
+                let one = t.scalar(1.0);
                 let p = t.add(&th, &one)?;
-                let half = t.scalar_f32(0.5);
+                let half = t.scalar(0.5);
                 let hx = t.mul(x, &half)?;
                 t.mul(&hx, &p)
             }
@@ -216,7 +230,7 @@ impl Activation {
                 t.mul(x, &s)
             }
             Activation::QuickGelu => {
-                let k = t.scalar_f32(1.702);
+                let k = t.scalar(1.702);
                 let kx = t.mul(x, &k)?;
                 let s = t.unary("Sigmoid", &kx);
                 t.mul(x, &s)
@@ -264,13 +278,14 @@ pub(crate) struct EncoderDims {
 }
 
 /// Turns a `[batch, seq]` 0/1 attention mask into the additive `[batch, 1, 1, seq]` mask
-/// transformers adds to attention scores: 0 where attended, `finfo(float32).min` elsewhere.
+/// transformers adds to attention scores: 0 where attended, `finfo(dtype).min` elsewhere, in
+/// the compute dtype.
 pub(crate) fn additive_mask(t: &mut Tracer, mask: &T) -> Result<T, TraceError> {
     let m = t.unsqueeze(mask, &[1, 2]);
-    let f = t.cast(&m, DType::F32, 1);
-    let one = t.scalar_f32(1.0);
+    let f = t.cast_to_float(&m);
+    let one = t.scalar(1.0);
     let inv = t.sub(&one, &f)?;
-    let min = t.scalar_f32(f32::MIN);
+    let min = t.float_min();
     t.mul(&inv, &min)
 }
 
@@ -329,7 +344,7 @@ pub(crate) fn multi_head_attention(
     let v = t.reshape(&v, &[0, 0, heads, head_dim])?;
     let v = t.transpose(&v, &[0, 2, 1, 3])?;
     let scores = t.matmul(&q, &k)?;
-    let scale = t.scalar_f32((head_dim as f64).powf(-0.5) as f32);
+    let scale = t.scalar((head_dim as f64).powf(-0.5) as f32);
     let mut scores = t.mul(&scores, &scale)?;
     if let Some(b) = bias {
         scores = t.add(&scores, b)?;

@@ -44,6 +44,8 @@ struct Arch {
     model_types: &'static [&'static str],
     tasks: &'static [&'static str],
     build: BuildFn,
+    /// Whether the tracer can emit float16 compute (`--dtype fp16`).
+    half_compute: bool,
 }
 
 /// The registry every lookup (dispatch, `--list`, error messages) is generated from.
@@ -52,36 +54,43 @@ const ARCHITECTURES: &[Arch] = &[
         model_types: &["albert"],
         tasks: heads::ENCODER_TASKS,
         build: albert::build,
+        half_compute: true,
     },
     Arch {
         model_types: &["mpnet"],
         tasks: heads::ENCODER_TASKS,
         build: mpnet::build,
+        half_compute: true,
     },
     Arch {
         model_types: &["gpt2"],
         tasks: gpt2::GPT2_TASKS,
         build: gpt2::build,
+        half_compute: false,
     },
     Arch {
         model_types: &["bert"],
         tasks: heads::ENCODER_TASKS,
         build: bert::build,
+        half_compute: true,
     },
     Arch {
         model_types: &["distilbert"],
         tasks: heads::ENCODER_TASKS,
         build: distilbert::build,
+        half_compute: true,
     },
     Arch {
         model_types: &["roberta", "xlm-roberta", "camembert"],
         tasks: heads::ENCODER_TASKS,
         build: roberta::build,
+        half_compute: true,
     },
     Arch {
         model_types: &["electra"],
         tasks: heads::ENCODER_TASKS,
         build: electra::build,
+        half_compute: true,
     },
 ];
 
@@ -172,6 +181,16 @@ pub struct TraceOptions {
     pub batch_axis: String,
     /// Name of the sequence axis.
     pub sequence_axis: String,
+    /// Element type of the float compute and outputs: float32, or float16 (weights must
+    /// then be float16). Weights may be bfloat16 under float32 compute: each is cast once
+    /// where it is used, as ONNX Runtime's CPU provider lacks bfloat16 kernels.
+    pub float_dtype: ferry_ir::DType,
+    /// Symbolic dims to fix, by name (`batch_size` → 2): every graph input, output and
+    /// value_info dim of that name becomes that size (products such as
+    /// `batch_size*num_choices` too, once all their factors are fixed), so the exported
+    /// model has static shapes and its shape arithmetic folds to constants. Empty: dynamic
+    /// axes.
+    pub fixed_dims: std::collections::BTreeMap<String, i64>,
 }
 
 impl Default for TraceOptions {
@@ -181,6 +200,8 @@ impl Default for TraceOptions {
             opset: 17,
             batch_axis: "batch_size".into(),
             sequence_axis: "sequence_length".into(),
+            float_dtype: ferry_ir::DType::F32,
+            fixed_dims: Default::default(),
         }
     }
 }
@@ -241,12 +262,16 @@ pub enum TraceError {
         actual: Vec<i64>,
     },
     /// A weight's dtype is not exportable yet.
-    #[error("weight `{name}` is {dtype}; only float32 checkpoints are supported")]
+    #[error(
+        "weight `{name}` is {dtype} but the graph computes in {compute} (convert the weights first, e.g. `Weights::floats_as`)"
+    )]
     WeightDtype {
         /// Weight name.
         name: String,
         /// Its dtype.
         dtype: ferry_ir::DType,
+        /// The graph's compute dtype.
+        compute: ferry_ir::DType,
     },
     /// Internal shape inference failed (a bug or an inconsistent config).
     #[error("shape inference: {0}")]
@@ -301,6 +326,34 @@ pub fn canonical_task(task: &str) -> String {
     .to_string()
 }
 
+/// Replaces the symbolic dims named in `fixed` (and products of them, `a*b`) by their
+/// sizes in the graph's inputs, outputs and value_info.
+fn fix_dims(mut graph: Graph, fixed: &std::collections::BTreeMap<String, i64>) -> Graph {
+    if fixed.is_empty() {
+        return graph;
+    }
+    let size = |name: &str| -> Option<i64> {
+        name.split('*')
+            .map(|f| fixed.get(f.trim()).copied())
+            .product()
+    };
+    let values = graph
+        .inputs
+        .iter_mut()
+        .chain(graph.outputs.iter_mut())
+        .chain(graph.value_info.iter_mut());
+    for v in values {
+        for d in v.shape.iter_mut().flatten() {
+            if let ferry_ir::Dim::Sym(name) = d
+                && let Some(n) = size(name)
+            {
+                *d = ferry_ir::Dim::Fixed(n);
+            }
+        }
+    }
+    graph
+}
+
 /// Traces the model described by `config` over `weights` into a graph.
 pub fn trace(
     config: &ModelConfig,
@@ -318,14 +371,37 @@ pub fn trace(
     }
     let result = match arch(&config.model_type) {
         Some(a) => {
+            if !matches!(
+                opts.float_dtype,
+                ferry_ir::DType::F32 | ferry_ir::DType::F16
+            ) {
+                return Err(TraceError::Unsupported(format!(
+                    "{} compute (ferry computes in float32 or float16; bfloat16 weights are cast to float32 at use)",
+                    opts.float_dtype
+                )));
+            }
+            if opts.float_dtype != ferry_ir::DType::F32 && !a.half_compute {
+                return Err(TraceError::Unsupported(format!(
+                    "{} compute for `{}` (float16 graphs: {})",
+                    opts.float_dtype,
+                    config.model_type,
+                    ARCHITECTURES
+                        .iter()
+                        .filter(|a| a.half_compute)
+                        .map(|a| a.model_types.join(", "))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )));
+            }
             let mut t = Tracer::new("main_graph", opts.opset);
+            t.set_float_dtype(opts.float_dtype);
             let request = Request {
                 config,
                 weights,
                 opts,
                 task: &task,
             };
-            (a.build)(&mut t, &request).map(|()| t.finish())
+            (a.build)(&mut t, &request).map(|()| fix_dims(t.finish(), &opts.fixed_dims))
         }
         None => Err(TraceError::UnknownArchitecture {
             model_type: config.model_type.clone(),
@@ -338,4 +414,65 @@ pub fn trace(
         }
         e => e,
     })
+}
+
+#[cfg(test)]
+mod fixed_dims_tests {
+    use ferry_ir::Dim;
+
+    use super::*;
+
+    fn traced(case: &str, task: &str, fixed: &[(&str, i64)]) -> Graph {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../testdata")
+            .join(case);
+        let c = ferry_loader::load(&dir).expect("load");
+        let opts = TraceOptions {
+            task: task.into(),
+            fixed_dims: fixed.iter().map(|&(k, v)| (k.to_string(), v)).collect(),
+            ..Default::default()
+        };
+        trace(&c.config, &c.weights, &opts).expect("trace")
+    }
+
+    fn all_fixed(g: &Graph) -> bool {
+        g.inputs
+            .iter()
+            .chain(&g.outputs)
+            .chain(&g.value_info)
+            .all(|v| v.shape.iter().flatten().all(|d| d.fixed().is_some()))
+    }
+
+    #[test]
+    fn fixed_dims_make_every_shape_static() {
+        let g = traced(
+            "bert-tiny-text-classification",
+            "text-classification",
+            &[("batch_size", 2), ("sequence_length", 7)],
+        );
+        assert_eq!(g.inputs[0].shape, Some(vec![Dim::Fixed(2), Dim::Fixed(7)]));
+        assert!(all_fixed(&g));
+        // Multiple choice: the flattened `batch_size*num_choices` axis is fixed too.
+        let g = traced(
+            "bert-tiny-multiple-choice",
+            "multiple-choice",
+            &[
+                ("batch_size", 2),
+                ("num_choices", 3),
+                ("sequence_length", 5),
+            ],
+        );
+        assert!(all_fixed(&g));
+        assert!(
+            g.value_info
+                .iter()
+                .any(|v| v.shape.as_deref() == Some(&[Dim::Fixed(6), Dim::Fixed(5)][..]))
+        );
+        // Without fixing, the axes stay symbolic.
+        let g = traced("bert-tiny-text-classification", "text-classification", &[]);
+        assert_eq!(
+            g.inputs[0].shape,
+            Some(vec![Dim::sym("batch_size"), Dim::sym("sequence_length")])
+        );
+    }
 }

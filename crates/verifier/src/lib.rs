@@ -5,6 +5,8 @@
 //! where it looks. [`Golden`] reads golden files (inputs and transformers' outputs in one
 //! safetensors file), [`compare`] reports max-abs per output, and [`check_dummy`] runs
 //! dummy inputs at several sequence lengths, checking shapes and finiteness.
+//! [`compare_models`] runs two models on the same inputs and reports, per output, cosine
+//! similarity, max-abs and argmax agreement of classification heads (quantized vs float32).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -13,6 +15,12 @@ use std::sync::OnceLock;
 use ort::session::builder::GraphOptimizationLevel;
 use ort::session::{Session, SessionInputValue};
 use ort::value::{Tensor, ValueType};
+
+mod agreement;
+
+pub use agreement::{
+    Agreement, argmax, compare_models, cosine, golden_inputs, is_classification_output,
+};
 
 /// Why verification could not run or failed.
 #[derive(Debug, thiserror::Error)]
@@ -219,14 +227,21 @@ impl Model {
         let outs = self.session.run(feed)?;
         let mut result = BTreeMap::new();
         for (name, value) in outs.iter() {
-            let (shape, data) = value.try_extract_tensor::<f32>()?;
-            result.insert(
-                name.to_string(),
-                F32Tensor {
+            // float16 outputs (`--dtype fp16` exports) are widened exactly to f32.
+            let t = match value.try_extract_tensor::<half::f16>() {
+                Ok((shape, data)) => F32Tensor {
                     shape: shape.to_vec(),
-                    data: data.to_vec(),
+                    data: data.iter().map(|v| v.to_f32()).collect(),
                 },
-            );
+                Err(_) => {
+                    let (shape, data) = value.try_extract_tensor::<f32>()?;
+                    F32Tensor {
+                        shape: shape.to_vec(),
+                        data: data.to_vec(),
+                    }
+                }
+            };
+            result.insert(name.to_string(), t);
         }
         Ok(result)
     }

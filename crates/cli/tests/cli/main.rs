@@ -379,23 +379,6 @@ fn output_in_read_only_directory() {
 }
 
 #[test]
-fn keep_dtype_of_a_half_checkpoint_is_a_clear_error() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    for case in ["bert-tiny-fp16", "bert-tiny-bf16"] {
-        let out = dir.path().join(format!("{case}.onnx"));
-        assert_fails_cleanly(
-            &export(&testdata(case), &out, &["--dtype", "keep"]),
-            &out,
-            "fp16/bf16 compute is not supported yet",
-        );
-    }
-    // A float32 checkpoint exports as it is with --dtype keep.
-    let out = dir.path().join("keep.onnx");
-    let o = export(&testdata("bert-tiny-gelu"), &out, &["--dtype", "keep"]);
-    assert!(o.status.success(), "{}", stderr(&o));
-}
-
-#[test]
 fn unsupported_opset() {
     let dir = tempfile::tempdir().expect("tempdir");
     let out = dir.path().join("out.onnx");
@@ -899,3 +882,10 @@ fn run_bad_input_is_one_line() {
 }
 
 mod optimize;
+mod optimize_cli;
+mod quantize;
+mod lowbit;
+mod halfprec;
+mod hub;
+mod fusions;
+mod tf;

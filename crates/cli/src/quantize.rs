@@ -1,0 +1,337 @@
+//! `ferry quantize`: ONNX reader → quantizer (int8 dynamic, int4, fp16) → ONNX writer, then
+//! an accuracy report of the result against the float32 model in ONNX Runtime.
+
+use std::path::Path;
+use std::time::Instant;
+
+use crate::common::{check_output_path, done, human_bytes, stage};
+use crate::{QuantMode, QuantizeArgs, WeightType};
+
+/// What one quantization run did.
+pub struct Outcome {
+    /// One-line summary of the rewrite.
+    pub summary: String,
+    /// Machine-readable details for `--json`.
+    pub json: serde_json::Value,
+}
+
+/// The int8 options `ferry quantize` (and `ferry export --quantize`) use for `a`.
+pub fn int8_options(a: &QuantizeArgs) -> ferry_quantizer::Int8Options {
+    ferry_quantizer::Int8Options {
+        weight_type: match a.weight_type {
+            WeightType::Int8 => ferry_quantizer::QType::Int8,
+            WeightType::Uint8 => ferry_quantizer::QType::UInt8,
+        },
+        per_channel: !a.no_per_channel,
+        reduce_range: a.reduce_range,
+        exclude: a.exclude.clone(),
+    }
+}
+
+pub fn quantize(a: &QuantizeArgs) -> Result<(), String> {
+    let outcome = quantize_file(a, &a.input, &a.output, &a.input)?;
+    if a.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&outcome.json).map_err(|e| e.to_string())?
+        );
+    } else {
+        println!("{}", outcome.summary);
+    }
+    Ok(())
+}
+
+/// Quantizes `input` into `output` as `a` says, then (unless `--no-report`) compares the
+/// result with the float model `reference` in ONNX Runtime. Shared with `ferry export
+/// --quantize`.
+pub fn quantize_file(
+    a: &QuantizeArgs,
+    input: &Path,
+    output: &Path,
+    reference: &Path,
+) -> Result<Outcome, String> {
+    check_output_path(output)?;
+    if !input.is_file() {
+        return Err(format!("{}: no such file", input.display()));
+    }
+    if let Some(g) = &a.golden
+        && !g.is_file()
+    {
+        return Err(format!("golden file {}: no such file", g.display()));
+    }
+    let pb = stage("reading");
+    let model = ferry_onnx::read_model(input).map_err(|e| e.to_string())?;
+    let mut graph = model.graph;
+    let float_bytes = graph.weight_bytes();
+    let vocab = DummyVocab::of(&graph);
+    done(
+        pb,
+        format!("read {} ({} nodes)", input.display(), graph.nodes.len()),
+    );
+
+    let pb = stage("quantize");
+    let start = Instant::now();
+    let (summary, stats_json) = match a.mode {
+        QuantMode::Int8 => {
+            let opts = int8_options(a);
+            let s = ferry_quantizer::quantize_int8(&mut graph, &opts).map_err(|e| e.to_string())?;
+            let json = serde_json::json!({
+                "per_channel": opts.per_channel,
+                "reduce_range": opts.reduce_range,
+                "weight_type": format!("{:?}", opts.weight_type).to_lowercase(),
+                "matmuls": s.matmuls,
+                "gemms": s.gemms,
+                "attentions": s.attentions,
+                "embed_layer_norms": s.embed_layer_norms,
+                "gathers": s.gathers,
+                "tensors": s.tensors,
+            });
+            (s.to_string(), json)
+        }
+        QuantMode::Int4 => {
+            let opts = ferry_quantizer::int4::Int4Options {
+                exclude: a.exclude.clone(),
+                ..Default::default()
+            };
+            let s = ferry_quantizer::int4::quantize_int4(&mut graph, &opts)
+                .map_err(|e| e.to_string())?;
+            (
+                s.to_string(),
+                serde_json::json!({ "summary": s.to_string() }),
+            )
+        }
+        QuantMode::Fp16 => {
+            let opts = ferry_quantizer::fp16::Fp16Options {
+                exclude: a.exclude.clone(),
+                ..Default::default()
+            };
+            let s = ferry_quantizer::fp16::convert_fp16(&mut graph, &opts)
+                .map_err(|e| e.to_string())?;
+            (
+                s.to_string(),
+                serde_json::json!({ "summary": s.to_string() }),
+            )
+        }
+    };
+    let seconds = start.elapsed().as_secs_f64();
+    done(pb, format!("{summary} in {seconds:.2}s"));
+
+    let pb = stage("writing");
+    let wopts = ferry_onnx::WriteOptions {
+        external_data: if a.external_data {
+            ferry_onnx::ExternalData::Always
+        } else {
+            ferry_onnx::ExternalData::Auto
+        },
+        doc_string: model.info.doc_string,
+        metadata: model.info.metadata,
+    };
+    let report = ferry_onnx::write_model(&graph, output, &wopts).map_err(|e| e.to_string())?;
+    let in_bytes = file_bytes(input);
+    let out_bytes = report.model_bytes + report.data_bytes;
+    done(
+        pb,
+        format!("wrote {} ({})", output.display(), human_bytes(out_bytes)),
+    );
+    drop(graph);
+
+    let mut text = format!(
+        "{} {summary} in {seconds:.2}s; {} → {} ({:.1}% of the float model)",
+        mode_name(a.mode),
+        human_bytes(in_bytes),
+        human_bytes(out_bytes),
+        100.0 * out_bytes as f64 / in_bytes.max(1) as f64
+    );
+    let mut json = serde_json::json!({
+        "mode": mode_name(a.mode),
+        "input": input.display().to_string(),
+        "output": output.display().to_string(),
+        "input_bytes": in_bytes,
+        "output_bytes": out_bytes,
+        "float_weight_bytes": float_bytes,
+        "seconds": seconds,
+        "stats": stats_json,
+    });
+    if !a.no_report {
+        let pb = stage("compare");
+        match accuracy(reference, output, a.golden.as_deref(), &vocab) {
+            Ok((feed, rows)) => {
+                done(pb, format!("{} outputs compared", rows.len()));
+                text.push_str(&format!("\naccuracy vs float32 on {feed}:"));
+                for r in &rows {
+                    text.push_str(&format!(
+                        "\n  {} {:?}: cosine {:.6}, max-abs {:.3e}",
+                        r.name, r.shape, r.cosine, r.max_abs
+                    ));
+                    if let Some((same, n)) = r.argmax {
+                        text.push_str(&format!(", argmax agreement {same}/{n}"));
+                    }
+                }
+                json["accuracy"] = serde_json::json!({
+                    "inputs": feed,
+                    "outputs": rows.iter().map(|r| serde_json::json!({
+                        "name": r.name,
+                        "shape": r.shape,
+                        "cosine": r.cosine,
+                        "max_abs": r.max_abs,
+                        "argmax_agreement": r.argmax_rate(),
+                    })).collect::<Vec<_>>(),
+                });
+            }
+            Err(ferry_verifier::VerifyError::Runtime(e)) => {
+                pb.finish_and_clear();
+                text.push_str(&format!("\naccuracy report skipped: {e}"));
+                json["accuracy"] = serde_json::json!({ "skipped": e });
+            }
+            Err(e) => {
+                pb.finish_and_clear();
+                let _ = std::fs::remove_file(output);
+                if let Some(d) = &report.data_path {
+                    let _ = std::fs::remove_file(d);
+                }
+                return Err(format!("accuracy check of {}: {e}", output.display()));
+            }
+        }
+    }
+    Ok(Outcome {
+        summary: text,
+        json,
+    })
+}
+
+fn mode_name(m: QuantMode) -> &'static str {
+    match m {
+        QuantMode::Int8 => "int8",
+        QuantMode::Int4 => "int4",
+        QuantMode::Fp16 => "fp16",
+    }
+}
+
+/// Bytes of a model file plus its external-data side files.
+fn file_bytes(model: &Path) -> u64 {
+    let own = std::fs::metadata(model).map(|m| m.len()).unwrap_or(0);
+    let data = model.with_file_name(format!(
+        "{}_data",
+        model
+            .file_name()
+            .map(|n| n.to_string_lossy())
+            .unwrap_or_default()
+    ));
+    own + std::fs::metadata(data).map(|m| m.len()).unwrap_or(0)
+}
+
+/// Vocabulary sizes for dummy token ids, read off the graph's lookup tables: the largest
+/// table's rows for ids, the smallest's (at most 2) for token types.
+struct DummyVocab {
+    vocab: i64,
+    types: i64,
+}
+
+impl DummyVocab {
+    fn of(g: &ferry_ir::Graph) -> Self {
+        let inits: std::collections::HashMap<&str, &ferry_ir::Initializer> = g
+            .initializers
+            .iter()
+            .map(|t| (t.name.as_str(), t))
+            .collect();
+        let rows: Vec<i64> = g
+            .nodes
+            .iter()
+            .flat_map(|n| match n.op_type.as_str() {
+                "Gather" => vec![n.inputs.first()],
+                "EmbedLayerNormalization" => vec![n.inputs.get(2), n.inputs.get(4)],
+                _ => vec![],
+            })
+            .flatten()
+            .filter_map(|name| inits.get(name.as_str()))
+            .filter(|t| t.dims.len() == 2 && t.dtype.is_float())
+            .map(|t| t.dims[0])
+            .collect();
+        Self {
+            vocab: rows.iter().copied().max().unwrap_or(2).max(1),
+            types: rows.iter().copied().min().unwrap_or(1).clamp(1, 2),
+        }
+    }
+}
+
+/// Runs the float and quantized models on the golden's inputs (or dummy inputs, batch 2 ×
+/// 16 tokens) and compares their outputs.
+fn accuracy(
+    reference: &Path,
+    quantized: &Path,
+    golden: Option<&Path>,
+    vocab: &DummyVocab,
+) -> Result<(String, Vec<ferry_verifier::Agreement>), ferry_verifier::VerifyError> {
+    let mut r = ferry_verifier::Model::load(reference, 2)?;
+    let mut q = ferry_verifier::Model::load(quantized, 2)?;
+    let (feed, inputs) = match golden {
+        Some(g) => {
+            let golden = ferry_verifier::Golden::load(g)?;
+            (
+                format!("the inputs of {}", g.display()),
+                ferry_verifier::golden_inputs(&golden),
+            )
+        }
+        None => {
+            let spec = ferry_verifier::DummySpec {
+                batch: 2,
+                sequence_lengths: vec![16],
+                vocab_size: vocab.vocab,
+                type_vocab_size: vocab.types,
+            };
+            (
+                "dummy inputs (batch 2 × 16)".to_string(),
+                ferry_verifier::dummy_inputs(&r, &spec, 16),
+            )
+        }
+    };
+    let rows = ferry_verifier::compare_models(&mut r, &mut q, &inputs)?;
+    Ok((feed, rows))
+}
+
+/// `ferry export --quantize`: quantizes the optimized model `optimized` (int8 with the
+/// default options) into `<stem>-quantized.onnx` beside the export `output`, and prints
+/// the summary and the accuracy report against the plain float export on stderr. On
+/// failure the optimized file is removed too (the caller removes the export).
+pub fn quantize_export(
+    output: &Path,
+    optimized: &Path,
+    external_data: bool,
+) -> Result<std::path::PathBuf, String> {
+    let stem = output
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "model".into());
+    let target = output.with_file_name(format!("{stem}-quantized.onnx"));
+    let args = QuantizeArgs {
+        input: optimized.to_path_buf(),
+        output: target.clone(),
+        mode: QuantMode::Int8,
+        per_channel: true,
+        no_per_channel: false,
+        reduce_range: false,
+        weight_type: WeightType::Int8,
+        exclude: Vec::new(),
+        golden: None,
+        no_report: false,
+        json: false,
+        external_data,
+    };
+    match quantize_file(&args, optimized, &target, output) {
+        Ok(o) => {
+            eprintln!("quantized {}: {}", target.display(), o.summary);
+            Ok(target)
+        }
+        Err(e) => {
+            let _ = std::fs::remove_file(optimized);
+            let _ = std::fs::remove_file(optimized.with_file_name(format!(
+                "{}_data",
+                optimized
+                    .file_name()
+                    .map(|n| n.to_string_lossy())
+                    .unwrap_or_default()
+            )));
+            Err(e)
+        }
+    }
+}

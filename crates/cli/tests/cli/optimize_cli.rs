@@ -1,0 +1,305 @@
+//! `ferry export --optimize`, `--static-shapes`, `ferry optimize --disable` / `--json`:
+//! files written, fused-operator statistics, golden parity of the results.
+
+use super::*;
+
+fn op_count(path: &Path, op: &str) -> usize {
+    let g = ferry_onnx::read_graph(path).expect("read model");
+    g.op_counts().get(op).copied().unwrap_or(0)
+}
+
+/// Max-abs of every golden output of `model` is at most `atol`.
+fn golden_parity(model: &Path, golden: &Path, atol: f64) {
+    let golden = ferry_verifier::Golden::load(golden).expect("golden");
+    let mut m = ferry_verifier::Model::load(model, 2).expect("ONNX Runtime loads it");
+    let reports = ferry_verifier::compare(&mut m, &golden).expect("runs");
+    assert_eq!(reports.len(), golden.outputs.len());
+    for r in &reports {
+        println!("{}: {} max-abs {:.3e}", model.display(), r.name, r.max_abs);
+        assert!(
+            r.max_abs <= atol,
+            "{}: {} max-abs {} > {atol}",
+            model.display(),
+            r.name,
+            r.max_abs
+        );
+    }
+}
+
+/// `export --optimize` writes the plain model and `<stem>-optimized.onnx`; the plain one
+/// matches transformers ≤1e-5, the optimized one ≤1e-4 and has tiny BERT's fused ops (one
+/// per layer, as in optimize.rs: Embed 1, Attention 2, SkipLayerNorm 4, BiasGelu 2), which
+/// the statistics line on stderr reports.
+#[test]
+fn export_optimize_writes_both_files() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().join("model.onnx");
+    let case = testdata("bert-tiny-gelu");
+    let o = export(&case, &out, &["--optimize"]);
+    assert!(o.status.success(), "export failed: {}", stderr(&o));
+    let opt = dir.path().join("model-optimized.onnx");
+    assert!(out.is_file() && opt.is_file(), "{}", stderr(&o));
+    let err = stderr(&o);
+    assert!(
+        err.contains("fused operators: EmbedLayerNormalization 1, Attention 2, MultiHeadAttention 0, Gelu 0, FastGelu 0, BiasGelu 2"),
+        "{err}"
+    );
+    assert!(err.contains("SkipLayerNormalization 4"), "{err}");
+    for (op, n) in [
+        ("EmbedLayerNormalization", 1),
+        ("Attention", 2),
+        ("SkipLayerNormalization", 4),
+        ("BiasGelu", 2),
+        ("LayerNormalization", 0),
+        ("Softmax", 0),
+    ] {
+        assert_eq!(op_count(&opt, op), n, "{op}: {err}");
+    }
+    assert!(op_count(&out, "Softmax") > 0);
+    let golden = case.join("golden.safetensors");
+    golden_parity(&out, &golden, 1e-5);
+    golden_parity(&opt, &golden, 1e-4);
+}
+
+/// `--disable attention` (on `ferry optimize` and on `export --optimize`, with a second name
+/// comma-separated) leaves the attention blocks unfused, and the result still matches.
+#[test]
+fn disable_leaves_fusions_out() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let case = testdata("bert-tiny-gelu");
+    let golden = case.join("golden.safetensors");
+    let model = dir.path().join("m.onnx");
+    let o = export(&case, &model, &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = dir.path().join("no-attn.onnx");
+    let o = run(ferry()
+        .arg("optimize")
+        .arg(&model)
+        .arg(&out)
+        .args(["--disable", "attention"]));
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(op_count(&out, "Attention"), 0);
+    assert_eq!(op_count(&out, "Softmax"), 2);
+    // The other fusions still ran.
+    assert_eq!(op_count(&out, "EmbedLayerNormalization"), 1);
+    assert_eq!(op_count(&out, "BiasGelu"), 2);
+    golden_parity(&out, &golden, 1e-4);
+
+    let out = dir.path().join("e.onnx");
+    let o = export(
+        &case,
+        &out,
+        &["--optimize", "--disable", "attention,embed_layer_norm"],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let opt = dir.path().join("e-optimized.onnx");
+    assert_eq!(op_count(&opt, "Attention"), 0);
+    assert_eq!(op_count(&opt, "EmbedLayerNormalization"), 0);
+    assert_eq!(op_count(&opt, "SkipLayerNormalization"), 4);
+    golden_parity(&opt, &golden, 1e-4);
+}
+
+/// `ferry optimize --json`: stdout is one JSON object whose `fused_operators` are the
+/// optimized graph's op counts (every ONNX Runtime statistics key present); the human
+/// summary goes to stderr.
+#[test]
+fn json_statistics() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let model = dir.path().join("m.onnx");
+    let o = export(&testdata("bert-tiny-text-classification"), &model, &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = dir.path().join("o.onnx");
+    let o = run(ferry().arg("optimize").arg(&model).arg(&out).arg("--json"));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value =
+        serde_json::from_slice(&o.stdout).expect("stdout is one JSON document");
+    let fused = v["fused_operators"].as_object().expect("fused_operators");
+    let g = ferry_onnx::read_graph(&out).expect("read");
+    let counts = g.op_counts();
+    for op in [
+        "EmbedLayerNormalization",
+        "Attention",
+        "MultiHeadAttention",
+        "Gelu",
+        "FastGelu",
+        "BiasGelu",
+        "LayerNormalization",
+        "SkipLayerNormalization",
+    ] {
+        let want = counts.get(op).copied().unwrap_or(0) as u64;
+        assert_eq!(fused[op].as_u64(), Some(want), "{op}: {v}");
+    }
+    // gelu_new: the tanh pattern fuses into one FastGelu per layer.
+    assert_eq!(fused["FastGelu"].as_u64(), Some(2), "{v}");
+    assert_eq!(fused["Attention"].as_u64(), Some(2), "{v}");
+    assert_eq!(v["nodes_after"].as_u64(), Some(g.nodes.len() as u64));
+    assert!(v["nodes_before"].as_u64() > v["nodes_after"].as_u64());
+    assert!(stderr(&o).contains("fused operators:"), "{}", stderr(&o));
+}
+
+/// An unknown `--disable` name is one error line listing the valid names, before any
+/// work: no output file (neither the plain export nor the optimized one).
+#[test]
+fn unknown_disable_name_fails_cleanly() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let model = dir.path().join("m.onnx");
+    let o = export(&testdata("bert-tiny-gelu"), &model, &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = dir.path().join("o.onnx");
+    let o = run(ferry()
+        .arg("optimize")
+        .arg(&model)
+        .arg(&out)
+        .args(["--disable", "attention,attn"]));
+    assert_fails_cleanly(&o, &out, "unknown fusion `attn`; valid: gelu, bias-gelu");
+    assert!(stderr(&o).contains("embed-layer-norm"), "{}", stderr(&o));
+
+    let sub = dir.path().join("sub");
+    std::fs::create_dir(&sub).expect("mkdir");
+    let out = sub.join("x.onnx");
+    let o = export(
+        &testdata("bert-tiny-gelu"),
+        &out,
+        &["--optimize", "--disable", "skip-layernorm"],
+    );
+    assert_fails_cleanly(&o, &out, "unknown fusion `skip-layernorm`");
+    assert!(!sub.join("x-optimized.onnx").exists());
+}
+
+/// `--static-shapes` at the golden's batch and sequence length: every dim of the export is
+/// fixed, it matches transformers ≤1e-5 and, with `--optimize`, ≤1e-4 with no `Shape` left.
+/// With EmbedLayerNormalization disabled the position slice (Shape → Slice → Slice of the
+/// position table) is folded by constant evaluation only when the shapes are static.
+#[test]
+fn static_shapes_export_matches_golden_and_folds_shapes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let case = testdata("bert-tiny-text-classification");
+    let golden_path = case.join("golden.safetensors");
+    let golden = ferry_verifier::Golden::load(&golden_path).expect("golden");
+    let ids = &golden.inputs["input_ids"];
+    assert_eq!(ids.shape.len(), 2);
+    let (b, s) = (ids.shape[0].to_string(), ids.shape[1].to_string());
+    let out = dir.path().join("static.onnx");
+    let o = export(
+        &case,
+        &out,
+        &[
+            "--task",
+            "text-classification",
+            "--static-shapes",
+            "--batch-size",
+            &b,
+            "--sequence-length",
+            &s,
+            "--optimize",
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let g = ferry_onnx::read_graph(&out).expect("read");
+    for v in g.inputs.iter().chain(&g.outputs).chain(&g.value_info) {
+        let shape = v.shape.as_ref().expect("shape");
+        assert!(
+            shape.iter().all(|d| d.fixed().is_some()),
+            "{}: {shape:?}",
+            v.name
+        );
+    }
+    assert_eq!(
+        g.inputs[0].shape,
+        Some(vec![
+            ferry_ir::Dim::Fixed(ids.shape[0]),
+            ferry_ir::Dim::Fixed(ids.shape[1])
+        ])
+    );
+    assert!(op_count(&out, "Shape") > 0);
+    golden_parity(&out, &golden_path, 1e-5);
+    let opt = dir.path().join("static-optimized.onnx");
+    assert_eq!(op_count(&opt, "Shape"), 0);
+    assert_eq!(op_count(&opt, "Attention"), 2);
+    golden_parity(&opt, &golden_path, 1e-4);
+
+    // Without the embeddings fusion: folded away when static, kept when dynamic.
+    let folded = dir.path().join("static-noembed.onnx");
+    let o = run(ferry()
+        .arg("optimize")
+        .arg(&out)
+        .arg(&folded)
+        .args(["--disable", "embed-layer-norm"]));
+    assert!(o.status.success(), "{}", stderr(&o));
+    for op in ["Shape", "Slice", "EmbedLayerNormalization"] {
+        assert_eq!(op_count(&folded, op), 0, "{op}");
+    }
+    golden_parity(&folded, &golden_path, 1e-4);
+    let dynamic = dir.path().join("dynamic.onnx");
+    let o = export(&case, &dynamic, &["--task", "text-classification"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let kept = dir.path().join("dynamic-noembed.onnx");
+    let o = run(ferry()
+        .arg("optimize")
+        .arg(&dynamic)
+        .arg(&kept)
+        .args(["--disable", "embed-layer-norm"]));
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(op_count(&kept, "Shape"), 1);
+    golden_parity(&kept, &golden_path, 1e-4);
+}
+
+/// Multiple choice with `--num-choices` too: the `[batch, choices, seq]` inputs and the
+/// flattened `batch*choices` axis are fixed, the export matches transformers at the golden's
+/// shape and the optimized model has no `Shape` left.
+#[test]
+fn static_shapes_multiple_choice() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let case = testdata("bert-tiny-multiple-choice");
+    let golden_path = case.join("golden.safetensors");
+    let golden = ferry_verifier::Golden::load(&golden_path).expect("golden");
+    let shape = golden.inputs["input_ids"].shape.clone();
+    assert_eq!(shape.len(), 3);
+    let [b, c, s] = [0, 1, 2].map(|k| shape[k].to_string());
+    let out = dir.path().join("mc.onnx");
+    let o = export(
+        &case,
+        &out,
+        &[
+            "--task",
+            "multiple-choice",
+            "--static-shapes",
+            "--batch-size",
+            &b,
+            "--num-choices",
+            &c,
+            "--sequence-length",
+            &s,
+            "--optimize",
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let g = ferry_onnx::read_graph(&out).expect("read");
+    assert!(
+        g.inputs.iter().chain(&g.value_info).all(|v| v
+            .shape
+            .iter()
+            .flatten()
+            .all(|d| d.fixed().is_some()))
+    );
+    assert!(op_count(&out, "Shape") > 0);
+    golden_parity(&out, &golden_path, 1e-5);
+    let opt = dir.path().join("mc-optimized.onnx");
+    assert_eq!(op_count(&opt, "Shape"), 0);
+    golden_parity(&opt, &golden_path, 1e-4);
+}
+
+/// `--static-shapes` refuses what it cannot honour, before writing anything.
+#[test]
+fn static_shapes_bad_combinations_fail_cleanly() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().join("m.onnx");
+    let case = testdata("bert-tiny-gelu");
+    let o = export(&case, &out, &["--static-shapes", "--check"]);
+    assert_fails_cleanly(&o, &out, "cannot be combined with --static-shapes");
+    let o = export(&case, &out, &["--static-shapes", "--sequence-length", "0"]);
+    assert_fails_cleanly(&o, &out, "must be at least 1");
+    let pt = dir.path().join("m.pt");
+    let o = export(&case, &pt, &["--static-shapes", "--format", "torchscript"]);
+    assert_fails_cleanly(&o, &pt, "--static-shapes applies to ONNX exports");
+}

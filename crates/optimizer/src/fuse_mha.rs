@@ -1,0 +1,313 @@
+//! Self-attention whose Q/K/V projections are not packable (weights that are not
+//! constants, or [`fuse_attention`](crate::fuse_attention) disabled) fused into
+//! `com.microsoft` `MultiHeadAttention` with separate query, key and value inputs.
+
+use std::collections::HashSet;
+
+use ferry_ir::{Attr, Graph, Node};
+
+use crate::fuse::{
+    Index, Rewrite, additive_mask_input, apply, both_orders, fused_name, has_perm, int_vector,
+    is_binary, is_onnx_domain, is_scaled, ms_node, node_names, scaled_scores,
+};
+use crate::fuse_gpt2::{existing_int32_casts, int32_cast};
+
+/// `Transpose(Reshape(p, [0, 0, heads, head_dim]), perm)` read once: `(p, heads, head_dim,
+/// node indices)`.
+fn split_heads(
+    ix: &Index<'_>,
+    value: &str,
+    perm: &[i64],
+) -> Option<(String, i64, i64, Vec<usize>)> {
+    if !ix.single_use(value) {
+        return None;
+    }
+    let (ti, tr) = ix
+        .producer(value, "Transpose")
+        .filter(|(_, n)| has_perm(n, perm))?;
+    if !ix.single_use(&tr.inputs[0]) {
+        return None;
+    }
+    let (ri, rs) = ix.producer(&tr.inputs[0], "Reshape")?;
+    if rs.inputs.len() != 2 || rs.outputs.len() != 1 || !rs.attrs.is_empty() {
+        return None;
+    }
+    let [0, 0, heads, head_dim] = int_vector(ix, &rs.inputs[1])?[..] else {
+        return None;
+    };
+    (heads > 0 && head_dim > 0).then(|| (rs.inputs[0].clone(), heads, head_dim, vec![ti, ri]))
+}
+
+/// A matched attention core.
+struct MhaMatch {
+    qkv: [String; 3],
+    heads: i64,
+    scale: f32,
+    mask: String,
+    removed: Vec<usize>,
+}
+
+/// Matches `Reshape(Transpose(MatMul(Softmax(Add(Mul(MatMul(q, k), scale), mask)), v),
+/// [0, 2, 1, 3]), [0, 0, H])` over head splits of three rank-3 projections.
+fn match_mha(ix: &Index<'_>, out: &Node) -> Option<MhaMatch> {
+    if out.op_type != "Reshape"
+        || !is_onnx_domain(out)
+        || out.inputs.len() != 2
+        || out.outputs.len() != 1
+        || !out.attrs.is_empty()
+    {
+        return None;
+    }
+    let [0, 0, hidden] = int_vector(ix, &out.inputs[1])?[..] else {
+        return None;
+    };
+    if !ix.single_use(&out.inputs[0]) {
+        return None;
+    }
+    let (cti, ctr) = ix
+        .producer(&out.inputs[0], "Transpose")
+        .filter(|(_, n)| has_perm(n, &[0, 2, 1, 3]))?;
+    if !ix.single_use(&ctr.inputs[0]) {
+        return None;
+    }
+    let (ci, ctx) = ix
+        .producer(&ctr.inputs[0], "MatMul")
+        .filter(|(_, n)| is_binary(n, "MatMul"))?;
+    if !ix.single_use(&ctx.inputs[0]) {
+        return None;
+    }
+    let (si, sm) = ix.producer(&ctx.inputs[0], "Softmax")?;
+    if sm.inputs.len() != 1
+        || sm.attrs.len() != 1
+        || !matches!(sm.attr("axis"), Some(Attr::Int(-1)))
+        || !ix.single_use(&sm.inputs[0])
+    {
+        return None;
+    }
+    let (mai, madd) = ix
+        .producer(&sm.inputs[0], "Add")
+        .filter(|(_, n)| is_binary(n, "Add"))?;
+    let (scaled, mask) = both_orders(madd).into_iter().find_map(|(sc, m)| {
+        let mask = additive_mask_input(ix, m)?;
+        (ix.single_use(sc) && is_scaled(ix, sc)).then_some((sc, mask))
+    })?;
+    let (mui, qk, scale) = scaled_scores(ix, scaled)?;
+    let qk = qk.as_str();
+    let (qki, qkm) = ix
+        .producer(qk, "MatMul")
+        .filter(|(_, n)| is_binary(n, "MatMul"))?;
+    let q = split_heads(ix, &qkm.inputs[0], &[0, 2, 1, 3])?;
+    let k = split_heads(ix, &qkm.inputs[1], &[0, 2, 3, 1])?;
+    let v = split_heads(ix, &ctx.inputs[1], &[0, 2, 1, 3])?;
+    let (heads, head_dim) = (q.1, q.2);
+    if (k.1, k.2) != (heads, head_dim) || (v.1, v.2) != (heads, head_dim) {
+        return None;
+    }
+    if heads.checked_mul(head_dim) != Some(hidden) {
+        return None;
+    }
+    // Known projection widths must be the hidden size.
+    let width_ok = [&q.0, &k.0, &v.0]
+        .iter()
+        .all(|p| ix.last_dim(p).is_none_or(|d| d == hidden));
+    if !width_ok {
+        return None;
+    }
+    let mut removed = vec![cti, ci, si, mai, mui, qki];
+    removed.extend(q.3.iter().chain(&k.3).chain(&v.3));
+    Some(MhaMatch {
+        qkv: [q.0, k.0, v.0],
+        heads,
+        scale,
+        mask,
+        removed,
+    })
+}
+
+/// Fuses the attention core that [`fuse_attention`](crate::fuse_attention) leaves (its
+/// projections are not three `Add(MatMul(x, W), b)` of one input with constant weights, or
+/// that fusion is disabled): `Softmax(Add(Mul(MatMul(q, k), scale), mask), -1)` times v,
+/// transposed back and reshaped to `[0, 0, H]`, where q, k and v are head splits
+/// (`Reshape` to `[0, 0, heads, head_dim]`, `Transpose` `[0, 2, 1, 3]`, for k
+/// `[0, 2, 3, 1]`) of rank-3 projections and `mask` is exactly ferry's `additive_mask` of a
+/// rank-2 integer graph input. Every intermediate must have no other consumer. The core
+/// becomes `com.microsoft` `MultiHeadAttention(query, key, value, "", key_padding_mask)`
+/// with `num_heads`, the matched `scale` and `mask_filter_value` `f32::MIN`; the
+/// projections stay as they are and `key_padding_mask` is one `Cast(mask, int32)` per mask
+/// input (an existing one is reused). Returns how many were fused.
+pub fn fuse_multi_head_attention(graph: &mut Graph) -> usize {
+    let ix = Index::new(graph);
+    let mut names = node_names(graph);
+    let mut values: HashSet<String> = graph
+        .inputs
+        .iter()
+        .map(|v| v.name.clone())
+        .chain(graph.initializers.iter().map(|i| i.name.clone()))
+        .chain(graph.nodes.iter().flat_map(|n| n.outputs.iter().cloned()))
+        .collect();
+    let mut cast_of = existing_int32_casts(graph);
+    let mut taken: HashSet<usize> = HashSet::new();
+    let mut rewrites = Vec::new();
+    let mut casts: Vec<Node> = Vec::new();
+    for (i, out) in graph.nodes.iter().enumerate() {
+        let Some(m) = match_mha(&ix, out) else {
+            continue;
+        };
+        if m.removed.iter().chain([&i]).any(|k| taken.contains(k)) {
+            continue;
+        }
+        taken.extend(m.removed.iter().copied().chain([i]));
+        let mask = cast_of
+            .entry(m.mask.clone())
+            .or_insert_with(|| {
+                let (cast, out) = int32_cast(&mut names, &mut values, &m.mask);
+                casts.push(cast);
+                out
+            })
+            .clone();
+        let name = fused_name(&mut names, &out.name, "MultiHeadAttention");
+        let [q, k, v] = m.qkv;
+        let mut node = ms_node(
+            name,
+            "MultiHeadAttention",
+            vec![q, k, v, String::new(), mask],
+            out.outputs.clone(),
+        );
+        node.attrs
+            .insert("num_heads".to_string(), Attr::Int(m.heads));
+        node.attrs.insert("scale".to_string(), Attr::Float(m.scale));
+        node.attrs
+            .insert("mask_filter_value".to_string(), Attr::Float(f32::MIN));
+        rewrites.push(Rewrite {
+            anchor: i,
+            node,
+            removed: m.removed,
+        });
+    }
+    let count = apply(graph, rewrites);
+    graph.nodes.splice(0..0, casts);
+    count
+}
+
+#[cfg(test)]
+mod tests {
+    use ferry_ir::{DType, Dim, Initializer, TensorData, Value};
+
+    use super::*;
+    use crate::test_util::{graph, init, node};
+
+    fn ints(name: &str, values: &[i64]) -> Initializer {
+        Initializer {
+            name: name.into(),
+            dtype: DType::I64,
+            dims: vec![values.len() as i64],
+            data: TensorData::from_i64(values),
+        }
+    }
+
+    /// The attention core over three projections that are graph inputs (nothing to pack).
+    fn core_graph() -> Graph {
+        let mut nodes = vec![
+            node("Unsqueeze", &["attention_mask", "axes"], &["mu"], vec![]),
+            node("Cast", &["mu"], &["mf"], vec![("to", Attr::Int(1))]),
+            node("Sub", &["one", "mf"], &["inv"], vec![]),
+            node("Mul", &["inv", "fmin"], &["madd"], vec![]),
+        ];
+        for (p, perm) in [
+            ("q", vec![0, 2, 1, 3]),
+            ("k", vec![0, 2, 3, 1]),
+            ("v", vec![0, 2, 1, 3]),
+        ] {
+            let n = |s: &str| format!("{p}_{s}");
+            nodes.extend([
+                node("Reshape", &[p, "heads_shape"], &[&n("r")], vec![]),
+                node(
+                    "Transpose",
+                    &[&n("r")],
+                    &[&n("t")],
+                    vec![("perm", Attr::Ints(perm))],
+                ),
+            ]);
+        }
+        nodes.extend([
+            node("MatMul", &["q_t", "k_t"], &["qk"], vec![]),
+            node("Mul", &["scale", "qk"], &["sc"], vec![]),
+            node("Add", &["madd", "sc"], &["s"], vec![]),
+            node("Softmax", &["s"], &["pr"], vec![("axis", Attr::Int(-1))]),
+            node("MatMul", &["pr", "v_t"], &["c"], vec![]),
+            node(
+                "Transpose",
+                &["c"],
+                &["ct"],
+                vec![("perm", Attr::Ints(vec![0, 2, 1, 3]))],
+            ),
+            node("Reshape", &["ct", "out_shape"], &["y"], vec![]),
+        ]);
+        let inits = vec![
+            ints("axes", &[1, 2]),
+            init("one", vec![], &[1.0]),
+            init("fmin", vec![], &[f32::MIN]),
+            ints("heads_shape", &[0, 0, 2, 2]),
+            ints("out_shape", &[0, 0, 4]),
+            init("scale", vec![], &[0.5]),
+        ];
+        let mut g = graph(nodes, inits, &["y"]);
+        let bsh = vec![Dim::sym("b"), Dim::sym("s"), Dim::Fixed(4)];
+        g.inputs = ["q", "k", "v"]
+            .iter()
+            .map(|n| Value::new(*n, DType::F32, bsh.clone()))
+            .collect();
+        g.inputs.push(Value::new(
+            "attention_mask",
+            DType::I64,
+            vec![Dim::sym("b"), Dim::sym("s")],
+        ));
+        g
+    }
+
+    #[test]
+    fn attention_core_over_unpackable_projections_fuses() {
+        let mut g = core_graph();
+        assert_eq!(fuse_multi_head_attention(&mut g), 1);
+        let ops: Vec<&str> = g.nodes.iter().map(|n| n.op_type.as_str()).collect();
+        // The mask arithmetic is left for dead-node removal.
+        assert_eq!(ops[0], "Cast");
+        let mha = g
+            .nodes
+            .iter()
+            .find(|n| n.op_type == "MultiHeadAttention")
+            .expect("fused");
+        assert_eq!(mha.domain, crate::MS_DOMAIN);
+        let cast_out = g.nodes[0].outputs[0].as_str();
+        assert_eq!(mha.inputs, ["q", "k", "v", "", cast_out]);
+        assert_eq!(mha.outputs, ["y"]);
+        assert!(matches!(mha.attr("num_heads"), Some(Attr::Int(2))));
+        assert!(matches!(mha.attr("scale"), Some(Attr::Float(s)) if *s == 0.5));
+        assert!(!ops.contains(&"Softmax"));
+        assert!(g.opsets.iter().any(|o| o.domain == crate::MS_DOMAIN));
+    }
+
+    #[test]
+    fn inexact_attention_cores_stay() {
+        type Change = Box<dyn Fn(&mut Graph)>;
+        let variants: Vec<Change> = vec![
+            // Key not transposed for the product.
+            Box::new(|g| {
+                g.nodes[7].attrs = [("perm".to_string(), Attr::Ints(vec![0, 2, 1, 3]))].into()
+            }),
+            // Softmax over another axis.
+            Box::new(|g| g.nodes[13].attrs = [("axis".to_string(), Attr::Int(1))].into()),
+            // Scores read elsewhere.
+            Box::new(|g| g.outputs.push(Value::new("s", DType::F32, vec![]))),
+            // A mask that is not ferry's additive mask (0 instead of f32::MIN).
+            Box::new(|g| g.initializers[2] = init("fmin", vec![], &[0.0])),
+            // Heads that do not multiply to the output width.
+            Box::new(|g| g.initializers[4] = ints("out_shape", &[0, 0, 8])),
+        ];
+        for (k, change) in variants.iter().enumerate() {
+            let mut g = core_graph();
+            change(&mut g);
+            assert_eq!(fuse_multi_head_attention(&mut g), 0, "variant {k}");
+        }
+    }
+}
