@@ -964,7 +964,8 @@ fn bert_inputs(
 /// optimizations, 2 intra-op threads, batch 1 × 128) of ferry's plain bert-base-sized
 /// export, of `ferry optimize`'s output, and of ONNX Runtime's transformers optimizer
 /// output of the same plain export (xtask/ort_optimize.py with target/ortvenv/bin/python);
-/// 5 warm-up runs each, then N interleaved runs, medians, all in this one process. Also
+/// 5 warm-up runs each, then N runs each (N rounded up to whole rounds of 10, the models
+/// alternating between rounds), medians, all in this one process. Also
 /// prints the op counts of both optimized graphs. Without target/ortvenv, the ORT row is
 /// skipped with instructions.
 fn bench_latency(runs: usize) -> Result<()> {
@@ -1042,16 +1043,24 @@ fn bench_latency(runs: usize) -> Result<()> {
             model.run(inputs).map_err(err)?;
         }
     }
-    // Interleaved, so that drifts in machine load affect every model alike.
-    for _ in 0..runs.max(1) {
+    // Rounds of 10 consecutive runs per model, models alternating, so that drifts in machine
+    // load affect every model alike while a session's spinning worker threads (ONNX
+    // Runtime's default) do not compete with the next model's on every run; the first run
+    // after each switch is not counted.
+    const BLOCK: usize = 10;
+    for _ in 0..runs.max(1).div_ceil(BLOCK) {
         for (_, model, inputs, times) in models.iter_mut() {
-            let start = Instant::now();
             model.run(inputs).map_err(err)?;
-            times.push(start.elapsed().as_secs_f64() * 1e3);
+            for _ in 0..BLOCK {
+                let start = Instant::now();
+                model.run(inputs).map_err(err)?;
+                times.push(start.elapsed().as_secs_f64() * 1e3);
+            }
         }
     }
     println!(
-        "ONNX Runtime latency of the bert-base-sized model, batch 1 × {SEQ}, {THREADS} intra-op threads, basic session optimizations, median of {runs} interleaved runs in one process:"
+        "ONNX Runtime latency of the bert-base-sized model, batch 1 × {SEQ}, {THREADS} intra-op threads, basic session optimizations, median of {} runs each (rounds of 10, models alternating) in one process:",
+        runs.max(1).div_ceil(BLOCK) * BLOCK
     );
     let mut medians = Vec::new();
     for (name, _, _, times) in models {

@@ -63,3 +63,11 @@ pub fn check_output_path(out: &Path) -> Result<(), String> {
     }
     Ok(())
 }
+
+/// Writes one line to stdout. A closed pipe (`ferry … | head`) is not an error: the
+/// reader has what it wanted, so the line is dropped instead of panicking as `println!`
+/// would.
+pub fn outln(line: impl std::fmt::Display) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stdout().lock(), "{line}");
+}

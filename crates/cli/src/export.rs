@@ -8,7 +8,8 @@ use crate::{ExportArgs, Format, FrameworkArg, Precision, metadata};
 
 pub fn export(a: &ExportArgs) -> Result<(), String> {
     if a.list {
-        print!("{}", ferry_tracer::support_table());
+        let table = ferry_tracer::support_table();
+        crate::common::outln(table.strip_suffix('\n').unwrap_or(&table));
         return Ok(());
     }
     let (Some(model), Some(output)) = (a.model.as_deref(), a.output.as_deref()) else {

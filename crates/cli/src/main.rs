@@ -36,7 +36,7 @@ enum Command {
     Run(RunArgs),
     /// Optimize any ONNX model: fold constants (and transposed weights), fuse exact patterns
     /// into ONNX Runtime contrib ops (Gelu, BiasGelu, FastGelu, LayerNormalization,
-    /// SkipLayerNormalization, Attention, EmbedLayerNormalization), evaluate constant
+    /// SkipLayerNormalization, Attention, MultiHeadAttention, EmbedLayerNormalization), evaluate constant
     /// subgraphs (shape arithmetic), remove dead nodes and unused initializers; print ONNX
     /// Runtime-style fused-operator statistics.
     Optimize(OptimizeArgs),

@@ -109,10 +109,10 @@ pub fn optimize(a: &OptimizeArgs) -> Result<(), String> {
             "fused_operators": o.fused,
             "summary": o.summary,
         });
-        println!("{json}");
+        crate::common::outln(json);
     } else {
-        println!("{}", o.summary);
-        println!("{}", fused_line(&o.fused));
+        crate::common::outln(&o.summary);
+        crate::common::outln(fused_line(&o.fused));
     }
     Ok(())
 }

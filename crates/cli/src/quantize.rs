@@ -31,12 +31,11 @@ pub fn int8_options(a: &QuantizeArgs) -> ferry_quantizer::Int8Options {
 pub fn quantize(a: &QuantizeArgs) -> Result<(), String> {
     let outcome = quantize_file(a, &a.input, &a.output, &a.input)?;
     if a.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&outcome.json).map_err(|e| e.to_string())?
+        crate::common::outln(
+            serde_json::to_string_pretty(&outcome.json).map_err(|e| e.to_string())?,
         );
     } else {
-        println!("{}", outcome.summary);
+        crate::common::outln(&outcome.summary);
     }
     Ok(())
 }

@@ -8,12 +8,12 @@ pub fn verify(a: &VerifyArgs) -> Result<(), String> {
     let reports = ferry_verifier::compare(&mut model, &golden).map_err(|e| e.to_string())?;
     let mut worst = 0.0f64;
     for r in &reports {
-        println!(
+        crate::common::outln(format!(
             "{:<20} {:<16} max-abs {:.3e}",
             r.name,
             format!("{:?}", r.shape),
             r.max_abs
-        );
+        ));
         worst = worst.max(r.max_abs);
     }
     if worst > a.atol {

@@ -944,6 +944,35 @@ mod tests {
     }
 
     #[test]
+    fn matmul_through_transpose_of_a_weight_quantizes_the_transpose() {
+        // ferry's exports: MatMul(x, Transpose(w[out, in])).
+        let wt: Vec<f32> = (0..3)
+            .flat_map(|c| (0..4).map(move |r| W[r * 3 + c]))
+            .collect();
+        let mut t = node("t", "Transpose", "", &["w"], &["wT"]);
+        t.attrs.insert("perm".into(), Attr::Ints(vec![1, 0]));
+        let mut g = graph(
+            vec![t, node("mm", "MatMul", "", &["x", "wT"], &["y"])],
+            vec![init("w", vec![3, 4], &wt)],
+            17,
+        );
+        let stats = quantize_int8(&mut g, &Int8Options::default()).expect("quantize");
+        assert_eq!(stats.matmuls, 1);
+        assert!(!ops(&g).contains(&"Transpose"), "the dead Transpose goes");
+        assert!(g.initializers.iter().all(|t| t.name != "w"));
+        let wq = find(&g, "w_transposed_quantized");
+        assert_eq!(wq.dims, [4, 3]);
+        let q: Vec<i8> = wq
+            .data
+            .bytes()
+            .expect("bytes")
+            .iter()
+            .map(|&b| b as i8)
+            .collect();
+        assert_eq!([q[1], q[4], q[7], q[10]], [-64, 127, 19, -25]);
+    }
+
+    #[test]
     fn per_tensor_and_uint8_weights() {
         let mut g = matmul_graph();
         let opts = Int8Options {

@@ -94,6 +94,39 @@ fn decomposed_layer_norm_fuses_at_opset_14_as_at_17() {
     }
 }
 
+/// Below opset 17 the fused `LayerNormalization` is in the default domain too (ONNX defines
+/// it from 17; ONNX Runtime registers it at lower opsets as well, while
+/// `com.microsoft:LayerNormalization` does not exist): with SkipLayerNormalization and
+/// EmbedLayerNormalization disabled, the opset-14 export's five layer norms run as
+/// `LayerNormalization` in ONNX Runtime and match.
+#[test]
+fn layer_norm_alone_runs_at_opset_14() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let model = export_case(dir.path(), "bert-tiny-gelu", &["--opset", "14"]);
+    let out = dir.path().join("ln.onnx");
+    let golden = testdata("bert-tiny-gelu").join("golden.safetensors");
+    let flags = ["--disable", "skip-layer-norm,embed-layer-norm"];
+    let counts = optimize_and_check(&model, &out, &flags, &golden);
+    assert_counts(
+        &counts,
+        &[
+            ("LayerNormalization", 5),
+            ("SkipLayerNormalization", 0),
+            ("ReduceMean", 0),
+        ],
+        "opset 14",
+    );
+    let graph = ferry_onnx::read_graph(&out).expect("read");
+    assert!(
+        graph
+            .nodes
+            .iter()
+            .filter(|n| n.op_type == "LayerNormalization")
+            .all(|n| n.domain.is_empty())
+    );
+    assert_eq!(graph.onnx_opset(), Some(14));
+}
+
 /// GPT-2 (no past): the decomposed LayerNorms fuse, the pre-LN residual sums become
 /// SkipLayerNormalization (the sum kept as its output 3), the causal attention becomes
 /// `Attention` with `unidirectional = 1`, and the erf / tanh GELU become BiasGelu /

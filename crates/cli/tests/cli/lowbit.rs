@@ -11,8 +11,9 @@
 //!   classification and multiple-choice heads, down to 58 % on the vocabulary-wide (72–99-way)
 //!   masked-LM and LM heads of these random tiny models, whose logits are nearly flat → limits cosine
 //!   0.93, argmax ≥ 45 % of rows. The exactness of the int4 layout itself is held to 1e-5
-//!   (measured 0) by [`matmulnbits_equals_float_matmul_over_dequantized_weights`]. The real
-//! all-MiniLM-L6-v2 (when fetched) has its own figures in [`lowbit_real_minilm`].
+//!   (measured 0) by [`matmulnbits_equals_float_matmul_over_dequantized_weights`].
+//!
+//! The real all-MiniLM-L6-v2 (when fetched) has its own figures in [`lowbit_real_minilm`].
 
 use super::*;
 

@@ -104,13 +104,13 @@ fn tiny_classification_heads_keep_their_argmax() {
                 stderr(&o)
             );
             let g = ferry_onnx::read_graph(&out).expect("read quantized");
-            // Weight MatMuls become MatMulInteger; activation × activation ones
-            // (unfused attention scores) stay.
+            // Weight MatMuls and Gemms become MatMulInteger; activation × activation
+            // MatMuls (unfused attention scores) stay.
             let f = ferry_onnx::read_graph(float).expect("read float");
             assert!(count(&g, "MatMulInteger") > 0, "{name} {label}");
             assert_eq!(
-                count(&g, "MatMul") + count(&g, "MatMulInteger"),
-                count(&f, "MatMul"),
+                count(&g, "MatMul") + count(&g, "Gemm") + count(&g, "MatMulInteger"),
+                count(&f, "MatMul") + count(&f, "Gemm"),
                 "{name} {label}"
             );
             assert!(count(&g, "DynamicQuantizeLinear") > 0, "{name} {label}");
@@ -205,6 +205,17 @@ fn quantize_reports_accuracy_as_text_and_json() {
         scales.iter().all(|t| t.dims.is_empty()),
         "per-tensor scales"
     );
+    // The other modes run ferry's int4 and fp16 passes, with the same report.
+    for (mode, op) in [("int4", "MatMulNBits"), ("fp16", "Cast")] {
+        let out = dir.path().join(format!("{mode}.onnx"));
+        let o = quantize(&float, &out, &["--mode", mode, "--json"]);
+        assert!(o.status.success(), "{mode}: {}", stderr(&o));
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
+        assert_eq!(v["mode"], mode);
+        assert!(v["accuracy"]["outputs"].is_array(), "{v}");
+        let g = ferry_onnx::read_graph(&out).expect("read");
+        assert!(count(&g, op) > 0, "{mode}");
+    }
     // Excluded nodes stay float.
     let first_matmul = ferry_onnx::read_graph(&float)
         .expect("read")
@@ -479,4 +490,39 @@ fn real_minilm_int8_sentence_embeddings_follow_float32() {
         assert_eq!(nearest, ref_nearest, "{label}: nearest neighbours");
         assert!(rho >= 0.99, "{label}: Spearman {rho}");
     }
+}
+
+/// `ferry export --quantize` implies `--optimize`: it writes `<stem>-optimized.onnx` and
+/// `<stem>-quantized.onnx` beside the export, reports accuracy against the float export on
+/// stderr, and the quantized model keeps the golden's argmax.
+#[test]
+fn export_quantize_writes_the_three_files() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let case = testdata("bert-tiny-question-answering");
+    let out = dir.path().join("qa.onnx");
+    let o = export(&case, &out, &["--quantize"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let opt = dir.path().join("qa-optimized.onnx");
+    let q = dir.path().join("qa-quantized.onnx");
+    assert!(out.is_file() && opt.is_file() && q.is_file());
+    let err = stderr(&o);
+    assert!(err.contains("accuracy vs float32 on dummy inputs"), "{err}");
+    assert!(err.contains("start_logits"), "{err}");
+    let g = ferry_onnx::read_graph(&q).expect("read quantized");
+    assert!(count(&g, "QAttention") > 0 && count(&g, "QEmbedLayerNormalization") == 1);
+    assert!(file_size(&q) < file_size(&opt));
+    let golden = ferry_verifier::Golden::load(&case.join("golden.safetensors")).expect("golden");
+    let mut m = ferry_verifier::Model::load(&q, 2).expect("load");
+    let got = m.run(&golden.inputs).expect("run");
+    for name in ["start_logits", "end_logits"] {
+        let (same, judged, _) = argmax_agreement(&got[name], &golden.outputs[name]);
+        assert_eq!(same, judged, "{name}");
+    }
+    // TorchScript exports refuse it, cleanly.
+    let pt = dir.path().join("m.pt");
+    assert_fails_cleanly(
+        &export(&case, &pt, &["--format", "torchscript", "--quantize"]),
+        &pt,
+        "--quantize",
+    );
 }
