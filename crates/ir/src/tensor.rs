@@ -22,6 +22,9 @@ pub struct MappedFile {
     /// Handle used for in-kernel copies (`copy_file_range`), which move a byte range to the
     /// output without it ever being paged into this process.
     file: Mutex<File>,
+    /// A second handle for positional reads (`pread`), which need no lock: a writer
+    /// copying one tensor through `file` never blocks another thread reading the next.
+    pread: File,
 }
 
 impl MappedFile {
@@ -33,10 +36,12 @@ impl MappedFile {
         // same contract as every mmap-based safetensors reader).
         #[allow(unsafe_code)]
         let map = unsafe { Mmap::map(&file)? };
+        let pread = file.try_clone()?;
         Ok(Self {
             path: path.to_path_buf(),
             map,
             file: Mutex::new(file),
+            pread,
         })
     }
 
@@ -154,12 +159,7 @@ impl MappedFile {
     /// them out of this process's resident memory, unlike touching the map.
     pub fn read_exact_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         use std::os::unix::fs::FileExt;
-        let guard = self
-            .file
-            .lock()
-            .map_err(|_| io::Error::other("mapped file lock poisoned"))?;
-        let file: &File = &guard;
-        file.read_exact_at(buf, offset).map_err(|e| {
+        self.pread.read_exact_at(buf, offset).map_err(|e| {
             io::Error::new(
                 e.kind(),
                 format!(
@@ -280,7 +280,7 @@ fn check_perm(perm: &[usize], rank: usize) -> io::Result<()> {
 /// what remains is copied as contiguous blocks when the innermost axis stays innermost, or
 /// as cache-sized tiles of a 2-D transpose between the input's and the output's innermost
 /// axes otherwise.
-pub fn permute_into(src: &[u8], dims: &[usize], perm: &[usize], elem: usize, out: &mut [u8]) {
+fn permute_into(src: &[u8], dims: &[usize], perm: &[usize], elem: usize, out: &mut [u8]) {
     let numel: usize = dims.iter().product();
     debug_assert_eq!(src.len(), numel * elem);
     debug_assert_eq!(out.len(), numel * elem);

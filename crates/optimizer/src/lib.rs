@@ -31,6 +31,7 @@ use std::fmt;
 
 use ferry_ir::Graph;
 
+pub use alias::bypass_identities;
 pub use fold::{fold_computed, fold_constants, fold_transposes};
 pub use fuse::{
     MS_DOMAIN, approximate_gelu, fuse_attention, fuse_bias_gelu, fuse_embed_layer_norm,
@@ -39,7 +40,6 @@ pub use fuse::{
 pub use fuse_gpt2::fuse_gpt2_attention;
 pub use fuse_layer_norm::fuse_layer_norm;
 pub use fuse_mha::fuse_multi_head_attention;
-pub use alias::bypass_identities;
 pub use infer::infer_shapes;
 pub use prune::{remove_dead_nodes, remove_unused_initializers};
 
@@ -321,11 +321,7 @@ pub fn optimize_with(graph: &mut Graph, opts: &OptimizeOptions) -> Result<Stats,
         + run(Fusion::Attention, fuse_gpt2_attention, graph);
     // As in ONNX Runtime, disabling attention disables its MultiHeadAttention form too.
     let multi_head_attention_fused = if on(Fusion::Attention) {
-        run(
-            Fusion::MultiHeadAttention,
-            fuse_multi_head_attention,
-            graph,
-        )
+        run(Fusion::MultiHeadAttention, fuse_multi_head_attention, graph)
     } else {
         0
     };

@@ -881,11 +881,11 @@ fn run_bad_input_is_one_line() {
     assert!(got["answer"].is_string(), "{got}");
 }
 
+mod fusions;
+mod halfprec;
+mod hub;
+mod lowbit;
 mod optimize;
 mod optimize_cli;
 mod quantize;
-mod lowbit;
-mod halfprec;
-mod hub;
-mod fusions;
 mod tf;
