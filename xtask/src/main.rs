@@ -621,7 +621,13 @@ fn bench(args: &[String]) -> Result<()> {
     let copy = out_dir.join("copy.bin");
     let onnx = out_dir.join("bert-base.onnx");
     let ext = out_dir.join("bert-base-ext.onnx");
-    let cat = format!("cat '{}' > '{}'", st.display(), copy.display());
+    // Remove the old copy first, as ferry's writer does: replacing a file by truncation
+    // makes ext4 flush it (auto_da_alloc), which would slow `cat` unfairly.
+    let cat = format!(
+        "rm -f '{1}' && cat '{0}' > '{1}'",
+        st.display(),
+        copy.display()
+    );
     let ferry_s = ferry.display().to_string();
     let dir_s = dir.display().to_string();
     let onnx_s = onnx.display().to_string();
@@ -754,7 +760,13 @@ fn bench_scale(runs: usize) -> Result<()> {
             std::fs::create_dir_all(&out_dir).map_err(|e| e.to_string())?;
             let copy = out_dir.join("copy.bin");
             let ext = out_dir.join("model.onnx").display().to_string();
-            let cat = format!("cat '{}' > '{}'", st.display(), copy.display());
+            // Remove the old copy first, as ferry's writer does: replacing a file by truncation
+            // makes ext4 flush it (auto_da_alloc), which would slow `cat` unfairly.
+            let cat = format!(
+                "rm -f '{1}' && cat '{0}' > '{1}'",
+                st.display(),
+                copy.display()
+            );
             let dir_s = dir.display().to_string();
             let export = [
                 ferry_s.as_str(),
@@ -969,8 +981,6 @@ fn bert_inputs(
 /// prints the op counts of both optimized graphs. Without target/ortvenv, the ORT row is
 /// skipped with instructions.
 fn bench_latency(runs: usize) -> Result<()> {
-    const SEQ: i64 = 128;
-    const THREADS: usize = 2;
     let shape = BertShape::BASE;
     let ferry = ferry_release()?;
     let dir = target().join("bench").join("bert-base-synthetic");
@@ -1031,11 +1041,46 @@ fn bench_latency(runs: usize) -> Result<()> {
     if ort_report.is_some() {
         cases.push(("ORT transformers optimizer", &ort_optimized));
     }
+    for (level, label) in [
+        (ferry_verifier::SessionOptimization::Basic, "basic"),
+        (
+            ferry_verifier::SessionOptimization::All,
+            "all (ONNX Runtime's default)",
+        ),
+    ] {
+        latency_round(&cases, level, label, runs, shape.vocab)?;
+    }
+    println!("  (ferry optimize took {ferry_opt_s:.2} s)");
+    if let Some(r) = &ort_report {
+        println!(
+            "  onnxruntime {} transformers optimizer (opt_level 1) took {:.1} s; fused: {}",
+            r["onnxruntime"].as_str().unwrap_or("?"),
+            r["seconds"].as_f64().unwrap_or(f64::NAN),
+            r["fused"]
+        );
+        let ops = |p: &Path| r["ops"][p.display().to_string()].clone();
+        println!("  op counts, ferry optimize: {}", ops(&optimized));
+        println!("  op counts, ORT optimizer:  {}", ops(&ort_optimized));
+    }
+    Ok(())
+}
+
+/// One latency comparison of `cases` (plain, ferry-optimized, ORT-optimized when present)
+/// at one session optimization level, all in this process.
+fn latency_round(
+    cases: &[(&str, &Path)],
+    level: ferry_verifier::SessionOptimization,
+    label: &str,
+    runs: usize,
+    vocab: u64,
+) -> Result<()> {
+    const SEQ: i64 = 128;
+    const THREADS: usize = 2;
     let err = |e: ferry_verifier::VerifyError| e.to_string();
     let mut models = Vec::new();
-    for (name, path) in &cases {
-        let model = ferry_verifier::Model::load(path, THREADS).map_err(err)?;
-        let inputs = bert_inputs(&model, SEQ, shape.vocab);
+    for (name, path) in cases {
+        let model = ferry_verifier::Model::load_with(path, THREADS, level).map_err(err)?;
+        let inputs = bert_inputs(&model, SEQ, vocab);
         models.push((*name, model, inputs, Vec::new()));
     }
     for (_, model, inputs, _) in models.iter_mut() {
@@ -1059,7 +1104,7 @@ fn bench_latency(runs: usize) -> Result<()> {
         }
     }
     println!(
-        "ONNX Runtime latency of the bert-base-sized model, batch 1 × {SEQ}, {THREADS} intra-op threads, basic session optimizations, median of {} runs each (rounds of 10, models alternating) in one process:",
+        "ONNX Runtime latency of the bert-base-sized model, batch 1 × {SEQ}, {THREADS} intra-op threads, {label} session optimizations, median of {} runs each (rounds of 10, models alternating) in one process:",
         runs.max(1).div_ceil(BLOCK) * BLOCK
     );
     let mut medians = Vec::new();
@@ -1068,21 +1113,11 @@ fn bench_latency(runs: usize) -> Result<()> {
         println!("  {name:<28} {m:8.2} ms");
         medians.push(m);
     }
-    println!("  (ferry optimize took {ferry_opt_s:.2} s)");
-    if let (Some(r), Some(&fe), Some(&oo)) = (&ort_report, medians.get(1), medians.get(2)) {
+    if let (Some(&fe), Some(&oo)) = (medians.get(1), medians.get(2)) {
         println!(
             "  ratio ferry-optimized / ORT-optimized latency: {:.3}",
             fe / oo
         );
-        println!(
-            "  onnxruntime {} transformers optimizer (opt_level 1) took {:.1} s; fused: {}",
-            r["onnxruntime"].as_str().unwrap_or("?"),
-            r["seconds"].as_f64().unwrap_or(f64::NAN),
-            r["fused"]
-        );
-        let ops = |p: &Path| r["ops"][p.display().to_string()].clone();
-        println!("  op counts, ferry optimize: {}", ops(&optimized));
-        println!("  op counts, ORT optimizer:  {}", ops(&ort_optimized));
     }
     Ok(())
 }

@@ -170,6 +170,12 @@ pub fn write_archive(module: &Module, path: &Path) -> Result<ArchiveReport, TsEr
     let result = write_zip(module, &top, BufWriter::with_capacity(64 << 10, file));
     match result {
         Ok(()) => {
+            // Renaming onto an existing file makes ext4 (`auto_da_alloc`) write the whole
+            // new file back inside `rename`; remove an existing output first (as the ONNX
+            // writer does). The archive is still never partial.
+            if std::fs::symlink_metadata(path).is_ok_and(|m| m.is_file()) {
+                let _ = std::fs::remove_file(path);
+            }
             std::fs::rename(&tmp, path).inspect_err(|_| {
                 let _ = std::fs::remove_file(&tmp);
             })?;

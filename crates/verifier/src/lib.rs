@@ -110,6 +110,15 @@ pub struct IoInfo {
     pub dims: Vec<Result<i64, String>>,
 }
 
+/// How much ONNX Runtime rewrites a graph when it loads it ([`Model::load_with`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SessionOptimization {
+    /// Basic rewrites only (constant folding, redundant nodes): what optimum validates with.
+    Basic,
+    /// Every level, ONNX Runtime's default (its own load-time transformer fusions included).
+    All,
+}
+
 /// A model loaded in ONNX Runtime.
 pub struct Model {
     session: Session,
@@ -166,9 +175,23 @@ impl Model {
     /// Loads `path` with basic graph optimizations (as optimum validates) on `threads`
     /// intra-op threads.
     pub fn load(path: &Path, threads: usize) -> Result<Self, VerifyError> {
+        Self::load_with(path, threads, SessionOptimization::Basic)
+    }
+
+    /// Loads `path` on `threads` intra-op threads with the given level of ONNX Runtime's
+    /// load-time graph rewriting.
+    pub fn load_with(
+        path: &Path,
+        threads: usize,
+        optimization: SessionOptimization,
+    ) -> Result<Self, VerifyError> {
+        let level = match optimization {
+            SessionOptimization::Basic => GraphOptimizationLevel::Level1,
+            SessionOptimization::All => GraphOptimizationLevel::All,
+        };
         let env = environment()?;
         let session = Session::builder(&env)?
-            .with_optimization_level(GraphOptimizationLevel::Level1)
+            .with_optimization_level(level)
             .map_err(|e| VerifyError::Ort(e.to_string()))?
             .with_intra_threads(threads)
             .map_err(|e| VerifyError::Ort(e.to_string()))?
