@@ -542,6 +542,11 @@ fn synthetic_bert(dir: &Path, shape: BertShape) -> Result<PathBuf> {
 }
 
 /// Runs a command under `xtask rss`, returning (wall seconds, peak RSS in KiB).
+/// Flushes dirty pages to disk (`sync`) so the next timed command starts from the same state.
+fn settle() {
+    let _ = Command::new("sync").status();
+}
+
 fn measure(cmd: &[&str]) -> Result<(f64, u64)> {
     let me = std::env::current_exe().map_err(|e| e.to_string())?;
     let start = Instant::now();
@@ -777,8 +782,12 @@ fn bench_scale(runs: usize) -> Result<()> {
                 &ext,
             ];
             let (mut cat_t, mut fer_t, mut cat_rss, mut fer_rss) = (Vec::new(), Vec::new(), 0, 0);
+            // Every timed run starts with no dirty pages left by the previous one (`sync`,
+            // untimed): otherwise a run is throttled by the kernel writing back its
+            // predecessor's gigabytes, and whichever command runs second pays for it.
             measure(&["sh", "-c", &cat])?;
             for _ in 0..runs {
+                settle();
                 let (t, r) = measure(&["sh", "-c", &cat])?;
                 cat_t.push(t);
                 cat_rss = cat_rss.max(r);
@@ -786,6 +795,7 @@ fn bench_scale(runs: usize) -> Result<()> {
             let _ = std::fs::remove_file(&copy);
             measure(&export)?;
             for _ in 0..runs {
+                settle();
                 let (t, r) = measure(&export)?;
                 fer_t.push(t);
                 fer_rss = fer_rss.max(r);
