@@ -103,18 +103,20 @@ pub fn export(a: &ExportArgs) -> Result<(), String> {
         done(pb, runs);
     }
 
+    let (mut optimized_json, mut quantized_json) = (None, None);
     if a.optimize || a.quantize {
         let opts = ferry_optimizer::OptimizeOptions {
             disabled,
             ..Default::default()
         };
         // `--quantize` implies `--optimize` and quantizes the optimized model.
-        let result = optimize_export(output, &opts, a.external_data).and_then(|optimized| {
+        let result = optimize_export(output, &opts, a.external_data).and_then(|(path, json)| {
+            optimized_json = Some(json);
             if a.quantize {
-                crate::quantize::quantize_export(output, &optimized, a.external_data).map(|_| ())
-            } else {
-                Ok(())
+                let (_, q) = crate::quantize::quantize_export(output, &path, a.external_data)?;
+                quantized_json = Some(q);
             }
+            Ok(())
         });
         if let Err(e) = result {
             // No partial output: the plain export goes too.
@@ -146,6 +148,26 @@ pub fn export(a: &ExportArgs) -> Result<(), String> {
         start.elapsed().as_secs_f64(),
         if a.check { ", check passed" } else { "" }
     );
+    if a.json {
+        let json = serde_json::json!({
+            "model_type": ckpt.config.model_type,
+            "task": task,
+            "weights": ckpt.format.to_string(),
+            "dtype": dtype_note,
+            "parameters": graph.parameter_count(),
+            "opset": a.opset,
+            "ir_version": report.ir_version,
+            "model": report.model_path.display().to_string(),
+            "model_bytes": report.model_bytes,
+            "data": report.data_path.as_ref().map(|d| d.display().to_string()),
+            "data_bytes": report.data_bytes,
+            "seconds": start.elapsed().as_secs_f64(),
+            "check": a.check,
+            "optimized": optimized_json,
+            "quantized": quantized_json,
+        });
+        crate::common::outln(json);
+    }
     Ok(())
 }
 
@@ -184,12 +206,13 @@ fn static_dims(a: &ExportArgs) -> Result<std::collections::BTreeMap<String, i64>
 
 /// `--optimize`: reads the exported `output`, optimizes it and writes
 /// `<stem>-optimized.onnx` beside it (external data as the export did), printing the pass
-/// summary and the fused-operator statistics on stderr. Returns the optimized model's path.
+/// summary and the fused-operator statistics on stderr. Returns the optimized model's path
+/// and the `--json` details.
 pub fn optimize_export(
     output: &Path,
     opts: &ferry_optimizer::OptimizeOptions,
     external_data: bool,
-) -> Result<std::path::PathBuf, String> {
+) -> Result<(std::path::PathBuf, serde_json::Value), String> {
     let stem = output
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())
@@ -198,7 +221,14 @@ pub fn optimize_export(
     let o = crate::optimize::optimize_file(output, &target, opts, external_data)?;
     eprintln!("optimized {}: {}", target.display(), o.summary);
     eprintln!("{}", crate::optimize::fused_line(&o.fused));
-    Ok(o.report.model_path)
+    let json = serde_json::json!({
+        "model": o.report.model_path.display().to_string(),
+        "nodes_before": o.nodes.0,
+        "nodes_after": o.nodes.1,
+        "fused_operators": o.fused,
+        "summary": o.summary,
+    });
+    Ok((o.report.model_path, json))
 }
 
 fn export_torchscript(
@@ -210,9 +240,10 @@ fn export_torchscript(
     dtype_note: &str,
     start: Instant,
 ) -> Result<(), String> {
-    if a.check || a.external_data || a.optimize || a.quantize {
+    if a.check || a.external_data || a.optimize || a.quantize || a.json {
         return Err(
-            "--check, --external-data, --optimize and --quantize apply to ONNX exports only".into(),
+            "--check, --external-data, --optimize, --quantize and --json apply to ONNX exports only"
+                .into(),
         );
     }
     if !a.dynamic_axes && (a.batch_size < 1 || a.sequence_length < 1) {

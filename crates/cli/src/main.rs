@@ -237,6 +237,11 @@ struct ExportArgs {
     /// accuracy report against the float export on dummy inputs.
     #[arg(long)]
     quantize: bool,
+    /// ONNX: print what was written as JSON on stdout (files, parameters, and with
+    /// `--optimize` / `--quantize` the fused-operator statistics and the accuracy report);
+    /// the human summary stays on stderr.
+    #[arg(long)]
+    json: bool,
     /// With `--optimize`: fusions to skip (see `ferry optimize --disable`).
     #[arg(
         long,

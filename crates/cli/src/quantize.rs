@@ -290,13 +290,14 @@ fn accuracy(
 
 /// `ferry export --quantize`: quantizes the optimized model `optimized` (int8 with the
 /// default options) into `<stem>-quantized.onnx` beside the export `output`, and prints
-/// the summary and the accuracy report against the plain float export on stderr. On
-/// failure the optimized file is removed too (the caller removes the export).
+/// the summary and the accuracy report against the plain float export on stderr; returns
+/// the quantized path and the `--json` details. On failure the optimized file is removed
+/// too (the caller removes the export).
 pub fn quantize_export(
     output: &Path,
     optimized: &Path,
     external_data: bool,
-) -> Result<std::path::PathBuf, String> {
+) -> Result<(std::path::PathBuf, serde_json::Value), String> {
     let stem = output
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())
@@ -319,7 +320,7 @@ pub fn quantize_export(
     match quantize_file(&args, optimized, &target, output) {
         Ok(o) => {
             eprintln!("quantized {}: {}", target.display(), o.summary);
-            Ok(target)
+            Ok((target, o.json))
         }
         Err(e) => {
             let _ = std::fs::remove_file(optimized);

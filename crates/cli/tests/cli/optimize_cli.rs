@@ -303,3 +303,45 @@ fn static_shapes_bad_combinations_fail_cleanly() {
     let o = export(&case, &pt, &["--static-shapes", "--format", "torchscript"]);
     assert_fails_cleanly(&o, &pt, "--static-shapes applies to ONNX exports");
 }
+
+/// `ferry export --optimize --quantize --json`: one JSON document on stdout describing the
+/// three files — the export, the optimized model with its fused-operator counts (equal to
+/// the written graph's) and the int8 model with its accuracy report — human text on stderr.
+#[test]
+fn export_json_describes_the_three_files() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let model = dir.path().join("m.onnx");
+    let o = export(
+        &testdata("bert-tiny-text-classification"),
+        &model,
+        &["--quantize", "--json"],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value =
+        serde_json::from_slice(&o.stdout).expect("stdout is one JSON document");
+    assert_eq!(v["model_type"], "bert", "{v}");
+    assert_eq!(v["task"], "text-classification", "{v}");
+    assert_eq!(v["model"], model.display().to_string(), "{v}");
+    let optimized = dir.path().join("m-optimized.onnx");
+    assert_eq!(v["optimized"]["model"], optimized.display().to_string());
+    let g = ferry_onnx::read_graph(&optimized).expect("read optimized");
+    let counts = g.op_counts();
+    for op in [
+        "Attention",
+        "SkipLayerNormalization",
+        "EmbedLayerNormalization",
+    ] {
+        let want = counts.get(op).copied().unwrap_or(0) as u64;
+        assert!(want > 0, "{op} fused");
+        assert_eq!(
+            v["optimized"]["fused_operators"][op].as_u64(),
+            Some(want),
+            "{v}"
+        );
+    }
+    assert!(dir.path().join("m-quantized.onnx").is_file());
+    assert!(v["quantized"].is_object(), "{v}");
+    let rows = v["quantized"]["accuracy"]["outputs"].as_array();
+    assert!(rows.is_some_and(|r| !r.is_empty()), "accuracy report: {v}");
+    assert!(stderr(&o).contains("exported bert"), "{}", stderr(&o));
+}
