@@ -200,11 +200,9 @@ fn float32_checkpoints_narrow_to_fp16_and_bf16_while_streaming() {
 
 #[test]
 fn fp16_export_passes_check_and_names_its_dtype() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let out = dir.path().join("model.onnx");
-    let o = export(
-        &testdata("bert-tiny-fp16"),
-        &out,
+    let (_dir, out, o) = export_case(
+        "bert-tiny-fp16",
+        "model.onnx",
         &["--dtype", "keep", "--check"],
     );
     assert!(o.status.success(), "{}", stderr(&o));

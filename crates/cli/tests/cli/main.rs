@@ -35,6 +35,20 @@ fn export(model: &Path, out: &Path, extra: &[&str]) -> Output {
         .arg(out))
 }
 
+/// Exports testdata `case` with `extra` flags to `file` in a fresh temporary directory
+/// (returned, so it lives as long as the caller needs the files).
+fn export_case(case: &str, file: &str, extra: &[&str]) -> (tempfile::TempDir, PathBuf, Output) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().join(file);
+    let o = export(&testdata(case), &out, extra);
+    (dir, out, o)
+}
+
+/// A command's stdout as one JSON document.
+fn stdout_json(o: &Output) -> serde_json::Value {
+    serde_json::from_slice(&o.stdout).expect("stdout is one JSON document")
+}
+
 /// Exports `case` with `extra` flags and compares with its golden within `atol`.
 fn parity(model: &Path, golden: &Path, extra: &[&str], atol: f64) {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -403,11 +417,9 @@ fn model_not_found_lists_what_was_searched() {
 
 #[test]
 fn torchscript_export_writes_an_archive() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let out = dir.path().join("traced_bert.pt");
-    let o = export(
-        &testdata("bert-tiny-tanh-bin"),
-        &out,
+    let (dir, out, o) = export_case(
+        "bert-tiny-tanh-bin",
+        "traced_bert.pt",
         &["--format", "torchscript", "--dynamic-axes"],
     );
     assert!(o.status.success(), "{}", stderr(&o));

@@ -111,8 +111,7 @@ fn json_statistics() {
     let out = dir.path().join("o.onnx");
     let o = run(ferry().arg("optimize").arg(&model).arg(&out).arg("--json"));
     assert!(o.status.success(), "{}", stderr(&o));
-    let v: serde_json::Value =
-        serde_json::from_slice(&o.stdout).expect("stdout is one JSON document");
+    let v = stdout_json(&o);
     let fused = v["fused_operators"].as_object().expect("fused_operators");
     let g = ferry_onnx::read_graph(&out).expect("read");
     let counts = g.op_counts();
@@ -309,16 +308,13 @@ fn static_shapes_bad_combinations_fail_cleanly() {
 /// the written graph's) and the int8 model with its accuracy report — human text on stderr.
 #[test]
 fn export_json_describes_the_three_files() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let model = dir.path().join("m.onnx");
-    let o = export(
-        &testdata("bert-tiny-text-classification"),
-        &model,
+    let (dir, model, o) = export_case(
+        "bert-tiny-text-classification",
+        "m.onnx",
         &["--quantize", "--json"],
     );
     assert!(o.status.success(), "{}", stderr(&o));
-    let v: serde_json::Value =
-        serde_json::from_slice(&o.stdout).expect("stdout is one JSON document");
+    let v = stdout_json(&o);
     assert_eq!(v["model_type"], "bert", "{v}");
     assert_eq!(v["task"], "text-classification", "{v}");
     assert_eq!(v["model"], model.display().to_string(), "{v}");
