@@ -171,6 +171,57 @@ pub(crate) fn node_names(graph: &Graph) -> HashSet<String> {
     graph.nodes.iter().map(|n| n.name.clone()).collect()
 }
 
+/// Every value name in use (graph inputs, initializers, node outputs), for
+/// [`unique_name`] when a pass adds values.
+pub(crate) fn value_names(graph: &Graph) -> HashSet<String> {
+    graph
+        .inputs
+        .iter()
+        .map(|v| v.name.clone())
+        .chain(graph.initializers.iter().map(|i| i.name.clone()))
+        .chain(graph.nodes.iter().flat_map(|n| n.outputs.iter().cloned()))
+        .collect()
+}
+
+/// Existing `Cast(graph input, int32)` nodes: input name → cast output.
+pub(crate) fn existing_int32_casts(graph: &Graph) -> HashMap<String, String> {
+    let mut cast_of = HashMap::new();
+    for n in &graph.nodes {
+        if n.op_type == "Cast"
+            && is_onnx_domain(n)
+            && n.inputs.len() == 1
+            && n.outputs.len() == 1
+            && n.attrs.len() == 1
+            && matches!(n.attr("to"), Some(Attr::Int(6)))
+            && graph.inputs.iter().any(|v| v.name == n.inputs[0])
+        {
+            cast_of
+                .entry(n.inputs[0].clone())
+                .or_insert_with(|| n.outputs[0].clone());
+        }
+    }
+    cast_of
+}
+
+/// A new `Cast(input, int32)` node and its output name.
+pub(crate) fn int32_cast(
+    names: &mut HashSet<String>,
+    values: &mut HashSet<String>,
+    input: &str,
+) -> (Node, String) {
+    let out = unique_name(values, format!("{input}_int32"));
+    let name = unique_name(names, format!("/{input}/Cast_int32"));
+    let node = Node {
+        name,
+        op_type: "Cast".to_string(),
+        domain: String::new(),
+        inputs: vec![input.to_string()],
+        outputs: vec![out.clone()],
+        attrs: [("to".to_string(), Attr::Int(6))].into_iter().collect(),
+    };
+    (node, out)
+}
+
 pub(crate) fn ms_node(name: String, op: &str, inputs: Vec<String>, outputs: Vec<String>) -> Node {
     Node {
         name,
@@ -787,6 +838,94 @@ pub(crate) fn is_scaled(ix: &Index<'_>, value: &str) -> bool {
     ix.producer(value, "Mul").is_some() || ix.producer(value, "Div").is_some()
 }
 
+/// `H` of a Reshape whose shape input is exactly the constant `[0, 0, H]` (no attributes):
+/// the strict merge-heads form the GPT-2 and MultiHeadAttention matchers accept.
+pub(crate) fn constant_merge_heads_reshape(ix: &Index<'_>, out: &Node) -> Option<i64> {
+    if out.op_type != "Reshape"
+        || !is_onnx_domain(out)
+        || out.inputs.len() != 2
+        || out.outputs.len() != 1
+        || !out.attrs.is_empty()
+    {
+        return None;
+    }
+    match int_vector(ix, &out.inputs[1])?[..] {
+        [0, 0, hidden] => Some(hidden),
+        _ => None,
+    }
+}
+
+/// The attention core under a merge-heads Reshape, shared by the attention matchers.
+pub(crate) struct AttentionCore<'g, M> {
+    /// `MatMul(q, k)`: its inputs are the q and k head splits.
+    pub qk: &'g Node,
+    /// v's head split (the probabilities' MatMul's second input).
+    pub v: &'g str,
+    /// The matched score scale.
+    pub scale: f32,
+    /// What the caller's mask matcher made of the additive mask.
+    pub mask: M,
+    /// Indices of the Transpose, both MatMuls, Softmax, mask Add and scaling node.
+    pub removed: Vec<usize>,
+}
+
+/// Matches `Transpose(MatMul(Softmax(Add(Mul|Div(MatMul(q, k), scale), mask), -1), v),
+/// [0, 2, 1, 3])` feeding the merge-heads Reshape `out`, every intermediate read once.
+/// `mask(m, scaled)` decides the additive mask operand `m` (either Add order) given the
+/// scaled scores value.
+pub(crate) fn attention_core<'g, M>(
+    ix: &Index<'g>,
+    out: &Node,
+    mask: impl Fn(&str, &str) -> Option<M>,
+) -> Option<AttentionCore<'g, M>> {
+    let ct = &out.inputs[0];
+    if !ix.single_use(ct) {
+        return None;
+    }
+    let (cti, ctr) = ix
+        .producer(ct, "Transpose")
+        .filter(|(_, n)| has_perm(n, &[0, 2, 1, 3]))?;
+    if !ix.single_use(&ctr.inputs[0]) {
+        return None;
+    }
+    let (ci, ctx) = ix
+        .producer(&ctr.inputs[0], "MatMul")
+        .filter(|(_, n)| is_binary(n, "MatMul"))?;
+    let probs = &ctx.inputs[0];
+    if !ix.single_use(probs) {
+        return None;
+    }
+    let (si, sm) = ix.producer(probs, "Softmax")?;
+    if sm.inputs.len() != 1
+        || sm.outputs.len() != 1
+        || sm.attrs.len() != 1
+        || !matches!(sm.attr("axis"), Some(Attr::Int(-1)))
+        || !ix.single_use(&sm.inputs[0])
+    {
+        return None;
+    }
+    let (mai, madd) = ix
+        .producer(&sm.inputs[0], "Add")
+        .filter(|(_, n)| is_binary(n, "Add"))?;
+    let (scaled, mask) = both_orders(madd).into_iter().find_map(|(sc, m)| {
+        if !ix.single_use(sc) || !is_scaled(ix, sc) {
+            return None;
+        }
+        Some((sc, mask(m, sc)?))
+    })?;
+    let (mui, qk, scale) = scaled_scores(ix, scaled)?;
+    let (qki, qkm) = ix
+        .producer(&qk, "MatMul")
+        .filter(|(_, n)| is_binary(n, "MatMul"))?;
+    Some(AttentionCore {
+        qk: qkm,
+        v: &ctx.inputs[1],
+        scale,
+        mask,
+        removed: vec![cti, ci, si, mai, mui, qki],
+    })
+}
+
 /// A matched self-attention block.
 struct AttentionMatch {
     x: String,
@@ -817,54 +956,16 @@ fn attention_bias_shape_ok(ix: &Index<'_>, mask: &str, scores: &str) -> bool {
 /// MatMul(q, k), scale), mask)), v), [0, 2, 1, 3]), [0, 0, hidden])`).
 fn match_attention(ix: &Index<'_>, out: &Node) -> Option<AttentionMatch> {
     let hidden = merge_heads_reshape(ix, out)?;
-    let ct = &out.inputs[0];
-    if !ix.single_use(ct) {
-        return None;
-    }
-    let (cti, ctr) = ix
-        .producer(ct, "Transpose")
-        .filter(|(_, n)| has_perm(n, &[0, 2, 1, 3]))?;
-    if !ix.single_use(&ctr.inputs[0]) {
-        return None;
-    }
-    let (ci, ctx) = ix
-        .producer(&ctr.inputs[0], "MatMul")
-        .filter(|(_, n)| is_binary(n, "MatMul"))?;
-    let (probs, vt) = (&ctx.inputs[0], &ctx.inputs[1]);
-    if !ix.single_use(probs) {
-        return None;
-    }
-    let (si, sm) = ix.producer(probs, "Softmax")?;
-    if sm.inputs.len() != 1
-        || sm.outputs.len() != 1
-        || sm.attrs.len() != 1
-        || !matches!(sm.attr("axis"), Some(Attr::Int(-1)))
-        || !ix.single_use(&sm.inputs[0])
-    {
-        return None;
-    }
-    let (mai, madd) = ix
-        .producer(&sm.inputs[0], "Add")
-        .filter(|(_, n)| is_binary(n, "Add"))?;
     // ferry's additive mask of a 0/1 input becomes mask_index; any other additive mask of
     // a known broadcastable shape (e.g. torch.onnx.export's) is passed as attention_bias.
-    let (scaled, mask, bias_mask) = both_orders(madd).into_iter().find_map(|(sc, m)| {
-        if !ix.single_use(sc) || !is_scaled(ix, sc) {
-            return None;
-        }
-        match additive_mask_input(ix, m) {
-            Some(mask) => Some((sc, mask, false)),
-            None => attention_bias_shape_ok(ix, m, sc).then(|| (sc, m.to_string(), true)),
-        }
+    let core = attention_core(ix, out, |m, sc| match additive_mask_input(ix, m) {
+        Some(mask) => Some((mask, false)),
+        None => attention_bias_shape_ok(ix, m, sc).then(|| (m.to_string(), true)),
     })?;
-    let (mui, qk, scale) = scaled_scores(ix, scaled)?;
-    let qk = qk.as_str();
-    let (qki, qkm) = ix
-        .producer(qk, "MatMul")
-        .filter(|(_, n)| is_binary(n, "MatMul"))?;
-    let q = projection(ix, &qkm.inputs[0], &[0, 2, 1, 3])?;
-    let k = projection(ix, &qkm.inputs[1], &[0, 2, 3, 1])?;
-    let v = projection(ix, vt, &[0, 2, 1, 3])?;
+    let (scale, (mask, bias_mask)) = (core.scale, core.mask);
+    let q = projection(ix, &core.qk.inputs[0], &[0, 2, 1, 3])?;
+    let k = projection(ix, &core.qk.inputs[1], &[0, 2, 3, 1])?;
+    let v = projection(ix, core.v, &[0, 2, 1, 3])?;
     let same = |p: &Projection| p.0 == q.0 && p.3 == q.3 && p.4 == q.4;
     let (heads, head_dim) = (q.3, q.4);
     if !same(&k) || !same(&v) || heads * head_dim != hidden {
@@ -877,7 +978,7 @@ fn match_attention(ix: &Index<'_>, out: &Node) -> Option<AttentionMatch> {
     if !x_ok {
         return None;
     }
-    let mut removed = vec![cti, ci, si, mai, mui, qki];
+    let mut removed = core.removed;
     removed.extend(q.5.iter().chain(&k.5).chain(&v.5));
     Some(AttentionMatch {
         x: q.0,
@@ -906,13 +1007,7 @@ fn match_attention(ix: &Index<'_>, out: &Node) -> Option<AttentionMatch> {
 pub fn fuse_attention(graph: &mut Graph) -> usize {
     let ix = Index::new(graph);
     let mut names = node_names(graph);
-    let mut values: HashSet<String> = graph
-        .inputs
-        .iter()
-        .map(|v| v.name.clone())
-        .chain(graph.initializers.iter().map(|i| i.name.clone()))
-        .chain(graph.nodes.iter().flat_map(|n| n.outputs.iter().cloned()))
-        .collect();
+    let mut values = value_names(graph);
     let mut taken: HashSet<usize> = HashSet::new();
     let mut rewrites = Vec::new();
     let mut new_inits: Vec<Initializer> = Vec::new();
@@ -979,17 +1074,9 @@ pub fn fuse_attention(graph: &mut Graph) -> usize {
             let mask_index = cast_of
                 .entry(m.mask.clone())
                 .or_insert_with(|| {
-                    let cast_out = unique_name(&mut values, format!("{}_int32", m.mask));
-                    let cast_name = unique_name(&mut names, format!("/{}/Cast_int32", m.mask));
-                    casts.push(Node {
-                        name: cast_name,
-                        op_type: "Cast".to_string(),
-                        domain: String::new(),
-                        inputs: vec![m.mask.clone()],
-                        outputs: vec![cast_out.clone()],
-                        attrs: [("to".to_string(), Attr::Int(6))].into_iter().collect(),
-                    });
-                    cast_out
+                    let (cast, out) = int32_cast(&mut names, &mut values, &m.mask);
+                    casts.push(cast);
+                    out
                 })
                 .clone();
             inputs.push(mask_index);
@@ -1271,29 +1358,8 @@ fn match_embed_layer_norm(ix: &Index<'_>, ln: &Node) -> Option<EmbedMatch> {
 pub fn fuse_embed_layer_norm(graph: &mut Graph) -> usize {
     let ix = Index::new(graph);
     let mut names = node_names(graph);
-    let mut values: HashSet<String> = graph
-        .inputs
-        .iter()
-        .map(|v| v.name.clone())
-        .chain(graph.initializers.iter().map(|i| i.name.clone()))
-        .chain(graph.nodes.iter().flat_map(|n| n.outputs.iter().cloned()))
-        .collect();
-    // Existing `Cast(input, int32)` of graph inputs.
-    let mut cast_of: HashMap<String, String> = HashMap::new();
-    for n in &graph.nodes {
-        if n.op_type == "Cast"
-            && is_onnx_domain(n)
-            && n.inputs.len() == 1
-            && n.outputs.len() == 1
-            && n.attrs.len() == 1
-            && matches!(n.attr("to"), Some(Attr::Int(6)))
-            && graph.inputs.iter().any(|v| v.name == n.inputs[0])
-        {
-            cast_of
-                .entry(n.inputs[0].clone())
-                .or_insert_with(|| n.outputs[0].clone());
-        }
-    }
+    let mut values = value_names(graph);
+    let mut cast_of = existing_int32_casts(graph);
     let mut taken: HashSet<usize> = HashSet::new();
     let mut rewrites = Vec::new();
     let mut casts: Vec<Node> = Vec::new();
@@ -1309,17 +1375,9 @@ pub fn fuse_embed_layer_norm(graph: &mut Graph) -> usize {
             cast_of
                 .entry(input.to_string())
                 .or_insert_with(|| {
-                    let cast_out = unique_name(&mut values, format!("{input}_int32"));
-                    let cast_name = unique_name(&mut names, format!("/{input}/Cast_int32"));
-                    casts.push(Node {
-                        name: cast_name,
-                        op_type: "Cast".to_string(),
-                        domain: String::new(),
-                        inputs: vec![input.to_string()],
-                        outputs: vec![cast_out.clone()],
-                        attrs: [("to".to_string(), Attr::Int(6))].into_iter().collect(),
-                    });
-                    cast_out
+                    let (cast, out) = int32_cast(&mut names, &mut values, input);
+                    casts.push(cast);
+                    out
                 })
                 .clone()
         };

@@ -6,8 +6,9 @@ use std::collections::{HashMap, HashSet};
 use ferry_ir::{Attr, DType, Graph, Node};
 
 use crate::fuse::{
-    Index, Rewrite, apply, both_orders, fused_name, has_perm, int_vector, is_binary,
-    is_onnx_domain, is_scaled, ms_node, node_names, scalar_value, scaled_scores, unique_name,
+    Index, Rewrite, apply, attention_core, both_orders, constant_merge_heads_reshape,
+    existing_int32_casts, fused_name, has_perm, int_vector, int32_cast, is_binary, ms_node,
+    node_names, scalar_value, value_names,
 };
 
 /// A rank-0 int64 initializer's value.
@@ -172,55 +173,11 @@ struct Gpt2Match {
 /// k), scale), causal_mask)), v), [0, 2, 1, 3]), [0, 0, H])`, q/k/v head splits of one
 /// `Add(MatMul(x, W[H, 3H]), b[3H])`.
 fn match_gpt2_attention(ix: &Index<'_>, out: &Node) -> Option<Gpt2Match> {
-    if out.op_type != "Reshape"
-        || !is_onnx_domain(out)
-        || out.inputs.len() != 2
-        || out.outputs.len() != 1
-        || !out.attrs.is_empty()
-    {
-        return None;
-    }
-    let [0, 0, hidden] = int_vector(ix, &out.inputs[1])?[..] else {
-        return None;
-    };
-    if !ix.single_use(&out.inputs[0]) {
-        return None;
-    }
-    let (cti, ctr) = ix
-        .producer(&out.inputs[0], "Transpose")
-        .filter(|(_, n)| has_perm(n, &[0, 2, 1, 3]))?;
-    if !ix.single_use(&ctr.inputs[0]) {
-        return None;
-    }
-    let (ci, ctx) = ix
-        .producer(&ctr.inputs[0], "MatMul")
-        .filter(|(_, n)| is_binary(n, "MatMul"))?;
-    if !ix.single_use(&ctx.inputs[0]) {
-        return None;
-    }
-    let (si, sm) = ix.producer(&ctx.inputs[0], "Softmax")?;
-    if sm.inputs.len() != 1
-        || sm.attrs.len() != 1
-        || !matches!(sm.attr("axis"), Some(Attr::Int(-1)))
-        || !ix.single_use(&sm.inputs[0])
-    {
-        return None;
-    }
-    let (mai, madd) = ix
-        .producer(&sm.inputs[0], "Add")
-        .filter(|(_, n)| is_binary(n, "Add"))?;
-    let (scaled, mask) = both_orders(madd).into_iter().find_map(|(sc, m)| {
-        let mask = causal_padding_mask(ix, m)?;
-        (ix.single_use(sc) && is_scaled(ix, sc)).then_some((sc, mask))
-    })?;
-    let (mui, qk, scale) = scaled_scores(ix, scaled)?;
-    let qk = qk.as_str();
-    let (qki, qkm) = ix
-        .producer(qk, "MatMul")
-        .filter(|(_, n)| is_binary(n, "MatMul"))?;
-    let q = head_split(ix, &qkm.inputs[0], false)?;
-    let k = head_split(ix, &qkm.inputs[1], true)?;
-    let v = head_split(ix, &ctx.inputs[1], false)?;
+    let hidden = constant_merge_heads_reshape(ix, out)?;
+    let core = attention_core(ix, out, |m, _| causal_padding_mask(ix, m))?;
+    let q = head_split(ix, &core.qk.inputs[0], false)?;
+    let k = head_split(ix, &core.qk.inputs[1], true)?;
+    let v = head_split(ix, core.v, false)?;
     let same = |p: &(String, i64, i64, i64, Vec<usize>)| p.0 == q.0 && p.2 == q.2 && p.3 == q.3;
     if !same(&k) || !same(&v) || (q.1, k.1, v.1) != (0, 1, 2) || q.2 * q.3 != hidden {
         return None;
@@ -251,15 +208,16 @@ fn match_gpt2_attention(ix: &Index<'_>, out: &Node) -> Option<Gpt2Match> {
     if !w_ok || !x_ok {
         return None;
     }
-    let mut removed = vec![cti, ci, si, mai, mui, qki, ai, mi];
+    let mut removed = core.removed;
+    removed.extend([ai, mi]);
     removed.extend(q.4.iter().chain(&k.4).chain(&v.4));
     Some(Gpt2Match {
         x: x.clone(),
         weight: w.clone(),
         bias: bias.to_string(),
         heads: q.2,
-        scale,
-        mask,
+        scale: core.scale,
+        mask: core.mask,
         removed,
     })
 }
@@ -279,13 +237,7 @@ fn match_gpt2_attention(ix: &Index<'_>, out: &Node) -> Option<Gpt2Match> {
 pub fn fuse_gpt2_attention(graph: &mut Graph) -> usize {
     let ix = Index::new(graph);
     let mut names = node_names(graph);
-    let mut values: HashSet<String> = graph
-        .inputs
-        .iter()
-        .map(|v| v.name.clone())
-        .chain(graph.initializers.iter().map(|i| i.name.clone()))
-        .chain(graph.nodes.iter().flat_map(|n| n.outputs.iter().cloned()))
-        .collect();
+    let mut values = value_names(graph);
     let mut cast_of: HashMap<String, String> = existing_int32_casts(graph);
     let mut taken: HashSet<usize> = HashSet::new();
     let mut rewrites = Vec::new();
@@ -329,45 +281,6 @@ pub fn fuse_gpt2_attention(graph: &mut Graph) -> usize {
     let count = apply(graph, rewrites);
     graph.nodes.splice(0..0, casts);
     count
-}
-
-/// Existing `Cast(graph input, int32)` nodes: input name → cast output.
-pub(crate) fn existing_int32_casts(graph: &Graph) -> HashMap<String, String> {
-    let mut cast_of = HashMap::new();
-    for n in &graph.nodes {
-        if n.op_type == "Cast"
-            && is_onnx_domain(n)
-            && n.inputs.len() == 1
-            && n.outputs.len() == 1
-            && n.attrs.len() == 1
-            && matches!(n.attr("to"), Some(Attr::Int(6)))
-            && graph.inputs.iter().any(|v| v.name == n.inputs[0])
-        {
-            cast_of
-                .entry(n.inputs[0].clone())
-                .or_insert_with(|| n.outputs[0].clone());
-        }
-    }
-    cast_of
-}
-
-/// A new `Cast(input, int32)` node and its output name.
-pub(crate) fn int32_cast(
-    names: &mut HashSet<String>,
-    values: &mut HashSet<String>,
-    input: &str,
-) -> (Node, String) {
-    let out = unique_name(values, format!("{input}_int32"));
-    let name = unique_name(names, format!("/{input}/Cast_int32"));
-    let node = Node {
-        name,
-        op_type: "Cast".to_string(),
-        domain: String::new(),
-        inputs: vec![input.to_string()],
-        outputs: vec![out.clone()],
-        attrs: [("to".to_string(), Attr::Int(6))].into_iter().collect(),
-    };
-    (node, out)
 }
 
 #[cfg(test)]

@@ -7,10 +7,10 @@ use std::collections::HashSet;
 use ferry_ir::{Attr, Graph, Node};
 
 use crate::fuse::{
-    Index, Rewrite, additive_mask_input, apply, both_orders, fused_name, has_perm, int_vector,
-    is_binary, is_onnx_domain, is_scaled, ms_node, node_names, scaled_scores,
+    Index, Rewrite, additive_mask_input, apply, attention_core, constant_merge_heads_reshape,
+    existing_int32_casts, fused_name, has_perm, int_vector, int32_cast, ms_node, node_names,
+    value_names,
 };
-use crate::fuse_gpt2::{existing_int32_casts, int32_cast};
 
 /// `Transpose(Reshape(p, [0, 0, heads, head_dim]), perm)` read once: `(p, heads, head_dim,
 /// node indices)`.
@@ -50,55 +50,11 @@ struct MhaMatch {
 /// Matches `Reshape(Transpose(MatMul(Softmax(Add(Mul(MatMul(q, k), scale), mask)), v),
 /// [0, 2, 1, 3]), [0, 0, H])` over head splits of three rank-3 projections.
 fn match_mha(ix: &Index<'_>, out: &Node) -> Option<MhaMatch> {
-    if out.op_type != "Reshape"
-        || !is_onnx_domain(out)
-        || out.inputs.len() != 2
-        || out.outputs.len() != 1
-        || !out.attrs.is_empty()
-    {
-        return None;
-    }
-    let [0, 0, hidden] = int_vector(ix, &out.inputs[1])?[..] else {
-        return None;
-    };
-    if !ix.single_use(&out.inputs[0]) {
-        return None;
-    }
-    let (cti, ctr) = ix
-        .producer(&out.inputs[0], "Transpose")
-        .filter(|(_, n)| has_perm(n, &[0, 2, 1, 3]))?;
-    if !ix.single_use(&ctr.inputs[0]) {
-        return None;
-    }
-    let (ci, ctx) = ix
-        .producer(&ctr.inputs[0], "MatMul")
-        .filter(|(_, n)| is_binary(n, "MatMul"))?;
-    if !ix.single_use(&ctx.inputs[0]) {
-        return None;
-    }
-    let (si, sm) = ix.producer(&ctx.inputs[0], "Softmax")?;
-    if sm.inputs.len() != 1
-        || sm.attrs.len() != 1
-        || !matches!(sm.attr("axis"), Some(Attr::Int(-1)))
-        || !ix.single_use(&sm.inputs[0])
-    {
-        return None;
-    }
-    let (mai, madd) = ix
-        .producer(&sm.inputs[0], "Add")
-        .filter(|(_, n)| is_binary(n, "Add"))?;
-    let (scaled, mask) = both_orders(madd).into_iter().find_map(|(sc, m)| {
-        let mask = additive_mask_input(ix, m)?;
-        (ix.single_use(sc) && is_scaled(ix, sc)).then_some((sc, mask))
-    })?;
-    let (mui, qk, scale) = scaled_scores(ix, scaled)?;
-    let qk = qk.as_str();
-    let (qki, qkm) = ix
-        .producer(qk, "MatMul")
-        .filter(|(_, n)| is_binary(n, "MatMul"))?;
-    let q = split_heads(ix, &qkm.inputs[0], &[0, 2, 1, 3])?;
-    let k = split_heads(ix, &qkm.inputs[1], &[0, 2, 3, 1])?;
-    let v = split_heads(ix, &ctx.inputs[1], &[0, 2, 1, 3])?;
+    let hidden = constant_merge_heads_reshape(ix, out)?;
+    let core = attention_core(ix, out, |m, _| additive_mask_input(ix, m))?;
+    let q = split_heads(ix, &core.qk.inputs[0], &[0, 2, 1, 3])?;
+    let k = split_heads(ix, &core.qk.inputs[1], &[0, 2, 3, 1])?;
+    let v = split_heads(ix, core.v, &[0, 2, 1, 3])?;
     let (heads, head_dim) = (q.1, q.2);
     if (k.1, k.2) != (heads, head_dim) || (v.1, v.2) != (heads, head_dim) {
         return None;
@@ -113,13 +69,13 @@ fn match_mha(ix: &Index<'_>, out: &Node) -> Option<MhaMatch> {
     if !width_ok {
         return None;
     }
-    let mut removed = vec![cti, ci, si, mai, mui, qki];
+    let mut removed = core.removed;
     removed.extend(q.3.iter().chain(&k.3).chain(&v.3));
     Some(MhaMatch {
         qkv: [q.0, k.0, v.0],
         heads,
-        scale,
-        mask,
+        scale: core.scale,
+        mask: core.mask,
         removed,
     })
 }
@@ -138,13 +94,7 @@ fn match_mha(ix: &Index<'_>, out: &Node) -> Option<MhaMatch> {
 pub fn fuse_multi_head_attention(graph: &mut Graph) -> usize {
     let ix = Index::new(graph);
     let mut names = node_names(graph);
-    let mut values: HashSet<String> = graph
-        .inputs
-        .iter()
-        .map(|v| v.name.clone())
-        .chain(graph.initializers.iter().map(|i| i.name.clone()))
-        .chain(graph.nodes.iter().flat_map(|n| n.outputs.iter().cloned()))
-        .collect();
+    let mut values = value_names(graph);
     let mut cast_of = existing_int32_casts(graph);
     let mut taken: HashSet<usize> = HashSet::new();
     let mut rewrites = Vec::new();
