@@ -183,43 +183,69 @@ pub(crate) fn value_names(graph: &Graph) -> HashSet<String> {
         .collect()
 }
 
-/// Existing `Cast(graph input, int32)` nodes: input name → cast output.
-pub(crate) fn existing_int32_casts(graph: &Graph) -> HashMap<String, String> {
-    let mut cast_of = HashMap::new();
-    for n in &graph.nodes {
-        if n.op_type == "Cast"
-            && is_onnx_domain(n)
-            && n.inputs.len() == 1
-            && n.outputs.len() == 1
-            && n.attrs.len() == 1
-            && matches!(n.attr("to"), Some(Attr::Int(6)))
-            && graph.inputs.iter().any(|v| v.name == n.inputs[0])
-        {
+/// The `Cast(graph input, int32)` nodes fusions feed contrib ops (`mask_index`, ids): one
+/// per input, reusing the graph's own when asked, put at the front of the graph by
+/// [`Int32Casts::insert`].
+pub(crate) struct Int32Casts {
+    cast_of: HashMap<String, String>,
+    casts: Vec<Node>,
+}
+
+impl Int32Casts {
+    /// Starts empty, or (`reuse_existing`) with the graph's existing `Cast(input, int32)`
+    /// nodes of graph inputs.
+    pub(crate) fn new(graph: &Graph, reuse_existing: bool) -> Self {
+        let mut cast_of = HashMap::new();
+        let existing = graph.nodes.iter().filter(|n| {
+            reuse_existing
+                && n.op_type == "Cast"
+                && is_onnx_domain(n)
+                && n.inputs.len() == 1
+                && n.outputs.len() == 1
+                && n.attrs.len() == 1
+                && matches!(n.attr("to"), Some(Attr::Int(6)))
+                && graph.inputs.iter().any(|v| v.name == n.inputs[0])
+        });
+        for n in existing {
             cast_of
                 .entry(n.inputs[0].clone())
                 .or_insert_with(|| n.outputs[0].clone());
         }
+        Self {
+            cast_of,
+            casts: Vec::new(),
+        }
     }
-    cast_of
-}
 
-/// A new `Cast(input, int32)` node and its output name.
-pub(crate) fn int32_cast(
-    names: &mut HashSet<String>,
-    values: &mut HashSet<String>,
-    input: &str,
-) -> (Node, String) {
-    let out = unique_name(values, format!("{input}_int32"));
-    let name = unique_name(names, format!("/{input}/Cast_int32"));
-    let node = Node {
-        name,
-        op_type: "Cast".to_string(),
-        domain: String::new(),
-        inputs: vec![input.to_string()],
-        outputs: vec![out.clone()],
-        attrs: [("to".to_string(), Attr::Int(6))].into_iter().collect(),
-    };
-    (node, out)
+    /// The int32 cast of `input`; a new `Cast` (named uniquely in `names` / `values`) the
+    /// first time.
+    pub(crate) fn of(
+        &mut self,
+        names: &mut HashSet<String>,
+        values: &mut HashSet<String>,
+        input: &str,
+    ) -> String {
+        if let Some(out) = self.cast_of.get(input) {
+            return out.clone();
+        }
+        let out = unique_name(values, format!("{input}_int32"));
+        let name = unique_name(names, format!("/{input}/Cast_int32"));
+        self.casts.push(Node {
+            name,
+            op_type: "Cast".to_string(),
+            domain: String::new(),
+            inputs: vec![input.to_string()],
+            outputs: vec![out.clone()],
+            attrs: [("to".to_string(), Attr::Int(6))].into_iter().collect(),
+        });
+        self.cast_of.insert(input.to_string(), out.clone());
+        out
+    }
+
+    /// Puts the new Casts at the front of `graph`, before any reader.
+    pub(crate) fn insert(self, graph: &mut Graph) {
+        graph.nodes.splice(0..0, self.casts);
+    }
 }
 
 pub(crate) fn ms_node(name: String, op: &str, inputs: Vec<String>, outputs: Vec<String>) -> Node {
@@ -1011,8 +1037,7 @@ pub fn fuse_attention(graph: &mut Graph) -> usize {
     let mut taken: HashSet<usize> = HashSet::new();
     let mut rewrites = Vec::new();
     let mut new_inits: Vec<Initializer> = Vec::new();
-    let mut casts: Vec<Node> = Vec::new();
-    let mut cast_of: HashMap<String, String> = HashMap::new();
+    let mut casts = Int32Casts::new(graph, false);
     for (i, out) in graph.nodes.iter().enumerate() {
         let Some(m) = match_attention(&ix, out) else {
             continue;
@@ -1071,14 +1096,7 @@ pub fn fuse_attention(graph: &mut Graph) -> usize {
             // mask_index and past absent; the additive mask is attention_bias.
             inputs.extend([String::new(), String::new(), m.mask]);
         } else {
-            let mask_index = cast_of
-                .entry(m.mask.clone())
-                .or_insert_with(|| {
-                    let (cast, out) = int32_cast(&mut names, &mut values, &m.mask);
-                    casts.push(cast);
-                    out
-                })
-                .clone();
+            let mask_index = casts.of(&mut names, &mut values, &m.mask);
             inputs.push(mask_index);
         }
         let mut node = ms_node(name, "Attention", inputs, out.outputs.clone());
@@ -1095,7 +1113,7 @@ pub fn fuse_attention(graph: &mut Graph) -> usize {
     }
     let count = apply(graph, rewrites);
     graph.initializers.extend(new_inits);
-    graph.nodes.splice(0..0, casts);
+    casts.insert(graph);
     count
 }
 
@@ -1359,10 +1377,9 @@ pub fn fuse_embed_layer_norm(graph: &mut Graph) -> usize {
     let ix = Index::new(graph);
     let mut names = node_names(graph);
     let mut values = value_names(graph);
-    let mut cast_of = existing_int32_casts(graph);
+    let mut casts = Int32Casts::new(graph, true);
     let mut taken: HashSet<usize> = HashSet::new();
     let mut rewrites = Vec::new();
-    let mut casts: Vec<Node> = Vec::new();
     for (i, ln) in graph.nodes.iter().enumerate() {
         let Some(m) = match_embed_layer_norm(&ix, ln) else {
             continue;
@@ -1371,19 +1388,9 @@ pub fn fuse_embed_layer_norm(graph: &mut Graph) -> usize {
             continue;
         }
         taken.extend(m.removed.iter().copied().chain([i]));
-        let mut cast = |input: &str| {
-            cast_of
-                .entry(input.to_string())
-                .or_insert_with(|| {
-                    let (cast, out) = int32_cast(&mut names, &mut values, input);
-                    casts.push(cast);
-                    out
-                })
-                .clone()
-        };
-        let ids = cast(&m.ids);
+        let ids = casts.of(&mut names, &mut values, &m.ids);
         let (types, seg) = match &m.types {
-            Some((types, seg)) => (cast(types), seg.clone()),
+            Some((types, seg)) => (casts.of(&mut names, &mut values, types), seg.clone()),
             None => (String::new(), String::new()),
         };
         let name = fused_name(&mut names, &ln.name, "EmbedLayerNormalization");
@@ -1411,7 +1418,7 @@ pub fn fuse_embed_layer_norm(graph: &mut Graph) -> usize {
         });
     }
     let count = apply(graph, rewrites);
-    graph.nodes.splice(0..0, casts);
+    casts.insert(graph);
     count
 }
 

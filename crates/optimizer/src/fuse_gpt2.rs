@@ -1,14 +1,13 @@
 //! GPT-2 causal self-attention (without past key/values) fused into `com.microsoft`
 //! `Attention` with `unidirectional = 1`.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 
 use ferry_ir::{Attr, DType, Graph, Node};
 
 use crate::fuse::{
-    Index, Rewrite, apply, attention_core, both_orders, constant_merge_heads_reshape,
-    existing_int32_casts, fused_name, has_perm, int_vector, int32_cast, is_binary, ms_node,
-    node_names, scalar_value, value_names,
+    Index, Int32Casts, Rewrite, apply, attention_core, both_orders, constant_merge_heads_reshape,
+    fused_name, has_perm, int_vector, is_binary, ms_node, node_names, scalar_value, value_names,
 };
 
 /// A rank-0 int64 initializer's value.
@@ -238,10 +237,9 @@ pub fn fuse_gpt2_attention(graph: &mut Graph) -> usize {
     let ix = Index::new(graph);
     let mut names = node_names(graph);
     let mut values = value_names(graph);
-    let mut cast_of: HashMap<String, String> = existing_int32_casts(graph);
+    let mut casts = Int32Casts::new(graph, true);
     let mut taken: HashSet<usize> = HashSet::new();
     let mut rewrites = Vec::new();
-    let mut casts: Vec<Node> = Vec::new();
     for (i, out) in graph.nodes.iter().enumerate() {
         let Some(m) = match_gpt2_attention(&ix, out) else {
             continue;
@@ -250,14 +248,7 @@ pub fn fuse_gpt2_attention(graph: &mut Graph) -> usize {
             continue;
         }
         taken.extend(m.removed.iter().copied().chain([i]));
-        let mask_index = cast_of
-            .entry(m.mask.clone())
-            .or_insert_with(|| {
-                let (cast, out) = int32_cast(&mut names, &mut values, &m.mask);
-                casts.push(cast);
-                out
-            })
-            .clone();
+        let mask_index = casts.of(&mut names, &mut values, &m.mask);
         let name = fused_name(&mut names, &out.name, "Attention");
         let mut node = ms_node(
             name,
@@ -279,7 +270,7 @@ pub fn fuse_gpt2_attention(graph: &mut Graph) -> usize {
         });
     }
     let count = apply(graph, rewrites);
-    graph.nodes.splice(0..0, casts);
+    casts.insert(graph);
     count
 }
 

@@ -7,8 +7,8 @@ use std::collections::HashSet;
 use ferry_ir::{Attr, Graph, Node};
 
 use crate::fuse::{
-    Index, Rewrite, additive_mask_input, apply, attention_core, constant_merge_heads_reshape,
-    existing_int32_casts, fused_name, has_perm, int_vector, int32_cast, ms_node, node_names,
+    Index, Int32Casts, Rewrite, additive_mask_input, apply, attention_core,
+    constant_merge_heads_reshape, fused_name, has_perm, int_vector, ms_node, node_names,
     value_names,
 };
 
@@ -95,10 +95,9 @@ pub fn fuse_multi_head_attention(graph: &mut Graph) -> usize {
     let ix = Index::new(graph);
     let mut names = node_names(graph);
     let mut values = value_names(graph);
-    let mut cast_of = existing_int32_casts(graph);
+    let mut casts = Int32Casts::new(graph, true);
     let mut taken: HashSet<usize> = HashSet::new();
     let mut rewrites = Vec::new();
-    let mut casts: Vec<Node> = Vec::new();
     for (i, out) in graph.nodes.iter().enumerate() {
         let Some(m) = match_mha(&ix, out) else {
             continue;
@@ -107,14 +106,7 @@ pub fn fuse_multi_head_attention(graph: &mut Graph) -> usize {
             continue;
         }
         taken.extend(m.removed.iter().copied().chain([i]));
-        let mask = cast_of
-            .entry(m.mask.clone())
-            .or_insert_with(|| {
-                let (cast, out) = int32_cast(&mut names, &mut values, &m.mask);
-                casts.push(cast);
-                out
-            })
-            .clone();
+        let mask = casts.of(&mut names, &mut values, &m.mask);
         let name = fused_name(&mut names, &out.name, "MultiHeadAttention");
         let [q, k, v] = m.qkv;
         let mut node = ms_node(
@@ -135,7 +127,7 @@ pub fn fuse_multi_head_attention(graph: &mut Graph) -> usize {
         });
     }
     let count = apply(graph, rewrites);
-    graph.nodes.splice(0..0, casts);
+    casts.insert(graph);
     count
 }
 
