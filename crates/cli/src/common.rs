@@ -71,3 +71,21 @@ pub fn outln(line: impl std::fmt::Display) {
     use std::io::Write;
     let _ = writeln!(std::io::stdout().lock(), "{line}");
 }
+
+/// `<stem>-<suffix>.onnx` beside `output` (`model.onnx` → `model-optimized.onnx`).
+pub fn sibling(output: &Path, suffix: &str) -> std::path::PathBuf {
+    let stem = output
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "model".into());
+    output.with_file_name(format!("{stem}-{suffix}.onnx"))
+}
+
+/// `--external-data` as the writer's option: always, or only past protobuf's 2 GiB limit.
+pub fn external_data(always: bool) -> ferry_onnx::ExternalData {
+    if always {
+        ferry_onnx::ExternalData::Always
+    } else {
+        ferry_onnx::ExternalData::Auto
+    }
+}

@@ -86,11 +86,7 @@ pub fn export(a: &ExportArgs) -> Result<(), String> {
     let pb = stage("write");
     pb.set_message(output.display().to_string());
     let wopts = ferry_onnx::WriteOptions {
-        external_data: if a.external_data {
-            ferry_onnx::ExternalData::Always
-        } else {
-            ferry_onnx::ExternalData::Auto
-        },
+        external_data: crate::common::external_data(a.external_data),
         doc_string: format!("exported by ferry from {model}"),
         metadata: metadata::for_export(&dir, &ckpt.config, &task),
     };
@@ -213,11 +209,7 @@ pub fn optimize_export(
     opts: &ferry_optimizer::OptimizeOptions,
     external_data: bool,
 ) -> Result<(std::path::PathBuf, serde_json::Value), String> {
-    let stem = output
-        .file_stem()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "model".into());
-    let target = output.with_file_name(format!("{stem}-optimized.onnx"));
+    let target = crate::common::sibling(output, "optimized");
     let o = crate::optimize::optimize_file(output, &target, opts, external_data)?;
     eprintln!("optimized {}: {}", target.display(), o.summary);
     eprintln!("{}", crate::optimize::fused_line(&o.fused));

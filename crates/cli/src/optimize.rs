@@ -54,11 +54,7 @@ pub fn optimize_file(
     let fused = ferry_optimizer::fused_operator_statistics(&graph);
     let pb = stage("write");
     let wopts = ferry_onnx::WriteOptions {
-        external_data: if external_data {
-            ferry_onnx::ExternalData::Always
-        } else {
-            ferry_onnx::ExternalData::Auto
-        },
+        external_data: crate::common::external_data(external_data),
         doc_string: model.info.doc_string,
         metadata: model.info.metadata,
     };

@@ -117,11 +117,7 @@ pub fn quantize_file(
 
     let pb = stage("writing");
     let wopts = ferry_onnx::WriteOptions {
-        external_data: if a.external_data {
-            ferry_onnx::ExternalData::Always
-        } else {
-            ferry_onnx::ExternalData::Auto
-        },
+        external_data: crate::common::external_data(a.external_data),
         doc_string: model.info.doc_string,
         metadata: model.info.metadata,
     };
@@ -298,11 +294,7 @@ pub fn quantize_export(
     optimized: &Path,
     external_data: bool,
 ) -> Result<(std::path::PathBuf, serde_json::Value), String> {
-    let stem = output
-        .file_stem()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "model".into());
-    let target = output.with_file_name(format!("{stem}-quantized.onnx"));
+    let target = crate::common::sibling(output, "quantized");
     let args = QuantizeArgs {
         input: optimized.to_path_buf(),
         output: target.clone(),

@@ -819,6 +819,12 @@ mod tests {
             .unwrap_or_else(|| panic!("no initializer {name}"))
     }
 
+    /// An int8 initializer's values.
+    fn i8_values(t: &Initializer) -> Vec<i8> {
+        let bytes = t.data.bytes().expect("bytes");
+        bytes.iter().map(|&b| b as i8).collect()
+    }
+
     const W: [f32; 12] = [
         0.5, -1.0, 0.02, 0.25, 2.0, -0.01, -0.75, 0.3, 0.03, 0.1, -0.4, 0.0,
     ];
@@ -875,13 +881,7 @@ mod tests {
         // Per-channel by default: one scale and zero point per output column.
         let wq = find(&g, "w_quantized");
         assert_eq!((wq.dtype, wq.dims.clone()), (DType::I8, vec![4, 3]));
-        let q: Vec<i8> = wq
-            .data
-            .bytes()
-            .expect("bytes")
-            .iter()
-            .map(|&b| b as i8)
-            .collect();
+        let q = i8_values(wq);
         // Column 0 as quantize_data(w[:, 0], INT8, symmetric) gives (see qparams tests).
         assert_eq!([q[0], q[3], q[6], q[9]], [85, 42, -127, 17]);
         assert_eq!(find(&g, "w_scale").dims, [3]);
@@ -928,13 +928,7 @@ mod tests {
         assert_eq!(g.nodes[5].outputs, ["y"]);
         let wq = find(&g, "w_transposed_quantized");
         assert_eq!(wq.dims, [4, 3]);
-        let q: Vec<i8> = wq
-            .data
-            .bytes()
-            .expect("bytes")
-            .iter()
-            .map(|&b| b as i8)
-            .collect();
+        let q = i8_values(wq);
         assert_eq!([q[0], q[3], q[6], q[9]], [85, 42, -127, 17]);
         // Gemm with alpha ≠ 1 stays float.
         let mut gemm = node("pool", "Gemm", "", &["x", "w"], &["y"]);
@@ -962,13 +956,7 @@ mod tests {
         assert!(g.initializers.iter().all(|t| t.name != "w"));
         let wq = find(&g, "w_transposed_quantized");
         assert_eq!(wq.dims, [4, 3]);
-        let q: Vec<i8> = wq
-            .data
-            .bytes()
-            .expect("bytes")
-            .iter()
-            .map(|&b| b as i8)
-            .collect();
+        let q = i8_values(wq);
         assert_eq!([q[1], q[4], q[7], q[10]], [-64, 127, 19, -25]);
     }
 
