@@ -17,20 +17,7 @@ fn optimize_and_check(
     assert!(o.status.success(), "optimize failed: {}", stderr(&o));
     let summary = String::from_utf8_lossy(&o.stdout).into_owned();
     let graph = ferry_onnx::read_graph(out).expect("read optimized");
-    let golden = ferry_verifier::Golden::load(golden).expect("golden");
-    let mut m = ferry_verifier::Model::load(out, 2).expect("ONNX Runtime loads it");
-    let reports = ferry_verifier::compare(&mut m, &golden).expect("runs");
-    assert_eq!(reports.len(), golden.outputs.len());
-    for r in &reports {
-        println!("{}: {} max-abs {:.3e}", out.display(), r.name, r.max_abs);
-        assert!(
-            r.max_abs <= 1e-4,
-            "{}: {} max-abs {} ({summary})",
-            out.display(),
-            r.name,
-            r.max_abs
-        );
-    }
+    golden_parity(out, golden, 1e-4, &format!("{} ({summary})", out.display()));
     graph.op_counts()
 }
 

@@ -55,24 +55,29 @@ fn parity(model: &Path, golden: &Path, extra: &[&str], atol: f64) {
     let out = dir.path().join("model.onnx");
     let o = export(model, &out, extra);
     assert!(o.status.success(), "export failed: {}", stderr(&o));
+    golden_parity(
+        &out,
+        golden,
+        atol,
+        &format!("{} {extra:?}", model.display()),
+    );
+}
+
+/// Runs `model` in ONNX Runtime on `golden`'s inputs and asserts one report per golden
+/// output, each within `atol` max-abs; prints them, labelled `label`.
+fn golden_parity(model: &Path, golden: &Path, atol: f64, label: &str) {
     let golden = ferry_verifier::Golden::load(golden).expect("golden");
-    let mut m = ferry_verifier::Model::load(&out, 2).expect("ONNX Runtime loads the export");
+    let mut m = ferry_verifier::Model::load(model, 2).expect("ONNX Runtime loads the model");
     let reports = ferry_verifier::compare(&mut m, &golden).expect("runs");
     assert_eq!(reports.len(), golden.outputs.len());
     for r in &reports {
         println!(
-            "{} {:?} {} {:?}: max-abs {:.3e}",
-            model.display(),
-            extra,
-            r.name,
-            r.shape,
-            r.max_abs
+            "{label} {} {:?}: max-abs {:.3e}",
+            r.name, r.shape, r.max_abs
         );
         assert!(
             r.max_abs <= atol,
-            "{} {:?}: {} max-abs {} > {atol}",
-            model.display(),
-            extra,
+            "{label}: {} max-abs {} > {atol}",
             r.name,
             r.max_abs
         );

@@ -8,24 +8,6 @@ fn op_count(path: &Path, op: &str) -> usize {
     g.op_counts().get(op).copied().unwrap_or(0)
 }
 
-/// Max-abs of every golden output of `model` is at most `atol`.
-fn golden_parity(model: &Path, golden: &Path, atol: f64) {
-    let golden = ferry_verifier::Golden::load(golden).expect("golden");
-    let mut m = ferry_verifier::Model::load(model, 2).expect("ONNX Runtime loads it");
-    let reports = ferry_verifier::compare(&mut m, &golden).expect("runs");
-    assert_eq!(reports.len(), golden.outputs.len());
-    for r in &reports {
-        println!("{}: {} max-abs {:.3e}", model.display(), r.name, r.max_abs);
-        assert!(
-            r.max_abs <= atol,
-            "{}: {} max-abs {} > {atol}",
-            model.display(),
-            r.name,
-            r.max_abs
-        );
-    }
-}
-
 /// `export --optimize` writes the plain model and `<stem>-optimized.onnx`; the plain one
 /// matches transformers ≤1e-5, the optimized one ≤1e-4 and has tiny BERT's fused ops (one
 /// per layer, as in optimize.rs: Embed 1, Attention 2, SkipLayerNorm 4, BiasGelu 2), which
@@ -57,8 +39,8 @@ fn export_optimize_writes_both_files() {
     }
     assert!(op_count(&out, "Softmax") > 0);
     let golden = case.join("golden.safetensors");
-    golden_parity(&out, &golden, 1e-5);
-    golden_parity(&opt, &golden, 1e-4);
+    golden_parity(&out, &golden, 1e-5, &out.display().to_string());
+    golden_parity(&opt, &golden, 1e-4, &opt.display().to_string());
 }
 
 /// `--disable attention` (on `ferry optimize` and on `export --optimize`, with a second name
@@ -83,7 +65,7 @@ fn disable_leaves_fusions_out() {
     // The other fusions still ran.
     assert_eq!(op_count(&out, "EmbedLayerNormalization"), 1);
     assert_eq!(op_count(&out, "BiasGelu"), 2);
-    golden_parity(&out, &golden, 1e-4);
+    golden_parity(&out, &golden, 1e-4, &out.display().to_string());
 
     let out = dir.path().join("e.onnx");
     let o = export(
@@ -96,7 +78,7 @@ fn disable_leaves_fusions_out() {
     assert_eq!(op_count(&opt, "Attention"), 0);
     assert_eq!(op_count(&opt, "EmbedLayerNormalization"), 0);
     assert_eq!(op_count(&opt, "SkipLayerNormalization"), 4);
-    golden_parity(&opt, &golden, 1e-4);
+    golden_parity(&opt, &golden, 1e-4, &opt.display().to_string());
 }
 
 /// `ferry optimize --json`: stdout is one JSON object whose `fused_operators` are the
@@ -211,11 +193,11 @@ fn static_shapes_export_matches_golden_and_folds_shapes() {
         ])
     );
     assert!(op_count(&out, "Shape") > 0);
-    golden_parity(&out, &golden_path, 1e-5);
+    golden_parity(&out, &golden_path, 1e-5, &out.display().to_string());
     let opt = dir.path().join("static-optimized.onnx");
     assert_eq!(op_count(&opt, "Shape"), 0);
     assert_eq!(op_count(&opt, "Attention"), 2);
-    golden_parity(&opt, &golden_path, 1e-4);
+    golden_parity(&opt, &golden_path, 1e-4, &opt.display().to_string());
 
     // Without the embeddings fusion: folded away when static, kept when dynamic.
     let folded = dir.path().join("static-noembed.onnx");
@@ -228,7 +210,7 @@ fn static_shapes_export_matches_golden_and_folds_shapes() {
     for op in ["Shape", "Slice", "EmbedLayerNormalization"] {
         assert_eq!(op_count(&folded, op), 0, "{op}");
     }
-    golden_parity(&folded, &golden_path, 1e-4);
+    golden_parity(&folded, &golden_path, 1e-4, &folded.display().to_string());
     let dynamic = dir.path().join("dynamic.onnx");
     let o = export(&case, &dynamic, &["--task", "text-classification"]);
     assert!(o.status.success(), "{}", stderr(&o));
@@ -240,7 +222,7 @@ fn static_shapes_export_matches_golden_and_folds_shapes() {
         .args(["--disable", "embed-layer-norm"]));
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(op_count(&kept, "Shape"), 1);
-    golden_parity(&kept, &golden_path, 1e-4);
+    golden_parity(&kept, &golden_path, 1e-4, &kept.display().to_string());
 }
 
 /// Multiple choice with `--num-choices` too: the `[batch, choices, seq]` inputs and the
@@ -282,10 +264,10 @@ fn static_shapes_multiple_choice() {
             .all(|d| d.fixed().is_some()))
     );
     assert!(op_count(&out, "Shape") > 0);
-    golden_parity(&out, &golden_path, 1e-5);
+    golden_parity(&out, &golden_path, 1e-5, &out.display().to_string());
     let opt = dir.path().join("mc-optimized.onnx");
     assert_eq!(op_count(&opt, "Shape"), 0);
-    golden_parity(&opt, &golden_path, 1e-4);
+    golden_parity(&opt, &golden_path, 1e-4, &opt.display().to_string());
 }
 
 /// `--static-shapes` refuses what it cannot honour, before writing anything.
