@@ -171,6 +171,37 @@ pub(crate) fn node_names(graph: &Graph) -> HashSet<String> {
     graph.nodes.iter().map(|n| n.name.clone()).collect()
 }
 
+/// Node indices a pass has already matched, so that overlapping matches fuse once.
+#[derive(Default)]
+pub(crate) struct Claimed(HashSet<usize>);
+
+impl Claimed {
+    /// Whether node `i` is already part of a match.
+    pub(crate) fn contains(&self, i: &usize) -> bool {
+        self.0.contains(i)
+    }
+
+    /// Whether `anchor` and every index in `removed` are still free.
+    pub(crate) fn free(&self, anchor: usize, removed: &[usize]) -> bool {
+        !removed.iter().chain([&anchor]).any(|k| self.0.contains(k))
+    }
+
+    /// Marks `anchor` and `removed` as matched.
+    pub(crate) fn take(&mut self, anchor: usize, removed: &[usize]) {
+        self.0.extend(removed.iter().copied().chain([anchor]));
+    }
+
+    /// [`free`](Self::free), then [`take`](Self::take) when it is: whether the match is
+    /// this pass's to rewrite.
+    pub(crate) fn claim(&mut self, anchor: usize, removed: &[usize]) -> bool {
+        let free = self.free(anchor, removed);
+        if free {
+            self.take(anchor, removed);
+        }
+        free
+    }
+}
+
 /// Every value name in use (graph inputs, initializers, node outputs), for
 /// [`unique_name`] when a pass adds values.
 pub(crate) fn value_names(graph: &Graph) -> HashSet<String> {
@@ -342,7 +373,7 @@ fn gelu_forms(ix: &Index<'_>, p: &str, q: &str) -> Option<(String, Vec<usize>)> 
 pub fn fuse_gelu(graph: &mut Graph) -> usize {
     let ix = Index::new(graph);
     let mut names = node_names(graph);
-    let mut taken: HashSet<usize> = HashSet::new();
+    let mut taken = Claimed::default();
     let mut rewrites = Vec::new();
     for (i, mul_half) in graph.nodes.iter().enumerate() {
         if !is_binary(mul_half, "Mul") {
@@ -352,10 +383,9 @@ pub fn fuse_gelu(graph: &mut Graph) -> usize {
             .into_iter()
             .find_map(|(p, q)| gelu_forms(&ix, p, q));
         let Some((x, removed)) = m else { continue };
-        if removed.iter().chain([&i]).any(|k| taken.contains(k)) {
+        if !taken.claim(i, &removed) {
             continue;
         }
-        taken.extend(removed.iter().copied().chain([i]));
         let name = fused_name(&mut names, &mul_half.name, "Gelu");
         let node = ms_node(name, "Gelu", vec![x], mul_half.outputs.clone());
         rewrites.push(Rewrite {
@@ -429,7 +459,7 @@ fn sqrt_2_over_pi() -> f32 {
 pub fn fuse_fast_gelu(graph: &mut Graph) -> usize {
     let ix = Index::new(graph);
     let mut names = node_names(graph);
-    let mut taken: HashSet<usize> = HashSet::new();
+    let mut taken = Claimed::default();
     let mut rewrites = Vec::new();
     for (i, out) in graph.nodes.iter().enumerate() {
         if !is_binary(out, "Mul") {
@@ -507,10 +537,9 @@ pub fn fuse_fast_gelu(graph: &mut Graph) -> usize {
             }
             None => vec![x.to_string()],
         };
-        if removed.iter().chain([&i]).any(|k| taken.contains(k)) {
+        if !taken.claim(i, &removed) {
             continue;
         }
-        taken.extend(removed.iter().copied().chain([i]));
         let name = fused_name(&mut names, &out.name, "FastGelu");
         let node = ms_node(name, "FastGelu", inputs, out.outputs.clone());
         rewrites.push(Rewrite {
@@ -557,7 +586,7 @@ pub fn approximate_gelu(graph: &mut Graph) -> usize {
 pub fn fuse_skip_layer_norm(graph: &mut Graph) -> usize {
     let ix = Index::new(graph);
     let mut names = node_names(graph);
-    let mut taken: HashSet<usize> = HashSet::new();
+    let mut taken = Claimed::default();
     let mut rewrites = Vec::new();
     for (i, ln) in graph.nodes.iter().enumerate() {
         if ln.op_type != "LayerNormalization"
@@ -637,10 +666,9 @@ pub fn fuse_skip_layer_norm(graph: &mut Graph) -> usize {
                 ],
             ),
         };
-        if removed.iter().chain([&i]).any(|k| taken.contains(k)) {
+        if !taken.claim(i, &removed) {
             continue;
         }
-        taken.extend(removed.iter().copied().chain([i]));
         let name = fused_name(&mut names, &ln.name, "SkipLayerNormalization");
         let mut outputs = ln.outputs.clone();
         if sum_used_elsewhere {
@@ -1034,7 +1062,7 @@ pub fn fuse_attention(graph: &mut Graph) -> usize {
     let ix = Index::new(graph);
     let mut names = node_names(graph);
     let mut values = value_names(graph);
-    let mut taken: HashSet<usize> = HashSet::new();
+    let mut taken = Claimed::default();
     let mut rewrites = Vec::new();
     let mut new_inits: Vec<Initializer> = Vec::new();
     let mut casts = Int32Casts::new(graph, false);
@@ -1042,7 +1070,7 @@ pub fn fuse_attention(graph: &mut Graph) -> usize {
         let Some(m) = match_attention(&ix, out) else {
             continue;
         };
-        if m.removed.iter().chain([&i]).any(|k| taken.contains(k)) {
+        if !taken.free(i, &m.removed) {
             continue;
         }
         // The packed weight and bias are row-wise concatenations computed when written
@@ -1075,7 +1103,7 @@ pub fn fuse_attention(graph: &mut Graph) -> usize {
         ) else {
             continue;
         };
-        taken.extend(m.removed.iter().copied().chain([i]));
+        taken.take(i, &m.removed);
         let name = fused_name(&mut names, &out.name, "Attention");
         let w_name = unique_name(&mut values, format!("{name}.qkv_weight"));
         let b_name = unique_name(&mut values, format!("{name}.qkv_bias"));
@@ -1378,16 +1406,15 @@ pub fn fuse_embed_layer_norm(graph: &mut Graph) -> usize {
     let mut names = node_names(graph);
     let mut values = value_names(graph);
     let mut casts = Int32Casts::new(graph, true);
-    let mut taken: HashSet<usize> = HashSet::new();
+    let mut taken = Claimed::default();
     let mut rewrites = Vec::new();
     for (i, ln) in graph.nodes.iter().enumerate() {
         let Some(m) = match_embed_layer_norm(&ix, ln) else {
             continue;
         };
-        if m.removed.iter().chain([&i]).any(|k| taken.contains(k)) {
+        if !taken.claim(i, &m.removed) {
             continue;
         }
-        taken.extend(m.removed.iter().copied().chain([i]));
         let ids = casts.of(&mut names, &mut values, &m.ids);
         let (types, seg) = match &m.types {
             Some((types, seg)) => (casts.of(&mut names, &mut values, types), seg.clone()),

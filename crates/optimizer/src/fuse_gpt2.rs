@@ -1,13 +1,12 @@
 //! GPT-2 causal self-attention (without past key/values) fused into `com.microsoft`
 //! `Attention` with `unidirectional = 1`.
 
-use std::collections::HashSet;
-
 use ferry_ir::{Attr, DType, Graph, Node};
 
 use crate::fuse::{
-    Index, Int32Casts, Rewrite, apply, attention_core, both_orders, constant_merge_heads_reshape,
-    fused_name, has_perm, int_vector, is_binary, ms_node, node_names, scalar_value, value_names,
+    Claimed, Index, Int32Casts, Rewrite, apply, attention_core, both_orders,
+    constant_merge_heads_reshape, fused_name, has_perm, int_vector, is_binary, ms_node, node_names,
+    scalar_value, value_names,
 };
 
 /// A rank-0 int64 initializer's value.
@@ -238,16 +237,15 @@ pub fn fuse_gpt2_attention(graph: &mut Graph) -> usize {
     let mut names = node_names(graph);
     let mut values = value_names(graph);
     let mut casts = Int32Casts::new(graph, true);
-    let mut taken: HashSet<usize> = HashSet::new();
+    let mut taken = Claimed::default();
     let mut rewrites = Vec::new();
     for (i, out) in graph.nodes.iter().enumerate() {
         let Some(m) = match_gpt2_attention(&ix, out) else {
             continue;
         };
-        if m.removed.iter().chain([&i]).any(|k| taken.contains(k)) {
+        if !taken.claim(i, &m.removed) {
             continue;
         }
-        taken.extend(m.removed.iter().copied().chain([i]));
         let mask_index = casts.of(&mut names, &mut values, &m.mask);
         let name = fused_name(&mut names, &out.name, "Attention");
         let mut node = ms_node(

@@ -1,12 +1,11 @@
 //! Fusion of the decomposed layer normalization (what ferry emits below opset 17, and what
 //! `torch.onnx.export` emits below opset 17) into one `LayerNormalization` node.
 
-use std::collections::HashSet;
-
 use ferry_ir::{Attr, Graph, Node};
 
 use crate::fuse::{
-    Index, Rewrite, apply, both_orders, fused_name, int_vector, is_binary, node_names, scalar_value,
+    Claimed, Index, Rewrite, apply, both_orders, fused_name, int_vector, is_binary, node_names,
+    scalar_value,
 };
 
 /// Whether `n` is `ReduceMean` over the last axis only, keeping dims, with the axes as an
@@ -152,16 +151,15 @@ fn match_layer_norm(ix: &Index<'_>, out: &Node) -> Option<LayerNormMatch> {
 pub fn fuse_layer_norm(graph: &mut Graph) -> usize {
     let ix = Index::new(graph);
     let mut names = node_names(graph);
-    let mut taken: HashSet<usize> = HashSet::new();
+    let mut taken = Claimed::default();
     let mut rewrites = Vec::new();
     for (i, out) in graph.nodes.iter().enumerate() {
         let Some(m) = match_layer_norm(&ix, out) else {
             continue;
         };
-        if m.removed.iter().chain([&i]).any(|k| taken.contains(k)) {
+        if !taken.claim(i, &m.removed) {
             continue;
         }
-        taken.extend(m.removed.iter().copied().chain([i]));
         let name = fused_name(&mut names, &out.name, "LayerNormalization");
         let node = Node {
             name,

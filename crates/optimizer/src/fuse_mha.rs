@@ -2,12 +2,10 @@
 //! constants, or [`fuse_attention`](crate::fuse_attention) disabled) fused into
 //! `com.microsoft` `MultiHeadAttention` with separate query, key and value inputs.
 
-use std::collections::HashSet;
-
 use ferry_ir::{Attr, Graph, Node};
 
 use crate::fuse::{
-    Index, Int32Casts, Rewrite, additive_mask_input, apply, attention_core,
+    Claimed, Index, Int32Casts, Rewrite, additive_mask_input, apply, attention_core,
     constant_merge_heads_reshape, fused_name, has_perm, int_vector, ms_node, node_names,
     value_names,
 };
@@ -96,16 +94,15 @@ pub fn fuse_multi_head_attention(graph: &mut Graph) -> usize {
     let mut names = node_names(graph);
     let mut values = value_names(graph);
     let mut casts = Int32Casts::new(graph, true);
-    let mut taken: HashSet<usize> = HashSet::new();
+    let mut taken = Claimed::default();
     let mut rewrites = Vec::new();
     for (i, out) in graph.nodes.iter().enumerate() {
         let Some(m) = match_mha(&ix, out) else {
             continue;
         };
-        if m.removed.iter().chain([&i]).any(|k| taken.contains(k)) {
+        if !taken.claim(i, &m.removed) {
             continue;
         }
-        taken.extend(m.removed.iter().copied().chain([i]));
         let mask = casts.of(&mut names, &mut values, &m.mask);
         let name = fused_name(&mut names, &out.name, "MultiHeadAttention");
         let [q, k, v] = m.qkv;
