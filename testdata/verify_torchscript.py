@@ -10,7 +10,8 @@ For each golden checkpoint under testdata/ this:
      the word embeddings and the tied decoder weight (a plain one holds one tensor).
 
 Usage: verify_torchscript.py FERRY_BINARY TESTDATA_DIR OUT_DIR
-Prints one line per check and exits non-zero on any failure.
+Prints one line per check and exits 1 on any failure: a mismatch, a failed export or load
+(one FAIL line with the error), or no case checked at all.
 """
 
 import json
@@ -29,8 +30,18 @@ ATOL = 1e-5
 
 
 def export(ferry, model, out, *flags):
-    subprocess.run([ferry, "export", "--format", "torchscript", "--model", model, *flags, out],
-                   check=True, capture_output=True)
+    """Runs `ferry export --format torchscript`; raises RuntimeError with ferry's stderr."""
+    cmd = [ferry, "export", "--format", "torchscript", "--model", model, *flags, out]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"`{' '.join(cmd[1:])}` exited {done.returncode}: "
+                           + (done.stderr.strip() or done.stdout.strip()))
+
+
+def error_line(e):
+    """One line naming an exception, for a FAIL line."""
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text[:400]}"
 
 
 def inputs_for(batch, seq, vocab, types, seed, choices=None):
@@ -56,117 +67,148 @@ def reference_model(model_dir, cfg, task):
     return cls.from_pretrained(model_dir).float().eval()
 
 
+class Tally:
+    """Counts checks and failures, printing one line per check."""
+
+    def __init__(self):
+        self.checks = 0
+        self.failures = 0
+
+    def check(self, ok, line):
+        self.checks += 1
+        self.failures += not ok
+        print(f"{'ok  ' if ok else 'FAIL'} {line}", flush=True)
+
+    def fail(self, line):
+        self.check(False, line)
+
+
 def main():
     ferry, testdata, out_dir = sys.argv[1:4]
     os.makedirs(out_dir, exist_ok=True)
-    failures = 0
+    tally = Tally()
     cases = sorted(d for d in os.listdir(testdata)
                    if os.path.isfile(os.path.join(testdata, d, "golden.safetensors"))
                    and os.path.isfile(os.path.join(testdata, d, "config.json")))
     for case in cases:
-        model_dir = os.path.join(testdata, case)
-        golden = load_file(os.path.join(model_dir, "golden.safetensors"))
-        meta = json.load(open(os.path.join(model_dir, "case.json")))
-        task, names = meta["task"], meta["outputs"]
-        # The model's inputs, in graph order (token_type_ids only where the model has them).
-        in_names = [n for n in ("input_ids", "attention_mask", "token_type_ids", "position_ids")
-                    if f"input.{n}" in golden]
-        xs = [golden[f"input.{n}"] for n in in_names]
-        ids = xs[0]
-        batch, seq = ids.shape[0], ids.shape[-1]
-        choices = ids.shape[1] if ids.dim() == 3 else None
-
-        fixed = os.path.join(out_dir, f"{case}-fixed.pt")
-        export(ferry, model_dir, fixed, "--task", task, "--batch-size", str(batch),
-               "--sequence-length", str(seq))
-        loaded = torch.jit.load(fixed)
-        with torch.no_grad():
-            out = loaded(*xs)
-        diffs = [float((out[i] - golden[f"output.{n}"]).abs().max()) for i, n in enumerate(names)]
-        ok = max(diffs) <= ATOL
-        failures += not ok
-        print(f"{'ok  ' if ok else 'FAIL'} {case} fixed {batch}x{seq}: "
-              + ", ".join(f"{n} {d:.2e}" for n, d in zip(names, diffs)))
-
+        # An export, load or reference failure is one FAIL line; the case's remaining
+        # checks are not run.
         try:
-            with torch.no_grad():
-                loaded(*(x[..., : seq - 3] for x in xs))
-            print(f"FAIL {case} fixed archive accepted another sequence length")
-            failures += 1
-        except Exception as e:  # torch raises a RuntimeError from the reshape
-            print(f"ok   {case} fixed archive rejects sequence length {seq - 3}: "
-                  f"{type(e).__name__}")
-
-        if not any(os.path.isfile(os.path.join(model_dir, f))
-                   for f in ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json")):
-            # TF-only fixtures: transformers 5 cannot load tf_model.h5, so the size-generic
-            # archive has no PyTorch reference here (the fixed one was checked above).
-            print(f"skip {case} dynamic archive: no PyTorch weights for a reference model")
-            continue
-        dyn = os.path.join(out_dir, f"{case}-dynamic.pt")
-        export(ferry, model_dir, dyn, "--task", task, "--dynamic-axes")
-        loaded = torch.jit.load(dyn)
-        cfg = json.load(open(os.path.join(model_dir, "config.json")))
-        ref = reference_model(model_dir, cfg, task)
-        for b, s in ((1, 5), (4, 17)):
-            ids_, mask_, tt_ = inputs_for(b, s, cfg["vocab_size"], cfg.get("type_vocab_size", 2),
-                                          100 + s, choices=choices and choices + 1)
-            pos_ = torch.arange(s).expand(ids_.shape).contiguous()
-            by_name = {"input_ids": ids_, "attention_mask": mask_, "token_type_ids": tt_,
-                       "position_ids": pos_}
-            x = [by_name[n] for n in in_names]
-            with torch.no_grad():
-                want = ref(**dict(zip(in_names, x)), return_dict=False, use_cache=False)
-                got = loaded(*x)
-            diffs = [float((got[i] - want[i]).abs().max()) for i in range(len(names))]
-            ok = max(diffs) <= ATOL
-            failures += not ok
-            print(f"{'ok  ' if ok else 'FAIL'} {case} dynamic {b}x{s}: "
-                  + ", ".join(f"{n} {d:.2e}" for n, d in zip(names, diffs)))
-        if task == "fill-mask":
-            untied = os.path.join(out_dir, f"{case}-untied.pt")
-            export(ferry, model_dir, untied, "--task", task, "--dynamic-axes", "--torchscript")
-            sd = torch.jit.load(untied).state_dict()
-            emb, dec = sd.get("embeddings_word_embeddings_weight"), sd.get("embeddings_word_embeddings_weight_1")
-            plain = torch.jit.load(dyn).state_dict()
-            ok = (emb is not None and dec is not None and torch.equal(emb, dec)
-                  and emb.data_ptr() != dec.data_ptr()
-                  and "embeddings_word_embeddings_weight_1" not in plain)
-            failures += not ok
-            print(f"{'ok  ' if ok else 'FAIL'} {case} --torchscript: separate equal embedding and "
-                  f"decoder tensors ({len(sd)} tensors untied, {len(plain)} tied)")
-    failures += with_past(ferry, testdata, out_dir)
-    print(f"{'FAILED' if failures else 'passed'}: {failures} failure(s)")
+            check_case(ferry, testdata, out_dir, case, tally)
+        except Exception as e:
+            tally.fail(f"{case}: {error_line(e)}")
+    with_past(ferry, testdata, out_dir, tally)
+    if tally.checks == 0:
+        tally.fail(f"no case checked under {testdata}")
+    print(f"{'FAILED' if tally.failures else 'passed'}: {tally.failures} failure(s) "
+          f"in {tally.checks} check(s) of {len(cases)} golden case(s)")
+    sys.exit(1 if tally.failures else 0)
 
 
-def with_past(ferry, testdata, out_dir):
+def check_case(ferry, testdata, out_dir, case, tally):
+    """The fixed, dynamic and (fill-mask) untied archives of one golden case."""
+    model_dir = os.path.join(testdata, case)
+    golden = load_file(os.path.join(model_dir, "golden.safetensors"))
+    meta = json.load(open(os.path.join(model_dir, "case.json")))
+    task, names = meta["task"], meta["outputs"]
+    # The model's inputs, in graph order (token_type_ids only where the model has them).
+    in_names = [n for n in ("input_ids", "attention_mask", "token_type_ids", "position_ids")
+                if f"input.{n}" in golden]
+    xs = [golden[f"input.{n}"] for n in in_names]
+    ids = xs[0]
+    batch, seq = ids.shape[0], ids.shape[-1]
+    choices = ids.shape[1] if ids.dim() == 3 else None
+
+    fixed = os.path.join(out_dir, f"{case}-fixed.pt")
+    export(ferry, model_dir, fixed, "--task", task, "--batch-size", str(batch),
+           "--sequence-length", str(seq))
+    loaded = torch.jit.load(fixed)
+    with torch.no_grad():
+        out = loaded(*xs)
+    diffs = [float((out[i] - golden[f"output.{n}"]).abs().max()) for i, n in enumerate(names)]
+    tally.check(max(diffs) <= ATOL, f"{case} fixed {batch}x{seq}: "
+                + ", ".join(f"{n} {d:.2e}" for n, d in zip(names, diffs)))
+
+    try:
+        with torch.no_grad():
+            loaded(*(x[..., : seq - 3] for x in xs))
+        tally.fail(f"{case} fixed archive accepted another sequence length")
+    except Exception as e:  # torch raises a RuntimeError from the reshape
+        tally.check(True, f"{case} fixed archive rejects sequence length {seq - 3}: "
+                    f"{type(e).__name__}")
+
+    if not any(os.path.isfile(os.path.join(model_dir, f))
+               for f in ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json")):
+        # TF-only fixtures: transformers 5 cannot load tf_model.h5, so the size-generic
+        # archive has no PyTorch reference here (the fixed one was checked above).
+        print(f"skip {case} dynamic archive: no PyTorch weights for a reference model")
+        return
+    dyn = os.path.join(out_dir, f"{case}-dynamic.pt")
+    export(ferry, model_dir, dyn, "--task", task, "--dynamic-axes")
+    loaded = torch.jit.load(dyn)
+    cfg = json.load(open(os.path.join(model_dir, "config.json")))
+    ref = reference_model(model_dir, cfg, task)
+    for b, s in ((1, 5), (4, 17)):
+        ids_, mask_, tt_ = inputs_for(b, s, cfg["vocab_size"], cfg.get("type_vocab_size", 2),
+                                      100 + s, choices=choices and choices + 1)
+        pos_ = torch.arange(s).expand(ids_.shape).contiguous()
+        by_name = {"input_ids": ids_, "attention_mask": mask_, "token_type_ids": tt_,
+                   "position_ids": pos_}
+        x = [by_name[n] for n in in_names]
+        with torch.no_grad():
+            want = ref(**dict(zip(in_names, x)), return_dict=False, use_cache=False)
+            got = loaded(*x)
+        diffs = [float((got[i] - want[i]).abs().max()) for i in range(len(names))]
+        tally.check(max(diffs) <= ATOL, f"{case} dynamic {b}x{s}: "
+                    + ", ".join(f"{n} {d:.2e}" for n, d in zip(names, diffs)))
+    if task == "fill-mask":
+        untied = os.path.join(out_dir, f"{case}-untied.pt")
+        export(ferry, model_dir, untied, "--task", task, "--dynamic-axes", "--torchscript")
+        sd = torch.jit.load(untied).state_dict()
+        emb, dec = sd.get("embeddings_word_embeddings_weight"), sd.get("embeddings_word_embeddings_weight_1")
+        plain = torch.jit.load(dyn).state_dict()
+        ok = (emb is not None and dec is not None and torch.equal(emb, dec)
+              and emb.data_ptr() != dec.data_ptr()
+              and "embeddings_word_embeddings_weight_1" not in plain)
+        tally.check(ok, f"{case} --torchscript: separate equal embedding and "
+                    f"decoder tensors ({len(sd)} tensors untied, {len(plain)} tied)")
+
+
+def with_past(ferry, testdata, out_dir, tally):
     """Decoder cases with a steps golden: a --dynamic-axes with-past archive, fed its own
-    present.* back as past_key_values.*, matches transformers' logits at every step."""
-    failures = 0
+    present.* back as past_key_values.*, matches transformers' logits at every step. Only
+    GPT-2's config keys (n_head, n_embd, n_layer) are read: another decoder's case fails
+    with a KeyError line. No steps golden at all is a failure too."""
+    found = 0
     for case in sorted(os.listdir(testdata)):
         steps_file = os.path.join(testdata, case, "steps.safetensors")
         if not os.path.isfile(steps_file):
             continue
-        model_dir = os.path.join(testdata, case)
-        cfg = json.load(open(os.path.join(model_dir, "config.json")))
-        steps = load_file(steps_file)
-        path = os.path.join(out_dir, f"{case}-with-past.pt")
-        export(ferry, model_dir, path, "--task", "text-generation-with-past", "--dynamic-axes")
-        loaded = torch.jit.load(path)
-        heads, hd = cfg["n_head"], cfg["n_embd"] // cfg["n_head"]
-        past = [torch.zeros(2, heads, 0, hd) for _ in range(2 * cfg["n_layer"])]
-        n = json.load(open(os.path.join(model_dir, "case.json")))["steps"]
-        for k in range(n):
-            xs = [steps[f"step{k}.input.{i}"] for i in ("input_ids", "attention_mask", "position_ids")]
-            with torch.no_grad():
-                out = loaded(*xs, *past)
-            d = float((out[0] - steps[f"step{k}.output.logits"]).abs().max())
-            ok = d <= ATOL
-            failures += not ok
-            print(f"{'ok  ' if ok else 'FAIL'} {case} with past, step {k}: logits {d:.2e}")
-            past = list(out[1:])
-    return failures
-    sys.exit(1 if failures else 0)
+        found += 1
+        try:
+            model_dir = os.path.join(testdata, case)
+            cfg = json.load(open(os.path.join(model_dir, "config.json")))
+            steps = load_file(steps_file)
+            path = os.path.join(out_dir, f"{case}-with-past.pt")
+            export(ferry, model_dir, path, "--task", "text-generation-with-past", "--dynamic-axes")
+            loaded = torch.jit.load(path)
+            heads, hd = cfg["n_head"], cfg["n_embd"] // cfg["n_head"]
+            past = [torch.zeros(2, heads, 0, hd) for _ in range(2 * cfg["n_layer"])]
+            n = json.load(open(os.path.join(model_dir, "case.json")))["steps"]
+            if n < 1:
+                tally.fail(f"{case} with past: case.json has no steps")
+            for k in range(n):
+                xs = [steps[f"step{k}.input.{i}"]
+                      for i in ("input_ids", "attention_mask", "position_ids")]
+                with torch.no_grad():
+                    out = loaded(*xs, *past)
+                d = float((out[0] - steps[f"step{k}.output.logits"]).abs().max())
+                tally.check(d <= ATOL, f"{case} with past, step {k}: logits {d:.2e}")
+                past = list(out[1:])
+        except Exception as e:
+            tally.fail(f"{case} with past: {error_line(e)}")
+    if found == 0:
+        tally.fail(f"with past: no steps.safetensors under {testdata}")
 
 
 if __name__ == "__main__":
