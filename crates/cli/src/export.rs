@@ -53,6 +53,15 @@ pub fn export(a: &ExportArgs) -> Result<(), String> {
         ),
     );
     let (weights, float_dtype, dtype_note) = export_weights(&ckpt.weights, &dtype, a.dtype)?;
+    if a.format == Format::Torchscript
+        && !ferry_tracer::exports_torchscript(&ckpt.config.model_type)
+        && ferry_tracer::supported_architectures().contains(&ckpt.config.model_type.as_str())
+    {
+        return Err(format!(
+            "TorchScript export is not available for `{}` (decoder LLMs export to ONNX only); drop --format torchscript",
+            ckpt.config.model_type
+        ));
+    }
     if a.format == Format::Torchscript && float_dtype != ferry_ir::DType::F32 {
         return Err("TorchScript export is float32 only; use --dtype fp32".into());
     }

@@ -14,7 +14,6 @@ mod metadata;
 mod optimize;
 mod quantize;
 mod run;
-mod tokenizer;
 mod verify;
 
 /// Export Hugging Face transformers models to ONNX, without Python.

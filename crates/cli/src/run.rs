@@ -14,7 +14,7 @@ use tokenizers::Encoding;
 
 use crate::RunArgs;
 use crate::metadata::ModelMeta;
-use crate::tokenizer::TextTokenizer;
+use ferry_pipeline::TextTokenizer;
 
 /// How token-classification groups tokens into entities: the transformers pipeline's
 /// `aggregation_strategy` values.
@@ -114,7 +114,7 @@ pub(crate) fn run(a: &RunArgs) -> Result<(), String> {
         "token-classification" => ctx.token_classification(&a.text, a.aggregation)?,
         "question-answering" => ctx.question_answering(&a.text, &a.text_pair[0])?,
         "multiple-choice" => ctx.multiple_choice(&a.text, &a.text_pair)?,
-        "text-generation" => ctx.text_generation(&a.text, a.max_new_tokens)?,
+        "text-generation" => ctx.text_generation(&a.text, a.max_new_tokens, !a.json)?,
         _ => ctx.feature_extraction(&a.text)?,
     };
     if a.json {
@@ -672,105 +672,78 @@ impl Ctx<'_> {
         })
     }
 
-    fn text_generation(&mut self, prompt: &str, max_new: usize) -> Result<Answer, String> {
+    /// Greedy continuation of `prompt` (ferry-pipeline's `greedy`, with the cache when the
+    /// export has one). With `stream`, the prompt and each new piece of text are printed as
+    /// they come, and the answer's text is only the final newline.
+    fn text_generation(
+        &mut self,
+        prompt: &str,
+        max_new: usize,
+        stream: bool,
+    ) -> Result<Answer, String> {
         let enc = self.tok.encode_with(prompt, false)?;
-        let mut ids: Vec<i64> = enc.get_ids().iter().map(|&i| i64::from(i)).collect();
+        let ids: Vec<i64> = enc.get_ids().iter().map(|&i| i64::from(i)).collect();
         if ids.is_empty() {
             return Err("the prompt has no tokens".into());
         }
-        let prompt_len = ids.len();
-        let declared = self.model.inputs();
-        let mut cache: BTreeMap<String, F32Tensor> = BTreeMap::new();
-        for info in declared
-            .iter()
-            .filter(|i| i.name.starts_with("past_key_values."))
-        {
-            // [batch, heads, past_sequence_length, head_dim]
-            let (Some(Ok(heads)), Some(Ok(hd))) = (info.dims.get(1), info.dims.get(3)) else {
-                return Err(format!(
-                    "cache input `{}` has no fixed head count and head size: {:?}",
-                    info.name, info.dims
-                ));
-            };
-            cache.insert(
-                info.name.clone(),
-                F32Tensor {
-                    shape: vec![1, *heads, 0, *hd],
-                    data: Vec::new(),
-                },
-            );
-        }
-        let with_past = !cache.is_empty();
-        let eos: Vec<u32> = if self.meta.eos_token_ids.is_empty() {
-            self.tok.eos_id.into_iter().collect()
+        let eos: Vec<i64> = if self.meta.eos_token_ids.is_empty() {
+            self.tok.eos_id.into_iter().map(i64::from).collect()
         } else {
-            self.meta.eos_token_ids.clone()
+            self.meta.eos_token_ids.iter().map(|&i| i64::from(i)).collect()
         };
-        let mut new_ids: Vec<u32> = Vec::new();
-        for _ in 0..max_new {
-            let total = ids.len();
-            let past = if with_past && !new_ids.is_empty() {
-                total - 1
-            } else {
-                0
-            };
-            let step: Vec<i64> = ids[past..].to_vec();
-            let n = step.len() as i64;
-            let mut feed = BTreeMap::new();
-            for info in &declared {
-                let v = match info.name.as_str() {
-                    "input_ids" => Input::I64(I64Tensor {
-                        shape: vec![1, n],
-                        data: step.clone(),
-                    }),
-                    "attention_mask" => Input::I64(I64Tensor {
-                        shape: vec![1, total as i64],
-                        data: vec![1; total],
-                    }),
-                    "position_ids" => Input::I64(I64Tensor {
-                        shape: vec![1, n],
-                        data: (past as i64..total as i64).collect(),
-                    }),
-                    name if name.starts_with("past_key_values.") => match cache.get(name) {
-                        Some(t) => Input::F32(t.clone()),
-                        None => return Err(unfeedable(name)),
-                    },
-                    other => return Err(unfeedable(other)),
-                };
-                feed.insert(info.name.clone(), v);
-            }
-            let outs = self.model.run_inputs(&feed).map_err(|e| e.to_string())?;
-            let logits = output(&outs, "logits", &[Some(1), Some(step.len()), None])?;
-            let vocab = logits.shape[2] as usize;
-            let rows = logits.shape[1] as usize;
-            let last = &logits.data[(rows - 1) * vocab..rows * vocab];
-            let next = last
-                .iter()
-                .enumerate()
-                .fold((0usize, f32::NEG_INFINITY), |best, (i, &v)| {
-                    if v > best.1 { (i, v) } else { best }
-                })
-                .0 as u32;
-            if with_past {
-                for (k, v) in outs {
-                    if let Some(rest) = k.strip_prefix("present.") {
-                        cache.insert(format!("past_key_values.{rest}"), v);
+        let cfg = ferry_pipeline::GenerationConfig {
+            max_new_tokens: max_new,
+            pad_token_id: eos.first().copied().unwrap_or(0),
+            eos_token_ids: eos,
+        };
+        let with_past = self
+            .model
+            .inputs()
+            .iter()
+            .any(|i| i.name.starts_with("past_key_values."));
+        if stream {
+            emit(prompt)?;
+        }
+        let mut stream_text = ferry_pipeline::tokenizer::StreamDecoder::new(self.tok);
+        let generated = ferry_pipeline::greedy(
+            self.model,
+            vec![ids.clone()],
+            vec![vec![1; ids.len()]],
+            &cfg,
+            |step| {
+                if stream {
+                    for &t in step {
+                        let piece = stream_text
+                            .push(t as u32)
+                            .map_err(|e| ferry_pipeline::GenerateError::Stopped(e.0))?;
+                        emit(&piece).map_err(ferry_pipeline::GenerateError::Stopped)?;
                     }
                 }
-            }
-            ids.push(i64::from(next));
-            new_ids.push(next);
-            if eos.contains(&next) {
-                break;
-            }
-        }
+                Ok(())
+            },
+        )
+        .map_err(|e| e.to_string())?;
+        let new_ids: Vec<u32> = generated
+            .into_iter()
+            .next()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|t| t as u32)
+            .collect();
         let continuation = self.tok.decode(&new_ids, true)?;
+        if stream {
+            emit(&stream_text.finish()?)?;
+        }
         let generated = format!("{prompt}{continuation}");
         Ok(Answer {
-            text: format!("{generated}\n"),
+            text: if stream {
+                "\n".to_string()
+            } else {
+                format!("{generated}\n")
+            },
             json: json!({
                 "generated_text": generated,
-                "prompt_token_ids": &ids[..prompt_len],
+                "prompt_token_ids": ids,
                 "new_token_ids": new_ids,
                 "cache": with_past,
             }),

@@ -85,8 +85,21 @@ pub(crate) fn projection(
     w: &WeightSource<'_>,
     scope: &str,
     x: &T,
+    features: (i64, i64),
+    layout: WeightLayout,
+) -> Result<T, TraceError> {
+    dense(t, w, scope, x, features, layout, true)
+}
+
+/// [`projection`] with or without its bias (`nn.Linear(…, bias=False)`).
+pub(crate) fn dense(
+    t: &mut Tracer,
+    w: &WeightSource<'_>,
+    scope: &str,
+    x: &T,
     (in_features, out_features): (i64, i64),
     layout: WeightLayout,
+    bias: bool,
 ) -> Result<T, TraceError> {
     scoped(t, scope, |t| {
         let path = t.module_path();
@@ -95,12 +108,15 @@ pub(crate) fn projection(
             WeightLayout::InOut => [in_features, out_features],
         };
         let weight = w.get(t, &format!("{path}.weight"), &shape)?;
-        let bias = w.get(t, &format!("{path}.bias"), &[out_features])?;
         let weight = match layout {
             WeightLayout::OutIn => t.transpose(&weight, &[1, 0])?,
             WeightLayout::InOut => weight,
         };
         let mm = t.matmul(x, &weight)?;
+        if !bias {
+            return Ok(mm);
+        }
+        let bias = w.get(t, &format!("{path}.bias"), &[out_features])?;
         t.add(&mm, &bias)
     })
 }

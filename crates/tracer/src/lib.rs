@@ -11,7 +11,9 @@
 mod albert;
 mod bert;
 mod builder;
+mod causal;
 mod config;
+mod decoder;
 mod distilbert;
 mod electra;
 mod embeddings;
@@ -46,6 +48,8 @@ struct Arch {
     build: BuildFn,
     /// Whether the tracer can emit float16 compute (`--dtype fp16`).
     half_compute: bool,
+    /// Whether ferry-torchscript can write this architecture's graphs.
+    torchscript: bool,
 }
 
 /// The registry every lookup (dispatch, `--list`, error messages) is generated from.
@@ -55,42 +59,56 @@ const ARCHITECTURES: &[Arch] = &[
         tasks: heads::ENCODER_TASKS,
         build: albert::build,
         half_compute: true,
+        torchscript: true,
     },
     Arch {
         model_types: &["mpnet"],
         tasks: heads::ENCODER_TASKS,
         build: mpnet::build,
         half_compute: true,
+        torchscript: true,
     },
     Arch {
         model_types: &["gpt2"],
         tasks: gpt2::GPT2_TASKS,
         build: gpt2::build,
         half_compute: false,
+        torchscript: true,
+    },
+    Arch {
+        model_types: decoder::MODEL_TYPES,
+        tasks: decoder::DECODER_TASKS,
+        build: decoder::build,
+        half_compute: false,
+        torchscript: false,
     },
     Arch {
         model_types: &["bert"],
         tasks: heads::ENCODER_TASKS,
         build: bert::build,
         half_compute: true,
+        torchscript: true,
     },
     Arch {
         model_types: &["distilbert"],
         tasks: heads::ENCODER_TASKS,
         build: distilbert::build,
         half_compute: true,
+        torchscript: true,
     },
     Arch {
         model_types: &["roberta", "xlm-roberta", "camembert"],
         tasks: heads::ENCODER_TASKS,
         build: roberta::build,
         half_compute: true,
+        torchscript: true,
     },
     Arch {
         model_types: &["electra"],
         tasks: heads::ENCODER_TASKS,
         build: electra::build,
         half_compute: true,
+        torchscript: true,
     },
 ];
 
@@ -113,6 +131,11 @@ pub fn supported_architectures() -> Vec<&'static str> {
 /// Tasks the tracer can export for an architecture, by optimum's names.
 pub fn supported_tasks(model_type: &str) -> &'static [&'static str] {
     arch(model_type).map(|a| a.tasks).unwrap_or(&[])
+}
+
+/// Whether `--format torchscript` can export this architecture (the decoder LLMs cannot).
+pub fn exports_torchscript(model_type: &str) -> bool {
+    arch(model_type).is_some_and(|a| a.torchscript)
 }
 
 /// Every task any architecture supports, in a stable order.

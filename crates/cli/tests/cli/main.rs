@@ -477,97 +477,6 @@ fn list_matches_snapshot() {
     assert!(got.lines().any(|l| l.starts_with("bert ")), "{got}");
 }
 
-/// GPT-2 with past: prefill, then three single-token steps feeding `present.*` back as
-/// `past_key_values.*`, each step's logits against transformers' (generate-style cache).
-#[test]
-fn gpt2_with_past_matches_transformers_step_by_step() {
-    use ferry_verifier::{F32Tensor, I64Tensor, Input};
-    use std::collections::BTreeMap;
-    let case = testdata("gpt2-tiny-text-generation-with-past");
-    let bytes = std::fs::read(case.join("steps.safetensors")).expect("steps golden");
-    let st = safetensors::SafeTensors::deserialize(&bytes).expect("safetensors");
-    let i64s = |name: &str| {
-        let v = st.tensor(name).expect(name);
-        I64Tensor {
-            shape: v.shape().iter().map(|&d| d as i64).collect(),
-            data: v
-                .data()
-                .chunks_exact(8)
-                .map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes")))
-                .collect(),
-        }
-    };
-    let f32s = |name: &str| -> Vec<f32> {
-        let v = st.tensor(name).expect(name);
-        v.data()
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")))
-            .collect()
-    };
-    for opset in ["17", "14"] {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let out = dir.path().join("decoder_with_past.onnx");
-        let o = export(
-            &case,
-            &out,
-            &["--task", "text-generation-with-past", "--opset", opset],
-        );
-        assert!(o.status.success(), "{}", stderr(&o));
-        let mut m = ferry_verifier::Model::load(&out, 2).expect("load");
-        let past_inputs: Vec<_> = m
-            .inputs()
-            .into_iter()
-            .filter(|i| i.name.starts_with("past_key_values."))
-            .collect();
-        assert_eq!(past_inputs.len(), 4, "2 layers x key/value");
-        let mut cache: BTreeMap<String, F32Tensor> = BTreeMap::new();
-        for info in &past_inputs {
-            let heads = *info.dims[1].as_ref().expect("fixed heads");
-            let hd = *info.dims[3].as_ref().expect("fixed head dim");
-            cache.insert(
-                info.name.clone(),
-                F32Tensor {
-                    shape: vec![2, heads, 0, hd],
-                    data: vec![],
-                },
-            );
-        }
-        for step in 0..4 {
-            let mut inputs: BTreeMap<String, Input> = BTreeMap::new();
-            for name in ["input_ids", "attention_mask", "position_ids"] {
-                inputs.insert(
-                    name.into(),
-                    Input::I64(i64s(&format!("step{step}.input.{name}"))),
-                );
-            }
-            for (k, v) in &cache {
-                inputs.insert(k.clone(), Input::F32(v.clone()));
-            }
-            let outs = m.run_inputs(&inputs).expect("run");
-            let want = f32s(&format!("step{step}.output.logits"));
-            let got = &outs["logits"];
-            assert_eq!(got.data.len(), want.len(), "step {step} logits size");
-            let max_abs = got
-                .data
-                .iter()
-                .zip(&want)
-                .map(|(a, b)| (a - b).abs())
-                .fold(0f32, f32::max);
-            println!(
-                "gpt2 with past opset {opset} step {step}: logits {:?} max-abs {max_abs:.3e}",
-                got.shape
-            );
-            assert!(max_abs <= 1e-5, "step {step}: max-abs {max_abs}");
-            cache = outs
-                .into_iter()
-                .filter(|(k, _)| k.starts_with("present."))
-                .map(|(k, v)| (k.replacen("present.", "past_key_values.", 1), v))
-                .collect();
-            assert_eq!(cache.len(), 4);
-        }
-    }
-}
-
 // ----- ferry run: the task's answer from text, as the transformers pipelines give it -----
 
 /// `ferry run MODEL --json ARGS…`, parsed.
@@ -898,6 +807,7 @@ fn run_bad_input_is_one_line() {
     assert!(got["answer"].is_string(), "{got}");
 }
 
+mod decoders;
 mod fusions;
 mod halfprec;
 mod hub;

@@ -15,8 +15,31 @@ use tokenizers::{
     TruncationStrategy,
 };
 
+/// Why a tokenizer could not be loaded or could not encode or decode.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct TokenizerError(pub String);
+
+impl TokenizerError {
+    fn msg(m: String) -> Self {
+        Self(m)
+    }
+}
+
+impl From<String> for TokenizerError {
+    fn from(m: String) -> Self {
+        Self(m)
+    }
+}
+
+impl From<TokenizerError> for String {
+    fn from(e: TokenizerError) -> Self {
+        e.0
+    }
+}
+
 /// A tokenizer with the special tokens the task code needs.
-pub(crate) struct TextTokenizer {
+pub struct TextTokenizer {
     tok: Tokenizer,
     /// Where it was loaded from.
     pub dir: PathBuf,
@@ -45,7 +68,7 @@ fn token_str(v: &serde_json::Value) -> Option<String> {
     }
 }
 
-fn read_json(path: &Path) -> Result<Option<serde_json::Value>, String> {
+fn read_json(path: &Path) -> Result<Option<serde_json::Value>, TokenizerError> {
     if !path.is_file() {
         return Ok(None);
     }
@@ -53,17 +76,17 @@ fn read_json(path: &Path) -> Result<Option<serde_json::Value>, String> {
         .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     serde_json::from_str(&text)
         .map(Some)
-        .map_err(|e| format!("{} is not valid JSON: {e}", path.display()))
+        .map_err(|e| TokenizerError(format!("{} is not valid JSON: {e}", path.display())))
 }
 
 impl TextTokenizer {
     /// Loads the tokenizer in `dir`: `tokenizer.json`, else `vocab.txt` (BERT WordPiece).
-    pub fn load(dir: &Path) -> Result<Self, String> {
+    pub fn load(dir: &Path) -> Result<Self, TokenizerError> {
         if !dir.is_dir() {
-            return Err(format!(
+            return Err(TokenizerError::msg(format!(
                 "tokenizer directory {} does not exist",
                 dir.display()
-            ));
+            )));
         }
         let config = read_json(&dir.join("tokenizer_config.json"))?.unwrap_or_default();
         let special_map = read_json(&dir.join("special_tokens_map.json"))?.unwrap_or_default();
@@ -80,10 +103,10 @@ impl TextTokenizer {
         } else if vocab.is_file() {
             wordpiece_from_vocab(&vocab, &config, &special)?
         } else {
-            return Err(format!(
+            return Err(TokenizerError::msg(format!(
                 "no tokenizer.json or vocab.txt in {}",
                 dir.display()
-            ));
+            )));
         };
         // transformers ignores the padding/truncation saved in tokenizer.json unless asked.
         tok.with_padding(None);
@@ -111,17 +134,24 @@ impl TextTokenizer {
             unk_id: unk_id.or_else(|| bert("[UNK]")),
             eos_id,
             model_max_length,
+            // transformers 5 skips the clean-up for BPE models (it would strip legitimate
+            // spaces before punctuation) unless told to corrupt the output anyway.
             clean_up_spaces: config
                 .get("clean_up_tokenization_spaces")
                 .and_then(serde_json::Value::as_bool)
-                .unwrap_or(false),
+                .unwrap_or(false)
+                && (!matches!(tok.get_model(), tokenizers::ModelWrapper::BPE(_))
+                    || config
+                        .get("clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output")
+                        .and_then(serde_json::Value::as_bool)
+                        .unwrap_or(false)),
             dir: dir.to_path_buf(),
             tok,
         })
     }
 
     /// Encodes one text or a pair, with the tokenizer's special tokens, offsets in characters.
-    pub fn encode<'s>(&self, input: impl Into<EncodeInput<'s>>) -> Result<Encoding, String> {
+    pub fn encode<'s>(&self, input: impl Into<EncodeInput<'s>>) -> Result<Encoding, TokenizerError> {
         self.encode_with(input, true)
     }
 
@@ -131,14 +161,14 @@ impl TextTokenizer {
         &self,
         input: impl Into<EncodeInput<'s>>,
         add_special_tokens: bool,
-    ) -> Result<Encoding, String> {
+    ) -> Result<Encoding, TokenizerError> {
         self.tok
             .encode_char_offsets(input, add_special_tokens)
-            .map_err(|e| format!("tokenizer: {e}"))
+            .map_err(|e| TokenizerError(format!("tokenizer: {e}")))
     }
 
     /// Encodes one text cut to at most `max_length` tokens (the rest is dropped).
-    pub fn encode_truncated(&self, text: &str, max_length: usize) -> Result<Encoding, String> {
+    pub fn encode_truncated(&self, text: &str, max_length: usize) -> Result<Encoding, TokenizerError> {
         let mut tok = self.tok.clone();
         tok.with_truncation(Some(TruncationParams {
             max_length,
@@ -160,7 +190,7 @@ impl TextTokenizer {
         second: &str,
         max_length: usize,
         stride: usize,
-    ) -> Result<Vec<Encoding>, String> {
+    ) -> Result<Vec<Encoding>, TokenizerError> {
         let mut tok = self.tok.clone();
         tok.with_truncation(Some(TruncationParams {
             direction: TruncationDirection::Right,
@@ -180,7 +210,7 @@ impl TextTokenizer {
 
     /// Decodes ids to text, as transformers' `tokenizer.decode` (with its
     /// `clean_up_tokenization_spaces` when tokenizer_config.json turns it on).
-    pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String, String> {
+    pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String, TokenizerError> {
         let text = self
             .tok
             .decode(ids, skip_special_tokens)
@@ -215,12 +245,12 @@ impl TextTokenizer {
     }
 
     /// Joins tokens into text, as transformers' `convert_tokens_to_string`.
-    pub fn tokens_to_string(&self, tokens: &[String]) -> Result<String, String> {
+    pub fn tokens_to_string(&self, tokens: &[String]) -> Result<String, TokenizerError> {
         use tokenizers::Decoder;
         match self.tok.get_decoder() {
             Some(d) => d
                 .decode(tokens.to_vec())
-                .map_err(|e| format!("tokenizer: {e}")),
+                .map_err(|e| TokenizerError(format!("tokenizer: {e}"))),
             None => Ok(tokens.join(" ")),
         }
     }
@@ -241,7 +271,7 @@ fn wordpiece_from_vocab(
     vocab: &Path,
     config: &serde_json::Value,
     special: &dyn Fn(&str) -> Option<String>,
-) -> Result<Tokenizer, String> {
+) -> Result<Tokenizer, TokenizerError> {
     let name = vocab.display().to_string();
     let words = WordPiece::read_file(&name).map_err(|e| format!("{name}: {e}"))?;
     let unk = special("unk_token").unwrap_or_else(|| "[UNK]".into());
@@ -290,4 +320,59 @@ fn wordpiece_from_vocab(
     tok.add_special_tokens(added)
         .map_err(|e| format!("{name}: {e}"))?;
     Ok(tok)
+}
+
+/// Decodes generated tokens as they arrive, returning only the text not returned before:
+/// the pieces joined equal the decode of all the tokens. A piece that ends inside a
+/// character (byte-level BPE splits many characters over several tokens) is held back until
+/// the character is complete.
+pub struct StreamDecoder<'t> {
+    tok: &'t TextTokenizer,
+    ids: Vec<u32>,
+    emitted: String,
+}
+
+impl<'t> StreamDecoder<'t> {
+    /// A decoder over `tok`, skipping special tokens (as the generation pipelines do).
+    pub fn new(tok: &'t TextTokenizer) -> Self {
+        Self {
+            tok,
+            ids: Vec::new(),
+            emitted: String::new(),
+        }
+    }
+
+    /// Adds one token; returns the new text it completes (possibly empty).
+    pub fn push(&mut self, id: u32) -> Result<String, TokenizerError> {
+        self.ids.push(id);
+        let text = self.tok.decode(&self.ids, true)?;
+        if text.ends_with('\u{FFFD}') {
+            return Ok(String::new());
+        }
+        Ok(self.take(text))
+    }
+
+    /// Whatever is left once generation ends (an incomplete character included).
+    pub fn finish(&mut self) -> Result<String, TokenizerError> {
+        let text = self.tok.decode(&self.ids, true)?;
+        Ok(self.take(text))
+    }
+
+    /// The decode of every token so far.
+    pub fn text(&self) -> &str {
+        &self.emitted
+    }
+
+    fn take(&mut self, text: String) -> String {
+        // Decoding more tokens can rewrite the end of the text only in tokenizers that
+        // clean up spaces; then wait until the text grows past what was emitted.
+        match text.strip_prefix(self.emitted.as_str()) {
+            Some(rest) => {
+                let rest = rest.to_string();
+                self.emitted = text;
+                rest
+            }
+            None => String::new(),
+        }
+    }
 }

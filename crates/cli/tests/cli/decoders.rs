@@ -1,0 +1,230 @@
+//! Decoder LLMs (and GPT-2) against transformers, step by step: every testdata case with a
+//! `steps.safetensors` golden is exported with its cache, run on a left-padded prefill and
+//! three cached steps (each fed the previous `present.*`), exported without a cache and
+//! compared at the prefill, and generates greedily with ferry-pipeline to the token ids of
+//! `model.generate`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use ferry_verifier::{F32Tensor, I64Tensor, Input, Model};
+
+use super::{export, root, stderr};
+
+/// Every case with a steps golden.
+fn step_cases() -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(root().join("testdata"))
+        .expect("testdata")
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.join("steps.safetensors").is_file())
+        .collect();
+    v.sort();
+    assert!(v.len() >= 12, "steps goldens missing: {v:?}");
+    v
+}
+
+struct Steps {
+    bytes: Vec<u8>,
+}
+
+impl Steps {
+    fn load(case: &Path) -> Self {
+        Self {
+            bytes: std::fs::read(case.join("steps.safetensors")).expect("steps golden"),
+        }
+    }
+
+    fn view(&self) -> safetensors::SafeTensors<'_> {
+        safetensors::SafeTensors::deserialize(&self.bytes).expect("safetensors")
+    }
+
+    fn has(&self, name: &str) -> bool {
+        self.view().tensor(name).is_ok()
+    }
+
+    fn i64s(&self, name: &str) -> I64Tensor {
+        let st = self.view();
+        let v = st.tensor(name).expect(name);
+        I64Tensor {
+            shape: v.shape().iter().map(|&d| d as i64).collect(),
+            data: v
+                .data()
+                .chunks_exact(8)
+                .map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes")))
+                .collect(),
+        }
+    }
+
+    fn f32s(&self, name: &str) -> Vec<f32> {
+        let st = self.view();
+        let v = st.tensor(name).expect(name);
+        v.data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes")))
+            .collect()
+    }
+
+    fn inputs(&self, step: usize) -> BTreeMap<String, Input> {
+        ["input_ids", "attention_mask", "position_ids"]
+            .iter()
+            .map(|n| {
+                let t = self.i64s(&format!("step{step}.input.{n}"));
+                (n.to_string(), Input::I64(t))
+            })
+            .collect()
+    }
+}
+
+fn max_abs(got: &F32Tensor, want: &[f32]) -> f32 {
+    assert_eq!(got.data.len(), want.len(), "logits size");
+    got.data
+        .iter()
+        .zip(want)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max)
+}
+
+fn exported(case: &Path, dir: &Path, task: &str, opset: &str) -> PathBuf {
+    let out = dir.join(format!("{task}-{opset}.onnx"));
+    let o = export(case, &out, &["--task", task, "--opset", opset]);
+    assert!(
+        o.status.success(),
+        "{}: {}",
+        case.display(),
+        stderr(&o)
+    );
+    out
+}
+
+fn name(case: &Path) -> String {
+    case.file_name()
+        .expect("case name")
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// Prefill + three cached steps match transformers' logits within 1e-5.
+#[test]
+fn with_past_matches_transformers_step_by_step() {
+    for case in step_cases() {
+        let steps = Steps::load(&case);
+        for opset in ["17", "14"] {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let out = exported(&case, dir.path(), "text-generation-with-past", opset);
+            let mut m = Model::load(&out, 2).expect("load");
+            let batch = steps.i64s("step0.input.input_ids").shape[0];
+            let mut cache: BTreeMap<String, F32Tensor> = BTreeMap::new();
+            for info in m.inputs() {
+                if !info.name.starts_with("past_key_values.") {
+                    continue;
+                }
+                let heads = *info.dims[1].as_ref().expect("fixed heads");
+                let hd = *info.dims[3].as_ref().expect("fixed head dim");
+                cache.insert(
+                    info.name.clone(),
+                    F32Tensor {
+                        shape: vec![batch, heads, 0, hd],
+                        data: vec![],
+                    },
+                );
+            }
+            let layers = cache.len();
+            assert!(layers >= 4, "{}: cache inputs {layers}", name(&case));
+            for step in 0..4 {
+                let mut inputs = steps.inputs(step);
+                for (k, v) in &cache {
+                    inputs.insert(k.clone(), Input::F32(v.clone()));
+                }
+                let outs = m.run_inputs(&inputs).expect("run");
+                let d = max_abs(&outs["logits"], &steps.f32s(&format!("step{step}.output.logits")));
+                println!(
+                    "{} with past opset {opset} step {step}: logits {:?} max-abs {d:.3e}",
+                    name(&case),
+                    outs["logits"].shape
+                );
+                assert!(d <= 1e-5, "{} step {step}: max-abs {d}", name(&case));
+                cache = outs
+                    .into_iter()
+                    .filter(|(k, _)| k.starts_with("present."))
+                    .map(|(k, v)| (k.replacen("present.", "past_key_values.", 1), v))
+                    .collect();
+                assert_eq!(cache.len(), layers);
+            }
+        }
+    }
+}
+
+/// The export without a cache gives transformers' prefill logits.
+#[test]
+fn without_past_matches_the_prefill() {
+    for case in step_cases() {
+        let steps = Steps::load(&case);
+        let dir = tempfile::tempdir().expect("tempdir");
+        let out = exported(&case, dir.path(), "text-generation", "17");
+        let mut m = Model::load(&out, 2).expect("load");
+        let outs = m.run_inputs(&steps.inputs(0)).expect("run");
+        let d = max_abs(&outs["logits"], &steps.f32s("step0.output.logits"));
+        println!("{} without past: prefill max-abs {d:.3e}", name(&case));
+        assert!(d <= 1e-5, "{}: max-abs {d}", name(&case));
+    }
+}
+
+/// Greedy generation (ferry-pipeline) gives the token ids of `model.generate`, with the
+/// cache and without it.
+#[test]
+fn greedy_generation_matches_generate() {
+    let mut checked = 0;
+    for case in step_cases() {
+        let steps = Steps::load(&case);
+        if !steps.has("generate.output_ids") {
+            continue;
+        }
+        let ids = steps.i64s("generate.input_ids");
+        let mask = steps.i64s("generate.attention_mask");
+        let want = steps.i64s("generate.output_ids");
+        let (rows, len) = (ids.shape[0] as usize, ids.shape[1] as usize);
+        let total = want.shape[1] as usize;
+        let split = |t: &I64Tensor, w: usize| -> Vec<Vec<i64>> {
+            t.data.chunks(w).map(<[i64]>::to_vec).collect()
+        };
+        let want_new: Vec<Vec<i64>> = split(&want, total)
+            .into_iter()
+            .map(|r| r[len..].to_vec())
+            .collect();
+        let config: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(case.join("config.json")).expect("config"),
+        )
+        .expect("json");
+        let eos = config["eos_token_id"].as_i64().into_iter().collect();
+        let cfg = ferry_pipeline::GenerationConfig {
+            max_new_tokens: total - len,
+            eos_token_ids: eos,
+            pad_token_id: 0,
+        };
+        let dir = tempfile::tempdir().expect("tempdir");
+        for task in ["text-generation-with-past", "text-generation"] {
+            let out = exported(&case, dir.path(), task, "17");
+            let mut m = Model::load(&out, 2).expect("load");
+            let mut steps_seen = 0;
+            let got = ferry_pipeline::greedy(
+                &mut m,
+                split(&ids, len),
+                split(&mask, len),
+                &cfg,
+                |step| {
+                    assert_eq!(step.len(), rows);
+                    steps_seen += 1;
+                    Ok(())
+                },
+            )
+            .expect("generate");
+            println!("{} {task}: generated {:?}", name(&case), got);
+            assert_eq!(got, want_new, "{} {task}", name(&case));
+            assert_eq!(steps_seen, total - len);
+            assert!(total - len >= 16);
+        }
+        checked += 1;
+    }
+    assert!(checked >= 11, "generate goldens: {checked}");
+}

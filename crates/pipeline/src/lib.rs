@@ -1,0 +1,12 @@
+//! ferry-pipeline: runs models ferry exported with the semantics of transformers'
+//! pipelines, for Rust programs that want answers rather than tensors: [`generate`],
+//! greedy decoding as `model.generate(do_sample=False)` computes it over optimum's decoder
+//! interface, with or without the key/value cache; and [`tokenizer`], a checkpoint's
+//! tokenizer (`tokenizer.json`, or WordPiece from `vocab.txt`) with the special tokens and
+//! decoding rules transformers applies, and streamed decoding of generated tokens.
+
+pub mod generate;
+pub mod tokenizer;
+
+pub use generate::{GenerateError, GenerationConfig, greedy, left_pad};
+pub use tokenizer::{StreamDecoder, TextTokenizer, TokenizerError};
