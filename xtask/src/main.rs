@@ -2,9 +2,14 @@
 //!
 //! - `export [MODEL] [-- FERRY_ARGS…]`: release-build ferry and export MODEL (default: the
 //!   bundled tiny BERT in testdata) to `target/export/`, checked in ONNX Runtime.
-//! - `verify`: fetch ONNX Runtime and the real all-MiniLM-L6-v2 checkpoint, run the whole
-//!   test suite, then print the golden parity table.
-//! - `golden`: regenerate testdata goldens with transformers (venv in `target/venv`).
+//! - `verify [--no-torch]`: fetch ONNX Runtime and the real all-MiniLM-L6-v2 checkpoint, run
+//!   the whole test suite, print the golden parity table, then run the TorchScript check
+//!   (testdata/verify_torchscript.py: every golden case's archives loaded by
+//!   `torch.jit.load` and compared with transformers) with the Python of `target/venv`,
+//!   which it creates from PyPI (`GOLDEN_PACKAGES`) when missing. `--no-torch` skips that
+//!   check for developers; when the `CI` environment variable is set it is refused, and a
+//!   venv that cannot be made or cannot import torch is an error, never a skip.
+//! - `golden`: regenerate testdata goldens with transformers (the same `target/venv`).
 //! - `bench`: time exporting a bert-base-sized checkpoint against `cat` of its weights;
 //!   `bench --scale` does the same (`--external-data`) for ~0.5, ~2 and ~6 GB checkpoints;
 //!   `bench --quantize [--latency]` times `ferry quantize` (int8) against ONNX Runtime's
@@ -232,44 +237,117 @@ fn golden_cases() -> Result<Vec<PathBuf>> {
     Ok(v)
 }
 
-/// A Python that can import torch and transformers: `target/venv` (made by `xtask golden`),
-/// else `$PYTHON`/`python3`.
-fn python_with_torch() -> Option<PathBuf> {
-    let venv = target().join("venv").join("bin").join("python");
-    [venv, PathBuf::from(python())].into_iter().find(|py| {
-        Command::new(py)
-            .args(["-c", "import torch, transformers"])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success())
-    })
+/// Checks that `py` imports torch, transformers, safetensors and numpy at the versions
+/// [`GOLDEN_PACKAGES`] pins; the error says what is missing or different.
+fn venv_pins_ok(py: &Path) -> Result<()> {
+    const CHECK: &str = "import sys, importlib.metadata as m\n\
+        import torch, transformers, safetensors, numpy\n\
+        bad = [f'{n} {m.version(n)} (want {v})' for n, v in (a.split('==') for a in sys.argv[1:])\n\
+               if m.version(n).split('+')[0] != v]\n\
+        sys.exit('; '.join(bad) or None)\n";
+    let pinned = GOLDEN_PACKAGES.iter().filter(|p| p.contains("=="));
+    let o = Command::new(py)
+        .args(["-c", CHECK])
+        .args(pinned)
+        .output()
+        .map_err(|e| format!("{}: {e}", py.display()))?;
+    if o.status.success() {
+        return Ok(());
+    }
+    let err = String::from_utf8_lossy(&o.stderr);
+    Err(err.lines().last().unwrap_or("failed").trim().to_string())
 }
 
-/// `verify --torch`: torch.jit.load ferry's TorchScript archives and compare with
-/// transformers (skipped, saying so, without a Python that has torch).
-fn verify_torch(ferry: &Path) -> Result<()> {
-    let Some(py) = python_with_torch() else {
-        println!(
-            "\nTorchScript check skipped: no Python with torch and transformers (run `cargo xtask golden` to make target/venv)"
+/// Makes sure `target/venv` exists and holds [`GOLDEN_PACKAGES`] from PyPI (the goldens'
+/// generator environment, also the TorchScript check's); returns its Python. `pip install`
+/// runs only when the venv does not already import them at the pinned versions.
+fn golden_venv() -> Result<PathBuf> {
+    let venv = target().join("venv");
+    let py = venv.join("bin").join("python");
+    if !py.is_file() {
+        eprintln!("xtask: creating {}", venv.display());
+        run(Command::new(python()).args(["-m", "venv"]).arg(&venv))?;
+    }
+    if let Err(why) = venv_pins_ok(&py) {
+        eprintln!(
+            "xtask: installing {} into {} ({why})",
+            GOLDEN_PACKAGES.join(" "),
+            venv.display()
         );
-        return Ok(());
-    };
+        let start = Instant::now();
+        run(Command::new(&py)
+            .args(["-m", "pip", "install", "--quiet"])
+            .args(GOLDEN_PACKAGES))?;
+        venv_pins_ok(&py).map_err(|e| format!("{} after pip install: {e}", venv.display()))?;
+        eprintln!(
+            "xtask: {} ready in {:.0} s",
+            venv.display(),
+            start.elapsed().as_secs_f64()
+        );
+    }
+    Ok(py)
+}
+
+/// True when running in CI (the `CI` environment variable set, as CI services do, and not
+/// `false`/`0`).
+fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| !v.is_empty() && v != "false" && v != "0")
+}
+
+/// The TorchScript check: testdata/verify_torchscript.py exports every golden case as
+/// TorchScript with `ferry`, loads the archives with `torch.jit.load` (`py`: the golden
+/// venv's Python) and compares them with transformers; any failure, or no case checked,
+/// is an error.
+fn verify_torch(py: &Path, ferry: &Path) -> Result<()> {
     println!(
         "\nTorchScript archives loaded by torch.jit.load ({}):",
         py.display()
     );
-    run(Command::new(py)
+    let start = Instant::now();
+    let result = run(Command::new(py)
         .arg(root().join("testdata").join("verify_torchscript.py"))
         .arg(ferry)
         .arg(root().join("testdata"))
-        .arg(target().join("verify").join("torchscript")))
+        .arg(target().join("verify").join("torchscript")));
+    println!(
+        "TorchScript check took {:.0} s",
+        start.elapsed().as_secs_f64()
+    );
+    result.map_err(|e| format!("TorchScript check failed: {e}"))
 }
 
 fn verify(args: &[String]) -> Result<()> {
-    let torch = args.iter().any(|a| a == "--torch");
+    let mut torch = true;
+    for a in args {
+        match a.as_str() {
+            "--no-torch" if in_ci() => {
+                return Err(
+                    "--no-torch is refused in CI (CI is set): the TorchScript check is part of CI"
+                        .into(),
+                );
+            }
+            "--no-torch" => torch = false,
+            // The check used to be opt-in; it is always on now.
+            "--torch" => {}
+            other => {
+                return Err(format!(
+                    "verify: unknown argument {other} (usage: cargo xtask verify [--no-torch])"
+                ));
+            }
+        }
+    }
     let lib = fetch_ort()?;
     let minilm = fetch_minilm()?;
+    // The TorchScript check's Python first, so that a venv that cannot be made fails
+    // before the long test run rather than after it.
+    let torch_py = if torch {
+        Some(golden_venv().map_err(|e| {
+            format!("the TorchScript check needs target/venv with torch: {e} (outside CI, `cargo xtask verify --no-torch` skips the check)")
+        })?)
+    } else {
+        println!("xtask: --no-torch: the TorchScript check will not run");
+        None
+    };
     run(cargo()
         .env("ORT_DYLIB_PATH", &lib)
         .env("FERRY_MINILM_DIR", &minilm)
@@ -346,24 +424,19 @@ fn verify(args: &[String]) -> Result<()> {
             }
         }
     }
+    // The TorchScript check runs even when a parity case failed, so one run reports both.
+    let torch_result = match &torch_py {
+        Some(py) => verify_torch(py, &ferry),
+        None => Ok(()),
+    };
     if failures > 0 {
         return Err(format!("{failures} golden case(s) failed"));
     }
-    if torch {
-        verify_torch(&ferry)?;
-    }
-    Ok(())
+    torch_result
 }
 
 fn golden() -> Result<()> {
-    let venv = target().join("venv");
-    let py = venv.join("bin").join("python");
-    if !py.is_file() {
-        run(Command::new(python()).args(["-m", "venv"]).arg(&venv))?;
-    }
-    run(Command::new(&py)
-        .args(["-m", "pip", "install", "--quiet"])
-        .args(GOLDEN_PACKAGES))?;
+    let py = golden_venv()?;
     let minilm = fetch_minilm()?;
     run(Command::new(&py)
         .arg(root().join("testdata").join("make_golden.py"))
