@@ -705,7 +705,9 @@ fn slice(
             .map(|&a| axis(a, rank))
             .collect::<Option<Vec<_>>>()?,
         Some(_) => return None,
-        None => (0..k).collect(),
+        // Omitted axes are 0..k, which the input must have.
+        None if k <= rank => (0..k).collect(),
+        None => return None,
     };
     let steps: Vec<i64> = match steps {
         Some(s) if s.len() == k => s.to_vec(),

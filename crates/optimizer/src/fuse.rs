@@ -13,6 +13,17 @@ pub(crate) fn is_onnx_domain(n: &Node) -> bool {
     n.domain.is_empty() || n.domain == "ai.onnx"
 }
 
+/// Input `k` of `n`, or `""` (an omitted input, which no matcher accepts as a value) when
+/// `n` has fewer inputs: matchers read a node's operands without trusting its arity.
+pub(crate) fn input_at(n: &Node, k: usize) -> &str {
+    n.inputs.get(k).map_or("", String::as_str)
+}
+
+/// Output `k` of `n`, or `""` when `n` has fewer outputs.
+pub(crate) fn output_at(n: &Node, k: usize) -> &str {
+    n.outputs.get(k).map_or("", String::as_str)
+}
+
 /// Who produces and who reads each value, and what is known about it.
 pub(crate) struct Index<'g> {
     pub(crate) graph: &'g Graph,
@@ -235,12 +246,12 @@ impl Int32Casts {
                 && n.outputs.len() == 1
                 && n.attrs.len() == 1
                 && matches!(n.attr("to"), Some(Attr::Int(6)))
-                && graph.inputs.iter().any(|v| v.name == n.inputs[0])
+                && graph.inputs.iter().any(|v| v.name == input_at(n, 0))
         });
         for n in existing {
             cast_of
-                .entry(n.inputs[0].clone())
-                .or_insert_with(|| n.outputs[0].clone());
+                .entry(input_at(n, 0).to_string())
+                .or_insert_with(|| output_at(n, 0).to_string());
         }
         Self {
             cast_of,
@@ -292,7 +303,7 @@ pub(crate) fn ms_node(name: String, op: &str, inputs: Vec<String>, outputs: Vec<
 
 /// The two inputs of a binary node, in both orders (for commutative ops).
 pub(crate) fn both_orders(n: &Node) -> [(&str, &str); 2] {
-    let (a, b) = (n.inputs[0].as_str(), n.inputs[1].as_str());
+    let (a, b) = (input_at(n, 0), input_at(n, 1));
     [(a, b), (b, a)]
 }
 
@@ -319,8 +330,8 @@ fn one_plus_erf(ix: &Index<'_>, q: &str) -> Option<(String, Vec<usize>)> {
     let sqrt2 = std::f32::consts::SQRT_2;
     if let Some((di, div)) = ix.producer(d, "Div").filter(|(_, n)| is_binary(n, "Div")) {
         return ix
-            .is_scalar(&div.inputs[1], sqrt2)
-            .then(|| (div.inputs[0].clone(), vec![ai, ei, di]));
+            .is_scalar(input_at(div, 1), sqrt2)
+            .then(|| (input_at(div, 0).to_string(), vec![ai, ei, di]));
     }
     let (di, mul) = ix.producer(d, "Mul").filter(|(_, n)| is_binary(n, "Mul"))?;
     let inv = std::f32::consts::FRAC_1_SQRT_2;
@@ -410,12 +421,12 @@ pub fn fuse_bias_gelu(graph: &mut Graph) -> usize {
             || gelu.domain != MS_DOMAIN
             || gelu.inputs.len() != 1
             || gelu.outputs.len() != 1
-            || !ix.single_use(&gelu.inputs[0])
+            || !ix.single_use(input_at(gelu, 0))
         {
             continue;
         }
         let Some((ai, add)) = ix
-            .producer(&gelu.inputs[0], "Add")
+            .producer(input_at(gelu, 0), "Add")
             .filter(|(_, n)| is_binary(n, "Add"))
         else {
             continue;
@@ -423,7 +434,7 @@ pub fn fuse_bias_gelu(graph: &mut Graph) -> usize {
         let m = both_orders(add).into_iter().find(|&(mm, bias)| {
             ix.producer(mm, "MatMul").is_some()
                 && ix.last_dim(mm).is_some_and(|h| {
-                    ix.is_vector(bias, h) && ix.last_dim(&add.outputs[0]) == Some(h)
+                    ix.is_vector(bias, h) && ix.last_dim(output_at(add, 0)) == Some(h)
                 })
         });
         let Some((mm, bias)) = m else { continue };
@@ -510,7 +521,7 @@ pub fn fuse_fast_gelu(graph: &mut Graph) -> usize {
             let (qi, pow) = ix
                 .producer(cube, "Pow")
                 .filter(|(_, n)| is_binary(n, "Pow"))?;
-            (pow.inputs[0] == x && ix.is_scalar(&pow.inputs[1], 3.0))
+            (input_at(pow, 0) == x && ix.is_scalar(input_at(pow, 1), 3.0))
                 .then(|| (x, vec![hi, pi, ti, si, ii, ci, qi]))
         });
         let Some((x, mut removed)) = m else { continue };
@@ -597,7 +608,7 @@ pub fn fuse_skip_layer_norm(graph: &mut Graph) -> usize {
             continue;
         }
         // A sum read elsewhere too (pre-LN residual streams, as in GPT-2) becomes output 3.
-        let sum_used_elsewhere = !ix.single_use(&ln.inputs[0]);
+        let sum_used_elsewhere = !ix.single_use(input_at(ln, 0));
         let axis_ok = matches!(ln.attr("axis"), None | Some(Attr::Int(-1)));
         let stash_ok = matches!(ln.attr("stash_type"), None | Some(Attr::Int(1)));
         let epsilon = match ln.attr("epsilon") {
@@ -613,12 +624,12 @@ pub fn fuse_skip_layer_norm(graph: &mut Graph) -> usize {
             continue;
         }
         let Some((ai, add)) = ix
-            .producer(&ln.inputs[0], "Add")
+            .producer(input_at(ln, 0), "Add")
             .filter(|(_, n)| is_binary(n, "Add"))
         else {
             continue;
         };
-        let (a, b) = (add.inputs[0].as_str(), add.inputs[1].as_str());
+        let (a, b) = (input_at(add, 0), input_at(add, 1));
         let (Some(sa), Some(sb)) = (ix.shapes.get(a), ix.shapes.get(b)) else {
             continue;
         };
@@ -627,8 +638,8 @@ pub fn fuse_skip_layer_norm(graph: &mut Graph) -> usize {
         };
         if sa.len() != 3
             || sa != sb
-            || !ix.is_vector(&ln.inputs[1], h)
-            || !ix.is_vector(&ln.inputs[2], h)
+            || !ix.is_vector(input_at(ln, 1), h)
+            || !ix.is_vector(input_at(ln, 2), h)
         {
             continue;
         }
@@ -653,7 +664,7 @@ pub fn fuse_skip_layer_norm(graph: &mut Graph) -> usize {
             .filter(|((bi, _, _), _)| !taken.contains(bi));
         let (removed, inputs) = match with_bias {
             Some(((bi, mm, bias), skip)) => {
-                let (gamma, beta) = (ln.inputs[1].clone(), ln.inputs[2].clone());
+                let (gamma, beta) = (input_at(ln, 1).to_string(), input_at(ln, 2).to_string());
                 (vec![ai, bi], vec![mm, skip.to_string(), gamma, beta, bias])
             }
             None => (
@@ -661,8 +672,8 @@ pub fn fuse_skip_layer_norm(graph: &mut Graph) -> usize {
                 vec![
                     a.to_string(),
                     b.to_string(),
-                    ln.inputs[1].clone(),
-                    ln.inputs[2].clone(),
+                    input_at(ln, 1).to_string(),
+                    input_at(ln, 2).to_string(),
                 ],
             ),
         };
@@ -672,7 +683,7 @@ pub fn fuse_skip_layer_norm(graph: &mut Graph) -> usize {
         let name = fused_name(&mut names, &ln.name, "SkipLayerNormalization");
         let mut outputs = ln.outputs.clone();
         if sum_used_elsewhere {
-            outputs.extend([String::new(), String::new(), ln.inputs[0].clone()]);
+            outputs.extend([String::new(), String::new(), input_at(ln, 0).to_string()]);
         }
         let mut node = ms_node(name, "SkipLayerNormalization", inputs, outputs);
         node.attrs
@@ -732,10 +743,10 @@ pub(crate) fn additive_mask_input(ix: &Index<'_>, value: &str) -> Option<String>
     let (_, sub) = ix
         .producer(inv, "Sub")
         .filter(|(_, n)| is_binary(n, "Sub"))?;
-    if scalar_value(ix, &sub.inputs[0]) != Some(1.0) {
+    if scalar_value(ix, input_at(sub, 0)) != Some(1.0) {
         return None;
     }
-    let (_, cast) = ix.producer(&sub.inputs[1], "Cast")?;
+    let (_, cast) = ix.producer(input_at(sub, 1), "Cast")?;
     if cast.inputs.len() != 1
         || cast.outputs.len() != 1
         || cast.attrs.len() != 1
@@ -743,23 +754,23 @@ pub(crate) fn additive_mask_input(ix: &Index<'_>, value: &str) -> Option<String>
     {
         return None;
     }
-    let (_, unsq) = ix.producer(&cast.inputs[0], "Unsqueeze")?;
+    let (_, unsq) = ix.producer(input_at(cast, 0), "Unsqueeze")?;
     let axes_ok = match (unsq.inputs.len(), unsq.attr("axes")) {
         (1, Some(Attr::Ints(a))) => a == &[1, 2],
-        (2, None) => int_vector(ix, &unsq.inputs[1]).is_some_and(|a| a == [1, 2]),
+        (2, None) => int_vector(ix, input_at(unsq, 1)).is_some_and(|a| a == [1, 2]),
         _ => false,
     };
     if !axes_ok || unsq.outputs.len() != 1 || unsq.attrs.len() > 1 {
         return None;
     }
-    let m = &unsq.inputs[0];
+    let m = input_at(unsq, 0);
     let input = ix.graph.inputs.iter().find(|v| &v.name == m)?;
     let int_like = matches!(
         input.dtype,
         DType::I64 | DType::I32 | DType::I16 | DType::I8 | DType::U8 | DType::Bool
     );
     let rank_ok = input.shape.as_ref().is_none_or(|s| s.len() == 2);
-    (int_like && rank_ok && !ix.inits.contains_key(m.as_str())).then(|| m.clone())
+    (int_like && rank_ok && !ix.inits.contains_key(m)).then(|| m.to_string())
 }
 
 /// A plain `Reshape` (two inputs, one output, `allowzero` absent or 0).
@@ -780,11 +791,11 @@ pub(crate) fn split_heads_reshape(ix: &Index<'_>, rs: &Node) -> Option<(i64, i64
     if !plain_reshape(rs) {
         return None;
     }
-    if let Some(&[0, 0, heads, head_dim]) = int_vector(ix, &rs.inputs[1]).as_deref() {
+    if let Some(&[0, 0, heads, head_dim]) = int_vector(ix, input_at(rs, 1)).as_deref() {
         return Some((heads, head_dim));
     }
-    let input = ix.shapes.get(rs.inputs[0].as_str())?;
-    let output = ix.shapes.get(rs.outputs[0].as_str())?;
+    let input = ix.shapes.get(input_at(rs, 0))?;
+    let output = ix.shapes.get(output_at(rs, 0))?;
     match (input, output) {
         ([a, b, h], [a2, b2, heads, head_dim])
             if a == a2 && b == b2 && h.fixed()? == heads.fixed()? * head_dim.fixed()? =>
@@ -802,11 +813,11 @@ pub(crate) fn merge_heads_reshape(ix: &Index<'_>, out: &Node) -> Option<i64> {
     if !plain_reshape(out) {
         return None;
     }
-    if let Some(&[0, 0, hidden]) = int_vector(ix, &out.inputs[1]).as_deref() {
+    if let Some(&[0, 0, hidden]) = int_vector(ix, input_at(out, 1)).as_deref() {
         return Some(hidden);
     }
-    let input = ix.shapes.get(out.inputs[0].as_str())?;
-    let output = ix.shapes.get(out.outputs[0].as_str())?;
+    let input = ix.shapes.get(input_at(out, 0))?;
+    let output = ix.shapes.get(output_at(out, 0))?;
     match (input, output) {
         ([a, b, heads, head_dim], [a2, b2, h])
             if a == a2 && b == b2 && h.fixed()? == heads.fixed()? * head_dim.fixed()? =>
@@ -828,7 +839,7 @@ fn projection(ix: &Index<'_>, value: &str, perm: &[i64]) -> Option<Projection> {
     let (ti, tr) = ix
         .producer(value, "Transpose")
         .filter(|(_, n)| has_perm(n, perm))?;
-    let r = &tr.inputs[0];
+    let r = input_at(tr, 0);
     if !ix.single_use(r) {
         return None;
     }
@@ -837,11 +848,11 @@ fn projection(ix: &Index<'_>, value: &str, perm: &[i64]) -> Option<Projection> {
     let hidden = heads
         .checked_mul(head_dim)
         .filter(|_| heads > 0 && head_dim > 0)?;
-    if !ix.single_use(&rs.inputs[0]) {
+    if !ix.single_use(input_at(rs, 0)) {
         return None;
     }
     let (ai, add) = ix
-        .producer(&rs.inputs[0], "Add")
+        .producer(input_at(rs, 0), "Add")
         .filter(|(_, n)| is_binary(n, "Add"))?;
     let (mm, b) = both_orders(add)
         .into_iter()
@@ -849,15 +860,15 @@ fn projection(ix: &Index<'_>, value: &str, perm: &[i64]) -> Option<Projection> {
     let (mi, matmul) = ix
         .producer(mm, "MatMul")
         .filter(|(_, n)| is_binary(n, "MatMul"))?;
-    let (x, w) = (&matmul.inputs[0], &matmul.inputs[1]);
+    let (x, w) = (input_at(matmul, 0), input_at(matmul, 1));
     let w_ok = ix
         .inits
-        .get(w.as_str())
+        .get(w)
         .is_some_and(|i| i.dtype == DType::F32 && i.dims == [hidden, hidden]);
     w_ok.then(|| {
         (
-            x.clone(),
-            w.clone(),
+            x.to_string(),
+            w.to_string(),
             b.to_string(),
             heads,
             head_dim,
@@ -881,8 +892,8 @@ pub(crate) fn scaled_scores(ix: &Index<'_>, value: &str) -> Option<(usize, Strin
         let (i, div) = ix
             .producer(value, "Div")
             .filter(|(_, n)| is_binary(n, "Div"))?;
-        let d = scalar_value(ix, &div.inputs[1])?;
-        (div.inputs[0].as_str(), 1.0 / d, i)
+        let d = scalar_value(ix, input_at(div, 1))?;
+        (input_at(div, 0), 1.0 / d, i)
     };
     (scale.is_finite() && scale > 0.0 && ix.single_use(qk)).then(|| (i, qk.to_string(), scale))
 }
@@ -903,7 +914,7 @@ pub(crate) fn constant_merge_heads_reshape(ix: &Index<'_>, out: &Node) -> Option
     {
         return None;
     }
-    match int_vector(ix, &out.inputs[1])?[..] {
+    match int_vector(ix, input_at(out, 1))?[..] {
         [0, 0, hidden] => Some(hidden),
         _ => None,
     }
@@ -932,20 +943,20 @@ pub(crate) fn attention_core<'g, M>(
     out: &Node,
     mask: impl Fn(&str, &str) -> Option<M>,
 ) -> Option<AttentionCore<'g, M>> {
-    let ct = &out.inputs[0];
+    let ct = input_at(out, 0);
     if !ix.single_use(ct) {
         return None;
     }
     let (cti, ctr) = ix
         .producer(ct, "Transpose")
         .filter(|(_, n)| has_perm(n, &[0, 2, 1, 3]))?;
-    if !ix.single_use(&ctr.inputs[0]) {
+    if !ix.single_use(input_at(ctr, 0)) {
         return None;
     }
     let (ci, ctx) = ix
-        .producer(&ctr.inputs[0], "MatMul")
+        .producer(input_at(ctr, 0), "MatMul")
         .filter(|(_, n)| is_binary(n, "MatMul"))?;
-    let probs = &ctx.inputs[0];
+    let probs = input_at(ctx, 0);
     if !ix.single_use(probs) {
         return None;
     }
@@ -954,12 +965,12 @@ pub(crate) fn attention_core<'g, M>(
         || sm.outputs.len() != 1
         || sm.attrs.len() != 1
         || !matches!(sm.attr("axis"), Some(Attr::Int(-1)))
-        || !ix.single_use(&sm.inputs[0])
+        || !ix.single_use(input_at(sm, 0))
     {
         return None;
     }
     let (mai, madd) = ix
-        .producer(&sm.inputs[0], "Add")
+        .producer(input_at(sm, 0), "Add")
         .filter(|(_, n)| is_binary(n, "Add"))?;
     let (scaled, mask) = both_orders(madd).into_iter().find_map(|(sc, m)| {
         if !ix.single_use(sc) || !is_scaled(ix, sc) {
@@ -973,7 +984,7 @@ pub(crate) fn attention_core<'g, M>(
         .filter(|(_, n)| is_binary(n, "MatMul"))?;
     Some(AttentionCore {
         qk: qkm,
-        v: &ctx.inputs[1],
+        v: input_at(ctx, 1),
         scale,
         mask,
         removed: vec![cti, ci, si, mai, mui, qki],
@@ -1017,8 +1028,8 @@ fn match_attention(ix: &Index<'_>, out: &Node) -> Option<AttentionMatch> {
         None => attention_bias_shape_ok(ix, m, sc).then(|| (m.to_string(), true)),
     })?;
     let (scale, (mask, bias_mask)) = (core.scale, core.mask);
-    let q = projection(ix, &core.qk.inputs[0], &[0, 2, 1, 3])?;
-    let k = projection(ix, &core.qk.inputs[1], &[0, 2, 3, 1])?;
+    let q = projection(ix, input_at(core.qk, 0), &[0, 2, 1, 3])?;
+    let k = projection(ix, input_at(core.qk, 1), &[0, 2, 3, 1])?;
     let v = projection(ix, core.v, &[0, 2, 1, 3])?;
     let same = |p: &Projection| p.0 == q.0 && p.3 == q.3 && p.4 == q.4;
     let (heads, head_dim) = (q.3, q.4);
@@ -1168,14 +1179,13 @@ fn embedding_lookup<'g>(ix: &Index<'g>, value: &str, h: i64) -> Option<(usize, &
     if !axis_ok || g.inputs.len() != 2 || g.outputs.len() != 1 {
         return None;
     }
-    if table_dims(ix, &g.inputs[0])?.1 != h {
+    if table_dims(ix, input_at(g, 0))?.1 != h {
         return None;
     }
-    let ids = &g.inputs[1];
+    let ids = input_at(g, 1);
     let input = ix.graph.inputs.iter().find(|v| &v.name == ids)?;
     let rank_ok = input.shape.as_ref().is_some_and(|s| s.len() == 2);
-    (input.dtype == DType::I64 && rank_ok && !ix.inits.contains_key(ids.as_str()))
-        .then_some((gi, g))
+    (input.dtype == DType::I64 && rank_ok && !ix.inits.contains_key(ids)).then_some((gi, g))
 }
 
 /// `Slice(table, [0], Slice(Shape(ids), [1], [2], [0]), [0])`: rows `[0, seq)` of a 2-D
@@ -1192,29 +1202,29 @@ fn position_rows(ix: &Index<'_>, value: &str, h: i64) -> Option<(String, String,
         return gathered_position_rows(ix, value, h);
     }
     let (pi, ps) = ix.producer(value, "Slice").filter(|(_, n)| plain(n, 4))?;
-    if table_dims(ix, &ps.inputs[0])?.1 != h
-        || int_vector(ix, &ps.inputs[1])? != [0]
-        || int_vector(ix, &ps.inputs[3])? != [0]
-        || !ix.single_use(&ps.inputs[2])
+    if table_dims(ix, input_at(ps, 0))?.1 != h
+        || int_vector(ix, input_at(ps, 1))? != [0]
+        || int_vector(ix, input_at(ps, 3))? != [0]
+        || !ix.single_use(input_at(ps, 2))
     {
         return None;
     }
     let (si, ss) = ix
-        .producer(&ps.inputs[2], "Slice")
+        .producer(input_at(ps, 2), "Slice")
         .filter(|(_, n)| plain(n, 4))?;
-    if int_vector(ix, &ss.inputs[1])? != [1]
-        || int_vector(ix, &ss.inputs[2])? != [2]
-        || int_vector(ix, &ss.inputs[3])? != [0]
-        || !ix.single_use(&ss.inputs[0])
+    if int_vector(ix, input_at(ss, 1))? != [1]
+        || int_vector(ix, input_at(ss, 2))? != [2]
+        || int_vector(ix, input_at(ss, 3))? != [0]
+        || !ix.single_use(input_at(ss, 0))
     {
         return None;
     }
     let (shi, sh) = ix
-        .producer(&ss.inputs[0], "Shape")
+        .producer(input_at(ss, 0), "Shape")
         .filter(|(_, n)| plain(n, 1))?;
     Some((
-        ps.inputs[0].clone(),
-        sh.inputs[0].clone(),
+        input_at(ps, 0).to_string(),
+        input_at(sh, 0).to_string(),
         vec![pi, si, shi],
     ))
 }
@@ -1234,15 +1244,15 @@ fn gathered_position_rows(
         (g.attrs.len(), g.attr("axis")),
         (0, None) | (1, Some(Attr::Int(0)))
     );
-    let (rows, cols) = table_dims(ix, &g.inputs[0])?;
-    if !axis_ok || g.inputs.len() != 2 || cols != h || !ix.single_use(&g.inputs[1]) {
+    let (rows, cols) = table_dims(ix, input_at(g, 0))?;
+    if !axis_ok || g.inputs.len() != 2 || cols != h || !ix.single_use(input_at(g, 1)) {
         return None;
     }
-    let (si, sl) = ix.producer(&g.inputs[1], "Slice")?;
+    let (si, sl) = ix.producer(input_at(g, 1), "Slice")?;
     if !(sl.inputs.len() == 4 || sl.inputs.len() == 5) || !sl.attrs.is_empty() {
         return None;
     }
-    let buffer = ix.inits.get(sl.inputs[0].as_str())?;
+    let buffer = ix.inits.get(input_at(sl, 0))?;
     let n = match buffer.dims.as_slice() {
         [1, n] if *n <= rows => *n,
         _ => return None,
@@ -1253,25 +1263,25 @@ fn gathered_position_rows(
                 .map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes")))
                 .eq(0..n)
         });
-    let steps_ok = sl.inputs.len() == 4 || int_vector(ix, &sl.inputs[4])? == [1];
+    let steps_ok = sl.inputs.len() == 4 || int_vector(ix, input_at(sl, 4))? == [1];
     if !arange_ok
         || !steps_ok
-        || int_vector(ix, &sl.inputs[1])? != [0]
-        || int_vector(ix, &sl.inputs[3])? != [1]
-        || !ix.single_use(&sl.inputs[2])
+        || int_vector(ix, input_at(sl, 1))? != [0]
+        || int_vector(ix, input_at(sl, 3))? != [1]
+        || !ix.single_use(input_at(sl, 2))
     {
         return None;
     }
-    let (ui, unsq) = ix.producer(&sl.inputs[2], "Unsqueeze")?;
+    let (ui, unsq) = ix.producer(input_at(sl, 2), "Unsqueeze")?;
     let axes_ok = match (unsq.inputs.len(), unsq.attr("axes")) {
         (1, Some(Attr::Ints(a))) => a == &[0],
-        (2, None) => int_vector(ix, &unsq.inputs[1]).is_some_and(|a| a == [0]),
+        (2, None) => int_vector(ix, input_at(unsq, 1)).is_some_and(|a| a == [0]),
         _ => false,
     };
-    if !axes_ok || !ix.single_use(&unsq.inputs[0]) {
+    if !axes_ok || !ix.single_use(input_at(unsq, 0)) {
         return None;
     }
-    let (ei, el) = ix.producer(&unsq.inputs[0], "Gather")?;
+    let (ei, el) = ix.producer(input_at(unsq, 0), "Gather")?;
     let el_axis_ok = matches!(
         (el.attrs.len(), el.attr("axis")),
         (0, None) | (1, Some(Attr::Int(0)))
@@ -1284,16 +1294,16 @@ fn gathered_position_rows(
             .bytes()
             .ok()
             .is_some_and(|b| *b == 1i64.to_le_bytes());
-    if !el_axis_ok || !one_ok || !ix.single_use(&el.inputs[0]) {
+    if !el_axis_ok || !one_ok || !ix.single_use(input_at(el, 0)) {
         return None;
     }
-    let (shi, sh) = ix.producer(&el.inputs[0], "Shape")?;
+    let (shi, sh) = ix.producer(input_at(el, 0), "Shape")?;
     if sh.inputs.len() != 1 || !sh.attrs.is_empty() {
         return None;
     }
     Some((
-        g.inputs[0].clone(),
-        sh.inputs[0].clone(),
+        input_at(g, 0).to_string(),
+        input_at(sh, 0).to_string(),
         vec![gi, si, ui, ei, shi],
     ))
 }
@@ -1315,7 +1325,7 @@ fn match_embed_layer_norm(ix: &Index<'_>, ln: &Node) -> Option<EmbedMatch> {
         || !is_onnx_domain(ln)
         || ln.inputs.len() != 3
         || ln.outputs.len() != 1
-        || !ix.single_use(&ln.inputs[0])
+        || !ix.single_use(input_at(ln, 0))
     {
         return None;
     }
@@ -1333,26 +1343,26 @@ fn match_embed_layer_norm(ix: &Index<'_>, ln: &Node) -> Option<EmbedMatch> {
     if !axis_ok || !stash_ok || extra {
         return None;
     }
-    let gamma = &ln.inputs[1];
-    let h = ix.inits.get(gamma.as_str())?.dims.first().copied()?;
-    if !ix.is_vector(gamma, h) || !ix.is_vector(&ln.inputs[2], h) {
+    let gamma = input_at(ln, 1);
+    let h = ix.inits.get(gamma)?.dims.first().copied()?;
+    if !ix.is_vector(gamma, h) || !ix.is_vector(input_at(ln, 2), h) {
         return None;
     }
     let (a2i, add2) = ix
-        .producer(&ln.inputs[0], "Add")
+        .producer(input_at(ln, 0), "Add")
         .filter(|(_, n)| is_binary(n, "Add"))?;
     both_orders(add2).into_iter().find_map(|(sum, rows)| {
         let (pos, shape_ids, pos_nodes) = position_rows(ix, rows, h)?;
         // DistilBERT: word lookup plus positions, no token types.
         if let Some((wi, wg)) = embedding_lookup(ix, sum, h)
-            && wg.inputs[1] == shape_ids
+            && input_at(wg, 1) == shape_ids
         {
             let mut removed = vec![a2i, wi];
             removed.extend(&pos_nodes);
             return Some(EmbedMatch {
-                ids: wg.inputs[1].clone(),
+                ids: input_at(wg, 1).to_string(),
                 types: None,
-                word: wg.inputs[0].clone(),
+                word: input_at(wg, 0).to_string(),
                 pos,
                 epsilon,
                 removed,
@@ -1367,19 +1377,19 @@ fn match_embed_layer_norm(ix: &Index<'_>, ln: &Node) -> Option<EmbedMatch> {
         both_orders(add1).into_iter().find_map(|(w, t)| {
             let (wi, wg) = embedding_lookup(ix, w, h)?;
             let (ti, tg) = embedding_lookup(ix, t, h)?;
-            if wg.inputs[1] != shape_ids {
+            if input_at(wg, 1) != shape_ids {
                 return None;
             }
             let shape_of = |v: &str| ix.graph.inputs.iter().find(|i| i.name == v)?.shape.clone();
-            if shape_of(&wg.inputs[1]) != shape_of(&tg.inputs[1]) {
+            if shape_of(input_at(wg, 1)) != shape_of(input_at(tg, 1)) {
                 return None;
             }
             let mut removed = vec![a2i, a1i, wi, ti];
             removed.extend(&pos_nodes);
             Some(EmbedMatch {
-                ids: wg.inputs[1].clone(),
-                types: Some((tg.inputs[1].clone(), tg.inputs[0].clone())),
-                word: wg.inputs[0].clone(),
+                ids: input_at(wg, 1).to_string(),
+                types: Some((input_at(tg, 1).to_string(), input_at(tg, 0).to_string())),
+                word: input_at(wg, 0).to_string(),
                 pos: pos.clone(),
                 epsilon,
                 removed,
@@ -1431,10 +1441,10 @@ pub fn fuse_embed_layer_norm(graph: &mut Graph) -> usize {
                 m.word,
                 m.pos,
                 seg,
-                ln.inputs[1].clone(),
-                ln.inputs[2].clone(),
+                input_at(ln, 1).to_string(),
+                input_at(ln, 2).to_string(),
             ],
-            vec![ln.outputs[0].clone(), mask_index],
+            vec![output_at(ln, 0).to_string(), mask_index],
         );
         node.attrs
             .insert("epsilon".to_string(), Attr::Float(m.epsilon));

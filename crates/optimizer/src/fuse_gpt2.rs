@@ -5,8 +5,8 @@ use ferry_ir::{Attr, DType, Graph, Node};
 
 use crate::fuse::{
     Claimed, Index, Int32Casts, Rewrite, apply, attention_core, both_orders,
-    constant_merge_heads_reshape, fused_name, has_perm, int_vector, is_binary, ms_node, node_names,
-    scalar_value, value_names,
+    constant_merge_heads_reshape, fused_name, has_perm, input_at, int_vector, is_binary, ms_node,
+    node_names, scalar_value, value_names,
 };
 
 /// A rank-0 int64 initializer's value.
@@ -24,7 +24,7 @@ fn unsqueeze_of<'g>(ix: &Index<'g>, value: &str, axes: &[i64]) -> Option<(usize,
     let (i, n) = ix.producer(value, "Unsqueeze")?;
     let ok = match (n.inputs.len(), n.attr("axes")) {
         (1, Some(Attr::Ints(a))) => a == axes,
-        (2, None) => int_vector(ix, &n.inputs[1]).is_some_and(|a| a == axes),
+        (2, None) => int_vector(ix, input_at(n, 1)).is_some_and(|a| a == axes),
         _ => false,
     };
     (ok && n.outputs.len() == 1 && n.attrs.len() <= 1).then_some((i, n))
@@ -37,21 +37,21 @@ fn unsqueeze_of<'g>(ix: &Index<'g>, value: &str, axes: &[i64]) -> Option<(usize,
 fn causal_padding_mask(ix: &Index<'_>, value: &str) -> Option<String> {
     let (_, wh) = ix.producer(value, "Where")?;
     if wh.inputs.len() != 3
-        || scalar_value(ix, &wh.inputs[1]) != Some(0.0)
-        || scalar_value(ix, &wh.inputs[2]).is_none_or(|v| v.to_bits() != f32::MIN.to_bits())
+        || scalar_value(ix, input_at(wh, 1)) != Some(0.0)
+        || scalar_value(ix, input_at(wh, 2)).is_none_or(|v| v.to_bits() != f32::MIN.to_bits())
     {
         return None;
     }
     let (_, and) = ix
-        .producer(&wh.inputs[0], "And")
+        .producer(input_at(wh, 0), "And")
         .filter(|(_, n)| is_binary(n, "And"))?;
     both_orders(and).into_iter().find_map(|(allowed, pad)| {
         let (_, cast) = ix.producer(pad, "Cast")?;
         if cast.inputs.len() != 1 || !matches!(cast.attr("to"), Some(Attr::Int(9))) {
             return None;
         }
-        let (_, unsq) = unsqueeze_of(ix, &cast.inputs[0], &[1, 2])?;
-        let mask = unsq.inputs[0].as_str();
+        let (_, unsq) = unsqueeze_of(ix, input_at(cast, 0), &[1, 2])?;
+        let mask = input_at(unsq, 0);
         let input = ix.graph.inputs.iter().find(|v| v.name == mask)?;
         let int_like = matches!(
             input.dtype,
@@ -65,28 +65,28 @@ fn causal_padding_mask(ix: &Index<'_>, value: &str) -> Option<String> {
         }
         let (_, not) = ix.producer(allowed, "Not")?;
         let (_, gt) = ix
-            .producer(&not.inputs[0], "Greater")
+            .producer(input_at(not, 0), "Greater")
             .filter(|(_, n)| is_binary(n, "Greater"))?;
         let range = |v: &str| {
             let (_, r) = ix.producer(v, "Range")?;
             (r.inputs.len() == 3
-                && scalar_i64(ix, &r.inputs[0]) == Some(0)
-                && scalar_i64(ix, &r.inputs[2]) == Some(1))
-            .then(|| r.inputs[1].clone())
+                && scalar_i64(ix, input_at(r, 0)) == Some(0)
+                && scalar_i64(ix, input_at(r, 2)) == Some(1))
+            .then(|| input_at(r, 1).to_string())
         };
-        let kv_len = range(&gt.inputs[0])?;
-        let (_, qc) = unsqueeze_of(ix, &gt.inputs[1], &[1])?;
-        let q_len = range(&qc.inputs[0])?;
+        let kv_len = range(input_at(gt, 0))?;
+        let (_, qc) = unsqueeze_of(ix, input_at(gt, 1), &[1])?;
+        let q_len = range(input_at(qc, 0))?;
         if kv_len != q_len {
             return None;
         }
         let (_, gather) = ix.producer(&kv_len, "Gather")?;
         let axis_ok = matches!(gather.attr("axis"), None | Some(Attr::Int(0)));
-        if !axis_ok || gather.inputs.len() != 2 || scalar_i64(ix, &gather.inputs[1]) != Some(1) {
+        if !axis_ok || gather.inputs.len() != 2 || scalar_i64(ix, input_at(gather, 1)) != Some(1) {
             return None;
         }
-        let (_, shape) = ix.producer(&gather.inputs[0], "Shape")?;
-        (shape.inputs.len() == 1 && shape.attrs.is_empty() && shape.inputs[0] == mask)
+        let (_, shape) = ix.producer(input_at(gather, 0), "Shape")?;
+        (shape.inputs.len() == 1 && shape.attrs.is_empty() && input_at(shape, 0) == mask)
             .then(|| mask.to_string())
     })
 }
@@ -106,16 +106,16 @@ fn head_split(
     let (ti, tr) = ix.producer(value, "Transpose")?;
     removed.push(ti);
     let reshaped = if key && has_perm(tr, &[0, 1, 3, 2]) {
-        if !ix.single_use(&tr.inputs[0]) {
+        if !ix.single_use(input_at(tr, 0)) {
             return None;
         }
         let (t2i, t2) = ix
-            .producer(&tr.inputs[0], "Transpose")
+            .producer(input_at(tr, 0), "Transpose")
             .filter(|(_, n)| has_perm(n, &[0, 2, 1, 3]))?;
         removed.push(t2i);
-        &t2.inputs[0]
+        input_at(t2, 0)
     } else if has_perm(tr, if key { &[0, 2, 3, 1] } else { &[0, 2, 1, 3] }) {
-        &tr.inputs[0]
+        input_at(tr, 0)
     } else {
         return None;
     };
@@ -126,34 +126,44 @@ fn head_split(
     if rs.inputs.len() != 2 || rs.outputs.len() != 1 || !rs.attrs.is_empty() {
         return None;
     }
-    let [0, 0, heads, head_dim] = int_vector(ix, &rs.inputs[1])?[..] else {
+    let [0, 0, heads, head_dim] = int_vector(ix, input_at(rs, 1))?[..] else {
         return None;
     };
     let h = heads
         .checked_mul(head_dim)
         .filter(|_| heads > 0 && head_dim > 0)?;
-    if !ix.single_use(&rs.inputs[0]) {
+    if !ix.single_use(input_at(rs, 0)) {
         return None;
     }
-    let (si, sl) = ix.producer(&rs.inputs[0], "Slice")?;
+    let (si, sl) = ix.producer(input_at(rs, 0), "Slice")?;
     let steps_ok = match sl.inputs.len() {
         4 => true,
-        5 => int_vector(ix, &sl.inputs[4]).is_some_and(|s| s == [1]),
+        5 => int_vector(ix, input_at(sl, 4)).is_some_and(|s| s == [1]),
         _ => false,
     };
-    let axes_ok = int_vector(ix, &sl.inputs[3]).is_some_and(|a| a == [-1] || a == [2]);
+    let axes_ok = int_vector(ix, input_at(sl, 3)).is_some_and(|a| a == [-1] || a == [2]);
     let ([start], [end]) = (
-        &int_vector(ix, &sl.inputs[1])?[..],
-        &int_vector(ix, &sl.inputs[2])?[..],
+        &int_vector(ix, input_at(sl, 1))?[..],
+        &int_vector(ix, input_at(sl, 2))?[..],
     ) else {
         return None;
     };
-    if !steps_ok || !axes_ok || start % h != 0 || end - start != h || !(0..3).contains(&(start / h))
+    if !steps_ok
+        || !axes_ok
+        || start % h != 0
+        || end.checked_sub(*start) != Some(h)
+        || !(0..3).contains(&(start / h))
     {
         return None;
     }
     removed.extend([ri, si]);
-    Some((sl.inputs[0].clone(), start / h, heads, head_dim, removed))
+    Some((
+        input_at(sl, 0).to_string(),
+        start / h,
+        heads,
+        head_dim,
+        removed,
+    ))
 }
 
 /// A matched GPT-2 attention block.
@@ -173,8 +183,8 @@ struct Gpt2Match {
 fn match_gpt2_attention(ix: &Index<'_>, out: &Node) -> Option<Gpt2Match> {
     let hidden = constant_merge_heads_reshape(ix, out)?;
     let core = attention_core(ix, out, |m, _| causal_padding_mask(ix, m))?;
-    let q = head_split(ix, &core.qk.inputs[0], false)?;
-    let k = head_split(ix, &core.qk.inputs[1], true)?;
+    let q = head_split(ix, input_at(core.qk, 0), false)?;
+    let k = head_split(ix, input_at(core.qk, 1), true)?;
     let v = head_split(ix, core.v, false)?;
     let same = |p: &(String, i64, i64, i64, Vec<usize>)| p.0 == q.0 && p.2 == q.2 && p.3 == q.3;
     if !same(&k) || !same(&v) || (q.1, k.1, v.1) != (0, 1, 2) || q.2 * q.3 != hidden {
@@ -194,14 +204,14 @@ fn match_gpt2_attention(ix: &Index<'_>, out: &Node) -> Option<Gpt2Match> {
     let (mi, matmul) = ix
         .producer(mm, "MatMul")
         .filter(|(_, n)| is_binary(n, "MatMul"))?;
-    let (x, w) = (&matmul.inputs[0], &matmul.inputs[1]);
+    let (x, w) = (input_at(matmul, 0), input_at(matmul, 1));
     let w_ok = ix
         .inits
-        .get(w.as_str())
+        .get(w)
         .is_some_and(|i| i.dtype == DType::F32 && i.dims == [hidden, 3 * hidden]);
     let x_ok = ix
         .shapes
-        .get(x.as_str())
+        .get(x)
         .is_some_and(|s| s.len() == 3 && s[2].fixed() == Some(hidden));
     if !w_ok || !x_ok {
         return None;
@@ -210,8 +220,8 @@ fn match_gpt2_attention(ix: &Index<'_>, out: &Node) -> Option<Gpt2Match> {
     removed.extend([ai, mi]);
     removed.extend(q.4.iter().chain(&k.4).chain(&v.4));
     Some(Gpt2Match {
-        x: x.clone(),
-        weight: w.clone(),
+        x: x.to_string(),
+        weight: w.to_string(),
         bias: bias.to_string(),
         heads: q.2,
         scale: core.scale,

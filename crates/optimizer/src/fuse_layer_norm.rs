@@ -4,8 +4,8 @@
 use ferry_ir::{Attr, Graph, Node};
 
 use crate::fuse::{
-    Claimed, Index, Rewrite, apply, both_orders, fused_name, int_vector, is_binary, node_names,
-    scalar_value,
+    Claimed, Index, Rewrite, apply, both_orders, fused_name, input_at, int_vector, is_binary,
+    node_names, scalar_value,
 };
 
 /// Whether `n` is `ReduceMean` over the last axis only, keeping dims, with the axes as an
@@ -21,15 +21,15 @@ fn is_last_axis_mean(ix: &Index<'_>, n: &Node) -> bool {
         .any(|k| !["axes", "keepdims"].contains(&k.as_str()));
     let axes = match (n.inputs.len(), n.attr("axes")) {
         (1, Some(Attr::Ints(a))) => Some(a.clone()),
-        (2, None) => int_vector(ix, &n.inputs[1]),
+        (2, None) => int_vector(ix, input_at(n, 1)),
         _ => None,
     };
     let last = |a: &[i64]| match a {
         [-1] => true,
         [k] => ix
             .shapes
-            .get(n.inputs[0].as_str())
-            .is_some_and(|s| s.len() as i64 == k + 1),
+            .get(input_at(n, 0))
+            .is_some_and(|s| s.len().checked_sub(1) == usize::try_from(*k).ok()),
         _ => false,
     };
     keep && !extra && axes.is_some_and(|a| last(&a))
@@ -82,7 +82,7 @@ fn match_layer_norm(ix: &Index<'_>, out: &Node) -> Option<LayerNormMatch> {
         let (di, div) = ix
             .producer(normed, "Div")
             .filter(|(_, n)| is_binary(n, "Div"))?;
-        let (centered, std) = (div.inputs[0].as_str(), div.inputs[1].as_str());
+        let (centered, std) = (input_at(div, 0), input_at(div, 1));
         // The centered value is read by the Pow and the Div only.
         if ix.consumers.get(centered) != Some(&2)
             || ix.graph_outputs.contains(centered)
@@ -91,11 +91,11 @@ fn match_layer_norm(ix: &Index<'_>, out: &Node) -> Option<LayerNormMatch> {
             return None;
         }
         let (si, sqrt) = ix.producer(std, "Sqrt")?;
-        if sqrt.inputs.len() != 1 || sqrt.outputs.len() != 1 || !ix.single_use(&sqrt.inputs[0]) {
+        if sqrt.inputs.len() != 1 || sqrt.outputs.len() != 1 || !ix.single_use(input_at(sqrt, 0)) {
             return None;
         }
         let (ei, add_eps) = ix
-            .producer(&sqrt.inputs[0], "Add")
+            .producer(input_at(sqrt, 0), "Add")
             .filter(|(_, n)| is_binary(n, "Add"))?;
         let (var, epsilon) = both_orders(add_eps)
             .into_iter()
@@ -104,24 +104,24 @@ fn match_layer_norm(ix: &Index<'_>, out: &Node) -> Option<LayerNormMatch> {
             return None;
         }
         let (vi, var_mean) = ix.producer(var, "ReduceMean")?;
-        if !is_last_axis_mean(ix, var_mean) || !ix.single_use(&var_mean.inputs[0]) {
+        if !is_last_axis_mean(ix, var_mean) || !ix.single_use(input_at(var_mean, 0)) {
             return None;
         }
         let (pi, pow) = ix
-            .producer(&var_mean.inputs[0], "Pow")
+            .producer(input_at(var_mean, 0), "Pow")
             .filter(|(_, n)| is_binary(n, "Pow"))?;
-        if pow.inputs[0] != centered || single_value(ix, &pow.inputs[1]) != Some(2.0) {
+        if input_at(pow, 0) != centered || single_value(ix, input_at(pow, 1)) != Some(2.0) {
             return None;
         }
         let (ci, sub) = ix
             .producer(centered, "Sub")
             .filter(|(_, n)| is_binary(n, "Sub"))?;
-        let (x, mean) = (sub.inputs[0].as_str(), sub.inputs[1].as_str());
+        let (x, mean) = (input_at(sub, 0), input_at(sub, 1));
         if !ix.single_use(mean) {
             return None;
         }
         let (ri, mean_node) = ix.producer(mean, "ReduceMean")?;
-        if !is_last_axis_mean(ix, mean_node) || mean_node.inputs[0] != x {
+        if !is_last_axis_mean(ix, mean_node) || input_at(mean_node, 0) != x {
             return None;
         }
         // A known last dimension other than the hidden size would broadcast differently.

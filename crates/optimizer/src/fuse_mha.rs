@@ -6,7 +6,7 @@ use ferry_ir::{Attr, Graph, Node};
 
 use crate::fuse::{
     Claimed, Index, Int32Casts, Rewrite, additive_mask_input, apply, attention_core,
-    constant_merge_heads_reshape, fused_name, has_perm, int_vector, ms_node, node_names,
+    constant_merge_heads_reshape, fused_name, has_perm, input_at, int_vector, ms_node, node_names,
     value_names,
 };
 
@@ -23,17 +23,18 @@ fn split_heads(
     let (ti, tr) = ix
         .producer(value, "Transpose")
         .filter(|(_, n)| has_perm(n, perm))?;
-    if !ix.single_use(&tr.inputs[0]) {
+    if !ix.single_use(input_at(tr, 0)) {
         return None;
     }
-    let (ri, rs) = ix.producer(&tr.inputs[0], "Reshape")?;
+    let (ri, rs) = ix.producer(input_at(tr, 0), "Reshape")?;
     if rs.inputs.len() != 2 || rs.outputs.len() != 1 || !rs.attrs.is_empty() {
         return None;
     }
-    let [0, 0, heads, head_dim] = int_vector(ix, &rs.inputs[1])?[..] else {
+    let [0, 0, heads, head_dim] = int_vector(ix, input_at(rs, 1))?[..] else {
         return None;
     };
-    (heads > 0 && head_dim > 0).then(|| (rs.inputs[0].clone(), heads, head_dim, vec![ti, ri]))
+    (heads > 0 && head_dim > 0)
+        .then(|| (input_at(rs, 0).to_string(), heads, head_dim, vec![ti, ri]))
 }
 
 /// A matched attention core.
@@ -50,8 +51,8 @@ struct MhaMatch {
 fn match_mha(ix: &Index<'_>, out: &Node) -> Option<MhaMatch> {
     let hidden = constant_merge_heads_reshape(ix, out)?;
     let core = attention_core(ix, out, |m, _| additive_mask_input(ix, m))?;
-    let q = split_heads(ix, &core.qk.inputs[0], &[0, 2, 1, 3])?;
-    let k = split_heads(ix, &core.qk.inputs[1], &[0, 2, 3, 1])?;
+    let q = split_heads(ix, input_at(core.qk, 0), &[0, 2, 1, 3])?;
+    let k = split_heads(ix, input_at(core.qk, 1), &[0, 2, 3, 1])?;
     let v = split_heads(ix, core.v, &[0, 2, 1, 3])?;
     let (heads, head_dim) = (q.1, q.2);
     if (k.1, k.2) != (heads, head_dim) || (v.1, v.2) != (heads, head_dim) {

@@ -7,6 +7,8 @@ use std::collections::HashMap;
 
 use ferry_ir::{Attr, DType, Dim, Graph, Node, Value};
 
+use crate::fuse::input_at;
+
 /// A value's element type and shape.
 type Shape = (DType, Vec<Dim>);
 
@@ -178,17 +180,17 @@ fn infer_node(st: &State<'_>, n: &Node) -> Option<(Vec<Shape>, Option<DimVector>
             };
             let to = dtype_of_code(*to)?;
             let keep = (from == DType::I64 && to == DType::I64)
-                .then(|| st.dimvecs.get(n.inputs[0].as_str()).cloned())
+                .then(|| st.dimvecs.get(input_at(n, 0)).cloned())
                 .flatten();
             Some((vec![(to, dims)], keep))
         }
         "Mul" | "Equal"
-            if (st.dimvecs.contains_key(n.inputs[0].as_str())
-                || st.dimvecs.contains_key(n.inputs[1].as_str()))
-                && st.dimvec(&n.inputs[0]).is_some()
-                && st.dimvec(&n.inputs[1]).is_some() =>
+            if (st.dimvecs.contains_key(input_at(n, 0))
+                || st.dimvecs.contains_key(input_at(n, 1)))
+                && st.dimvec(input_at(n, 0)).is_some()
+                && st.dimvec(input_at(n, 1)).is_some() =>
         {
-            let (a, b) = (st.dimvec(&n.inputs[0])?, st.dimvec(&n.inputs[1])?);
+            let (a, b) = (st.dimvec(input_at(n, 0))?, st.dimvec(input_at(n, 1))?);
             let v = dimvec_binary(op, &a, &b)?;
             let dt = if op == "Equal" {
                 DType::Bool
@@ -198,12 +200,12 @@ fn infer_node(st: &State<'_>, n: &Node) -> Option<(Vec<Shape>, Option<DimVector>
             Some((vec![(dt, vec![Dim::Fixed(v.len() as i64)])], Some(v)))
         }
         "Where"
-            if st.dimvecs.contains_key(n.inputs[0].as_str())
-                && st.dimvec(&n.inputs[1]).is_some()
-                && st.dimvec(&n.inputs[2]).is_some() =>
+            if st.dimvecs.contains_key(input_at(n, 0))
+                && st.dimvec(input_at(n, 1)).is_some()
+                && st.dimvec(input_at(n, 2)).is_some() =>
         {
-            let c = st.dimvecs.get(n.inputs[0].as_str())?;
-            let (a, b) = (st.dimvec(&n.inputs[1])?, st.dimvec(&n.inputs[2])?);
+            let c = st.dimvecs.get(input_at(n, 0))?;
+            let (a, b) = (st.dimvec(input_at(n, 1))?, st.dimvec(input_at(n, 2))?);
             if c.len() != a.len() || a.len() != b.len() {
                 return None;
             }
@@ -223,7 +225,7 @@ fn infer_node(st: &State<'_>, n: &Node) -> Option<(Vec<Shape>, Option<DimVector>
             ))
         }
         "ConstantOfShape" => {
-            let shape = st.dimvec(&n.inputs[0])?;
+            let shape = st.dimvec(input_at(n, 0))?;
             let (dt, fill) = match n.attr("value") {
                 None => (DType::F32, None),
                 Some(Attr::Tensor(t)) if t.dtype == DType::I64 => {
@@ -241,10 +243,10 @@ fn infer_node(st: &State<'_>, n: &Node) -> Option<(Vec<Shape>, Option<DimVector>
             Some((vec![(dt, shape)], known))
         }
         "Range" => {
-            let start = st.const_ints(&n.inputs[0])?;
-            let step = st.const_ints(&n.inputs[2])?;
-            let limit = st.dimvecs.get(n.inputs[1].as_str())?;
-            let dt = st.inits.get(n.inputs[0].as_str())?.dtype;
+            let start = st.const_ints(input_at(n, 0))?;
+            let step = st.const_ints(input_at(n, 2))?;
+            let limit = st.dimvecs.get(input_at(n, 1))?;
+            let dt = st.inits.get(input_at(n, 0))?.dtype;
             if start != [0] || step != [1] || limit.len() != 1 || dt != DType::I64 {
                 return None;
             }
@@ -273,7 +275,7 @@ fn infer_node(st: &State<'_>, n: &Node) -> Option<(Vec<Shape>, Option<DimVector>
         }
         "Expand" => {
             let (dt, dims) = input(0)?;
-            let target = st.dimvec(&n.inputs[1])?;
+            let target = st.dimvec(input_at(n, 1))?;
             Some((vec![(*dt, broadcast(dims, &target)?)], None))
         }
         "Add" | "Sub" | "Mul" | "Div" | "Pow" | "And" | "Or" | "Equal" | "Greater"
@@ -331,8 +333,8 @@ fn infer_node(st: &State<'_>, n: &Node) -> Option<(Vec<Shape>, Option<DimVector>
                 _ => return None,
             };
             // Shape arithmetic: one element of a known int vector.
-            if let (Some(v), Some(k)) = (st.dimvec(&n.inputs[0]), st.const_ints(&n.inputs[1])) {
-                let idx_shape = st.inits.get(n.inputs[1].as_str())?.dims.clone();
+            if let (Some(v), Some(k)) = (st.dimvec(input_at(n, 0)), st.const_ints(input_at(n, 1))) {
+                let idx_shape = st.inits.get(input_at(n, 1))?.dims.clone();
                 if axis == 0 && idx_shape.is_empty() && k.len() == 1 {
                     let i = if k[0] < 0 {
                         k[0] + v.len() as i64
@@ -362,12 +364,12 @@ fn infer_node(st: &State<'_>, n: &Node) -> Option<(Vec<Shape>, Option<DimVector>
         "Unsqueeze" => {
             let axes = match (n.inputs.len(), n.attr("axes")) {
                 (1, Some(Attr::Ints(a))) => a.clone(),
-                (2, None) => st.const_ints(&n.inputs[1])?,
+                (2, None) => st.const_ints(input_at(n, 1))?,
                 _ => return None,
             };
             // A scalar dim made a 1-vector.
             if axes == [0]
-                && let Some(v) = st.dimvecs.get(n.inputs[0].as_str())
+                && let Some(v) = st.dimvecs.get(input_at(n, 0))
                 && input(0).is_some_and(|(_, s)| s.is_empty())
             {
                 return Some((vec![(DType::I64, vec![Dim::Fixed(1)])], Some(v.clone())));
@@ -398,8 +400,8 @@ fn infer_node(st: &State<'_>, n: &Node) -> Option<(Vec<Shape>, Option<DimVector>
         }
         "Reshape" => {
             let (dt, dims) = input(0)?;
-            let target = st.dimvec(&n.inputs[1])?;
-            if let Some(v) = st.dimvecs.get(n.inputs[0].as_str())
+            let target = st.dimvec(input_at(n, 1))?;
+            if let Some(v) = st.dimvecs.get(input_at(n, 0))
                 && dims.len() == 1
                 && target == [Dim::Fixed(-1)]
             {
@@ -441,7 +443,7 @@ fn infer_node(st: &State<'_>, n: &Node) -> Option<(Vec<Shape>, Option<DimVector>
             let keep = matches!(n.attr("keepdims"), None | Some(Attr::Int(1)));
             let axes = match (n.inputs.len(), n.attr("axes")) {
                 (1, Some(Attr::Ints(a))) => a.clone(),
-                (2, None) => st.const_ints(&n.inputs[1])?,
+                (2, None) => st.const_ints(input_at(n, 1))?,
                 _ => return None,
             };
             if !keep {
@@ -457,8 +459,8 @@ fn infer_node(st: &State<'_>, n: &Node) -> Option<(Vec<Shape>, Option<DimVector>
         "Slice" => {
             // Rows [0, end) of a constant table along one axis, end a dim of another value.
             let (dt, dims) = input(0)?;
-            let starts = st.const_ints(&n.inputs[1])?;
-            let ends = st.dimvec(&n.inputs[2])?;
+            let starts = st.const_ints(input_at(n, 1))?;
+            let ends = st.dimvec(input_at(n, 2))?;
             let axes = st.const_ints(n.inputs.get(3)?)?;
             let steps_ok = n
                 .inputs
@@ -528,8 +530,10 @@ pub fn infer_shapes(graph: &mut Graph) -> usize {
         if outs.len() != n.outputs.len() {
             continue;
         }
-        if let Some(v) = dimvec {
-            st.dimvecs.insert(n.outputs[0].clone(), v);
+        if let Some(v) = dimvec
+            && let Some(o) = n.outputs.first().filter(|o| !o.is_empty())
+        {
+            st.dimvecs.insert(o.clone(), v);
         }
         for (name, shape) in n.outputs.iter().zip(outs) {
             if name.is_empty() || st.shapes.contains_key(name) {
