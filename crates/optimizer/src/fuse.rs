@@ -764,7 +764,7 @@ pub(crate) fn additive_mask_input(ix: &Index<'_>, value: &str) -> Option<String>
         return None;
     }
     let m = input_at(unsq, 0);
-    let input = ix.graph.inputs.iter().find(|v| &v.name == m)?;
+    let input = ix.graph.inputs.iter().find(|v| v.name == m)?;
     let int_like = matches!(
         input.dtype,
         DType::I64 | DType::I32 | DType::I16 | DType::I8 | DType::U8 | DType::Bool
@@ -1183,7 +1183,7 @@ fn embedding_lookup<'g>(ix: &Index<'g>, value: &str, h: i64) -> Option<(usize, &
         return None;
     }
     let ids = input_at(g, 1);
-    let input = ix.graph.inputs.iter().find(|v| &v.name == ids)?;
+    let input = ix.graph.inputs.iter().find(|v| v.name == ids)?;
     let rank_ok = input.shape.as_ref().is_some_and(|s| s.len() == 2);
     (input.dtype == DType::I64 && rank_ok && !ix.inits.contains_key(ids)).then_some((gi, g))
 }

@@ -12,11 +12,12 @@
 //! `LayerNormalization`), plus the opt-in, approximate [`approximate_gelu`]. Before the
 //! fusions, [`bypass_identities`] and [`infer_shapes`] make models from other exporters
 //! (no `value_info`, deduplicated parameters) look like ferry's own to the matchers.
-//! [`optimize`] / [`optimize_with`] run them in order (skipping [`Fusion`]s the options
+//! [`optimize`] / [`optimize_with`] check the nodes' arity ([`check_nodes`]) and run them in order (skipping [`Fusion`]s the options
 //! disable) and return [`Stats`]; [`fused_operator_statistics`] counts the fused ops of the
 //! result as ONNX Runtime reports them. Folded tensors are owned; untouched initializers keep borrowing their bytes.
 
 mod alias;
+mod check;
 mod eval;
 mod fold;
 mod fuse;
@@ -32,6 +33,7 @@ use std::fmt;
 use ferry_ir::Graph;
 
 pub use alias::bypass_identities;
+pub use check::check_nodes;
 pub use fold::{fold_computed, fold_constants, fold_transposes};
 pub use fuse::{
     MS_DOMAIN, approximate_gelu, fuse_attention, fuse_bias_gelu, fuse_embed_layer_norm,
@@ -293,7 +295,8 @@ impl fmt::Display for Stats {
     }
 }
 
-/// Runs every exact pass once, in order: constants, transposes, Gelu, BiasGelu, FastGelu,
+/// Runs every exact pass once, in order, after [`check_nodes`] (a malformed node is a
+/// [`OptimizeError::BadNode`], the graph untouched): constants, transposes, Gelu, BiasGelu, FastGelu,
 /// SkipLayerNormalization, Attention, EmbedLayerNormalization, dead nodes, unused initializers.
 pub fn optimize(graph: &mut Graph) -> Result<Stats, OptimizeError> {
     optimize_with(graph, &OptimizeOptions::default())
@@ -304,6 +307,7 @@ pub fn optimize(graph: &mut Graph) -> Result<Stats, OptimizeError> {
 /// fusions (which match the shape arithmetic of dynamic-axis exports, e.g. the position
 /// slice EmbedLayerNormalization absorbs) and folds what constant paths remain.
 pub fn optimize_with(graph: &mut Graph, opts: &OptimizeOptions) -> Result<Stats, OptimizeError> {
+    check_nodes(graph)?;
     let on = |f: Fusion| !opts.disabled.contains(f);
     let run = |f: Fusion, pass: fn(&mut Graph) -> usize, g: &mut Graph| {
         if on(f) { pass(g) } else { 0 }
