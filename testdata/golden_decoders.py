@@ -8,6 +8,7 @@ For each text-generation case, `steps.safetensors` holds
   step{k}.output.logits  transformers' logits at each step (eager attention, float32)
   generate.input_ids / generate.attention_mask / generate.output_ids
                       model.generate(do_sample=False, max_new_tokens=16) on that batch
+  generate.output_ids_no_cache  the same with use_cache=False
 and case.json has task text-generation-with-past (exported and checked step by step).
 Classification and feature-extraction cases have a golden.safetensors like the encoders.
 """
@@ -104,7 +105,7 @@ def make_model(cfg_cls, model_cls, extra, seed, dtype):
     return cfg, model
 
 
-def steps_golden(model, gen):
+def steps_golden(model, gen, fresh_model):
     """Prefill on a left-padded batch, then three greedy steps fed the cache."""
     ids, mask = left_padded(gen)
     tensors = {}
@@ -122,6 +123,9 @@ def steps_golden(model, gen):
         inputs = {"input_ids": nxt, "attention_mask": mask,
                   "position_ids": inputs["position_ids"][:, -1:] + 1}
     ids, mask = left_padded(gen)
+    # A fresh model: dynamic rope keeps state across calls (the longest sequence seen), and
+    # an export, like a newly loaded model, starts without it.
+    model = fresh_model()
     with torch.no_grad():
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW_TOKENS,
                              do_sample=False, pad_token_id=0)
@@ -129,6 +133,13 @@ def steps_golden(model, gen):
     tensors["generate.attention_mask"] = mask
     assert out.shape[1] == ids.shape[1] + NEW_TOKENS, "generation stopped early; pick another seed"
     tensors["generate.output_ids"] = out.contiguous()
+    # Without the cache every step recomputes all positions: for rope types whose
+    # frequencies follow the length (dynamic, longrope) the tokens may differ.
+    model = fresh_model()
+    with torch.no_grad():
+        plain = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW_TOKENS,
+                               do_sample=False, pad_token_id=0, use_cache=False)
+    tensors["generate.output_ids_no_cache"] = plain.contiguous()
     return tensors
 
 
@@ -149,8 +160,10 @@ def make(root, g):
         model.save_pretrained(d)
         # The reference computes in float32 from the stored weights, loaded afresh (a model
         # cast to bfloat16 and back would also have rounded its rotary frequencies).
-        model = model_cls.from_pretrained(d, dtype=torch.float32, attn_implementation="eager").eval()
-        tensors = steps_golden(model, torch.Generator().manual_seed(seed + 1000))
+        def load():
+            return model_cls.from_pretrained(d, dtype=torch.float32,
+                                             attn_implementation="eager").eval()
+        tensors = steps_golden(load(), torch.Generator().manual_seed(seed + 1000), load)
         save_file(tensors, os.path.join(d, "steps.safetensors"))
         write_case(d, {
             "description": f"{model_cls.__name__} ({', '.join(f'{k}={v}' for k, v in extra.items())}): "
@@ -158,6 +171,15 @@ def make(root, g):
             "task": "text-generation-with-past", "steps": 4, "outputs": ["logits"],
             "weights": "model.safetensors", "stored_dtype": str(dtype).replace("torch.", ""),
         })
+
+    # `ferry run` text generation through a Llama-family export (word-level tokenizer).
+    words = g.generation_words(VOCAB)
+    cfg = Qwen2Config(**{**BASE, "bos_token_id": 1, "eos_token_id": 1, "pad_token_id": None,
+                         "initializer_range": 0.5, "tie_word_embeddings": True})
+    torch.manual_seed(420)
+    model = Qwen2ForCausalLM(cfg).eval()
+    g.generation_run(os.path.join(root, "run-qwen2-tiny"), model, words,
+                     cfg.max_position_embeddings, "Qwen2ForCausalLM")
 
     # Sequence classification: score at the last non-padding token (right padding, pad id 0).
     cfg = LlamaConfig(**{**BASE, "num_labels": 3})

@@ -386,25 +386,39 @@ def generation_case(root):
     """A tiny GPT-2 with a word-level tokenizer, and what transformers' text-generation
     pipeline (greedy) answers for GENERATION_PROMPTS: `ferry run`'s decoding loop is checked
     against it with and without the key/value cache."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast, pipeline
+    from transformers import GPT2Config, GPT2LMHeadModel
 
-    words = ["<unk>", "<|endoftext|>"] + GENERATION_WORDS
-    words += [f"w{i}" for i in range(72 - len(words))]
+    words = generation_words(72)
     cfg = GPT2Config(vocab_size=len(words), n_embd=24, n_layer=2, n_head=3, n_positions=32,
                      n_inner=40, activation_function="gelu_new", layer_norm_epsilon=1e-6,
                      initializer_range=0.5, bos_token_id=1, eos_token_id=1,
                      attn_implementation="eager")
     torch.manual_seed(90)
     model = GPT2LMHeadModel(cfg).eval()
-    d = os.path.join(root, "run-gpt2-tiny")
+    generation_run(os.path.join(root, "run-gpt2-tiny"), model, words, cfg.n_positions,
+                   "GPT2LMHeadModel")
+
+
+def generation_words(n):
+    """`<unk>`, `<|endoftext|>`, GENERATION_WORDS, then `w{i}` fillers: `n` words."""
+    words = ["<unk>", "<|endoftext|>"] + GENERATION_WORDS
+    return words + [f"w{i}" for i in range(n - len(words))]
+
+
+def generation_run(d, model, words, max_len, name):
+    """Saves `model` with a WordLevel tokenizer over `words` in `d`, and run.json: the
+    greedy text-generation pipeline's answers (and generate()'s new token ids) for
+    GENERATION_PROMPTS."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, pipeline
+
     fresh(d)
     model.save_pretrained(d)
     backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>",
                                   bos_token="<|endoftext|>", eos_token="<|endoftext|>",
-                                  model_max_length=cfg.n_positions)
+                                  model_max_length=max_len)
     tok.save_pretrained(d)
     generator = pipeline("text-generation", model=model, tokenizer=tok)
     expected = []
@@ -412,12 +426,12 @@ def generation_case(root):
         ids = tok(prompt, return_tensors="pt").input_ids
         with torch.no_grad():
             out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
-                                 do_sample=False, pad_token_id=cfg.eos_token_id)
+                                 do_sample=False, pad_token_id=model.config.eos_token_id)
         text = generator(prompt, max_new_tokens=n, do_sample=False)[0]["generated_text"]
         expected.append({"prompt": prompt, "max_new_tokens": n,
                          "new_token_ids": out[0, ids.shape[1]:].tolist(), "generated_text": text})
     with open(os.path.join(d, "run.json"), "w") as f:
-        json.dump({"description": "GPT2LMHeadModel + WordLevel tokenizer: greedy text-generation "
+        json.dump({"description": f"{name} + WordLevel tokenizer: greedy text-generation "
                    "pipeline answers", "transformers": transformers.__version__,
                    "generation": expected}, f, indent=2)
         f.write("\n")

@@ -21,6 +21,8 @@ SAMPLES = [
     "Ünïcödé: naïve café, Zürich, 東京, 北京大学, Привет мир, مرحبا, 🦀🚀 emoji.",
     "def f(x):\n    return x ** 2  # code\n",
     "Numbers 1234567 and 3.14159, URLs https://example.com/a?b=c.",
+    # Spaces before punctuation: WordPiece clean-up would remove them; BPE decoding keeps them.
+    "Wait , what ? It 's fine . They don 't know ! Really ?",
 ]
 
 

@@ -17,6 +17,9 @@ const ID2LABEL: &str = "ferry.id2label";
 const PROBLEM_TYPE: &str = "ferry.problem_type";
 /// Key of the end-of-sequence token ids generation stops at, as a JSON array.
 const EOS_TOKEN_ID: &str = "ferry.eos_token_id";
+/// Key of the sequence length at which generation recomputes its cache (Phi-3:
+/// `original_max_position_embeddings + 1`, where LongRoPE switches to its long factors).
+const RESET_CACHE_AT: &str = "ferry.generation.reset_cache_at";
 
 /// Token ids from a config value that is an id or a list of ids.
 fn ids(v: Option<&serde_json::Value>) -> Vec<i64> {
@@ -60,6 +63,16 @@ pub(crate) fn for_export(
             serde_json::to_string(&eos).unwrap_or_default(),
         ));
     }
+    // Phi3ForCausalLM.prepare_inputs_for_generation drops the cache once when the sequence
+    // first reaches original_max_position_embeddings + 1.
+    if config.model_type == "phi3"
+        && let Some(n) = config
+            .raw
+            .get("original_max_position_embeddings")
+            .and_then(serde_json::Value::as_u64)
+    {
+        m.push((RESET_CACHE_AT.to_string(), (n + 1).to_string()));
+    }
     m
 }
 
@@ -76,6 +89,9 @@ pub(crate) struct ModelMeta {
     pub problem_type: Option<String>,
     /// End-of-sequence ids.
     pub eos_token_ids: Vec<u32>,
+    /// Sequence length at which generation recomputes its cache (see
+    /// `ferry_pipeline::GenerationConfig::reset_cache_at`).
+    pub reset_cache_at: Option<usize>,
 }
 
 impl ModelMeta {
@@ -105,6 +121,7 @@ impl ModelMeta {
                         .filter_map(|i| u32::try_from(i).ok())
                         .collect();
                 }
+                RESET_CACHE_AT => meta.reset_cache_at = v.parse().ok(),
                 _ => {}
             }
         }

@@ -689,12 +689,17 @@ impl Ctx<'_> {
         let eos: Vec<i64> = if self.meta.eos_token_ids.is_empty() {
             self.tok.eos_id.into_iter().map(i64::from).collect()
         } else {
-            self.meta.eos_token_ids.iter().map(|&i| i64::from(i)).collect()
+            self.meta
+                .eos_token_ids
+                .iter()
+                .map(|&i| i64::from(i))
+                .collect()
         };
         let cfg = ferry_pipeline::GenerationConfig {
             max_new_tokens: max_new,
             pad_token_id: eos.first().copied().unwrap_or(0),
             eos_token_ids: eos,
+            reset_cache_at: self.meta.reset_cache_at,
         };
         let with_past = self
             .model

@@ -17,6 +17,11 @@ pub struct GenerationConfig {
     pub eos_token_ids: Vec<i64>,
     /// The id left padding and finished rows are filled with.
     pub pad_token_id: i64,
+    /// When the sequence (padding included) first reaches this length while the cache
+    /// holds at most `reset_cache_at - 1` positions, the cache is dropped and the whole
+    /// sequence fed again: Phi-3's `prepare_inputs_for_generation` does this at
+    /// `original_max_position_embeddings + 1`, where LongRoPE switches to its long factors.
+    pub reset_cache_at: Option<usize>,
 }
 
 /// Why generation failed.
@@ -54,7 +59,11 @@ pub fn left_pad(prompts: &[Vec<i64>], pad: i64) -> (Vec<Vec<i64>>, Vec<Vec<i64>>
     let mut mask = Vec::with_capacity(prompts.len());
     for p in prompts {
         let n = len - p.len();
-        ids.push(std::iter::repeat_n(pad, n).chain(p.iter().copied()).collect());
+        ids.push(
+            std::iter::repeat_n(pad, n)
+                .chain(p.iter().copied())
+                .collect(),
+        );
         mask.push(
             std::iter::repeat_n(0, n)
                 .chain(std::iter::repeat_n(1, p.len()))
@@ -79,7 +88,10 @@ fn i64s(rows: &[Vec<i64>], from: usize) -> Input {
     let n = rows.first().map_or(0, |r| r.len() - from);
     Input::I64(I64Tensor {
         shape: vec![rows.len() as i64, n as i64],
-        data: rows.iter().flat_map(|r| r[from..].iter().copied()).collect(),
+        data: rows
+            .iter()
+            .flat_map(|r| r[from..].iter().copied())
+            .collect(),
     })
 }
 
@@ -132,6 +144,15 @@ pub fn greedy(
     let mut new: Vec<Vec<i64>> = vec![Vec::new(); batch];
     for _ in 0..cfg.max_new_tokens {
         let total = ids[0].len();
+        if let Some(at) = cfg.reset_cache_at
+            && with_past
+            && cached > 0
+            && total >= at
+            && cached < at
+        {
+            cache = empty_cache(model, batch as i64)?;
+            cached = 0;
+        }
         let start = if with_past { cached } else { 0 };
         let pos: Vec<Vec<i64>> = mask.iter().map(|m| positions(m)).collect();
         let mut feed = BTreeMap::new();
@@ -164,7 +185,9 @@ pub fn greedy(
             }
         };
         if logits.data.len() != rows * steps * vocab {
-            return Err(GenerateError::Logits("size disagrees with its shape".into()));
+            return Err(GenerateError::Logits(
+                "size disagrees with its shape".into(),
+            ));
         }
         if with_past {
             for (k, v) in outs {
@@ -178,7 +201,11 @@ pub fn greedy(
         for r in 0..batch {
             let last = &logits.data[(r * steps + steps - 1) * vocab..(r * steps + steps) * vocab];
             let next = argmax(last) as i64;
-            let token = if unfinished[r] { next } else { cfg.pad_token_id };
+            let token = if unfinished[r] {
+                next
+            } else {
+                cfg.pad_token_id
+            };
             if cfg.eos_token_ids.contains(&token) {
                 unfinished[r] = false;
             }

@@ -151,7 +151,10 @@ impl TextTokenizer {
     }
 
     /// Encodes one text or a pair, with the tokenizer's special tokens, offsets in characters.
-    pub fn encode<'s>(&self, input: impl Into<EncodeInput<'s>>) -> Result<Encoding, TokenizerError> {
+    pub fn encode<'s>(
+        &self,
+        input: impl Into<EncodeInput<'s>>,
+    ) -> Result<Encoding, TokenizerError> {
         self.encode_with(input, true)
     }
 
@@ -168,7 +171,11 @@ impl TextTokenizer {
     }
 
     /// Encodes one text cut to at most `max_length` tokens (the rest is dropped).
-    pub fn encode_truncated(&self, text: &str, max_length: usize) -> Result<Encoding, TokenizerError> {
+    pub fn encode_truncated(
+        &self,
+        text: &str,
+        max_length: usize,
+    ) -> Result<Encoding, TokenizerError> {
         let mut tok = self.tok.clone();
         tok.with_truncation(Some(TruncationParams {
             max_length,

@@ -53,7 +53,11 @@ fn real_bpe_tokenizers_encode_and_decode_as_transformers() {
             let got = tok.decode(&want_ids, true).expect("decode");
             assert_eq!(got, case["decoded"].as_str().expect("decoded"), "{name}");
             if let Some(with) = case["decoded_with_special"].as_str() {
-                assert_eq!(tok.decode(&want_ids, false).expect("decode"), with, "{name}");
+                assert_eq!(
+                    tok.decode(&want_ids, false).expect("decode"),
+                    with,
+                    "{name}"
+                );
             }
             // Streamed one token at a time, the pieces join up to the same text, and no
             // piece ends inside a character.
@@ -61,7 +65,10 @@ fn real_bpe_tokenizers_encode_and_decode_as_transformers() {
             let mut joined = String::new();
             for &id in &want_ids {
                 let piece = s.push(id).expect("push");
-                assert!(!piece.contains('\u{FFFD}') || got.contains('\u{FFFD}'), "{piece:?}");
+                assert!(
+                    !piece.contains('\u{FFFD}') || got.contains('\u{FFFD}'),
+                    "{piece:?}"
+                );
                 joined.push_str(&piece);
             }
             joined.push_str(&s.finish().expect("finish"));

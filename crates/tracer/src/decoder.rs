@@ -374,9 +374,8 @@ fn rope(
     let need = |v: Option<f64>, key: &str| {
         v.ok_or_else(|| TraceError::Unsupported(format!("rope type `{kind}` without `{key}`")))
     };
-    let max_pos_f = || {
-        max_pos.ok_or_else(|| TraceError::Unsupported("no max_position_embeddings".into()))
-    };
+    let max_pos_f =
+        || max_pos.ok_or_else(|| TraceError::Unsupported("no max_position_embeddings".into()));
     // llama3, yarn and longrope: the pretraining length, the config's top-level value first.
     let original_max = || -> Result<f64, TraceError> {
         Ok(float(c, "original_max_position_embeddings")
@@ -441,7 +440,10 @@ fn rope(
             };
             let powers = powers(base, dim);
             let with = |ext: Vec<f32>| -> Vec<f32> {
-                ext.iter().zip(&powers).map(|(e, p)| 1.0 / (e * p)).collect()
+                ext.iter()
+                    .zip(&powers)
+                    .map(|(e, p)| 1.0 / (e * p))
+                    .collect()
             };
             Freqs::LongRope {
                 short: with(list("short_factor")?),
@@ -532,9 +534,8 @@ fn yarn(
         .and_then(Value::as_bool)
         .unwrap_or(true);
     let d = dim as f64;
-    let correction = |rot: f64| {
-        (d * (original / (rot * 2.0 * std::f64::consts::PI)).ln()) / (2.0 * base.ln())
-    };
+    let correction =
+        |rot: f64| (d * (original / (rot * 2.0 * std::f64::consts::PI)).ln()) / (2.0 * base.ln());
     let (mut low, mut high) = (correction(beta_fast), correction(beta_slow));
     if truncate {
         low = low.floor();
@@ -607,7 +608,13 @@ fn inv_freq(t: &mut Tracer, rope: &Rope, positions: &T) -> Result<T, TraceError>
             let beyond = t.op("Greater", &[&len, &limit], vec![], DType::Bool, vec![]);
             let l = floats(t, long);
             let s = floats(t, short);
-            Ok(t.op("Where", &[&beyond, &l, &s], vec![], DType::F32, l.shape.clone()))
+            Ok(t.op(
+                "Where",
+                &[&beyond, &l, &s],
+                vec![],
+                DType::F32,
+                l.shape.clone(),
+            ))
         }
         Freqs::Dynamic {
             base,
@@ -714,7 +721,11 @@ fn apply_rotary(t: &mut Tracer, rope: &Rope, x: &T, (cos, sin): (&T, &T)) -> Res
         _ => return Err(TraceError::Shape("rotary: head_dim is not fixed".into())),
     };
     let r = rope.dim;
-    let rot = if r < hd { slice_last(t, x, 0, r) } else { x.clone() };
+    let rot = if r < hd {
+        slice_last(t, x, 0, r)
+    } else {
+        x.clone()
+    };
     let x1 = slice_last(t, &rot, 0, r / 2);
     let x2 = slice_last(t, &rot, r / 2, r);
     let neg = t.unary("Neg", &x2);
@@ -946,7 +957,13 @@ fn arange_positions(t: &mut Tracer, ids: &T) -> Result<T, TraceError> {
         vec![ids.shape[1].clone()],
     );
     let r = t.unsqueeze(&r, &[0]);
-    Ok(t.op("Expand", &[&r, &shape], vec![], DType::I64, ids.shape.clone()))
+    Ok(t.op(
+        "Expand",
+        &[&r, &shape],
+        vec![],
+        DType::I64,
+        ids.shape.clone(),
+    ))
 }
 
 /// Traces a Llama-family decoder for `task`.
@@ -997,9 +1014,7 @@ pub(crate) fn build(t: &mut Tracer, r: &Request<'_>) -> Result<(), TraceError> {
             rotary: (&cos, &sin),
             past: inputs.layer_past(i as i64),
         };
-        let (nx, present) = scoped(t, &format!("layers.{i}"), |t| {
-            layer(t, &w, f, &d, &x, &ctx)
-        })?;
+        let (nx, present) = scoped(t, &format!("layers.{i}"), |t| layer(t, &w, f, &d, &x, &ctx))?;
         x = nx;
         presents.push(present);
     }
@@ -1093,7 +1108,10 @@ mod tests {
         let gemma2 = &FAMILIES[6];
         assert_eq!(windows(&c, gemma2, 2).expect("w"), vec![None, Some(3)]);
         let c = config(r#"{"model_type":"gemma2","sliding_window":3}"#);
-        assert_eq!(windows(&c, gemma2, 3).expect("w"), vec![Some(3), None, Some(3)]);
+        assert_eq!(
+            windows(&c, gemma2, 3).expect("w"),
+            vec![Some(3), None, Some(3)]
+        );
         let c = config(r#"{"model_type":"qwen2","sliding_window":3,"use_sliding_window":false}"#);
         assert_eq!(windows(&c, &FAMILIES[2], 2).expect("w"), vec![None, None]);
     }

@@ -88,12 +88,7 @@ fn max_abs(got: &F32Tensor, want: &[f32]) -> f32 {
 fn exported(case: &Path, dir: &Path, task: &str, opset: &str) -> PathBuf {
     let out = dir.join(format!("{task}-{opset}.onnx"));
     let o = export(case, &out, &["--task", task, "--opset", opset]);
-    assert!(
-        o.status.success(),
-        "{}: {}",
-        case.display(),
-        stderr(&o)
-    );
+    assert!(o.status.success(), "{}: {}", case.display(), stderr(&o));
     out
 }
 
@@ -137,7 +132,10 @@ fn with_past_matches_transformers_step_by_step() {
                     inputs.insert(k.clone(), Input::F32(v.clone()));
                 }
                 let outs = m.run_inputs(&inputs).expect("run");
-                let d = max_abs(&outs["logits"], &steps.f32s(&format!("step{step}.output.logits")));
+                let d = max_abs(
+                    &outs["logits"],
+                    &steps.f32s(&format!("step{step}.output.logits")),
+                );
                 println!(
                     "{} with past opset {opset} step {step}: logits {:?} max-abs {d:.3e}",
                     name(&case),
@@ -182,16 +180,20 @@ fn greedy_generation_matches_generate() {
         }
         let ids = steps.i64s("generate.input_ids");
         let mask = steps.i64s("generate.attention_mask");
-        let want = steps.i64s("generate.output_ids");
         let (rows, len) = (ids.shape[0] as usize, ids.shape[1] as usize);
-        let total = want.shape[1] as usize;
         let split = |t: &I64Tensor, w: usize| -> Vec<Vec<i64>> {
             t.data.chunks(w).map(<[i64]>::to_vec).collect()
         };
-        let want_new: Vec<Vec<i64>> = split(&want, total)
-            .into_iter()
-            .map(|r| r[len..].to_vec())
-            .collect();
+        let new_tokens = |name: &str| -> (usize, Vec<Vec<i64>>) {
+            let want = steps.i64s(name);
+            let total = want.shape[1] as usize;
+            let rows = split(&want, total)
+                .into_iter()
+                .map(|r| r[len..].to_vec())
+                .collect();
+            (total, rows)
+        };
+        let (total, _) = new_tokens("generate.output_ids");
         let config: serde_json::Value = serde_json::from_str(
             &std::fs::read_to_string(case.join("config.json")).expect("config"),
         )
@@ -201,24 +203,30 @@ fn greedy_generation_matches_generate() {
             max_new_tokens: total - len,
             eos_token_ids: eos,
             pad_token_id: 0,
+            // As Phi3ForCausalLM.prepare_inputs_for_generation (ferry run reads it from the
+            // export's metadata).
+            reset_cache_at: (config["model_type"] == "phi3")
+                .then(|| config["original_max_position_embeddings"].as_u64())
+                .flatten()
+                .map(|n| n as usize + 1),
         };
         let dir = tempfile::tempdir().expect("tempdir");
-        for task in ["text-generation-with-past", "text-generation"] {
+        // generate() with the cache, and with use_cache=False for the export without one.
+        for (task, golden) in [
+            ("text-generation-with-past", "generate.output_ids"),
+            ("text-generation", "generate.output_ids_no_cache"),
+        ] {
+            let (_, want_new) = new_tokens(golden);
             let out = exported(&case, dir.path(), task, "17");
             let mut m = Model::load(&out, 2).expect("load");
             let mut steps_seen = 0;
-            let got = ferry_pipeline::greedy(
-                &mut m,
-                split(&ids, len),
-                split(&mask, len),
-                &cfg,
-                |step| {
+            let got =
+                ferry_pipeline::greedy(&mut m, split(&ids, len), split(&mask, len), &cfg, |step| {
                     assert_eq!(step.len(), rows);
                     steps_seen += 1;
                     Ok(())
-                },
-            )
-            .expect("generate");
+                })
+                .expect("generate");
             println!("{} {task}: generated {:?}", name(&case), got);
             assert_eq!(got, want_new, "{} {task}", name(&case));
             assert_eq!(steps_seen, total - len);
@@ -227,4 +235,77 @@ fn greedy_generation_matches_generate() {
         checked += 1;
     }
     assert!(checked >= 11, "generate goldens: {checked}");
+}
+
+/// A copy of a decoder case's checkpoint whose config.json `edit` changes.
+fn edited_copy(case: &str, edit: impl FnOnce(&mut serde_json::Value)) -> tempfile::TempDir {
+    let src = root().join("testdata").join(case);
+    let dir = tempfile::tempdir().expect("tempdir");
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(src.join(f), dir.path().join(f)).expect("copy");
+    }
+    let p = dir.path().join("config.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&p).expect("config")).expect("json");
+    edit(&mut cfg);
+    std::fs::write(&p, cfg.to_string()).expect("write config");
+    dir
+}
+
+/// Bad decoder input: one line on stderr, exit 1, no output file.
+#[test]
+fn bad_decoder_input_fails_cleanly() {
+    let out_dir = tempfile::tempdir().expect("tempdir");
+    let out = out_dir.path().join("model.onnx");
+    let fails = |model: &Path, extra: &[&str], needle: &str| {
+        let o = export(model, &out, extra);
+        super::assert_fails_cleanly(&o, &out, needle);
+    };
+    let c = edited_copy("llama-tiny-gqa-bias", |c| {
+        c["rope_parameters"] =
+            serde_json::json!({"rope_type": "ntk-magic", "factor": 2.0, "rope_theta": 10000.0});
+    });
+    fails(c.path(), &[], "rope type `ntk-magic`");
+    let c = edited_copy("llama-tiny-gqa-bias", |c| {
+        c["num_key_value_heads"] = 3.into()
+    });
+    fails(
+        c.path(),
+        &[],
+        "num_attention_heads 4 is not a multiple of num_key_value_heads 3",
+    );
+    // head_dim 12: q_proj would be [48, 32]; the checkpoint's is [32, 32].
+    let c = edited_copy("llama-tiny-gqa-bias", |c| c["head_dim"] = 12.into());
+    fails(c.path(), &[], "self_attn.q_proj.weight` has shape [32, 32]");
+    fails(
+        &root().join("testdata/llama-tiny-gqa-bias"),
+        &["--format", "torchscript"],
+        "TorchScript export is not available for `llama`",
+    );
+    // A shard the index names but the folder lacks.
+    let c = edited_copy("qwen2-tiny-tied", |_| {});
+    let st = c.path().join("model.safetensors");
+    std::fs::rename(&st, c.path().join("model-00001-of-00002.safetensors")).expect("rename");
+    let bytes = std::fs::read(c.path().join("model-00001-of-00002.safetensors")).expect("read");
+    let names: Vec<String> = safetensors::SafeTensors::deserialize(&bytes)
+        .expect("safetensors")
+        .names()
+        .into_iter()
+        .map(str::to_string)
+        .collect();
+    let mut map = serde_json::Map::new();
+    for (i, n) in names.iter().enumerate() {
+        let shard = if i == 0 { 2 } else { 1 };
+        map.insert(
+            n.clone(),
+            format!("model-0000{shard}-of-00002.safetensors").into(),
+        );
+    }
+    let index = serde_json::json!({"metadata": {}, "weight_map": map});
+    std::fs::write(
+        c.path().join("model.safetensors.index.json"),
+        index.to_string(),
+    )
+    .expect("index");
+    fails(c.path(), &[], "model-00002-of-00002.safetensors");
 }

@@ -663,13 +663,18 @@ fn run_with_vocab_txt_tokenizer() {
 /// token ids), with the plain decoder and with the key/value cache fed back.
 #[test]
 fn run_text_generation_matches_transformers() {
-    let case = testdata("run-gpt2-tiny");
+    for case in ["run-gpt2-tiny", "run-qwen2-tiny"] {
+        run_text_generation_case(&testdata(case));
+    }
+}
+
+fn run_text_generation_case(case: &Path) {
     let want: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(case.join("run.json")).expect("run.json"))
             .expect("json");
     let dir = tempfile::tempdir().expect("tempdir");
     for extra in [&[][..], &["--task", "text-generation-with-past"][..]] {
-        let model = export_for_run(&case, dir.path(), extra);
+        let model = export_for_run(case, dir.path(), extra);
         for g in want["generation"].as_array().expect("generation") {
             let n = g["max_new_tokens"].to_string();
             let prompt = g["prompt"].as_str().expect("prompt");
