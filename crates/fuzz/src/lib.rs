@@ -168,10 +168,11 @@ impl Ctx<'_> {
         let mut bytes = bytes;
         let mut dtype = dtype;
         if self.c.rare(3) {
-            match self.c.below(6) {
+            match self.c.below(7) {
                 0 => {
                     bytes.pop();
                 }
+                5 => dims = vec![1 << 40; dims.len()],
                 1 => bytes.extend([0u8; 3]),
                 2 => dims.push(1 << 40),
                 3 => dims = vec![],

@@ -1008,7 +1008,11 @@ pub struct Initializer {
 impl Initializer {
     /// Number of elements.
     pub fn numel(&self) -> u64 {
-        self.dims.iter().map(|&d| d.max(0) as u64).product()
+        // Saturating: absurd dims (a corrupt or hostile file) give u64::MAX, which no byte
+        // length matches, rather than an overflow.
+        self.dims
+            .iter()
+            .fold(1u64, |n, &d| n.saturating_mul(d.max(0) as u64))
     }
 }
 

@@ -297,7 +297,7 @@ fn transpose(n: &Node, src: &Initializer) -> Result<Initializer, OptimizeError> 
         Some(other) => return Err(bad(format!("perm is {other:?}, not a list of ints"))),
     };
     let elem = src.dtype.size();
-    let expected = src.numel() * elem as u64;
+    let expected = src.numel().saturating_mul(elem as u64);
     if src.data.len() != expected {
         return Err(bad(format!(
             "input `{}` has {} bytes, its shape needs {expected}",

@@ -456,7 +456,7 @@ fn convert_tensor_attr(node: &mut Node, attr: &str) -> Result<bool, QuantizeErro
 
 /// A float32 initializer as float16, converted when its bytes are read (streamed out).
 fn to_f16_initializer(t: &Initializer) -> Result<Initializer, QuantizeError> {
-    let expected = t.numel() * 4;
+    let expected = t.numel().saturating_mul(4);
     if t.data.len() != expected {
         return Err(QuantizeError::Invalid(format!(
             "initializer `{}` has {} bytes, its float32 shape needs {expected}",
@@ -470,7 +470,7 @@ fn to_f16_initializer(t: &Initializer) -> Result<Initializer, QuantizeError> {
         dtype: DType::F16,
         dims: t.dims.clone(),
         data: TensorData::Lazy {
-            len: t.numel() * 2,
+            len: t.numel().saturating_mul(2),
             read: Arc::new(move || {
                 let bytes = source.bytes()?;
                 Ok(bytes

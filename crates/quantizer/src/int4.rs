@@ -340,12 +340,13 @@ pub fn quantize_int4(graph: &mut Graph, opts: &Int4Options) -> Result<Int4Stats,
             };
             let values = t.data.to_f32_vec().map_err(io)?;
             let (d0, d1) = (dim(t.dims[0])?, dim(t.dims[1])?);
-            if values.len() != d0 * d1 {
+            if d0.checked_mul(d1) != Some(values.len()) {
                 return Err(QuantizeError::Invalid(format!(
-                    "initializer `{}` has {} values, its shape needs {}",
+                    "initializer `{}` has {} values, its shape {:?} needs {}",
                     t.name,
                     values.len(),
-                    d0 * d1
+                    t.dims,
+                    t.numel()
                 )));
             }
             // `[N, K]` rows are the columns of B.

@@ -210,6 +210,19 @@ pub fn quantize_int8(graph: &mut Graph, opts: &Int8Options) -> Result<Int8Stats,
             continue;
         }
         let input = |k: usize| n.inputs.get(k).map(String::as_str).unwrap_or("");
+        let rewritable = matches!(
+            (n.domain.as_str(), n.op_type.as_str()),
+            ("" | "ai.onnx", "MatMul" | "Gemm" | "Gather")
+        );
+        if rewritable && (n.outputs.len() != 1 || n.outputs[0].is_empty()) {
+            return Err(QuantizeError::Invalid(format!(
+                "node `{}` ({}) has {} outputs {:?}, needs one",
+                n.name,
+                n.op_type,
+                n.outputs.len(),
+                n.outputs
+            )));
+        }
         match (n.domain.as_str(), n.op_type.as_str()) {
             ("" | "ai.onnx", "MatMul") if n.inputs.len() == 2 => {
                 if inits.contains_key(input(0)) {
@@ -592,12 +605,12 @@ fn quantize_initializer(
         source,
     };
     let bytes = t.data.bytes().map_err(io)?;
-    if bytes.len() as u64 != t.numel() * 4 {
+    if bytes.len() as u64 != t.numel().saturating_mul(4) {
         return Err(QuantizeError::Invalid(format!(
             "tensor `{}` has {} bytes, expected {} for float32 {:?}",
             t.name,
             bytes.len(),
-            t.numel() * 4,
+            t.numel().saturating_mul(4),
             t.dims
         )));
     }
@@ -1031,18 +1044,55 @@ mod tests {
 
     #[test]
     fn attention_with_unknown_attributes_stays_float() {
-        let mut att = node("att", "Attention", MS_DOMAIN, &["x", "w", "b"], &["y"]);
+        // QAttention has no `qkv_hidden_sizes`: the node is skipped, not rejected, and the
+        // rest of the graph (here a MatMul) is quantized as usual.
+        let mut att = node("att", "Attention", MS_DOMAIN, &["x", "w", "b"], &["a"]);
         att.attrs
             .insert("qkv_hidden_sizes".into(), Attr::Ints(vec![4, 4, 4]));
+        let before = att.clone();
+        let mm = node("mm", "MatMul", "", &["a", "w2"], &["y"]);
         let mut g = graph(
-            vec![att],
+            vec![att, mm],
             vec![
                 init("w", vec![4, 12], &[0.1; 48]),
                 init("b", vec![12], &[0.0; 12]),
+                init("w2", vec![12, 3], &[0.2; 36]),
             ],
             17,
         );
-        assert!(quantize_int8(&mut g, &Int8Options::default()).is_err());
+        let stats = quantize_int8(&mut g, &Int8Options::default()).expect("quantize");
+        assert_eq!((stats.attentions, stats.matmuls), (0, 1), "{stats}");
+        assert_eq!(
+            ops(&g),
+            [
+                "Attention",
+                "DynamicQuantizeLinear",
+                "MatMulInteger",
+                "Cast",
+                "Mul",
+                "Mul"
+            ]
+        );
+        let att = &g.nodes[0];
+        assert_eq!(
+            (&att.domain, &att.inputs, &att.outputs),
+            (&before.domain, &before.inputs, &before.outputs)
+        );
+        assert!(matches!(att.attr("qkv_hidden_sizes"), Some(Attr::Ints(v)) if v == &[4, 4, 4]));
+        // Its weight and bias stay float32, and no quantized copy of them is made.
+        assert_eq!(find(&g, "w").dtype, DType::F32);
+        assert_eq!(find(&g, "w").data.to_f32_vec().expect("w"), [0.1; 48]);
+        assert_eq!(find(&g, "b").dtype, DType::F32);
+        assert!(g.initializers.iter().all(|t| !t.name.starts_with("w_")));
+        assert!(g.nodes.iter().all(|n| n.op_type != "QAttention"));
+        assert_eq!(find(&g, "w2_quantized").dtype, DType::I8);
+
+        // Alone, it leaves nothing to quantize: that error, and the graph untouched.
+        let mut alone = graph(vec![before], vec![init("w", vec![4, 12], &[0.1; 48])], 17);
+        let e = quantize_int8(&mut alone, &Int8Options::default()).expect_err("nothing");
+        assert!(e.to_string().starts_with("nothing to quantize"), "{e}");
+        assert_eq!(ops(&alone), ["Attention"]);
+        assert_eq!(find(&alone, "w").dtype, DType::F32);
     }
 
     #[test]
