@@ -298,20 +298,78 @@ struct VerifyArgs {
     atol: f64,
 }
 
+/// Exit code of an internal error (a panic): `EX_SOFTWARE` of sysexits.h, distinct from
+/// the 1 of an error in the input and from Rust's default 101.
+const EXIT_INTERNAL_ERROR: u8 = 70;
+
+/// The one line a panic prints: `internal error: <message> (at <file:line>); please
+/// report`, the message's lines joined.
+fn internal_error_line(
+    payload: &(dyn std::any::Any + Send),
+    location: Option<&std::panic::Location<'_>>,
+) -> String {
+    let msg = payload
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("panic with a non-text payload");
+    let msg = msg.split_whitespace().collect::<Vec<_>>().join(" ");
+    let at = location.map_or(String::new(), |l| {
+        format!(" (at {}:{})", l.file(), l.line())
+    });
+    format!("internal error: {msg}{at}; please report")
+}
+
 fn main() -> ExitCode {
+    // Last line of defence: a bug is one line and exit code 70, not a Rust backtrace
+    // hint and 101. The panic unwinds to here first, so a half-written output's
+    // temporary file is removed as on any error.
+    std::panic::set_hook(Box::new(|info| {
+        eprintln!("{}", internal_error_line(info.payload(), info.location()));
+    }));
     let cli = Cli::parse();
-    let result = match cli.command {
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match cli.command {
         Command::Export(a) => export::export(&a),
         Command::Verify(a) => verify::verify(&a),
         Command::Run(a) => run::run(&a),
         Command::Optimize(a) => optimize::optimize(&a),
         Command::Quantize(a) => quantize::quantize(&a),
-    };
+    }));
     match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(msg) => {
+        Ok(Ok(())) => ExitCode::SUCCESS,
+        Ok(Err(msg)) => {
             eprintln!("error: {msg}");
             ExitCode::FAILURE
         }
+        Err(_) => ExitCode::from(EXIT_INTERNAL_ERROR),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_panic_is_one_line_asking_for_a_report() {
+        let here = std::panic::Location::caller();
+        let line = internal_error_line(&"index out of bounds:\n  the len is 1", Some(here));
+        assert_eq!(
+            line,
+            format!(
+                "internal error: index out of bounds: the len is 1 (at {}:{}); please report",
+                here.file(),
+                here.line()
+            )
+        );
+        let owned: Box<dyn std::any::Any + Send> = Box::new(String::from("boom"));
+        assert_eq!(
+            internal_error_line(owned.as_ref(), None),
+            "internal error: boom; please report"
+        );
+        assert_eq!(
+            internal_error_line(&42u8, None),
+            "internal error: panic with a non-text payload; please report"
+        );
+        assert_eq!(EXIT_INTERNAL_ERROR, 70);
     }
 }

@@ -15,12 +15,14 @@ mod write;
 pub use read::{ReadError, read_metadata, read_model_proto};
 pub use to_ir::{ModelInfo, OnnxModel, read_graph, read_model};
 pub use write::{
-    ExternalData, OnnxError, WriteOptions, WriteReport, ir_version_for_opset, write_model,
+    ExternalData, MIN_WRITE_OPSET, OnnxError, WriteOptions, WriteReport, ir_version_for_opset,
+    write_model,
 };
 
 use ferry_ir::DType;
 
-/// Oldest default-domain opset ferry writes.
+/// Oldest default-domain opset ferry exports (the writer also writes older models, down to
+/// [`MIN_WRITE_OPSET`], for `ferry optimize` and `ferry quantize`).
 pub const MIN_OPSET: i64 = 14;
 /// Newest default-domain opset ferry writes.
 pub const MAX_OPSET: i64 = 21;

@@ -13,7 +13,12 @@ use crate::proto::{
     StringStringEntryProto, TensorProto, TensorShapeProto, TypeProto, TypeProtoTensor,
     ValueInfoProto, attribute_type as at,
 };
-use crate::{MAX_OPSET, MIN_OPSET, onnx_dtype};
+use crate::{MAX_OPSET, onnx_dtype};
+
+/// The oldest default-domain opset [`write_model`] writes (IR version 4, the first whose
+/// initializers need not be graph inputs): `ferry optimize`/`quantize` rewrite older
+/// models; `ferry export` itself writes [`crate::MIN_OPSET`] and later.
+pub const MIN_WRITE_OPSET: i64 = 9;
 
 /// Protobuf refuses messages of 2 GiB or more; past this, weights must go to external data.
 const PROTOBUF_LIMIT: u64 = (1 << 31) - 1;
@@ -67,7 +72,7 @@ pub struct WriteReport {
 #[derive(Debug, thiserror::Error)]
 pub enum OnnxError {
     /// The opset is outside what ferry writes.
-    #[error("opset {0} is not supported (ferry writes opsets {MIN_OPSET}..={MAX_OPSET})")]
+    #[error("opset {0} is not supported (ferry writes opsets {MIN_WRITE_OPSET}..={MAX_OPSET})")]
     Opset(i64),
     /// The graph has no default-domain opset import.
     #[error("graph has no ONNX opset import")]
@@ -103,7 +108,10 @@ pub enum OnnxError {
 /// The ONNX IR version that goes with a default-domain opset (per onnx/helper.py's table).
 pub fn ir_version_for_opset(opset: i64) -> Result<i64, OnnxError> {
     Ok(match opset {
-        14 => 7,
+        9 => 4,
+        10 => 5,
+        11 => 6,
+        12..=14 => 7,
         15..=18 => 8,
         19 | 20 => 9,
         21 => 10,
@@ -120,7 +128,7 @@ pub fn write_model(
     let opset = graph.onnx_opset().ok_or(OnnxError::NoOpset)?;
     let ir_version = ir_version_for_opset(opset)?;
     for init in &graph.initializers {
-        let expected = init.numel() * init.dtype.size() as u64;
+        let expected = init.numel().saturating_mul(init.dtype.size() as u64);
         if expected != init.data.len() {
             return Err(OnnxError::TensorSize {
                 name: init.name.clone(),
@@ -634,7 +642,9 @@ mod tests {
         assert_eq!(ir_version_for_opset(14).ok(), Some(7));
         assert_eq!(ir_version_for_opset(17).ok(), Some(8));
         assert_eq!(ir_version_for_opset(21).ok(), Some(10));
-        assert!(ir_version_for_opset(13).is_err());
+        assert_eq!(ir_version_for_opset(9).ok(), Some(4));
+        assert_eq!(ir_version_for_opset(13).ok(), Some(7));
+        assert!(ir_version_for_opset(8).is_err());
         assert!(ir_version_for_opset(22).is_err());
     }
 }

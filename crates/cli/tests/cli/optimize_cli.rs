@@ -1,6 +1,8 @@
 //! `ferry export --optimize`, `--static-shapes`, `ferry optimize --disable` / `--json`:
 //! files written, fused-operator statistics, golden parity of the results.
 
+use ferry_ir::{Attr, DType};
+
 use super::*;
 
 fn op_count(path: &Path, op: &str) -> usize {
@@ -324,4 +326,68 @@ fn export_json_describes_the_three_files() {
     let rows = v["quantized"]["accuracy"]["outputs"].as_array();
     assert!(rows.is_some_and(|r| !r.is_empty()), "accuracy report: {v}");
     assert!(stderr(&o).contains("exported bert"), "{}", stderr(&o));
+}
+
+/// Writes the one-node model `y = op(inputs)` over a float32 `[2, 3]` input `x` at `opset`.
+fn one_node_model(path: &Path, opset: i64, op: &str, inputs: &[&str], attrs: &[(&str, Attr)]) {
+    let f = |name: &str| ferry_ir::Value::new(name, DType::F32, vec![2.into(), 3.into()]);
+    let graph = ferry_ir::Graph {
+        name: "g".into(),
+        inputs: vec![f("x")],
+        outputs: vec![f("y")],
+        nodes: vec![ferry_ir::Node {
+            name: format!("/{op}"),
+            op_type: op.into(),
+            domain: String::new(),
+            inputs: inputs.iter().map(|s| s.to_string()).collect(),
+            outputs: vec!["y".into()],
+            attrs: attrs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.clone()))
+                .collect(),
+        }],
+        initializers: vec![],
+        value_info: vec![],
+        opsets: vec![ferry_ir::OpsetImport {
+            domain: String::new(),
+            version: opset,
+        }],
+    };
+    ferry_onnx::write_model(&graph, path, &Default::default()).expect("write model");
+}
+
+/// An opset-9 `Slice` takes `starts`/`ends`/`axes` as attributes (valid ONNX that ONNX
+/// Runtime runs); `ferry optimize` used to exit 101 indexing its absent second input.
+#[test]
+fn optimize_opset9_slice_with_attributes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let model = dir.path().join("slice9.onnx");
+    let attrs = [
+        ("starts", Attr::Ints(vec![0])),
+        ("ends", Attr::Ints(vec![1])),
+        ("axes", Attr::Ints(vec![1])),
+    ];
+    one_node_model(&model, 9, "Slice", &["x"], &attrs);
+    let out = dir.path().join("out.onnx");
+    let o = run(ferry().arg("optimize").arg(&model).arg(&out));
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let g = ferry_onnx::read_graph(&out).expect("read optimized");
+    assert_eq!(g.onnx_opset(), Some(9));
+    assert_eq!(g.op_counts().get("Slice"), Some(&1));
+}
+
+/// A `Mul` with one input is malformed: one `error:` line naming the node, exit 1, no
+/// output file.
+#[test]
+fn optimize_mul_with_one_input_fails_cleanly() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let model = dir.path().join("mul.onnx");
+    one_node_model(&model, 17, "Mul", &["x"], &[]);
+    let out = dir.path().join("out.onnx");
+    let o = run(ferry().arg("optimize").arg(&model).arg(&out));
+    assert_fails_cleanly(
+        &o,
+        &out,
+        "node `/Mul` (Mul): has 1 input, needs 2 inputs at opset 17",
+    );
 }
