@@ -18,6 +18,9 @@
 //!   `bench --latency` compares ONNX Runtime latency of ferry's plain and optimized exports
 //!   with ONNX Runtime's own transformers optimizer output (xtask/ort_optimize.py).
 //! - `fetch-ort`, `fetch-minilm`: the downloads the others do, on their own.
+//! - `fuzz [CASES]`: the optimizer's and quantizer's structure-aware fuzz tests (generated
+//!   graphs through every pass and quantizer mode; no panic allowed) in release mode, CASES
+//!   graphs per pass (default 200 000; `cargo test` runs 10 000).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -50,8 +53,9 @@ fn main() -> ExitCode {
         Some("fetch-minilm") => fetch_minilm().map(|p| println!("{}", p.display())),
         Some("fetch-tokenizers") => fetch_tokenizers().map(|p| println!("{}", p.display())),
         Some("rss") => rss(&args[1..]),
+        Some("fuzz") => fuzz(&args[1..]),
         _ => Err(
-            "usage: cargo xtask <export [MODEL] [-- ARGS]|verify|golden|bench|fetch-ort|fetch-minilm>"
+            "usage: cargo xtask <export [MODEL] [-- ARGS]|verify|golden|bench|fetch-ort|fetch-minilm|fuzz [CASES]>"
                 .into(),
         ),
     };
@@ -62,6 +66,30 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `fuzz [CASES]`: the `fuzz::` tests of ferry-optimizer's and ferry-quantizer's
+/// integration tests, release build, with `FERRY_FUZZ_CASES` set to CASES.
+fn fuzz(args: &[String]) -> Result<()> {
+    let cases: u32 = match args {
+        [] => 200_000,
+        [n] => n
+            .parse()
+            .map_err(|_| format!("fuzz: CASES must be a number of graphs, got `{n}`"))?,
+        _ => return Err("usage: cargo xtask fuzz [CASES]".into()),
+    };
+    let start = Instant::now();
+    run(cargo()
+        .args(["test", "--release"])
+        .args(["-p", "ferry-optimizer", "-p", "ferry-quantizer"])
+        .args(["--test", "optimizer", "--test", "quantizer", "--", "fuzz::"])
+        .arg("--nocapture")
+        .env("FERRY_FUZZ_CASES", cases.to_string()))?;
+    println!(
+        "fuzz: {cases} graphs per pass, no panic, in {:.1} s",
+        start.elapsed().as_secs_f64()
+    );
+    Ok(())
 }
 
 fn root() -> PathBuf {
