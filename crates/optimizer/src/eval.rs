@@ -608,7 +608,9 @@ fn concat(parts: &[&Tensor], ax: i64) -> Option<Tensor> {
     }
     let all = concat_data(&parts.iter().map(|p| &p.data).collect::<Vec<_>>())?;
     let mut dims = first.dims.clone();
-    dims[ax] = parts.iter().map(|p| p.dims[ax]).sum();
+    dims[ax] = parts
+        .iter()
+        .try_fold(0usize, |n, p| n.checked_add(p.dims[ax]))?;
     Tensor::new(dims, all.pick(&idx))
 }
 
