@@ -6,6 +6,7 @@ For each text-generation case, `steps.safetensors` holds
   step{k}.input.*     the inputs of a prefill on a left-padded batch of 2 (lengths 9 and 5)
                       and of 3 cached greedy steps, as generate() feeds them
   step{k}.output.logits  transformers' logits at each step (eager attention, float32)
+  step0.output.logits_fp16  the prefill's logits computed in float16
   generate.input_ids / generate.attention_mask / generate.output_ids
                       model.generate(do_sample=False, max_new_tokens=16) on that batch
   generate.output_ids_no_cache  the same with use_cache=False
@@ -164,6 +165,13 @@ def make(root, g):
             return model_cls.from_pretrained(d, dtype=torch.float32,
                                              attn_implementation="eager").eval()
         tensors = steps_golden(load(), torch.Generator().manual_seed(seed + 1000), load)
+        # The prefill computed in float16 (RMSNorm and softmax inside in float32, as the
+        # modeling files do), the reference for `--dtype fp16`.
+        half = model_cls.from_pretrained(d, dtype=torch.float16, attn_implementation="eager").eval()
+        with torch.no_grad():
+            out = half(**{k: tensors[f"step0.input.{k}"] for k in
+                          ("input_ids", "attention_mask", "position_ids")}, use_cache=False)
+        tensors["step0.output.logits_fp16"] = out.logits.float().contiguous()
         save_file(tensors, os.path.join(d, "steps.safetensors"))
         write_case(d, {
             "description": f"{model_cls.__name__} ({', '.join(f'{k}={v}' for k, v in extra.items())}): "

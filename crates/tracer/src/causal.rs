@@ -122,7 +122,7 @@ pub(crate) fn append_cache(t: &mut Tracer, past: Option<(&T, &T)>, k: T, v: T) -
 /// (cache position `past + i`) may attend key `j` (`j <= past + i`, the key is not
 /// padding and, with a `window`, `j > past + i - window`), `finfo(float32).min`
 /// elsewhere, as transformers' `create_causal_mask` / `create_sliding_window_causal_mask`
-/// make it for eager attention.
+/// make it for eager attention; always float32.
 pub(crate) fn causal_mask(
     t: &mut Tracer,
     attention_mask: &T,
@@ -170,10 +170,18 @@ pub(crate) fn causal_mask(
         DType::Bool,
         vec![b, Dim::Fixed(1), seq.clone(), total_dim],
     );
-    let zf = t.scalar(0.0);
-    let min = t.float_min();
-    let float = t.float_dtype();
-    Ok(t.op("Where", &[&ok, &zf, &min], vec![], float, ok.shape.clone()))
+    // Float32 whatever the compute dtype: half-precision graphs add it to their scores in
+    // float32 (see the decoder's attention), where finfo(float32).min absorbs a fully
+    // masked row's scores exactly as finfo(float16).min does in float16.
+    let zf = t.scalar_f32(0.0);
+    let min = t.scalar_f32(f32::MIN);
+    Ok(t.op(
+        "Where",
+        &[&ok, &zf, &min],
+        vec![],
+        DType::F32,
+        ok.shape.clone(),
+    ))
 }
 
 /// Logits at each row's last non-padding token (`…ForSequenceClassification` of the

@@ -744,7 +744,8 @@ fn apply_rotary(t: &mut Tracer, rope: &Rope, x: &T, (cos, sin): (&T, &T)) -> Res
 }
 
 /// RMSNorm over the last axis: `x * rsqrt(mean(x²) + eps)` scaled by `weight` (or by
-/// `1 + weight`, Gemma's form).
+/// `1 + weight`, Gemma's form). In a float16 graph the normalization runs in float32, as
+/// transformers computes it: Llama's form casts back before the weight, Gemma's after.
 fn rms_norm(
     t: &mut Tracer,
     w: &WeightSource<'_>,
@@ -756,19 +757,32 @@ fn rms_norm(
     scoped(t, scope, |t| {
         let path = t.module_path();
         let weight = w.get(t, &format!("{path}.weight"), &[width])?;
-        let two = t.scalar(2.0);
-        let sq = t.pow(x, &two)?;
+        let half = t.float_dtype() != DType::F32;
+        let x32 = if half {
+            t.cast(x, DType::F32, 1)
+        } else {
+            x.clone()
+        };
+        let two = t.scalar_f32(2.0);
+        let sq = t.pow(&x32, &two)?;
         let var = t.reduce_mean_last(&sq)?;
-        let e = t.scalar(eps as f32);
+        let e = t.scalar_f32(eps as f32);
         let ve = t.add(&var, &e)?;
         let std = t.unary("Sqrt", &ve);
-        let one = t.scalar(1.0);
+        let one = t.scalar_f32(1.0);
         let inv = t.div(&one, &std)?;
-        let n = t.mul(x, &inv)?;
+        let n = t.mul(&x32, &inv)?;
         if plus_one {
-            let w1 = t.add(&weight, &one)?;
-            t.mul(&n, &w1)
+            let w32 = if half {
+                t.cast(&weight, DType::F32, 1)
+            } else {
+                weight
+            };
+            let w1 = t.add(&w32, &one)?;
+            let y = t.mul(&n, &w1)?;
+            Ok(t.cast_to_float(&y))
         } else {
+            let n = t.cast_to_float(&n);
             t.mul(&weight, &n)
         }
     })
@@ -878,8 +892,15 @@ fn attention(
         if let Some(cap) = d.attn_softcap {
             scores = softcap(t, &scores, cap)?;
         }
+        // The mask and the softmax in float32 (transformers: `softmax(dtype=float32)`).
+        let scores = if scores.dtype == DType::F32 {
+            scores
+        } else {
+            t.cast(&scores, DType::F32, 1)
+        };
         let scores = t.add(&scores, ctx.mask)?;
         let probs = t.softmax_last(&scores);
+        let probs = t.cast_to_float(&probs);
         let out = t.matmul(&probs, &vr)?;
         let out = t.transpose(&out, &[0, 2, 1, 3])?;
         let out = t.reshape(&out, &[0, 0, qw])?;

@@ -79,7 +79,7 @@ const ARCHITECTURES: &[Arch] = &[
         model_types: decoder::MODEL_TYPES,
         tasks: decoder::DECODER_TASKS,
         build: decoder::build,
-        half_compute: false,
+        half_compute: true,
         torchscript: false,
     },
     Arch {
@@ -136,6 +136,11 @@ pub fn supported_tasks(model_type: &str) -> &'static [&'static str] {
 /// Whether the architecture can be traced with float16 compute (`--dtype fp16`).
 pub fn exports_half_compute(model_type: &str) -> bool {
     arch(model_type).is_some_and(|a| a.half_compute)
+}
+
+/// Whether `model_type` is one of the Llama-family decoder LLMs.
+pub fn is_decoder_llm(model_type: &str) -> bool {
+    decoder::MODEL_TYPES.contains(&model_type)
 }
 
 /// Whether `--format torchscript` can export this architecture (the decoder LLMs cannot).

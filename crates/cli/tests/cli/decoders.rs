@@ -168,6 +168,59 @@ fn without_past_matches_the_prefill() {
     }
 }
 
+/// `--dtype fp16` (weights narrowed while streaming; RMSNorm and softmax in float32 as
+/// transformers computes them in half precision) against transformers computing the prefill
+/// in float16, and `--dtype bf16` (bfloat16 weights, float32 compute) against its float32
+/// logits at the positions that attend to something (a fully masked, left-padding query
+/// row is `finfo(dtype).min` arithmetic and differs between precisions).
+#[test]
+fn half_precision_prefill_is_close() {
+    for case in step_cases() {
+        if name(&case).starts_with("gpt2") {
+            continue;
+        }
+        let steps = Steps::load(&case);
+        let inputs = steps.inputs(0);
+        let mask = steps.i64s("step0.input.attention_mask");
+        let want = steps.f32s("step0.output.logits");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let want16 = steps.f32s("step0.output.logits_fp16");
+        for (dtype, atol, want, all_rows) in [
+            // transformers' own float16 logits are up to 1.07e-2 from its float32 ones
+            // on these models; two float16 computations may differ by as much.
+            ("fp16", 2e-2f32, &want16, true),
+            ("bf16", 6e-2, &want, false),
+        ] {
+            let out = dir.path().join(format!("{dtype}.onnx"));
+            let o = export(
+                &case,
+                &out,
+                &["--task", "text-generation", "--dtype", dtype],
+            );
+            assert!(o.status.success(), "{}: {}", name(&case), stderr(&o));
+            let mut m = Model::load(&out, 2).expect("load");
+            let got = &m.run_inputs(&inputs).expect("run")["logits"];
+            assert_eq!(got.data.len(), want.len());
+            let vocab = got.shape[2] as usize;
+            let mut worst = 0f32;
+            for (pos, &attended) in mask.data.iter().enumerate() {
+                if attended == 0 && !all_rows {
+                    continue;
+                }
+                let r = pos * vocab..(pos + 1) * vocab;
+                for (a, b) in got.data[r.clone()].iter().zip(&want[r]) {
+                    worst = worst.max((a - b).abs());
+                }
+            }
+            println!(
+                "{} --dtype {dtype}: prefill max-abs {worst:.3e}",
+                name(&case)
+            );
+            assert!(worst <= atol, "{} {dtype}: max-abs {worst}", name(&case));
+        }
+    }
+}
+
 /// Greedy generation (ferry-pipeline) gives the token ids of `model.generate`, with the
 /// cache and without it.
 #[test]
