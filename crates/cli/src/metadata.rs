@@ -127,12 +127,4 @@ impl ModelMeta {
         }
         Ok(meta)
     }
-
-    /// The label of class `i` (`LABEL_i` when the config named none, as transformers does).
-    pub fn label(&self, i: usize) -> String {
-        self.id2label
-            .get(&i)
-            .cloned()
-            .unwrap_or_else(|| format!("LABEL_{i}"))
-    }
 }

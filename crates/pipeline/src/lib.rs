@@ -3,9 +3,12 @@
 //! greedy decoding as `model.generate(do_sample=False)` computes it over optimum's decoder
 //! interface, with or without the key/value cache; and [`tokenizer`], a checkpoint's
 //! tokenizer (`tokenizer.json`, or WordPiece from `vocab.txt`) with the special tokens and
-//! decoding rules transformers applies, and streamed decoding of generated tokens.
+//! decoding rules transformers applies, and streamed decoding of generated tokens; and
+//! [`tasks`], every task's answer as its pipeline computes it ([`tasks::run_task`]), which
+//! `ferry run` prints.
 
 pub mod generate;
+pub mod tasks;
 pub mod tokenizer;
 
 pub use generate::{GenerateError, GenerationConfig, greedy, left_pad};
