@@ -586,6 +586,28 @@ fn convert_into(from: DType, to: DType, src: &[u8], out: &mut Vec<u8>) -> io::Re
     }
     match (from, to) {
         (a, b) if a == b => out.extend_from_slice(src),
+        // The common upcasts (half-precision checkpoints exported as float32) in one pass
+        // over a preallocated buffer: bfloat16 is the high half of a float32.
+        (DType::BF16, DType::F32) => {
+            let start = out.len();
+            out.resize(start + src.len() * 2, 0);
+            for (o, c) in out[start..].chunks_exact_mut(4).zip(src.chunks_exact(2)) {
+                o.copy_from_slice(
+                    &(u32::from(u16::from_le_bytes([c[0], c[1]])) << 16).to_le_bytes(),
+                );
+            }
+        }
+        (DType::F16, DType::F32) => {
+            let start = out.len();
+            out.resize(start + src.len() * 2, 0);
+            for (o, c) in out[start..].chunks_exact_mut(4).zip(src.chunks_exact(2)) {
+                o.copy_from_slice(
+                    &half::f16::from_le_bytes([c[0], c[1]])
+                        .to_f32()
+                        .to_le_bytes(),
+                );
+            }
+        }
         (a, b) if can_convert(a, b) => {
             out.reserve(src.len() / a.size() * b.size());
             for c in src.chunks_exact(a.size()) {
