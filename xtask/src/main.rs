@@ -40,6 +40,14 @@ const GOLDEN_PACKAGES: &[&str] = &[
     "numpy",
 ];
 
+/// Pinned environment of the consumer check (optimum's ORTModelForCausalLM running ferry's
+/// decoder exports); optimum-onnx 0.1.0 pins transformers 4.57, so it has its own venv.
+const CONSUMER_PACKAGES: &[&str] = &[
+    "torch==2.15.0",
+    "optimum-onnx==0.1.0",
+    "onnxruntime==1.31.1",
+];
+
 type Result<T> = std::result::Result<T, String>;
 
 fn main() -> ExitCode {
@@ -315,17 +323,19 @@ fn golden_cases() -> Result<Vec<PathBuf>> {
     Ok(v)
 }
 
-/// Checks that `py` imports torch, transformers, safetensors and numpy at the versions
-/// [`GOLDEN_PACKAGES`] pins; the error says what is missing or different.
-fn venv_pins_ok(py: &Path) -> Result<()> {
-    const CHECK: &str = "import sys, importlib.metadata as m\n\
-        import torch, transformers, safetensors, numpy\n\
-        bad = [f'{n} {m.version(n)} (want {v})' for n, v in (a.split('==') for a in sys.argv[1:])\n\
-               if m.version(n).split('+')[0] != v]\n\
-        sys.exit('; '.join(bad) or None)\n";
-    let pinned = GOLDEN_PACKAGES.iter().filter(|p| p.contains("=="));
+/// Checks that `py` imports `imports` and has the `==`-pinned versions of `packages`; the
+/// error says what is missing or different.
+fn venv_pins_ok(py: &Path, packages: &[&str], imports: &str) -> Result<()> {
+    let check = format!(
+        "import sys, importlib.metadata as m\n\
+         import {imports}\n\
+         bad = [f'{{n}} {{m.version(n)}} (want {{v}})' for n, v in (a.split('==') for a in sys.argv[1:])\n\
+                if m.version(n).split('+')[0] != v]\n\
+         sys.exit('; '.join(bad) or None)\n"
+    );
+    let pinned = packages.iter().filter(|p| p.contains("=="));
     let o = Command::new(py)
-        .args(["-c", CHECK])
+        .args(["-c", &check])
         .args(pinned)
         .output()
         .map_err(|e| format!("{}: {e}", py.display()))?;
@@ -336,27 +346,28 @@ fn venv_pins_ok(py: &Path) -> Result<()> {
     Err(err.lines().last().unwrap_or("failed").trim().to_string())
 }
 
-/// Makes sure `target/venv` exists and holds [`GOLDEN_PACKAGES`] from PyPI (the goldens'
-/// generator environment, also the TorchScript check's); returns its Python. `pip install`
-/// runs only when the venv does not already import them at the pinned versions.
-fn golden_venv() -> Result<PathBuf> {
-    let venv = target().join("venv");
+/// Makes sure `target/<name>` is a venv holding `packages` from PyPI (importing
+/// `imports`); returns its Python. `pip install` runs only when the venv does not already
+/// import them at the pinned versions.
+fn ensure_venv(name: &str, packages: &[&str], imports: &str) -> Result<PathBuf> {
+    let venv = target().join(name);
     let py = venv.join("bin").join("python");
     if !py.is_file() {
         eprintln!("xtask: creating {}", venv.display());
         run(Command::new(python()).args(["-m", "venv"]).arg(&venv))?;
     }
-    if let Err(why) = venv_pins_ok(&py) {
+    if let Err(why) = venv_pins_ok(&py, packages, imports) {
         eprintln!(
             "xtask: installing {} into {} ({why})",
-            GOLDEN_PACKAGES.join(" "),
+            packages.join(" "),
             venv.display()
         );
         let start = Instant::now();
         run(Command::new(&py)
             .args(["-m", "pip", "install", "--quiet"])
-            .args(GOLDEN_PACKAGES))?;
-        venv_pins_ok(&py).map_err(|e| format!("{} after pip install: {e}", venv.display()))?;
+            .args(packages))?;
+        venv_pins_ok(&py, packages, imports)
+            .map_err(|e| format!("{} after pip install: {e}", venv.display()))?;
         eprintln!(
             "xtask: {} ready in {:.0} s",
             venv.display(),
@@ -364,6 +375,34 @@ fn golden_venv() -> Result<PathBuf> {
         );
     }
     Ok(py)
+}
+
+/// `target/venv` with [`GOLDEN_PACKAGES`]: the goldens' generator environment, also the
+/// TorchScript check's.
+fn golden_venv() -> Result<PathBuf> {
+    ensure_venv("venv", GOLDEN_PACKAGES, "torch, transformers, safetensors, numpy")
+}
+
+/// `target/optvenv` with [`CONSUMER_PACKAGES`]: the consumer check's environment.
+fn consumer_venv() -> Result<PathBuf> {
+    ensure_venv("optvenv", CONSUMER_PACKAGES, "torch, optimum.onnxruntime, onnxruntime")
+}
+
+/// The consumer check: testdata/verify_consumers.py runs ferry's decoder exports with
+/// optimum's `ORTModelForCausalLM.generate` and compares the tokens with transformers'
+/// `generate`; any failure, or no case checked, is an error.
+fn verify_consumers(py: &Path, ferry: &Path) -> Result<()> {
+    println!(
+        "
+optimum's ORTModelForCausalLM on ferry's decoder exports ({}):",
+        py.display()
+    );
+    run(Command::new(py)
+        .arg(root().join("testdata").join("verify_consumers.py"))
+        .arg(ferry)
+        .arg(root().join("testdata"))
+        .arg(target().join("verify").join("consumers")))
+    .map_err(|e| format!("consumer check failed: {e}"))
 }
 
 /// True when running in CI (the `CI` environment variable set, as CI services do, and not
@@ -420,11 +459,15 @@ fn verify(args: &[String]) -> Result<()> {
     // The TorchScript check's Python first, so that a venv that cannot be made fails
     // before the long test run rather than after it.
     let torch_py = if torch {
-        Some(golden_venv().map_err(|e| {
+        let golden = golden_venv().map_err(|e| {
             format!("the TorchScript check needs target/venv with torch: {e} (outside CI, `cargo xtask verify --no-torch` skips the check)")
-        })?)
+        })?;
+        let consumer = consumer_venv().map_err(|e| {
+            format!("the consumer check needs target/optvenv with optimum-onnx: {e} (outside CI, `cargo xtask verify --no-torch` skips the check)")
+        })?;
+        Some((golden, consumer))
     } else {
-        println!("xtask: --no-torch: the TorchScript check will not run");
+        println!("xtask: --no-torch: the TorchScript and consumer checks will not run");
         None
     };
     run(cargo()
@@ -506,7 +549,10 @@ fn verify(args: &[String]) -> Result<()> {
     }
     // The TorchScript check runs even when a parity case failed, so one run reports both.
     let torch_result = match &torch_py {
-        Some(py) => verify_torch(py, &ferry),
+        Some((py, consumer)) => {
+            let ts = verify_torch(py, &ferry);
+            verify_consumers(consumer, &ferry).and(ts)
+        }
         None => Ok(()),
     };
     if failures > 0 {
