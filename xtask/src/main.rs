@@ -380,12 +380,20 @@ fn ensure_venv(name: &str, packages: &[&str], imports: &str) -> Result<PathBuf> 
 /// `target/venv` with [`GOLDEN_PACKAGES`]: the goldens' generator environment, also the
 /// TorchScript check's.
 fn golden_venv() -> Result<PathBuf> {
-    ensure_venv("venv", GOLDEN_PACKAGES, "torch, transformers, safetensors, numpy")
+    ensure_venv(
+        "venv",
+        GOLDEN_PACKAGES,
+        "torch, transformers, safetensors, numpy",
+    )
 }
 
 /// `target/optvenv` with [`CONSUMER_PACKAGES`]: the consumer check's environment.
 fn consumer_venv() -> Result<PathBuf> {
-    ensure_venv("optvenv", CONSUMER_PACKAGES, "torch, optimum.onnxruntime, onnxruntime")
+    ensure_venv(
+        "optvenv",
+        CONSUMER_PACKAGES,
+        "torch, optimum.onnxruntime, onnxruntime",
+    )
 }
 
 /// The consumer check: testdata/verify_consumers.py runs ferry's decoder exports with
