@@ -60,6 +60,7 @@ fn main() -> ExitCode {
         Some("fetch-ort") => fetch_ort().map(|p| println!("{}", p.display())),
         Some("fetch-minilm") => fetch_minilm().map(|p| println!("{}", p.display())),
         Some("fetch-tokenizers") => fetch_tokenizers().map(|p| println!("{}", p.display())),
+        Some("fetch-transformersjs") => transformersjs_env().map(|p| println!("{}", p.display())),
         Some("rss") => rss(&args[1..]),
         Some("fuzz") => fuzz(&args[1..]),
         _ => Err(
@@ -396,6 +397,58 @@ fn consumer_venv() -> Result<PathBuf> {
     )
 }
 
+/// Pinned transformers.js, the consumer check's JavaScript side (onnxruntime-node's CPU
+/// binaries ship inside its npm package; its install script, which fetches GPU builds, is
+/// skipped).
+const TRANSFORMERS_JS: &str = "@huggingface/transformers@4.3.2";
+
+/// Makes sure `target/jsenv` has [`TRANSFORMERS_JS`] from the npm registry and a copy of
+/// testdata/verify_transformersjs.mjs beside its node_modules; returns the script's path.
+fn transformersjs_env() -> Result<PathBuf> {
+    let dir = target().join("jsenv");
+    let stamp = dir.join("INSTALLED");
+    if std::fs::read_to_string(&stamp).map_or(true, |v| v.trim() != TRANSFORMERS_JS) {
+        eprintln!("xtask: installing {TRANSFORMERS_JS} into {}", dir.display());
+        std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+        std::fs::write(
+            dir.join("package.json"),
+            r#"{"name":"ferry-jsenv","private":true}"#,
+        )
+        .map_err(|e| e.to_string())?;
+        run(Command::new("npm").current_dir(&dir).args([
+            "install",
+            "--silent",
+            "--no-audit",
+            "--no-fund",
+            "--ignore-scripts",
+            TRANSFORMERS_JS,
+        ]))?;
+        std::fs::write(&stamp, TRANSFORMERS_JS).map_err(|e| e.to_string())?;
+    }
+    let script = dir.join("verify_transformersjs.mjs");
+    std::fs::copy(
+        root().join("testdata").join("verify_transformersjs.mjs"),
+        &script,
+    )
+    .map_err(|e| e.to_string())?;
+    Ok(script)
+}
+
+/// transformers.js's generation loop on ferry's decoder exports (see
+/// testdata/verify_transformersjs.mjs); any failure, or no case checked, is an error.
+fn verify_transformersjs(script: &Path, ferry: &Path) -> Result<()> {
+    println!(
+        "
+transformers.js ({TRANSFORMERS_JS}) on ferry's decoder exports:"
+    );
+    run(Command::new("node")
+        .arg(script)
+        .arg(ferry)
+        .arg(root().join("testdata"))
+        .arg(target().join("verify").join("transformersjs")))
+    .map_err(|e| format!("transformers.js check failed: {e}"))
+}
+
 /// The consumer check: testdata/verify_consumers.py runs ferry's decoder exports with
 /// optimum's `ORTModelForCausalLM.generate` and compares the tokens with transformers'
 /// `generate`; any failure, or no case checked, is an error.
@@ -473,7 +526,10 @@ fn verify(args: &[String]) -> Result<()> {
         let consumer = consumer_venv().map_err(|e| {
             format!("the consumer check needs target/optvenv with optimum-onnx: {e} (outside CI, `cargo xtask verify --no-torch` skips the check)")
         })?;
-        Some((golden, consumer))
+        let js = transformersjs_env().map_err(|e| {
+            format!("the consumer check needs transformers.js from npm in target/jsenv: {e} (outside CI, `cargo xtask verify --no-torch` skips the check)")
+        })?;
+        Some((golden, consumer, js))
     } else {
         println!("xtask: --no-torch: the TorchScript and consumer checks will not run");
         None
@@ -557,9 +613,11 @@ fn verify(args: &[String]) -> Result<()> {
     }
     // The TorchScript check runs even when a parity case failed, so one run reports both.
     let torch_result = match &torch_py {
-        Some((py, consumer)) => {
+        Some((py, consumer, js)) => {
             let ts = verify_torch(py, &ferry);
-            verify_consumers(consumer, &ferry).and(ts)
+            let optimum = verify_consumers(consumer, &ferry);
+            let tjs = verify_transformersjs(js, &ferry);
+            ts.and(optimum).and(tjs)
         }
         None => Ok(()),
     };

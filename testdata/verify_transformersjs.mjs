@@ -1,0 +1,107 @@
+// Checks that transformers.js (@huggingface/transformers, onnxruntime-node) runs ferry's
+// decoder exports with its own generation loop (run by `cargo xtask verify`).
+//
+// For each decoder golden case (a steps.safetensors with generate.* tensors) the export
+// `text-generation-with-past` is placed as OUT_DIR/<case>/onnx/model.onnx beside the case's
+// config.json and generation_config.json, loaded with AutoModelForCausalLM (local files
+// only, dtype fp32) and generates greedily from the golden's left-padded batch; the token
+// ids must equal transformers' `generate`'s (each row up to its first end-of-sequence
+// token, after which transformers pads and transformers.js keeps sampling). Phi-3 is skipped (its generate() recomputes
+// the cache where LongRoPE switches factors).
+//
+// Usage: node verify_transformersjs.mjs FERRY_BINARY TESTDATA_DIR OUT_DIR
+// (with @huggingface/transformers resolvable, e.g. NODE_PATH or a node_modules above).
+// Prints one line per case; exits 1 on any failure or when nothing was checked.
+
+import { execFileSync } from "node:child_process";
+import fs from "node:fs";
+import path from "node:path";
+
+const [ferry, testdata, outDir] = process.argv.slice(2);
+const { AutoModelForCausalLM, Tensor, env } = await import("@huggingface/transformers");
+env.allowRemoteModels = false;
+env.allowLocalModels = true;
+env.localModelPath = outDir;
+
+/** The int64 tensors of a safetensors file, by name: {shape, data: BigInt64Array}. */
+function readI64(file) {
+  const buf = fs.readFileSync(file);
+  const n = Number(buf.readBigUInt64LE(0));
+  const header = JSON.parse(buf.subarray(8, 8 + n).toString("utf8"));
+  const out = {};
+  for (const [name, t] of Object.entries(header)) {
+    if (name === "__metadata__" || t.dtype !== "I64") continue;
+    const [a, b] = t.data_offsets;
+    const bytes = buf.subarray(8 + n + a, 8 + n + b);
+    const data = new BigInt64Array(bytes.length / 8);
+    for (let i = 0; i < data.length; i++) data[i] = bytes.readBigInt64LE(i * 8);
+    out[name] = { shape: t.shape, data };
+  }
+  return out;
+}
+
+let failures = 0;
+let checked = 0;
+for (const name of fs.readdirSync(testdata).sort()) {
+  const steps = path.join(testdata, name, "steps.safetensors");
+  if (!fs.existsSync(steps)) continue;
+  const st = readI64(steps);
+  if (!st["generate.output_ids"]) continue;
+  if (name.startsWith("phi3")) {
+    console.log(`skip ${name}: generate() resets Phi-3's cache at the LongRoPE switch`);
+    continue;
+  }
+  const dir = path.join(outDir, name);
+  fs.rmSync(dir, { recursive: true, force: true });
+  fs.mkdirSync(path.join(dir, "onnx"), { recursive: true });
+  for (const f of ["config.json", "generation_config.json"]) {
+    const src = path.join(testdata, name, f);
+    if (fs.existsSync(src)) fs.copyFileSync(src, path.join(dir, f));
+  }
+  try {
+    execFileSync(ferry, ["export", "--model", path.join(testdata, name), "--task",
+      "text-generation-with-past", path.join(dir, "onnx", "model.onnx")], { stdio: "pipe" });
+    const model = await AutoModelForCausalLM.from_pretrained(name, { dtype: "fp32", device: "cpu" });
+    const ids = st["generate.input_ids"];
+    const mask = st["generate.attention_mask"];
+    const want = st["generate.output_ids"];
+    const out = await model.generate({
+      input_ids: new Tensor("int64", ids.data, ids.shape),
+      attention_mask: new Tensor("int64", mask.data, mask.shape),
+      max_new_tokens: want.shape[1] - ids.shape[1],
+      do_sample: false,
+      pad_token_id: 0,
+    });
+    const got = Array.from(out.data, (v) => Number(v));
+    const exp = Array.from(want.data, (v) => Number(v));
+    // Each row up to its first end-of-sequence token: transformers pads a finished row,
+    // transformers.js goes on sampling it until every row is done.
+    const config = JSON.parse(fs.readFileSync(path.join(dir, "config.json"), "utf8"));
+    const eos = [config.eos_token_id].flat();
+    const [rows, width] = want.shape;
+    let ok = out.dims.join() === want.shape.join();
+    for (let r = 0; ok && r < rows; r++) {
+      for (let j = ids.shape[1]; j < width; j++) {
+        if (got[r * width + j] !== exp[r * width + j]) {
+          ok = false;
+          break;
+        }
+        if (eos.includes(exp[r * width + j])) break;
+      }
+    }
+    checked += 1;
+    if (!ok) failures += 1;
+    console.log(`${ok ? "ok  " : "FAIL"} ${name}: transformers.js generate [${out.dims}] ` +
+      (ok ? "equals transformers' generate" : `differs:\n  got  ${got}\n  want ${exp}`));
+    await model.dispose();
+  } catch (e) {
+    failures += 1;
+    console.log(`FAIL ${name}: ${String(e.message || e).split("\n")[0]}`);
+  }
+}
+if (checked === 0) {
+  console.log("FAIL: no decoder case was checked");
+  failures += 1;
+}
+console.log(`${failures ? "FAILED" : "passed"}: ${failures} failure(s) in ${checked} case(s)`);
+process.exit(failures ? 1 : 0);
