@@ -19,7 +19,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use super::{Result, ferry_release, free_bytes, median, root, run, settle, target};
+use super::{
+    Result, ferry_release, free_bytes, median, root, run, safetensors_header, settle, target,
+};
 
 /// The shape of a synthetic Llama-family checkpoint.
 struct DecoderShape {
@@ -117,25 +119,7 @@ impl DecoderShape {
 /// Writes one bfloat16 safetensors file of `tensors` with values uniform in ±0.05
 /// (norm weights near 1, so that activations stay in range).
 fn write_bf16(path: &Path, tensors: &[(String, Vec<u64>)], seed: u64) -> Result<()> {
-    let mut header = String::from("{");
-    let mut offset = 0u64;
-    for (i, (name, shape)) in tensors.iter().enumerate() {
-        let n: u64 = shape.iter().product::<u64>() * 2;
-        let dims: Vec<String> = shape.iter().map(u64::to_string).collect();
-        if i > 0 {
-            header.push(',');
-        }
-        header.push_str(&format!(
-            r#""{name}":{{"dtype":"BF16","shape":[{}],"data_offsets":[{offset},{}]}}"#,
-            dims.join(","),
-            offset + n
-        ));
-        offset += n;
-    }
-    header.push('}');
-    while !(header.len() + 8).is_multiple_of(8) {
-        header.push(' ');
-    }
+    let (header, _) = safetensors_header(tensors, "BF16", 2);
     let tmp = path.with_extension("part");
     let file = std::fs::File::create(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
     let mut out = std::io::BufWriter::with_capacity(1 << 22, file);

@@ -705,6 +705,31 @@ impl BertShape {
 }
 
 /// Writes a BERT checkpoint of `shape` with random weights (uniform in ±0.05).
+/// The JSON header of a safetensors file holding `tensors` (name, shape) back to back as
+/// `dtype` elements of `elem` bytes, padded to 8 bytes; and the data's total size.
+fn safetensors_header(tensors: &[(String, Vec<u64>)], dtype: &str, elem: u64) -> (String, u64) {
+    let mut header = String::from("{");
+    let mut offset = 0u64;
+    for (i, (name, shape)) in tensors.iter().enumerate() {
+        let n: u64 = shape.iter().product::<u64>() * elem;
+        let dims: Vec<String> = shape.iter().map(u64::to_string).collect();
+        if i > 0 {
+            header.push(',');
+        }
+        header.push_str(&format!(
+            r#""{name}":{{"dtype":"{dtype}","shape":[{}],"data_offsets":[{offset},{}]}}"#,
+            dims.join(","),
+            offset + n
+        ));
+        offset += n;
+    }
+    header.push('}');
+    while !(header.len() + 8).is_multiple_of(8) {
+        header.push(' ');
+    }
+    (header, offset)
+}
+
 fn synthetic_bert(dir: &Path, shape: BertShape) -> Result<PathBuf> {
     let st = dir.join("model.safetensors");
     if st.is_file() {
@@ -767,25 +792,7 @@ fn synthetic_bert(dir: &Path, shape: BertShape) -> Result<PathBuf> {
     }
     tensors.push(("pooler.dense.weight".into(), vec![hidden, hidden]));
     tensors.push(("pooler.dense.bias".into(), vec![hidden]));
-    let mut header = String::from("{");
-    let mut offset = 0u64;
-    for (i, (name, shape)) in tensors.iter().enumerate() {
-        let n: u64 = shape.iter().product::<u64>() * 4;
-        let dims: Vec<String> = shape.iter().map(u64::to_string).collect();
-        if i > 0 {
-            header.push(',');
-        }
-        header.push_str(&format!(
-            r#""{name}":{{"dtype":"F32","shape":[{}],"data_offsets":[{offset},{}]}}"#,
-            dims.join(","),
-            offset + n
-        ));
-        offset += n;
-    }
-    header.push('}');
-    while (header.len() + 8) % 8 != 0 {
-        header.push(' ');
-    }
+    let (header, offset) = safetensors_header(&tensors, "F32", 4);
     let tmp = st.with_extension("part");
     let mut out = std::io::BufWriter::new(std::fs::File::create(&tmp).map_err(|e| e.to_string())?);
     use std::io::Write;

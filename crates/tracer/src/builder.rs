@@ -481,6 +481,18 @@ impl Tracer {
         self.op("Slice", &[a, starts, ends, axes], vec![], a.dtype, shape)
     }
 
+    /// `[start, end)` of the last axis (a constant range of features).
+    pub fn slice_last(&mut self, x: &T, start: i64, end: i64) -> T {
+        let s = self.ints(&[start]);
+        let e = self.ints(&[end]);
+        let a = self.ints(&[-1]);
+        let mut shape = x.shape.clone();
+        if let Some(last) = shape.last_mut() {
+            *last = Dim::Fixed(end - start);
+        }
+        self.slice(x, &s, &e, &a, shape)
+    }
+
     /// Mean over the last axis, keeping it (attribute form, valid for opsets < 18).
     pub fn reduce_mean_last(&mut self, a: &T) -> Result<T, TraceError> {
         let mut shape = a.shape.clone();

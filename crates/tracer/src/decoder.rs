@@ -596,6 +596,20 @@ fn seq_len_f32(t: &mut Tracer, positions: &T) -> Result<T, TraceError> {
     Ok(t.cast(&len, DType::F32, 1))
 }
 
+/// `long` where the sequence length `len` exceeds `limit`, else the fixed `short`
+/// frequencies (both scalars float32).
+fn beyond_or(t: &mut Tracer, len: &T, limit: &T, long: &T, short: &[f32]) -> T {
+    let beyond = t.op("Greater", &[len, limit], vec![], DType::Bool, vec![]);
+    let s = floats(t, short);
+    t.op(
+        "Where",
+        &[&beyond, long, &s],
+        vec![],
+        DType::F32,
+        s.shape.clone(),
+    )
+}
+
 /// The `[dim / 2]` inverse frequencies for this call.
 fn inv_freq(t: &mut Tracer, rope: &Rope, positions: &T) -> Result<T, TraceError> {
     match &rope.freqs {
@@ -607,16 +621,8 @@ fn inv_freq(t: &mut Tracer, rope: &Rope, positions: &T) -> Result<T, TraceError>
         } => {
             let len = seq_len_f32(t, positions)?;
             let limit = t.scalar_f32(*original_max as f32);
-            let beyond = t.op("Greater", &[&len, &limit], vec![], DType::Bool, vec![]);
             let l = floats(t, long);
-            let s = floats(t, short);
-            Ok(t.op(
-                "Where",
-                &[&beyond, &l, &s],
-                vec![],
-                DType::F32,
-                l.shape.clone(),
-            ))
+            Ok(beyond_or(t, &len, &limit, &l, short))
         }
         Freqs::Dynamic {
             base,
@@ -644,15 +650,7 @@ fn inv_freq(t: &mut Tracer, rope: &Rope, positions: &T) -> Result<T, TraceError>
             let pw = t.pow(&grown, &exps)?;
             let one = t.scalar_f32(1.0);
             let long = t.div(&one, &pw)?;
-            let beyond = t.op("Greater", &[&len, &m], vec![], DType::Bool, vec![]);
-            let s = floats(t, short);
-            Ok(t.op(
-                "Where",
-                &[&beyond, &long, &s],
-                vec![],
-                DType::F32,
-                s.shape.clone(),
-            ))
+            Ok(beyond_or(t, &len, &m, &long, short))
         }
     }
 }
@@ -689,18 +687,6 @@ fn rotary_tables(t: &mut Tracer, rope: &Rope, positions: &T) -> Result<(T, T), T
     })
 }
 
-/// `[start, end)` of the last axis of a rank-4 tensor.
-fn slice_last(t: &mut Tracer, x: &T, start: i64, end: i64) -> T {
-    let s = t.ints(&[start]);
-    let e = t.ints(&[end]);
-    let a = t.ints(&[-1]);
-    let mut shape = x.shape.clone();
-    if let Some(last) = shape.last_mut() {
-        *last = Dim::Fixed(end - start);
-    }
-    t.slice(x, &s, &e, &a, shape)
-}
-
 fn concat_last(t: &mut Tracer, parts: &[&T], width: i64) -> T {
     let mut shape = parts[0].shape.clone();
     if let Some(last) = shape.last_mut() {
@@ -724,19 +710,19 @@ fn apply_rotary(t: &mut Tracer, rope: &Rope, x: &T, (cos, sin): (&T, &T)) -> Res
     };
     let r = rope.dim;
     let rot = if r < hd {
-        slice_last(t, x, 0, r)
+        t.slice_last(x, 0, r)
     } else {
         x.clone()
     };
-    let x1 = slice_last(t, &rot, 0, r / 2);
-    let x2 = slice_last(t, &rot, r / 2, r);
+    let x1 = t.slice_last(&rot, 0, r / 2);
+    let x2 = t.slice_last(&rot, r / 2, r);
     let neg = t.unary("Neg", &x2);
     let half = concat_last(t, &[&neg, &x1], r);
     let a = t.mul(&rot, cos)?;
     let b = t.mul(&half, sin)?;
     let out = t.add(&a, &b)?;
     if r < hd {
-        let pass = slice_last(t, x, r, hd);
+        let pass = t.slice_last(x, r, hd);
         Ok(concat_last(t, &[&out, &pass], hd))
     } else {
         Ok(out)
@@ -852,9 +838,9 @@ fn attention(
         let (q, k, v) = if f.packed {
             let qkv = linear(t, w, "qkv_proj", x, (h, qw + 2 * kw), d.qkv_bias)?;
             (
-                slice_last(t, &qkv, 0, qw),
-                slice_last(t, &qkv, qw, qw + kw),
-                slice_last(t, &qkv, qw + kw, qw + 2 * kw),
+                t.slice_last(&qkv, 0, qw),
+                t.slice_last(&qkv, qw, qw + kw),
+                t.slice_last(&qkv, qw + kw, qw + 2 * kw),
             )
         } else {
             (
@@ -921,7 +907,7 @@ fn mlp(
     scoped(t, "mlp", |t| {
         let (gate, up) = if f.packed {
             let gu = linear(t, w, "gate_up_proj", x, (h, 2 * i), d.mlp_bias)?;
-            (slice_last(t, &gu, 0, i), slice_last(t, &gu, i, 2 * i))
+            (t.slice_last(&gu, 0, i), t.slice_last(&gu, i, 2 * i))
         } else {
             (
                 linear(t, w, "gate_proj", x, (h, i), d.mlp_bias)?,

@@ -1,7 +1,7 @@
 //! GPT-2, as transformers' `modeling_gpt2.py` computes it, with optimum's key/value cache
 //! interface for `text-generation-with-past`.
 
-use ferry_ir::{Dim, ModelConfig};
+use ferry_ir::ModelConfig;
 
 use crate::causal::{DecoderInputs, append_cache, causal_mask, last_token, present_outputs};
 use crate::config::{flag, num_labels};
@@ -93,18 +93,6 @@ fn conv1d(
     projection(t, w, scope, x, (nx, nf), WeightLayout::InOut)
 }
 
-/// Slices `[start, end)` of the last axis.
-fn slice_last(t: &mut Tracer, x: &T, start: i64, end: i64) -> T {
-    let s = t.ints(&[start]);
-    let e = t.ints(&[end]);
-    let a = t.ints(&[-1]);
-    let mut shape = x.shape.clone();
-    if let Some(last) = shape.last_mut() {
-        *last = Dim::Fixed(end - start);
-    }
-    t.slice(x, &s, &e, &a, shape)
-}
-
 /// Output of one block's attention: the new hidden state and this layer's key/value
 /// (after appending to the cache).
 struct Attn {
@@ -127,7 +115,7 @@ fn attention(
     scoped(t, "attn", |t| {
         let qkv = conv1d(t, w, "c_attn", x, h, 3 * h)?;
         let split = |t: &mut Tracer, i: i64, perm: &[usize]| -> Result<T, TraceError> {
-            let part = slice_last(t, &qkv, i * h, (i + 1) * h);
+            let part = t.slice_last(&qkv, i * h, (i + 1) * h);
             let r = t.reshape(&part, &[0, 0, heads, hd])?;
             t.transpose(&r, perm)
         };
