@@ -106,23 +106,9 @@ def make_model(cfg_cls, model_cls, extra, seed, dtype):
     return cfg, model
 
 
-def steps_golden(model, gen, fresh_model):
+def steps_golden(g, model, gen, fresh_model):
     """Prefill on a left-padded batch, then three greedy steps fed the cache."""
-    ids, mask = left_padded(gen)
-    tensors = {}
-    cache = None
-    inputs = {"input_ids": ids, "attention_mask": mask, "position_ids": positions(mask)}
-    for step in range(4):
-        with torch.no_grad():
-            out = model(**inputs, past_key_values=cache, use_cache=True, return_dict=True)
-        for k, v in inputs.items():
-            tensors[f"step{step}.input.{k}"] = v.contiguous()
-        tensors[f"step{step}.output.logits"] = out.logits.float().contiguous()
-        cache = out.past_key_values
-        nxt = out.logits[:, -1, :].argmax(-1, keepdim=True)
-        mask = torch.cat([mask, torch.ones((mask.shape[0], 1), dtype=torch.int64)], dim=1)
-        inputs = {"input_ids": nxt, "attention_mask": mask,
-                  "position_ids": inputs["position_ids"][:, -1:] + 1}
+    tensors = g.cached_steps(model, *left_padded(gen))
     ids, mask = left_padded(gen)
     # A fresh model: dynamic rope keeps state across calls (the longest sequence seen), and
     # an export, like a newly loaded model, starts without it.
@@ -164,7 +150,7 @@ def make(root, g):
         def load():
             return model_cls.from_pretrained(d, dtype=torch.float32,
                                              attn_implementation="eager").eval()
-        tensors = steps_golden(load(), torch.Generator().manual_seed(seed + 1000), load)
+        tensors = steps_golden(g, load(), torch.Generator().manual_seed(seed + 1000), load)
         # The prefill computed in float16 (RMSNorm and softmax inside in float32, as the
         # modeling files do), the reference for `--dtype fp16`.
         half = model_cls.from_pretrained(d, dtype=torch.float16, attn_implementation="eager").eval()

@@ -84,24 +84,7 @@ def with_past(root, g):
     mask = torch.ones((2, 6), dtype=torch.int64)
     mask[1, :2] = 0
     ids = ids * mask
-    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
-    tensors = {}
-    cache = None
-    step_inputs = {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
-    for step in range(4):
-        with torch.no_grad():
-            out = model(**step_inputs, past_key_values=cache, use_cache=True, return_dict=True)
-        for k, v in step_inputs.items():
-            tensors[f"step{step}.input.{k}"] = v.contiguous()
-        tensors[f"step{step}.output.logits"] = out.logits.contiguous().float()
-        cache = out.past_key_values
-        nxt = out.logits[:, -1, :].argmax(-1, keepdim=True)
-        mask = torch.cat([mask, torch.ones((2, 1), dtype=torch.int64)], dim=1)
-        step_inputs = {
-            "input_ids": nxt,
-            "attention_mask": mask,
-            "position_ids": step_inputs["position_ids"][:, -1:] + 1,
-        }
+    tensors = g.cached_steps(model, ids, mask)
     save_file(tensors, os.path.join(d, "steps.safetensors"))
     import json
     with open(os.path.join(d, "case.json"), "w") as f:

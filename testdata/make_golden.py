@@ -91,6 +91,28 @@ def save_golden(case_dir, inputs, outputs, meta, task="feature-extraction"):
         f.write("\n")
 
 
+def cached_steps(model, ids, mask, steps=4):
+    """A prefill on `ids`/`mask` (left padding allowed), then greedy single-token steps,
+    each fed the previous cache, as generate() runs them: every step's inputs
+    (`step{k}.input.*`) and logits (`step{k}.output.logits`)."""
+    tensors = {}
+    cache = None
+    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+    inputs = {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
+    for step in range(steps):
+        with torch.no_grad():
+            out = model(**inputs, past_key_values=cache, use_cache=True, return_dict=True)
+        for k, v in inputs.items():
+            tensors[f"step{step}.input.{k}"] = v.contiguous()
+        tensors[f"step{step}.output.logits"] = out.logits.float().contiguous()
+        cache = out.past_key_values
+        nxt = out.logits[:, -1, :].argmax(-1, keepdim=True)
+        mask = torch.cat([mask, torch.ones((mask.shape[0], 1), dtype=torch.int64)], dim=1)
+        inputs = {"input_ids": nxt, "attention_mask": mask,
+                  "position_ids": inputs["position_ids"][:, -1:] + 1}
+    return tensors
+
+
 def fresh(path):
     shutil.rmtree(path, ignore_errors=True)
     os.makedirs(path)
