@@ -274,6 +274,29 @@ fn cat_command(files: &[PathBuf], copy: &Path) -> String {
     )
 }
 
+/// A fresh output folder `base/name` and the `ferry export` command line that writes
+/// `model.onnx` into it from checkpoint `ck` with the cache, plus `extra` flags.
+fn export_command(
+    base: &Path,
+    name: &str,
+    ferry: &str,
+    ck: &Path,
+    extra: &[&str],
+) -> (PathBuf, PathBuf, Vec<String>) {
+    let out_dir = base.join(name);
+    let _ = std::fs::create_dir_all(&out_dir);
+    let out = out_dir.join("model.onnx");
+    let mut cmd: Vec<String> = [ferry, "export", "--model"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    cmd.push(ck.display().to_string());
+    cmd.extend(extra.iter().map(|s| s.to_string()));
+    cmd.extend(["--task".into(), "text-generation-with-past".into()]);
+    cmd.push(out.display().to_string());
+    (out_dir, out, cmd)
+}
+
 /// `bench --llm [--runs N] [--skip-8b]`.
 pub(crate) fn bench_llm(runs: usize, skip_8b: bool) -> Result<()> {
     let runs = runs.max(1);
@@ -287,19 +310,8 @@ pub(crate) fn bench_llm(runs: usize, skip_8b: bool) -> Result<()> {
     let ck = base.join("qwen2.5-0.5b");
     eprintln!("xtask: writing {}", ck.display());
     let size = write_checkpoint(&ck, &QWEN_05B)?;
-    let out_dir = base.join("qwen-out");
-    std::fs::create_dir_all(&out_dir).map_err(|e| e.to_string())?;
-    let out = out_dir.join("model.onnx");
-    let (ck_s, out_s) = (ck.display().to_string(), out.display().to_string());
-    let export = [
-        ferry_s.as_str(),
-        "export",
-        "--model",
-        &ck_s,
-        "--task",
-        "text-generation-with-past",
-        &out_s,
-    ];
+    let (out_dir, out, export) = export_command(&base, "qwen-out", &ferry_s, &ck, &[]);
+    let export: Vec<&str> = export.iter().map(String::as_str).collect();
     measure_proc(&export)?; // warm-up, and the file `cat` copies
     let out_bytes = dir_size(&out_dir);
     let outputs: Vec<PathBuf> = std::fs::read_dir(&out_dir)
@@ -403,21 +415,9 @@ pub(crate) fn bench_llm(runs: usize, skip_8b: bool) -> Result<()> {
     let cat = cat_command(&shards, &copy);
     let (cat_t, cat_hwm, _) = timed(&["sh", "-c", &cat], 1)?;
     let _ = std::fs::remove_file(&copy);
-    let out_dir = base.join("llama-out");
-    std::fs::create_dir_all(&out_dir).map_err(|e| e.to_string())?;
-    let out = out_dir.join("model.onnx");
-    let (ck_s, out_s) = (ck.display().to_string(), out.display().to_string());
-    let export = [
-        ferry_s.as_str(),
-        "export",
-        "--model",
-        &ck_s,
-        "--dtype",
-        "bf16",
-        "--task",
-        "text-generation-with-past",
-        &out_s,
-    ];
+    let (out_dir, _, export) =
+        export_command(&base, "llama-out", &ferry_s, &ck, &["--dtype", "bf16"]);
+    let export: Vec<&str> = export.iter().map(String::as_str).collect();
     let (fer_t, fer_hwm, fer_anon) = timed(&export, 1)?;
     let out_bytes = dir_size(&out_dir);
     let _ = std::fs::remove_dir_all(&out_dir);

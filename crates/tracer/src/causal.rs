@@ -82,6 +82,21 @@ impl DecoderInputs {
     }
 }
 
+/// `arange(x.shape[1])`: the column indices of a `[batch, n]` tensor, `[n]` int64.
+pub(crate) fn column_range(t: &mut Tracer, x: &T) -> Result<T, TraceError> {
+    let shape = t.shape_of(x);
+    let len = element(t, &shape, 1)?;
+    let zero = t.scalar_i64(0);
+    let one = t.scalar_i64(1);
+    Ok(t.op(
+        "Range",
+        &[&zero, &len, &one],
+        vec![],
+        DType::I64,
+        vec![x.shape[1].clone()],
+    ))
+}
+
 /// Declares each layer's `(key, value)` as the `present.{i}.key/value` outputs.
 pub(crate) fn present_outputs(t: &mut Tracer, presents: &[(T, T)]) {
     for (i, (k, v)) in presents.iter().enumerate() {
@@ -201,17 +216,7 @@ pub(crate) fn last_token(
             let is_pad = t.op("Equal", &[ids, &p], vec![], DType::Bool, ids.shape.clone());
             let not_pad = t.op("Not", &[&is_pad], vec![], DType::Bool, ids.shape.clone());
             let np = t.cast(&not_pad, DType::I64, 7);
-            let shape = t.shape_of(ids);
-            let len = element(t, &shape, 1)?;
-            let zero = t.scalar_i64(0);
-            let one = t.scalar_i64(1);
-            let idx = t.op(
-                "Range",
-                &[&zero, &len, &one],
-                vec![],
-                DType::I64,
-                vec![ids.shape[1].clone()],
-            );
+            let idx = column_range(t, ids)?;
             let weighted = t.mul(&np, &idx)?;
             t.op(
                 "ArgMax",

@@ -12,7 +12,7 @@ use ferry_ir::{Attr, DType, Dim, ModelConfig, TensorData};
 use serde_json::{Map, Value};
 
 use crate::causal::{
-    DecoderInputs, append_cache, causal_mask, element, last_token, present_outputs,
+    DecoderInputs, append_cache, causal_mask, column_range, last_token, present_outputs,
 };
 use crate::config::{flag, num_labels};
 use crate::layers::{Activation, WeightLayout, WeightSource, dense, scoped};
@@ -954,18 +954,9 @@ fn layer(
 /// `arange(seq)` per row, `[batch, seq]`: the positions transformers uses when it is given
 /// none (`cache_position`).
 fn arange_positions(t: &mut Tracer, ids: &T) -> Result<T, TraceError> {
-    let shape = t.shape_of(ids);
-    let len = element(t, &shape, 1)?;
-    let zero = t.scalar_i64(0);
-    let one = t.scalar_i64(1);
-    let r = t.op(
-        "Range",
-        &[&zero, &len, &one],
-        vec![],
-        DType::I64,
-        vec![ids.shape[1].clone()],
-    );
+    let r = column_range(t, ids)?;
     let r = t.unsqueeze(&r, &[0]);
+    let shape = t.shape_of(ids);
     Ok(t.op(
         "Expand",
         &[&r, &shape],
