@@ -25,6 +25,7 @@ mod fuse_gpt2;
 mod fuse_layer_norm;
 mod fuse_mha;
 mod infer;
+mod pattern;
 mod prune;
 
 use std::collections::BTreeMap;

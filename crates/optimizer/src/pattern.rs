@@ -1,0 +1,493 @@
+//! One small pattern matcher the fusions declare their subgraphs to (as ONNX Runtime's
+//! `fusion_*.py` share one path matcher).
+//!
+//! A pattern is a tree of [`P`] rooted at the node a fusion rewrites: each [`Op`] names the
+//! op type(s) it accepts and, input by input, what feeds it: another [`Op`] (the producer of
+//! that input), a captured value ([`P::Value`], equal wherever the same name recurs), a
+//! captured initializer with a predicate ([`P::Init`]), alternatives ([`P::Either`], first
+//! that matches wins) or anything ([`P::Any`]). Binary ops marked
+//! [`commutative`](Op::commutative) match their inputs in either order;
+//! [`optional`](Op::optional) unary ops (a `Cast` one exporter writes and another does not)
+//! match when present and are skipped when not. A named [`Op`] reached twice (a value read
+//! by two pattern nodes, e.g. the `x` of `x * rsqrt(mean(x²))`) must be the same node.
+//!
+//! Every value produced by a non-root pattern node must be read only inside the match (by
+//! default exactly once and not a graph output; [`Op::uses`] sets another count), so a
+//! fusion can remove those nodes. [`Pattern::at`] returns the bound nodes and values as a
+//! [`Match`].
+
+use std::collections::BTreeMap;
+
+use ferry_ir::{DType, Initializer, Node};
+
+use crate::fuse::{Index, input_at, is_onnx_domain};
+
+/// What feeds one input of a pattern node.
+#[derive(Clone)]
+pub(crate) enum P {
+    /// Produced by a node matching this pattern.
+    Op(Box<Op>),
+    /// Any non-empty value, bound to the name (the same value wherever the name recurs).
+    Value(&'static str),
+    /// An initializer (not overridable as a graph input) the predicate accepts, bound to
+    /// the name.
+    Init(&'static str, fn(&Initializer) -> bool),
+    /// The first alternative that matches.
+    Either(Vec<P>),
+    /// Any non-empty value, not bound.
+    Any,
+}
+
+/// A pattern node: a default-domain (unless [`domain`](Op::domain) says otherwise) node
+/// whose op type is one of `ops`, with one output, exactly as many inputs as the pattern
+/// lists (unless [`min_inputs`](Op::min_inputs)), each matching its [`P`].
+#[derive(Clone)]
+pub(crate) struct Op {
+    name: &'static str,
+    ops: Vec<&'static str>,
+    domain: &'static str,
+    inputs: Vec<P>,
+    min_inputs: Option<usize>,
+    commutative: bool,
+    optional: bool,
+    uses: Option<usize>,
+    check: Option<fn(&Index<'_>, &Node) -> bool>,
+}
+
+/// A pattern node of one op type; see [`Op`].
+pub(crate) fn op(op_type: &'static str, inputs: Vec<P>) -> Op {
+    one_of(&[op_type], inputs)
+}
+
+/// A pattern node accepting any of `ops` (structurally alike, e.g. `Sqrt`-free forms).
+pub(crate) fn one_of(ops: &[&'static str], inputs: Vec<P>) -> Op {
+    Op {
+        name: "",
+        ops: ops.to_vec(),
+        domain: "",
+        inputs,
+        min_inputs: None,
+        commutative: false,
+        optional: false,
+        uses: Some(1),
+        check: None,
+    }
+}
+
+/// A captured value ([`P::Value`]).
+pub(crate) fn val(name: &'static str) -> P {
+    P::Value(name)
+}
+
+/// A captured initializer ([`P::Init`]).
+pub(crate) fn init(name: &'static str, pred: fn(&Initializer) -> bool) -> P {
+    P::Init(name, pred)
+}
+
+impl Op {
+    /// Binds the matched node under `name` ([`Match::node`]); a name reached again must
+    /// be the same node.
+    pub(crate) fn named(mut self, name: &'static str) -> Self {
+        self.name = name;
+        self
+    }
+
+    /// Matches the two inputs in either order.
+    pub(crate) fn commutative(mut self) -> Self {
+        self.commutative = true;
+        self
+    }
+
+    /// When the value is not produced by this (unary) op, its input pattern is matched
+    /// against the value itself.
+    pub(crate) fn optional(mut self) -> Self {
+        self.optional = true;
+        self
+    }
+
+    /// The output must have exactly `n` readers (and not be a graph output); `None`: any
+    /// number (the node is kept by the rewrite, or shared with another match).
+    pub(crate) fn uses(mut self, n: Option<usize>) -> Self {
+        self.uses = n;
+        self
+    }
+
+    /// Accepts nodes with more inputs than the pattern lists (the rest unchecked).
+    pub(crate) fn min_inputs(mut self) -> Self {
+        self.min_inputs = Some(self.inputs.len());
+        self
+    }
+
+    /// The node's domain (`com.microsoft` for a contrib op an earlier pass emitted).
+    pub(crate) fn domain(mut self, domain: &'static str) -> Self {
+        self.domain = domain;
+        self
+    }
+
+    /// An extra predicate on the node (attributes, shapes).
+    pub(crate) fn check(mut self, f: fn(&Index<'_>, &Node) -> bool) -> Self {
+        self.check = Some(f);
+        self
+    }
+
+    /// As a [`P`] input of another pattern node.
+    pub(crate) fn p(self) -> P {
+        P::Op(Box::new(self))
+    }
+}
+
+impl From<Op> for P {
+    fn from(o: Op) -> P {
+        o.p()
+    }
+}
+
+/// A whole pattern: its root [`Op`] is the node a fusion rewrites.
+pub(crate) struct Pattern {
+    root: Op,
+}
+
+/// What a pattern bound: named nodes and values, and every node matched below the root.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct Match {
+    /// The root node's index.
+    pub(crate) root: usize,
+    /// Named pattern nodes → node index.
+    pub(crate) nodes: BTreeMap<&'static str, usize>,
+    /// Captured values and initializers → value name.
+    pub(crate) values: BTreeMap<&'static str, String>,
+    /// Every matched node except the root (what a rewrite of the root removes), in match
+    /// order, without duplicates.
+    pub(crate) interior: Vec<usize>,
+}
+
+impl Match {
+    /// The captured value `name` (`""` when the pattern has none by that name).
+    pub(crate) fn value(&self, name: &str) -> &str {
+        self.values.get(name).map_or("", String::as_str)
+    }
+
+    /// The node bound to `name`.
+    pub(crate) fn node(&self, name: &str) -> Option<usize> {
+        self.nodes.get(name).copied()
+    }
+}
+
+impl Pattern {
+    /// A pattern rooted at `root`.
+    pub(crate) fn new(root: Op) -> Self {
+        Self { root }
+    }
+
+    /// Matches the pattern with its root at node `i`.
+    pub(crate) fn at(&self, ix: &Index<'_>, i: usize) -> Option<Match> {
+        let mut m = Match {
+            root: i,
+            ..Match::default()
+        };
+        let mut root = self.root.clone();
+        root.uses = None;
+        root.optional = false;
+        match_node(ix, &root, i, &mut m).then_some(m)
+    }
+
+    /// Every node index where the pattern matches, with its match.
+    pub(crate) fn all(&self, ix: &Index<'_>) -> Vec<Match> {
+        (0..ix.graph.nodes.len())
+            .filter_map(|i| self.at(ix, i))
+            .collect()
+    }
+}
+
+/// Matches `p` against the value `v`, extending `m`; on failure `m` is unchanged.
+fn match_value(ix: &Index<'_>, p: &P, v: &str, m: &mut Match) -> bool {
+    if v.is_empty() {
+        return false;
+    }
+    match p {
+        P::Any => true,
+        P::Value(name) => bind(m, name, v),
+        P::Init(name, pred) => ix.inits.get(v).is_some_and(|i| pred(i)) && bind(m, name, v),
+        P::Either(alts) => alts
+            .iter()
+            .any(|a| attempt(m, |m| match_value(ix, a, v, m))),
+        P::Op(o) => {
+            let produced = ix.producer.get(v).copied();
+            let is_op = produced.is_some_and(|i| op_fits(ix, o, &ix.graph.nodes[i]));
+            if !is_op {
+                return o.optional
+                    && o.inputs.len() == 1
+                    && attempt(m, |m| match_value(ix, &o.inputs[0], v, m));
+            }
+            let Some(i) = produced else { return false };
+            if let Some(n) = o.uses {
+                let readers = ix.consumers.get(v).copied().unwrap_or(0);
+                if readers != n || ix.graph_outputs.contains(v) {
+                    return false;
+                }
+            }
+            attempt(m, |m| match_node(ix, o, i, m))
+        }
+    }
+}
+
+/// Binds `name` to `v`, or checks an earlier binding is `v`.
+fn bind(m: &mut Match, name: &'static str, v: &str) -> bool {
+    match m.values.get(name) {
+        Some(old) => old == v,
+        None => {
+            m.values.insert(name, v.to_string());
+            true
+        }
+    }
+}
+
+/// Runs `f` on `m`, restoring `m` when it fails.
+fn attempt(m: &mut Match, f: impl FnOnce(&mut Match) -> bool) -> bool {
+    let saved = m.clone();
+    let ok = f(m);
+    if !ok {
+        *m = saved;
+    }
+    ok
+}
+
+/// Whether node `n` has the op type, domain, arity and extra check of `o`.
+fn op_fits(ix: &Index<'_>, o: &Op, n: &Node) -> bool {
+    let domain_ok = if o.domain.is_empty() {
+        is_onnx_domain(n)
+    } else {
+        n.domain == o.domain
+    };
+    let arity_ok = match o.min_inputs {
+        Some(k) => n.inputs.len() >= k,
+        None => n.inputs.len() == o.inputs.len(),
+    };
+    domain_ok
+        && arity_ok
+        && n.outputs.len() == 1
+        && o.ops.contains(&n.op_type.as_str())
+        && o.check.is_none_or(|f| f(ix, n))
+}
+
+/// Matches `o` at node `i` (already known to produce the value being matched).
+fn match_node(ix: &Index<'_>, o: &Op, i: usize, m: &mut Match) -> bool {
+    let n = &ix.graph.nodes[i];
+    if !op_fits(ix, o, n) {
+        return false;
+    }
+    if !o.name.is_empty() {
+        match m.nodes.get(o.name) {
+            // Reached again through another path: the same node, already matched.
+            Some(&k) => return k == i,
+            None => {
+                m.nodes.insert(o.name, i);
+            }
+        }
+    }
+    if i != m.root && !m.interior.contains(&i) {
+        m.interior.push(i);
+    }
+    let inputs = |order: [usize; 2], m: &mut Match| {
+        o.inputs.iter().enumerate().all(|(k, p)| {
+            let k = if k < 2 && o.inputs.len() == 2 {
+                order[k]
+            } else {
+                k
+            };
+            match_value(ix, p, input_at(n, k), m)
+        })
+    };
+    attempt(m, |m| inputs([0, 1], m))
+        || (o.commutative && o.inputs.len() == 2 && attempt(m, |m| inputs([1, 0], m)))
+}
+
+/// A float32 initializer holding one value (rank 0 or `[1]`), that value.
+pub(crate) fn single_f32(i: &Initializer) -> Option<f32> {
+    if i.dtype != DType::F32 || i.dims.iter().product::<i64>() != 1 || i.dims.len() > 1 {
+        return None;
+    }
+    match i.data.to_f32_vec().ok()?.as_slice() {
+        [v] => Some(*v),
+        _ => None,
+    }
+}
+
+/// A 1-D float32 initializer (a norm's weight, a bias).
+pub(crate) fn is_f32_vector(i: &Initializer) -> bool {
+    i.dtype == DType::F32 && i.dims.len() == 1
+}
+
+/// A float32 initializer of rank 2 (a MatMul weight).
+pub(crate) fn is_f32_matrix(i: &Initializer) -> bool {
+    i.dtype == DType::F32 && i.dims.len() == 2
+}
+
+#[cfg(test)]
+mod tests {
+    use ferry_ir::Graph;
+
+    use super::*;
+    use crate::test_util::{graph, init as tensor, node};
+
+    fn is_two(i: &Initializer) -> bool {
+        single_f32(i) == Some(2.0)
+    }
+
+    /// `Mul(w, Mul(x, Div(1, Sqrt(Add(ReduceMean(Pow(x, 2)), eps)))))` — an RMSNorm.
+    fn rms() -> Pattern {
+        let pow = op("Pow", vec![val("x"), init("two", is_two)]);
+        let mean = op("ReduceMean", vec![pow.p()]).min_inputs();
+        let add = op(
+            "Add",
+            vec![mean.p(), init("eps", |i| single_f32(i).is_some())],
+        );
+        let sqrt = op("Sqrt", vec![add.p()]);
+        let inv = op(
+            "Div",
+            vec![init("one", |i| single_f32(i) == Some(1.0)), sqrt.p()],
+        );
+        let norm = op("Mul", vec![val("x"), inv.p()])
+            .commutative()
+            .named("norm");
+        Pattern::new(op("Mul", vec![init("w", is_f32_vector), norm.p()]).commutative())
+    }
+
+    fn rms_graph(swap: bool) -> Graph {
+        let (a, b) = if swap { ("inv", "x") } else { ("x", "inv") };
+        graph(
+            vec![
+                node("Pow", &["x", "two"], &["sq"], vec![]),
+                node("ReduceMean", &["sq"], &["var"], vec![]),
+                node("Add", &["var", "eps"], &["ve"], vec![]),
+                node("Sqrt", &["ve"], &["s"], vec![]),
+                node("Div", &["one", "s"], &["inv"], vec![]),
+                node("Mul", &[a, b], &["n"], vec![]),
+                node("Mul", &["n", "w"], &["y"], vec![]),
+            ],
+            vec![
+                tensor("two", vec![], &[2.0]),
+                tensor("eps", vec![], &[1e-6]),
+                tensor("one", vec![], &[1.0]),
+                tensor("w", vec![2], &[1.0, 2.0]),
+            ],
+            &["y"],
+        )
+    }
+
+    #[test]
+    fn binds_nodes_values_and_initializers_in_either_order() {
+        for swap in [false, true] {
+            let g = rms_graph(swap);
+            let ix = Index::new(&g);
+            let m = rms().at(&ix, 6).expect("matches");
+            assert_eq!(m.value("x"), "x");
+            assert_eq!(m.value("w"), "w");
+            assert_eq!(m.value("eps"), "eps");
+            assert_eq!(m.node("norm"), Some(5));
+            let mut interior = m.interior.clone();
+            interior.sort();
+            assert_eq!(interior, [0, 1, 2, 3, 4, 5]);
+            assert_eq!(rms().all(&ix).len(), 1);
+        }
+    }
+
+    #[test]
+    fn rejects_other_values_readers_and_constants() {
+        let pat = rms();
+        // The interior `inv` read elsewhere.
+        let mut g = rms_graph(false);
+        g.nodes.push(node("Relu", &["inv"], &["r"], vec![]));
+        assert!(pat.at(&Index::new(&g), 6).is_none());
+        // A graph output inside the pattern.
+        let mut g = rms_graph(false);
+        g.outputs
+            .push(ferry_ir::Value::new("s", DType::F32, vec![]));
+        assert!(pat.at(&Index::new(&g), 6).is_none());
+        // The squared value is not the normalized one.
+        let mut g = rms_graph(false);
+        g.nodes[0].inputs[0] = "z".into();
+        assert!(pat.at(&Index::new(&g), 6).is_none());
+        // Exponent 3.
+        let mut g = rms_graph(false);
+        g.initializers[0] = tensor("two", vec![], &[3.0]);
+        assert!(pat.at(&Index::new(&g), 6).is_none());
+        // A non-commutative op in the other order.
+        let mut g = rms_graph(false);
+        g.nodes[4].inputs.swap(0, 1);
+        assert!(pat.at(&Index::new(&g), 6).is_none());
+        // Another op type at the root, or another domain.
+        let mut g = rms_graph(false);
+        g.nodes[6].op_type = "Add".into();
+        assert!(pat.at(&Index::new(&g), 6).is_none());
+        let mut g = rms_graph(false);
+        g.nodes[3].domain = "com.microsoft".into();
+        assert!(pat.at(&Index::new(&g), 6).is_none());
+    }
+
+    #[test]
+    fn optional_nodes_alternatives_and_shared_nodes() {
+        // Relu(Cast?(x)) with the Cast present or absent.
+        let pat = Pattern::new(op(
+            "Relu",
+            vec![op("Cast", vec![val("x")]).optional().named("cast").p()],
+        ));
+        let g = graph(
+            vec![
+                node("Cast", &["x"], &["c"], vec![]),
+                node("Relu", &["c"], &["y"], vec![]),
+            ],
+            vec![],
+            &["y"],
+        );
+        let m = pat.at(&Index::new(&g), 1).expect("with the cast");
+        assert_eq!((m.value("x"), m.node("cast")), ("x", Some(0)));
+        let g = graph(vec![node("Relu", &["x"], &["y"], vec![])], vec![], &["y"]);
+        let m = pat.at(&Index::new(&g), 0).expect("without");
+        assert_eq!((m.value("x"), m.node("cast")), ("x", None));
+        assert!(m.interior.is_empty());
+
+        // Neg(Either(Exp(a), Log(a))), and Add(s, s') where s = Sqrt(x) read twice.
+        let pat = Pattern::new(op(
+            "Neg",
+            vec![P::Either(vec![
+                op("Exp", vec![val("a")]).p(),
+                op("Log", vec![val("a")]).p(),
+            ])],
+        ));
+        let g = graph(
+            vec![
+                node("Log", &["x"], &["l"], vec![]),
+                node("Neg", &["l"], &["y"], vec![]),
+            ],
+            vec![],
+            &["y"],
+        );
+        assert_eq!(pat.at(&Index::new(&g), 1).expect("log").value("a"), "x");
+        let sqrt = || op("Sqrt", vec![val("x")]).named("s").uses(Some(2));
+        let pat = Pattern::new(op("Add", vec![sqrt().p(), sqrt().p()]));
+        let g = graph(
+            vec![
+                node("Sqrt", &["x"], &["s"], vec![]),
+                node("Add", &["s", "s"], &["y"], vec![]),
+            ],
+            vec![],
+            &["y"],
+        );
+        let m = pat.at(&Index::new(&g), 1).expect("shared");
+        assert_eq!(m.interior, [0]);
+        // Two different Sqrt nodes cannot both be `s`.
+        let sqrt = || op("Sqrt", vec![val("x")]).named("s").uses(None);
+        let pat = Pattern::new(op("Add", vec![sqrt().p(), sqrt().p()]));
+        let g = graph(
+            vec![
+                node("Sqrt", &["x"], &["s"], vec![]),
+                node("Sqrt", &["x"], &["t"], vec![]),
+                node("Add", &["s", "t"], &["y"], vec![]),
+            ],
+            vec![],
+            &["y"],
+        );
+        assert!(pat.at(&Index::new(&g), 2).is_none());
+    }
+}
