@@ -15,4 +15,6 @@ mod tensor;
 pub use config::{ConfigError, ModelConfig};
 pub use dtype::DType;
 pub use graph::{Attr, Dim, Graph, Node, OpsetImport, Value};
-pub use tensor::{Initializer, MappedFile, TensorData, Weights, can_convert};
+pub use tensor::{
+    BAND_BYTES, Initializer, MappedFile, RowProducer, TensorData, Weights, can_convert,
+};

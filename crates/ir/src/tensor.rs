@@ -184,6 +184,24 @@ impl fmt::Debug for MappedFile {
 /// Reads a tensor's bytes on demand (used for containers that cannot be mapped directly).
 pub type LazyRead = Arc<dyn Fn() -> io::Result<Vec<u8>> + Send + Sync>;
 
+/// Computes a derived tensor's bytes a band of whole rows at a time, from a source it reads
+/// as it goes (a quantized weight produced from its mapped float weight when the writer
+/// streams it). Wrapped in [`TensorData::Produced`].
+pub trait RowProducer: Send + Sync {
+    /// Total bytes produced (a whole number of rows).
+    fn len(&self) -> u64;
+    /// Bytes of one output row; bands are whole rows.
+    fn row_bytes(&self) -> u64;
+    /// Working memory one output row needs (source bytes read plus output), so bands stay
+    /// within the band limit however much larger the source is than the output.
+    fn row_work(&self) -> u64 {
+        self.row_bytes()
+    }
+    /// Fills `out` (a whole number of rows, at most the band limit of work) with the rows
+    /// from row `first` on.
+    fn produce(&self, first: u64, out: &mut [u8]) -> io::Result<()>;
+}
+
 /// The bytes of a tensor: borrowed from a mapped file, owned, or read on demand.
 ///
 /// Cloning is cheap (reference counted); no variant copies weight bytes until asked.
@@ -243,11 +261,15 @@ pub enum TensorData {
         /// Number of rows every part has.
         rows: u64,
     },
+    /// Bytes computed band by band by a [`RowProducer`] when read or streamed (quantized
+    /// weights, float16 conversions): never held whole, except by [`TensorData::bytes`].
+    Produced(Arc<dyn RowProducer>),
 }
 
 /// Largest band of a [`TensorData::Transposed`] or [`TensorData::Concat`] computed at once
-/// when streamed (the memory a streamed transformed tensor needs, twice over at most).
-const BAND_BYTES: usize = 16 << 20;
+/// when streamed (the memory a streamed transformed tensor needs, twice over at most), and
+/// the most working memory one band of a [`TensorData::Produced`] may take.
+pub const BAND_BYTES: usize = 16 << 20;
 
 fn invalid(msg: String) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidInput, msg)
@@ -548,6 +570,42 @@ fn interleave_parts(
     Ok(())
 }
 
+/// [`TensorData::read_into`] for a [`TensorData::Produced`]: the rows covering the range,
+/// produced in bands of at most [`BAND_BYTES`] of work, straight into `out` when the range
+/// is whole rows.
+fn read_produced(p: &dyn RowProducer, offset: u64, out: &mut [u8]) -> io::Result<()> {
+    let row = p.row_bytes().max(1);
+    let len = out.len() as u64;
+    let (r0, r1) = (offset / row, (offset + len).div_ceil(row));
+    let band_rows = (BAND_BYTES as u64 / p.row_work().max(row)).max(1);
+    let produce = |first: u64, buf: &mut [u8]| -> io::Result<()> {
+        for (i, c) in buf.chunks_mut(to_usize(band_rows * row)?).enumerate() {
+            p.produce(first + i as u64 * band_rows, c)?;
+        }
+        Ok(())
+    };
+    if offset == r0 * row && len == (r1 - r0) * row {
+        return produce(r0, out);
+    }
+    // A partial first or last row: produce the covering rows a band at a time.
+    let mut r = r0;
+    let mut done = 0usize;
+    let mut buf = Vec::new();
+    while r < r1 {
+        let n = band_rows.min(r1 - r);
+        buf.resize(to_usize(n * row)?, 0);
+        p.produce(r, &mut buf)?;
+        let start = (r * row).max(offset);
+        let end = ((r + n) * row).min(offset + len);
+        let from = to_usize(start - r * row)?;
+        let m = to_usize(end - start)?;
+        out[done..done + m].copy_from_slice(&buf[from..from + m]);
+        done += m;
+        r += n;
+    }
+    Ok(())
+}
+
 /// Whether [`TensorData::converted`] can convert `from` to `to`.
 pub fn can_convert(from: DType, to: DType) -> bool {
     let float = |d| matches!(d, DType::F32 | DType::F16 | DType::BF16);
@@ -650,7 +708,13 @@ impl TensorData {
             }
             TensorData::Transposed { source, .. } => source.len(),
             TensorData::Concat { parts, .. } => parts.iter().map(TensorData::len).sum(),
+            TensorData::Produced(p) => p.len(),
         }
+    }
+
+    /// A tensor whose bytes `producer` computes band by band when read or streamed.
+    pub fn produced(producer: impl RowProducer + 'static) -> Self {
+        TensorData::Produced(Arc::new(producer))
     }
 
     /// `source` (row-major, shape `dims`, `elem`-byte elements) transposed by `perm` (output
@@ -733,6 +797,7 @@ impl TensorData {
             TensorData::Converted { .. }
                 | TensorData::Transposed { .. }
                 | TensorData::Concat { .. }
+                | TensorData::Produced(_)
         )
     }
 
@@ -811,6 +876,7 @@ impl TensorData {
                 out.copy_from_slice(&band[skip..skip + out.len()]);
                 Ok(())
             }
+            TensorData::Produced(p) => read_produced(&**p, offset, out),
         }
     }
 
@@ -823,6 +889,20 @@ impl TensorData {
                 total / dims[perm[0]] as u64
             }
             TensorData::Concat { rows, .. } if *rows > 0 && total > 0 => total / rows,
+            TensorData::Produced(p) => {
+                let row = p.row_bytes().max(1);
+                let rows = (BAND_BYTES as u64 / p.row_work().max(row)).max(1);
+                let step = rows * row;
+                let mut buf = vec![0u8; to_usize(step.min(total))?];
+                let mut done = 0u64;
+                while done < total {
+                    let n = to_usize(step.min(total - done))?;
+                    p.produce(done / row, &mut buf[..n])?;
+                    f(&buf[..n])?;
+                    done += n as u64;
+                }
+                return Ok(());
+            }
             _ => total.max(1),
         };
         let step = (BAND_BYTES as u64 / row).max(1) * row;
@@ -888,7 +968,7 @@ impl TensorData {
                 convert_into(*from, *to, &src, &mut out)?;
                 Ok(Cow::Owned(out))
             }
-            TensorData::Transposed { .. } | TensorData::Concat { .. } => {
+            TensorData::Transposed { .. } | TensorData::Concat { .. } | TensorData::Produced(_) => {
                 let mut out = vec![0u8; to_usize(self.len())?];
                 self.read_into(0, &mut out)?;
                 Ok(Cow::Owned(out))
@@ -903,7 +983,7 @@ impl TensorData {
             TensorData::Converted { .. } => {
                 self.for_each_chunk(CONVERT_CHUNK, |c| out.write_all(c))
             }
-            TensorData::Transposed { .. } | TensorData::Concat { .. } => {
+            TensorData::Transposed { .. } | TensorData::Concat { .. } | TensorData::Produced(_) => {
                 self.for_each_band(&mut |b| out.write_all(b))
             }
             _ => out.write_all(&self.bytes()?),
@@ -968,7 +1048,7 @@ impl TensorData {
                     ))
                 }
             }
-            TensorData::Transposed { .. } | TensorData::Concat { .. } => {
+            TensorData::Transposed { .. } | TensorData::Concat { .. } | TensorData::Produced(_) => {
                 self.for_each_band(&mut |b| {
                     for c in b.chunks(chunk.max(1)) {
                         f(c)?;
@@ -1010,6 +1090,7 @@ impl fmt::Debug for TensorData {
                 source, dims, perm, ..
             } => write!(f, "Transposed({dims:?} by {perm:?}, {source:?})"),
             TensorData::Concat { parts, rows } => write!(f, "Concat({rows} rows, {parts:?})"),
+            TensorData::Produced(p) => write!(f, "Produced({} bytes)", p.len()),
         }
     }
 }
@@ -1400,6 +1481,95 @@ mod tests {
         );
         let one = TensorData::concat_rows(vec![TensorData::owned(b)], 3)?;
         assert!(matches!(one, TensorData::Owned(_)));
+        Ok(())
+    }
+
+    /// Rows of `width` bytes, byte `c` of row `r` a function of both; `work` bytes of working
+    /// memory per row, so bands hold `BAND_BYTES / work` rows. Counts calls.
+    struct Pattern {
+        rows: u64,
+        width: u64,
+        work: u64,
+        calls: std::sync::atomic::AtomicUsize,
+    }
+
+    impl RowProducer for Pattern {
+        fn len(&self) -> u64 {
+            self.rows * self.width
+        }
+        fn row_bytes(&self) -> u64 {
+            self.width
+        }
+        fn row_work(&self) -> u64 {
+            self.work
+        }
+        fn produce(&self, first: u64, out: &mut [u8]) -> io::Result<()> {
+            self.calls
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            assert!(out.len() as u64 % self.width == 0, "whole rows");
+            assert!(out.len() as u64 / self.width * self.work <= BAND_BYTES as u64);
+            for (i, row) in out.chunks_mut(self.width as usize).enumerate() {
+                let r = first + i as u64;
+                assert!(r < self.rows);
+                for (c, b) in row.iter_mut().enumerate() {
+                    *b = (r as u8).wrapping_mul(7) ^ (c as u8).wrapping_mul(13);
+                }
+            }
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn produced_streams_in_bands_at_odd_boundaries() -> io::Result<()> {
+        // 4 rows per band (work per row just over a fifth of the band limit), 23 rows of 7.
+        let (rows, width) = (23u64, 7u64);
+        let work = BAND_BYTES as u64 / 5 + 1;
+        let want: Vec<u8> = (0..rows)
+            .flat_map(|r| {
+                (0..width).map(move |c| (r as u8).wrapping_mul(7) ^ (c as u8).wrapping_mul(13))
+            })
+            .collect();
+        let p = Arc::new(Pattern {
+            rows,
+            width,
+            work,
+            calls: Default::default(),
+        });
+        let d = TensorData::Produced(p.clone());
+        assert!(d.is_derived());
+        assert_eq!(d.len(), want.len() as u64);
+        assert_eq!(&*d.bytes()?, &want[..]);
+        let mut w = Vec::new();
+        d.write_to(&mut w)?;
+        assert_eq!(w, want);
+        for chunk in [1, 3, 7, 30, 1000] {
+            let mut got = Vec::new();
+            d.for_each_chunk(chunk, |c| {
+                assert!(c.len() <= chunk);
+                got.extend_from_slice(c);
+                Ok(())
+            })?;
+            assert_eq!(got, want, "chunk {chunk}");
+        }
+        // Streaming is one band of 4 rows at a time: ceil(23 / 4) calls.
+        p.calls.store(0, std::sync::atomic::Ordering::Relaxed);
+        d.write_to(&mut Vec::new())?;
+        assert_eq!(p.calls.load(std::sync::atomic::Ordering::Relaxed), 6);
+        for off in 0..want.len() {
+            for len in [0, 1, 6, 7, 8, 29, 40] {
+                let len = len.min(want.len() - off);
+                let mut part = vec![0u8; len];
+                d.read_into(off as u64, &mut part)?;
+                assert_eq!(part, want[off..off + len], "{off}+{len}");
+            }
+        }
+        assert!(d.read_into(want.len() as u64 - 2, &mut [0u8; 3]).is_err());
+        // A producer as the source of a transpose reads only what the bands need.
+        let t = TensorData::transposed(d.clone(), &[23, 7], &[1, 0], 1)?;
+        assert_eq!(
+            &*t.bytes()?,
+            &naive_transpose(&want, &[23, 7], &[1, 0], 1)[..]
+        );
         Ok(())
     }
 
