@@ -189,7 +189,7 @@ pub type LazyRead = Arc<dyn Fn() -> io::Result<Vec<u8>> + Send + Sync>;
 /// streams it). Wrapped in [`TensorData::Produced`].
 pub trait RowProducer: Send + Sync {
     /// Total bytes produced (a whole number of rows).
-    fn len(&self) -> u64;
+    fn total_bytes(&self) -> u64;
     /// Bytes of one output row; bands are whole rows.
     fn row_bytes(&self) -> u64;
     /// Working memory one output row needs (source bytes read plus output), so bands stay
@@ -708,7 +708,7 @@ impl TensorData {
             }
             TensorData::Transposed { source, .. } => source.len(),
             TensorData::Concat { parts, .. } => parts.iter().map(TensorData::len).sum(),
-            TensorData::Produced(p) => p.len(),
+            TensorData::Produced(p) => p.total_bytes(),
         }
     }
 
@@ -1090,7 +1090,7 @@ impl fmt::Debug for TensorData {
                 source, dims, perm, ..
             } => write!(f, "Transposed({dims:?} by {perm:?}, {source:?})"),
             TensorData::Concat { parts, rows } => write!(f, "Concat({rows} rows, {parts:?})"),
-            TensorData::Produced(p) => write!(f, "Produced({} bytes)", p.len()),
+            TensorData::Produced(p) => write!(f, "Produced({} bytes)", p.total_bytes()),
         }
     }
 }
@@ -1494,7 +1494,7 @@ mod tests {
     }
 
     impl RowProducer for Pattern {
-        fn len(&self) -> u64 {
+        fn total_bytes(&self) -> u64 {
             self.rows * self.width
         }
         fn row_bytes(&self) -> u64 {
@@ -1506,7 +1506,7 @@ mod tests {
         fn produce(&self, first: u64, out: &mut [u8]) -> io::Result<()> {
             self.calls
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            assert!(out.len() as u64 % self.width == 0, "whole rows");
+            assert!((out.len() as u64).is_multiple_of(self.width), "whole rows");
             assert!(out.len() as u64 / self.width * self.work <= BAND_BYTES as u64);
             for (i, row) in out.chunks_mut(self.width as usize).enumerate() {
                 let r = first + i as u64;

@@ -16,11 +16,11 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 
-use ferry_ir::{Attr, DType, Graph, Initializer, Node, OpsetImport, TensorData};
+use ferry_ir::{Attr, DType, Graph, Initializer, Node, OpsetImport, RowProducer, TensorData};
 use rayon::prelude::*;
 
 use crate::QuantizeError;
-use crate::qparams::{QType, TensorSpec, quantize_le_into};
+use crate::qparams::{QType, RangeAxis, Ranges, RowQuantizer, TensorSpec};
 
 /// Domain of ONNX Runtime's contrib ops.
 pub const MS_DOMAIN: &str = "com.microsoft";
@@ -404,7 +404,7 @@ pub fn quantize_int8(graph: &mut Graph, opts: &Int8Options) -> Result<Int8Stats,
             &q.zero_points[..]
         };
         let zp_bytes: Vec<u8> = zp_values.iter().map(|&z| z as u8).collect();
-        stats.quantized_bytes += (q.data.len() + 4 * q.scales.len() + zp_bytes.len()) as u64;
+        stats.quantized_bytes += q.data.len() + (4 * q.scales.len() + zp_bytes.len()) as u64;
         new_inits.push(Initializer {
             name: data.clone(),
             dtype: qdtype,
@@ -413,7 +413,7 @@ pub fn quantize_int8(graph: &mut Graph, opts: &Int8Options) -> Result<Int8Stats,
             } else {
                 src.dims.clone()
             },
-            data: TensorData::Owned(q.data),
+            data: q.data,
         });
         new_inits.push(Initializer {
             name: scale.clone(),
@@ -586,15 +586,82 @@ pub fn quantize_int8(graph: &mut Graph, opts: &Int8Options) -> Result<Int8Stats,
     Ok(stats)
 }
 
-/// A quantized initializer: its bytes (allocated once, in the shared buffer the graph
-/// keeps), scales and zero points.
+/// A quantized initializer: its bytes (computed band by band from the float weight when
+/// the writer streams them), scales and zero points.
 struct Quantized {
-    data: std::sync::Arc<[u8]>,
+    data: TensorData,
     scales: Vec<f32>,
     zero_points: Vec<i32>,
 }
 
-/// Quantizes an initializer's float32 values, read straight from its (mapped) bytes.
+/// Bytes of float weight read at a time by the range scan.
+const SCAN_WINDOW: usize = 8 << 20;
+
+/// Feeds `data` to `ranges` in windows of at most [`SCAN_WINDOW`] bytes (whole granules),
+/// read with `pread` so the float weight never becomes resident in this process.
+pub(crate) fn scan(data: &TensorData, ranges: &mut Ranges) -> std::io::Result<()> {
+    let g = ranges.granule() as u64;
+    let step = (SCAN_WINDOW as u64 / g).max(1) * g;
+    let total = data.len();
+    let mut buf = vec![0u8; usize::try_from(step.min(total)).map_err(std::io::Error::other)?];
+    let mut done = 0u64;
+    while done < total {
+        let n = usize::try_from(step.min(total - done)).map_err(std::io::Error::other)?;
+        data.read_into(done, &mut buf[..n])?;
+        ranges.update(&buf[..n]);
+        done += n as u64;
+    }
+    Ok(())
+}
+
+/// An int8/uint8 weight computed band by band from its float32 source (`view`, rows of
+/// `columns` elements) with parameters fixed by a first scan.
+struct Int8Rows {
+    view: TensorData,
+    columns: usize,
+    quantizer: RowQuantizer,
+}
+
+impl RowProducer for Int8Rows {
+    fn total_bytes(&self) -> u64 {
+        self.view.len() / 4
+    }
+    fn row_bytes(&self) -> u64 {
+        self.columns as u64
+    }
+    fn row_work(&self) -> u64 {
+        5 * self.columns as u64
+    }
+    fn produce(&self, first: u64, out: &mut [u8]) -> std::io::Result<()> {
+        with_buffer(4 * out.len(), |buf| {
+            self.view.read_into(4 * first * self.columns as u64, buf)?;
+            self.quantizer.quantize(buf, out);
+            Ok(())
+        })
+    }
+}
+
+/// Runs `f` on a zeroed-once buffer of `n` bytes reused by this thread across bands (at
+/// most one band's worth is kept).
+pub(crate) fn with_buffer<T>(
+    n: usize,
+    f: impl FnOnce(&mut [u8]) -> std::io::Result<T>,
+) -> std::io::Result<T> {
+    thread_local! {
+        static BUF: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
+    }
+    let mut buf = BUF.take();
+    buf.resize(n, 0);
+    let r = f(&mut buf[..n]);
+    if buf.capacity() <= ferry_ir::BAND_BYTES {
+        BUF.set(buf);
+    }
+    r
+}
+
+/// Plans the quantization of an initializer's float32 values: a first scan (read in
+/// windows, never held) fixes the scales and zero points; the quantized bytes are computed
+/// only when read or streamed.
 fn quantize_initializer(
     t: &Initializer,
     spec: TensorSpec,
@@ -604,43 +671,45 @@ fn quantize_initializer(
         name: t.name.clone(),
         source,
     };
-    let bytes = t.data.bytes().map_err(io)?;
-    if bytes.len() as u64 != t.numel().saturating_mul(4) {
+    if t.data.len() != t.numel().saturating_mul(4) {
         return Err(QuantizeError::Invalid(format!(
             "tensor `{}` has {} bytes, expected {} for float32 {:?}",
             t.name,
-            bytes.len(),
+            t.data.len(),
             t.numel().saturating_mul(4),
             t.dims
         )));
     }
-    let n = bytes.len() / 4;
-    let mut data: std::sync::Arc<[u8]> = std::iter::repeat_n(0u8, n).collect();
-    let out = std::sync::Arc::get_mut(&mut data)
-        .ok_or_else(|| QuantizeError::Invalid("internal: shared output buffer".into()))?;
-    let (scales, zero_points) = match (transposed, &t.dims[..]) {
+    let (view, columns, axis) = match (transposed, &t.dims[..]) {
         (true, &[rows, cols]) => {
-            // The MatMul reads the transpose: quantize [cols, rows].
+            // The MatMul reads the transpose: quantize [cols, rows], whose columns are the
+            // weight's rows.
             let (rows, cols) = (rows as usize, cols as usize);
-            let (src, _) = bytes.as_chunks::<4>();
-            let mut tr = vec![0u8; bytes.len()];
-            tr.par_chunks_mut(4 * rows).enumerate().for_each(|(j, o)| {
-                let (o, _) = o.as_chunks_mut::<4>();
-                for (i, o) in o.iter_mut().enumerate() {
-                    *o = src[i * cols + j];
-                }
-            });
-            quantize_le_into(&tr, rows, spec, out)
+            let view =
+                TensorData::transposed(t.data.clone(), &[rows, cols], &[1, 0], 4).map_err(io)?;
+            (view, rows, RangeAxis::Rows(cols))
         }
         _ => {
             let columns = t.dims.last().copied().unwrap_or(1).max(1) as usize;
-            quantize_le_into(&bytes, columns, spec, out)
+            (t.data.clone(), columns, RangeAxis::Columns(columns))
         }
     };
+    let mut ranges = Ranges::new(if spec.per_column {
+        axis
+    } else {
+        RangeAxis::Tensor
+    });
+    scan(&t.data, &mut ranges).map_err(io)?;
+    let params = ranges.params(spec);
+    let quantizer = RowQuantizer::new(&params, columns, spec.qtype);
     Ok(Quantized {
-        data,
-        scales,
-        zero_points,
+        data: TensorData::produced(Int8Rows {
+            view,
+            columns,
+            quantizer,
+        }),
+        scales: params.iter().map(|p| p.scale).collect(),
+        zero_points: params.iter().map(|p| p.zero_point).collect(),
     })
 }
 
@@ -841,6 +910,77 @@ mod tests {
     const W: [f32; 12] = [
         0.5, -1.0, 0.02, 0.25, 2.0, -0.01, -0.75, 0.3, 0.03, 0.1, -0.4, 0.0,
     ];
+
+    /// Pseudo-random float32 weights in about ±1 with a few outliers per column.
+    fn weights(n: usize, seed: u32) -> Vec<f32> {
+        let mut x = seed | 1;
+        (0..n)
+            .map(|i| {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                let v = (x >> 8) as f32 / (1u32 << 24) as f32 - 0.5;
+                if i % 997 == 0 { v * 40.0 } else { v }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn lazy_bytes_equal_the_eager_quantizer_across_bands() -> Result<(), QuantizeError> {
+        use crate::qparams::quantize_tensor;
+        // Large enough for several bands of the producer (16 MiB of work each), with rows
+        // that do not divide a band; small ones with odd shapes too.
+        let shapes = [(2003usize, 1777usize), (7, 5), (1, 33)];
+        for (rows, cols) in shapes {
+            let values = weights(rows * cols, rows as u32);
+            let t = init("w", vec![rows as i64, cols as i64], &values);
+            let mut tr = vec![0f32; values.len()];
+            for r in 0..rows {
+                for c in 0..cols {
+                    tr[c * rows + r] = values[r * cols + c];
+                }
+            }
+            for (qtype, symmetric) in [(QType::Int8, true), (QType::UInt8, false)] {
+                for per_column in [true, false] {
+                    let spec = TensorSpec {
+                        qtype,
+                        symmetric,
+                        reduce_range: false,
+                        per_column,
+                    };
+                    for transposed in [false, true] {
+                        let (src, columns) = if transposed {
+                            (&tr, rows)
+                        } else {
+                            (&values, cols)
+                        };
+                        let want = quantize_tensor(src, columns, spec);
+                        let got = quantize_initializer(&t, spec, transposed)?;
+                        let what = format!("{rows}x{cols} {spec:?} transposed={transposed}");
+                        assert_eq!(got.scales, want.scales, "{what}");
+                        assert_eq!(got.zero_points, want.zero_points, "{what}");
+                        assert!(matches!(got.data, TensorData::Produced(_)), "{what}");
+                        let mut streamed = Vec::new();
+                        got.data
+                            .write_to(&mut streamed)
+                            .map_err(|e| QuantizeError::Invalid(e.to_string()))?;
+                        assert!(streamed == want.data, "{what}");
+                        // A range starting and ending mid-row.
+                        let (off, len) = (
+                            columns / 2 + 1,
+                            (3 * columns).min(want.data.len() - columns / 2 - 1),
+                        );
+                        let mut part = vec![0u8; len];
+                        got.data
+                            .read_into(off as u64, &mut part)
+                            .map_err(|e| QuantizeError::Invalid(e.to_string()))?;
+                        assert_eq!(part, want.data[off..off + len], "{what}");
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
 
     fn matmul_graph() -> Graph {
         graph(

@@ -4,6 +4,8 @@
 //! Rounding is half-to-even, as numpy's `round`, so the integers match ONNX Runtime's
 //! `quantize_dynamic` bit for bit.
 
+use std::fmt;
+
 use rayon::prelude::*;
 
 /// An integer type quantized values are stored in.
@@ -227,84 +229,234 @@ pub fn quantize_le_into(
     spec: TensorSpec,
     out: &mut [u8],
 ) -> (Vec<f32>, Vec<i32>) {
-    let (values, _) = bytes.as_chunks::<4>();
-    let range = QRange::for_type(spec.qtype, spec.reduce_range, spec.symmetric);
-    let columns = columns.max(1);
-    let rows_per_block = (CHUNK / columns).max(1);
-    let block = rows_per_block * columns;
-    let params: Vec<QParams> = if spec.per_column {
-        // Column ranges over blocks of rows in parallel, then merged.
-        let (lo, hi) = values
-            .par_chunks(block)
-            .map(|b| {
-                let mut lo = vec![f32::INFINITY; columns];
-                let mut hi = vec![f32::NEG_INFINITY; columns];
-                for row in b.chunks_exact(columns) {
-                    for ((l, h), v) in lo.iter_mut().zip(hi.iter_mut()).zip(row) {
-                        *l = l.min(val(v));
-                        *h = h.max(val(v));
-                    }
+    let mut ranges = Ranges::new(if spec.per_column {
+        RangeAxis::Columns(columns.max(1))
+    } else {
+        RangeAxis::Tensor
+    });
+    ranges.update(bytes);
+    let params = ranges.params(spec);
+    RowQuantizer::new(&params, columns, spec.qtype).quantize(bytes, out);
+    (
+        params.iter().map(|p| p.scale).collect(),
+        params.iter().map(|p| p.zero_point).collect(),
+    )
+}
+
+/// What one min/max range of [`Ranges`] covers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RangeAxis {
+    /// The whole tensor.
+    Tensor,
+    /// Each of this many columns (the last axis).
+    Columns(usize),
+    /// Each row of this many elements (the columns of the tensor's transpose).
+    Rows(usize),
+}
+
+/// Min/max ranges of a float32 tensor accumulated over its bytes in pieces of whole rows
+/// (or, for [`RangeAxis::Tensor`], whole elements), so a weight can be scanned in bounded
+/// windows and the result equals one pass over all of it.
+#[derive(Debug, Clone)]
+pub struct Ranges {
+    axis: RangeAxis,
+    lo: Vec<f32>,
+    hi: Vec<f32>,
+    /// Elements seen so far.
+    seen: usize,
+}
+
+impl Ranges {
+    /// Empty ranges along `axis`.
+    pub fn new(axis: RangeAxis) -> Self {
+        let n = match axis {
+            RangeAxis::Tensor => 1,
+            RangeAxis::Columns(c) => c.max(1),
+            RangeAxis::Rows(_) => 0,
+        };
+        Self {
+            axis,
+            lo: vec![f32::INFINITY; n],
+            hi: vec![f32::NEG_INFINITY; n],
+            seen: 0,
+        }
+    }
+
+    /// Bytes per unit that [`Ranges::update`] pieces must be a multiple of.
+    pub fn granule(&self) -> usize {
+        4 * match self.axis {
+            RangeAxis::Tensor => 1,
+            RangeAxis::Columns(c) | RangeAxis::Rows(c) => c.max(1),
+        }
+    }
+
+    /// Takes in the next `bytes` of the tensor (a multiple of [`Ranges::granule`]).
+    pub fn update(&mut self, bytes: &[u8]) {
+        let (values, _) = bytes.as_chunks::<4>();
+        self.seen += values.len();
+        match self.axis {
+            RangeAxis::Tensor => {
+                if !values.is_empty() {
+                    let (l, h) = min_max(values);
+                    self.lo[0] = self.lo[0].min(l);
+                    self.hi[0] = self.hi[0].max(h);
                 }
-                (lo, hi)
-            })
-            .reduce(
-                || {
-                    (
-                        vec![f32::INFINITY; columns],
-                        vec![f32::NEG_INFINITY; columns],
-                    )
-                },
-                |(mut l1, mut h1), (l2, h2)| {
-                    for (a, b) in l1.iter_mut().zip(&l2) {
-                        *a = a.min(*b);
-                    }
-                    for (a, b) in h1.iter_mut().zip(&h2) {
-                        *a = a.max(*b);
-                    }
-                    (l1, h1)
-                },
-            );
-        lo.iter()
-            .zip(&hi)
+            }
+            RangeAxis::Rows(width) => {
+                let width = width.max(1);
+                let (lo, hi): (Vec<f32>, Vec<f32>) = values
+                    .par_chunks(width)
+                    .map(|row| {
+                        row.iter()
+                            .fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), v| {
+                                (lo.min(val(v)), hi.max(val(v)))
+                            })
+                    })
+                    .unzip();
+                self.lo.extend(lo);
+                self.hi.extend(hi);
+            }
+            RangeAxis::Columns(columns) => {
+                let columns = columns.max(1);
+                let block = (CHUNK / columns).max(1) * columns;
+                // Column ranges over blocks of rows in parallel, then merged.
+                let (lo, hi) = values
+                    .par_chunks(block)
+                    .map(|b| {
+                        let mut lo = vec![f32::INFINITY; columns];
+                        let mut hi = vec![f32::NEG_INFINITY; columns];
+                        for row in b.chunks_exact(columns) {
+                            for ((l, h), v) in lo.iter_mut().zip(hi.iter_mut()).zip(row) {
+                                *l = l.min(val(v));
+                                *h = h.max(val(v));
+                            }
+                        }
+                        (lo, hi)
+                    })
+                    .reduce(
+                        || {
+                            (
+                                vec![f32::INFINITY; columns],
+                                vec![f32::NEG_INFINITY; columns],
+                            )
+                        },
+                        merge,
+                    );
+                let (l, h) = merge(
+                    (std::mem::take(&mut self.lo), std::mem::take(&mut self.hi)),
+                    (lo, hi),
+                );
+                self.lo = l;
+                self.hi = h;
+            }
+        }
+    }
+
+    /// Elements taken in so far.
+    pub fn seen(&self) -> usize {
+        self.seen
+    }
+
+    /// ONNX Runtime's scale and zero point of each range (non-finite bounds count as 0).
+    pub fn params(&self, spec: TensorSpec) -> Vec<QParams> {
+        let range = QRange::for_type(spec.qtype, spec.reduce_range, spec.symmetric);
+        self.lo
+            .iter()
+            .zip(&self.hi)
             .map(|(&l, &h)| {
                 compute_scale_zp(finite_or_zero(l), finite_or_zero(h), range, spec.symmetric)
             })
             .collect()
-    } else {
-        let (l, h) = if values.is_empty() {
-            (0.0, 0.0)
-        } else {
-            min_max(values)
-        };
-        vec![compute_scale_zp(
-            finite_or_zero(l),
-            finite_or_zero(h),
-            range,
-            spec.symmetric,
-        )]
-    };
-    let ty = spec.qtype;
-    if let [p] = params[..] {
-        let k = Kernel::new(p, ty);
-        out.par_chunks_mut(CHUNK)
-            .zip(values.par_chunks(CHUNK))
-            .for_each(|(o, inp)| {
-                for (o, v) in o.iter_mut().zip(inp) {
-                    *o = k.q(val(v));
-                }
-            });
-    } else {
+    }
+}
+
+/// Element-wise min of the lows and max of the highs.
+fn merge(
+    (mut l1, mut h1): (Vec<f32>, Vec<f32>),
+    (l2, h2): (Vec<f32>, Vec<f32>),
+) -> (Vec<f32>, Vec<f32>) {
+    for (a, b) in l1.iter_mut().zip(&l2) {
+        *a = a.min(*b);
+    }
+    for (a, b) in h1.iter_mut().zip(&h2) {
+        *a = a.max(*b);
+    }
+    (l1, h1)
+}
+
+/// Quantizes whole rows of a float32 tensor with fixed parameters: one for the tensor, or
+/// one per column. What a lazily quantized weight runs on each band it streams.
+#[derive(Clone)]
+pub struct RowQuantizer {
+    columns: usize,
+    scale: Vec<f32>,
+    lo: Vec<f32>,
+    hi: Vec<f32>,
+    zp_magic: Vec<f32>,
+}
+
+impl fmt::Debug for RowQuantizer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "RowQuantizer({} params, {} columns)",
+            self.scale.len(),
+            self.columns
+        )
+    }
+}
+
+impl RowQuantizer {
+    /// A quantizer for `params` (one, or one per column of `columns`) into `ty`.
+    pub fn new(params: &[QParams], columns: usize, ty: QType) -> Self {
         // Each constant in its own array, so the loop over a row's columns vectorizes.
         let kernels: Vec<Kernel> = params.iter().map(|&p| Kernel::new(p, ty)).collect();
-        let scale: Vec<f32> = kernels.iter().map(|k| k.scale).collect();
-        let lo: Vec<f32> = kernels.iter().map(|k| k.lo).collect();
-        let hi: Vec<f32> = kernels.iter().map(|k| k.hi).collect();
-        let zpm: Vec<f32> = kernels.iter().map(|k| k.zp_magic).collect();
+        Self {
+            columns: columns.max(1),
+            scale: kernels.iter().map(|k| k.scale).collect(),
+            lo: kernels.iter().map(|k| k.lo).collect(),
+            hi: kernels.iter().map(|k| k.hi).collect(),
+            zp_magic: kernels.iter().map(|k| k.zp_magic).collect(),
+        }
+    }
+
+    /// Quantizes `bytes` (little-endian float32, whole rows when per column) into `out`
+    /// (one byte per element), in parallel chunks.
+    pub fn quantize(&self, bytes: &[u8], out: &mut [u8]) {
+        let (values, _) = bytes.as_chunks::<4>();
+        if let ([scale], [lo], [hi], [zp_magic]) = (
+            &self.scale[..],
+            &self.lo[..],
+            &self.hi[..],
+            &self.zp_magic[..],
+        ) {
+            let k = Kernel {
+                scale: *scale,
+                lo: *lo,
+                hi: *hi,
+                zp_magic: *zp_magic,
+            };
+            out.par_chunks_mut(CHUNK)
+                .zip(values.par_chunks(CHUNK))
+                .for_each(|(o, inp)| {
+                    for (o, v) in o.iter_mut().zip(inp) {
+                        *o = k.q(val(v));
+                    }
+                });
+            return;
+        }
+        let columns = self.columns;
+        let block = (CHUNK / columns).max(1) * columns;
         out.par_chunks_mut(block)
             .zip(values.par_chunks(block))
             .for_each(|(o, inp)| {
                 for (orow, irow) in o.chunks_exact_mut(columns).zip(inp.chunks_exact(columns)) {
-                    let consts = scale.iter().zip(&lo).zip(&hi).zip(&zpm);
+                    let consts = self
+                        .scale
+                        .iter()
+                        .zip(&self.lo)
+                        .zip(&self.hi)
+                        .zip(&self.zp_magic);
                     for ((o, v), (((&scale, &lo), &hi), &zp_magic)) in
                         orow.iter_mut().zip(irow).zip(consts)
                     {
@@ -319,10 +471,6 @@ pub fn quantize_le_into(
                 }
             });
     }
-    (
-        params.iter().map(|p| p.scale).collect(),
-        params.iter().map(|p| p.zero_point).collect(),
-    )
 }
 
 #[cfg(test)]
