@@ -391,25 +391,7 @@ pub fn quantize_int4(graph: &mut Graph, opts: &Int4Options) -> Result<Int4Stats,
         let mm = &graph.nodes[*ni];
         let mut inputs = vec![mm.inputs[0].clone()];
         inputs.extend(names.iter().cloned());
-        let mut attrs = BTreeMap::new();
-        attrs.insert("K".to_string(), Attr::Int(*k));
-        attrs.insert("N".to_string(), Attr::Int(*n));
-        attrs.insert("bits".to_string(), Attr::Int(4));
-        attrs.insert("block_size".to_string(), Attr::Int(bs as i64));
-        if let Some(level) = opts.accuracy_level.filter(|&l| l != 0) {
-            attrs.insert("accuracy_level".to_string(), Attr::Int(level));
-        }
-        replacements.insert(
-            *ni,
-            Node {
-                name: mm.name.clone(),
-                op_type: "MatMulNBits".into(),
-                domain: "com.microsoft".into(),
-                inputs,
-                outputs: mm.outputs.clone(),
-                attrs,
-            },
-        );
+        replacements.insert(*ni, matmul_nbits(mm, inputs, *k, *n, bs, opts));
         stats.matmuls_quantized += 1;
         touched_inits.insert(w.init);
         if let Some(t) = w.transpose_node {
@@ -472,6 +454,34 @@ pub fn quantize_int4(graph: &mut Graph, opts: &Int4Options) -> Result<Int4Stats,
     Ok(stats)
 }
 
+/// The `MatMulNBits` node (4 bits) replacing MatMul `mm`, reading `inputs` (A, then the
+/// packed weight, scales and optional zero points), with `accuracy_level` from `opts`.
+pub(crate) fn matmul_nbits(
+    mm: &Node,
+    inputs: Vec<String>,
+    k: i64,
+    n: i64,
+    block_size: usize,
+    opts: &Int4Options,
+) -> Node {
+    let mut attrs = BTreeMap::new();
+    attrs.insert("K".to_string(), Attr::Int(k));
+    attrs.insert("N".to_string(), Attr::Int(n));
+    attrs.insert("bits".to_string(), Attr::Int(4));
+    attrs.insert("block_size".to_string(), Attr::Int(block_size as i64));
+    if let Some(level) = opts.accuracy_level.filter(|&l| l != 0) {
+        attrs.insert("accuracy_level".to_string(), Attr::Int(level));
+    }
+    Node {
+        name: mm.name.clone(),
+        op_type: "MatMulNBits".into(),
+        domain: "com.microsoft".into(),
+        inputs,
+        outputs: mm.outputs.clone(),
+        attrs,
+    }
+}
+
 /// Names read by the nodes not marked removed.
 fn used_names<'a>(graph: &'a Graph, removed: &[bool]) -> HashSet<&'a str> {
     graph
@@ -505,7 +515,7 @@ pub(crate) fn unique(taken: &mut HashSet<String>, want: &str) -> String {
     name
 }
 
-fn dim(d: i64) -> Result<usize, QuantizeError> {
+pub(crate) fn dim(d: i64) -> Result<usize, QuantizeError> {
     usize::try_from(d).map_err(|_| QuantizeError::Invalid(format!("negative dimension {d}")))
 }
 

@@ -1,8 +1,9 @@
 //! ferry-quantizer: rewrites a float32 graph (any ONNX model's IR) into a smaller one that
 //! ONNX Runtime runs: int8 dynamic quantization ([`int8`]), int4 weight-only `MatMulNBits`
-//! ([`int4`]) and float16 ([`fp16`]).
+//! ([`int4`]; embedding tables as `GatherBlockQuantized`: [`gather4`]) and float16 ([`fp16`]).
 
 pub mod fp16;
+pub mod gather4;
 pub mod int4;
 pub mod int8;
 pub mod qparams;
