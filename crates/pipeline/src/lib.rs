@@ -5,8 +5,10 @@
 //! tokenizer (`tokenizer.json`, or WordPiece from `vocab.txt`) with the special tokens and
 //! decoding rules transformers applies, and streamed decoding of generated tokens; and
 //! [`tasks`], every task's answer as its pipeline computes it ([`tasks::run_task`]), which
-//! `ferry run` prints.
+//! `ferry run` prints; and [`genai`], the folder onnxruntime-genai loads (`genai_config.json`
+//! from the checkpoint's configs, its tokenizer files) that `ferry export --genai` writes.
 
+pub mod genai;
 pub mod generate;
 pub mod tasks;
 pub mod tokenizer;
