@@ -24,6 +24,7 @@ use std::fmt;
 use ferry_ir::{Attr, DType, Graph, Initializer, Node, OpsetImport, TensorData};
 
 use crate::QuantizeError;
+use crate::int4_lazy::{lazy_int4, quantize_column};
 
 /// Options of [`quantize_int4`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -121,30 +122,14 @@ pub fn quantize_columns(
     let mut scales = vec![0f32; n * k_blocks];
     let mut zps = vec![0u8; n * zp_row];
     for col in 0..n {
-        let column = &wt[col * k..(col + 1) * k];
-        for b in 0..k_blocks {
-            let vals = &column[b * block_size..((b + 1) * block_size).min(k)];
-            let (scale, zp) = if symmetric {
-                symmetric_scale(vals)
-            } else {
-                asymmetric_scale(vals)
-            };
-            let recip = if scale == 0.0 { 0.0 } else { 1.0 / scale };
-            let out = &mut data[(col * k_blocks + b) * blob..][..blob];
-            for (i, &x) in vals.iter().enumerate() {
-                let q = if symmetric {
-                    ((x * recip).round() + f32::from(zp)).clamp(0.0, 15.0)
-                } else {
-                    (x * recip + f32::from(zp)).round().clamp(0.0, 15.0)
-                } as u8;
-                out[i / 2] |= q << (4 * (i % 2));
-            }
-            scales[col * k_blocks + b] = scale;
-            zps[col * zp_row + b / 2] |= zp << (4 * (b % 2));
-        }
-        if k_blocks % 2 == 1 {
-            zps[col * zp_row + zp_row - 1] |= 8 << 4;
-        }
+        quantize_column(
+            &wt[col * k..(col + 1) * k],
+            block_size,
+            symmetric,
+            &mut data[col * k_blocks * blob..(col + 1) * k_blocks * blob],
+            &mut scales[col * k_blocks..(col + 1) * k_blocks],
+            &mut zps[col * zp_row..(col + 1) * zp_row],
+        );
     }
     PackedInt4 {
         data,
@@ -186,34 +171,6 @@ pub fn dequantize(
         }
     }
     Some(w)
-}
-
-/// Scale of a symmetric block: its value of largest magnitude (first one on ties) over -8.
-fn symmetric_scale(vals: &[f32]) -> (f32, u8) {
-    let (mut amax, mut vmax) = (0f32, 0f32);
-    for &v in vals {
-        if amax < v.abs() {
-            amax = v.abs();
-            vmax = v;
-        }
-    }
-    (vmax / -8.0, 8)
-}
-
-/// Scale and zero point of an asymmetric block: min/max widened to include 0 over 15 steps.
-fn asymmetric_scale(vals: &[f32]) -> (f32, u8) {
-    let (mut lo, mut hi) = (0f32, 0f32);
-    for &v in vals {
-        lo = lo.min(v);
-        hi = hi.max(v);
-    }
-    let scale = (hi - lo) / 15.0;
-    let zp = if scale == 0.0 {
-        8
-    } else {
-        (-lo / scale).round().clamp(0.0, 15.0) as u8
-    };
-    (scale, zp)
 }
 
 /// A MatMul weight found in the graph: its initializer and whether the MatMul sees it through
@@ -338,24 +295,26 @@ pub fn quantize_int4(graph: &mut Graph, opts: &Int4Options) -> Result<Int4Stats,
                 name: t.name.clone(),
                 source,
             };
-            let values = t.data.to_f32_vec().map_err(io)?;
             let (d0, d1) = (dim(t.dims[0])?, dim(t.dims[1])?);
-            if d0.checked_mul(d1) != Some(values.len()) {
+            let expected = (d0 as u64).saturating_mul(d1 as u64).saturating_mul(4);
+            if t.data.len() != expected {
                 return Err(QuantizeError::Invalid(format!(
-                    "initializer `{}` has {} values, its shape {:?} needs {}",
+                    "initializer `{}` has {} bytes, its float32 shape {:?} needs {expected}",
                     t.name,
-                    values.len(),
+                    t.data.len(),
                     t.dims,
-                    t.numel()
                 )));
             }
-            // `[N, K]` rows are the columns of B.
+            // `[N, K]` rows are the columns of B: a `[K, N]` B is read through a transposed
+            // view. Nothing is quantized here; the writer computes the bytes band by band.
             let (k, n, wt) = if transposed {
-                (d1, d0, values)
+                (d1, d0, t.data.clone())
             } else {
-                (d0, d1, transpose(&values, d0, d1))
+                let view =
+                    TensorData::transposed(t.data.clone(), &[d0, d1], &[1, 0], 4).map_err(io)?;
+                (d0, d1, view)
             };
-            let p = quantize_columns(&wt, k, n, bs, opts.symmetric);
+            let p = lazy_int4(wt, k, bs, opts.symmetric);
             stats.float_bytes += t.data.len();
             let base = if transposed {
                 format!("{}_T", t.name)
@@ -364,24 +323,19 @@ pub fn quantize_int4(graph: &mut Graph, opts: &Int4Options) -> Result<Int4Stats,
             };
             let (n64, kb64) = (n as i64, p.k_blocks as i64);
             let mut names = Vec::new();
-            let mut add = |suffix: &str, dtype: DType, dims: Vec<i64>, bytes: Vec<u8>| {
+            let mut add = |suffix: &str, dtype: DType, dims: Vec<i64>, data: TensorData| {
                 let name = unique(&mut taken, &format!("{base}_{suffix}"));
-                stats.quantized_bytes += bytes.len() as u64;
+                stats.quantized_bytes += data.len();
                 new_inits.push(Initializer {
                     name: name.clone(),
                     dtype,
                     dims,
-                    data: TensorData::owned(bytes),
+                    data,
                 });
                 names.push(name);
             };
             add("Q4", DType::U8, vec![n64, kb64, (bs / 2) as i64], p.data);
-            add(
-                "scales",
-                DType::F32,
-                vec![n64, kb64],
-                p.scales.iter().flat_map(|v| v.to_le_bytes()).collect(),
-            );
+            add("scales", DType::F32, vec![n64, kb64], p.scales);
             if let Some(z) = p.zero_points {
                 add("zero_points", DType::U8, vec![n64, (kb64 + 1) / 2], z);
             }
@@ -519,21 +473,21 @@ pub(crate) fn dim(d: i64) -> Result<usize, QuantizeError> {
     usize::try_from(d).map_err(|_| QuantizeError::Invalid(format!("negative dimension {d}")))
 }
 
-/// `[rows, cols]` row-major → `[cols, rows]` row-major.
-fn transpose(v: &[f32], rows: usize, cols: usize) -> Vec<f32> {
-    let mut out = vec![0f32; v.len()];
-    for r in 0..rows {
-        for c in 0..cols {
-            out[c * rows + r] = v[r * cols + c];
-        }
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use ferry_ir::{Dim, Value};
+
+    /// `[rows, cols]` row-major → `[cols, rows]` row-major.
+    fn transpose(v: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+        let mut out = vec![0f32; v.len()];
+        for r in 0..rows {
+            for c in 0..cols {
+                out[c * rows + r] = v[r * cols + c];
+            }
+        }
+        out
+    }
 
     /// The `[K, N]` test weight: `((k*37 + n*101) % 61 - 30) / 8 + n/2`, exact in float32.
     fn test_weight(k: usize, n: usize) -> Vec<f32> {

@@ -5,6 +5,7 @@
 pub mod fp16;
 pub mod gather4;
 pub mod int4;
+pub mod int4_lazy;
 pub mod int8;
 pub mod qparams;
 
