@@ -23,7 +23,8 @@ use std::fmt;
 use ferry_ir::{Attr, DType, Graph, Initializer, Node, TensorData};
 
 use crate::QuantizeError;
-use crate::int4::{Int4Options, dim, ensure_opset, quantize_columns, unique};
+use crate::int4::{Int4Options, dim, ensure_opset, unique};
+use crate::int4_lazy::lazy_int4;
 
 /// What [`quantize_gathers`] changed.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -165,19 +166,18 @@ pub fn quantize_gathers(
             source,
         };
         let (v, h) = (dim(t.dims[0])?, dim(t.dims[1])?);
-        let values = t.data.to_f32_vec().map_err(io)?;
-        if v.checked_mul(h) != Some(values.len()) {
+        let expected = (v as u64).saturating_mul(h as u64).saturating_mul(4);
+        if t.data.len() != expected {
             return Err(QuantizeError::Invalid(format!(
-                "initializer `{}` has {} values, its shape {:?} needs {}",
+                "initializer `{}` has {} bytes, its float32 shape {:?} needs {expected}",
                 t.name,
-                values.len(),
+                t.data.len(),
                 t.dims,
-                t.numel()
             )));
         }
-        // Rows of the table are the columns of the tied MatMul's B.
-        let p = quantize_columns(&values, h, v, bs, opts.symmetric);
-        drop(values);
+        // Rows of the table are the columns of the tied MatMul's B. Nothing is quantized
+        // here: the writer computes the codes band by band.
+        let p = lazy_int4(t.data.clone(), h, bs, opts.symmetric);
         stats.float_bytes += t.data.len();
         let (v64, kb) = (v as i64, p.k_blocks as i64);
         let row_bytes = kb * (bs as i64) / 2;
@@ -198,21 +198,11 @@ pub fn quantize_gathers(
         } else {
             vec![v64, row_bytes]
         };
-        let codes = add("Q4", DType::U8, codes_dims, TensorData::owned(p.data));
-        let scales = add(
-            "scales",
-            DType::F32,
-            vec![v64, kb],
-            TensorData::owned(p.scales.iter().flat_map(|s| s.to_le_bytes()).collect()),
-        );
-        let zero_points = p.zero_points.map(|z| {
-            add(
-                "zero_points",
-                DType::U8,
-                vec![v64, (kb + 1) / 2],
-                TensorData::owned(z),
-            )
-        });
+        let codes = add("Q4", DType::U8, codes_dims, p.data);
+        let scales = add("scales", DType::F32, vec![v64, kb], p.scales);
+        let zero_points = p
+            .zero_points
+            .map(|z| add("zero_points", DType::U8, vec![v64, (kb + 1) / 2], z));
         let mut quant_inputs = vec![scales];
         quant_inputs.extend(zero_points);
 
