@@ -13,9 +13,8 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
-use std::sync::Arc;
 
-use ferry_ir::{Attr, DType, Graph, Initializer, Node, TensorData};
+use ferry_ir::{Attr, DType, Graph, Initializer, Node, RowProducer, TensorData};
 
 use crate::QuantizeError;
 use crate::int4::unique;
@@ -464,24 +463,37 @@ fn to_f16_initializer(t: &Initializer) -> Result<Initializer, QuantizeError> {
             t.data.len()
         )));
     }
-    let source = t.data.clone();
     Ok(Initializer {
         name: t.name.clone(),
         dtype: DType::F16,
         dims: t.dims.clone(),
-        data: TensorData::Lazy {
-            len: t.numel().saturating_mul(2),
-            read: Arc::new(move || {
-                let bytes = source.bytes()?;
-                Ok(bytes
-                    .chunks_exact(4)
-                    .flat_map(|c| {
-                        to_f16(f32::from_le_bytes([c[0], c[1], c[2], c[3]])).to_le_bytes()
-                    })
-                    .collect())
-            }),
-        },
+        data: TensorData::produced(F16Rows(t.data.clone())),
     })
+}
+
+/// A float32 tensor's elements as float16 ([`to_f16`]), converted band by band as they are
+/// read or streamed (each output "row" is one element).
+struct F16Rows(TensorData);
+
+impl RowProducer for F16Rows {
+    fn total_bytes(&self) -> u64 {
+        self.0.len() / 2
+    }
+    fn row_bytes(&self) -> u64 {
+        2
+    }
+    fn row_work(&self) -> u64 {
+        6
+    }
+    fn produce(&self, first: u64, out: &mut [u8]) -> std::io::Result<()> {
+        crate::int8::with_buffer(2 * out.len(), |buf| {
+            self.0.read_into(4 * first, buf)?;
+            for (o, c) in out.chunks_exact_mut(2).zip(buf.as_chunks::<4>().0) {
+                o.copy_from_slice(&to_f16(f32::from_le_bytes(*c)).to_le_bytes());
+            }
+            Ok(())
+        })
+    }
 }
 
 /// One float32 as float16: clamped to ±65504, non-zero magnitudes below float16's smallest
@@ -655,6 +667,37 @@ mod tests {
                 version: 17,
             }],
         }
+    }
+
+    #[test]
+    fn lazy_initializer_streams_the_eager_conversion_in_bands() -> std::io::Result<()> {
+        // More elements than one band holds (16 MiB of work at 6 bytes each), with
+        // out-of-range, tiny and NaN values spread through it.
+        let n = 3_000_001usize;
+        let values: Vec<f32> = (0..n)
+            .map(|i| match i % 1009 {
+                0 => 1e6,
+                1 => -7e-9,
+                2 => f32::NAN,
+                _ => (i as f32 * 0.37).sin() * 100.0,
+            })
+            .collect();
+        let t = Initializer {
+            name: "w".into(),
+            dtype: DType::F32,
+            dims: vec![n as i64],
+            data: TensorData::from_f32(&values),
+        };
+        let h = to_f16_initializer(&t).map_err(std::io::Error::other)?;
+        let want = f32_to_f16_bytes(&values);
+        assert!(matches!(h.data, TensorData::Produced(_)));
+        let mut got = Vec::new();
+        h.data.write_to(&mut got)?;
+        assert!(got == want);
+        let mut part = vec![0u8; 11];
+        h.data.read_into(2 * 2_796_201 - 3, &mut part)?;
+        assert_eq!(part, want[2 * 2_796_201 - 3..2 * 2_796_201 + 8]);
+        Ok(())
     }
 
     #[test]
