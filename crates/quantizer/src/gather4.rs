@@ -161,10 +161,6 @@ pub fn quantize_gathers(
     let mut touched: Vec<usize> = Vec::new();
     for table in tables.values() {
         let t = &graph.initializers[table.init];
-        let io = |source| QuantizeError::Io {
-            name: t.name.clone(),
-            source,
-        };
         let (v, h) = (dim(t.dims[0])?, dim(t.dims[1])?);
         let expected = (v as u64).saturating_mul(h as u64).saturating_mul(4);
         if t.data.len() != expected {
