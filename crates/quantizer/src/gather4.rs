@@ -5,7 +5,9 @@
 //! weight column by column (the same codes, scales and zero points), because a tied LM head
 //! (`MatMul(x, Transpose(table))`, as decoder LLMs with `tie_word_embeddings` export) reads
 //! the same table: both then share **one** quantized copy, as onnxruntime-genai's model
-//! builder does. The LM head becomes `MatMulNBits` (`K = H`, `N = V`) over the codes
+//! builder does. A MatMul whose B is an initializer holding exactly the transposed table
+//! (the Transpose folded by `ferry optimize`, or a tied weight an exporter duplicated;
+//! compared bit for bit, band by band) shares it the same way. The LM head becomes `MatMulNBits` (`K = H`, `N = V`) over the codes
 //! `[V, k_blocks, block_size / 2]`; the lookup reads them through a `Reshape` to
 //! `[V, k_blocks · block_size / 2]`. An untied table gets its codes stored 2-D directly.
 //!
@@ -54,8 +56,10 @@ impl fmt::Display for Gather4Stats {
 struct Table {
     init: usize,
     gathers: Vec<usize>,
-    /// (MatMul node, its Transpose node)
-    tied: Vec<(usize, usize)>,
+    /// MatMuls reading the table transposed.
+    tied: Vec<usize>,
+    /// Initializers holding the transposed table for some of them.
+    copies: Vec<usize>,
 }
 
 /// Rewrites `Gather`s of constant float32 `[V, H]` tables (axis 0) into
@@ -110,6 +114,7 @@ pub fn quantize_gathers(
                     init: ti,
                     gathers: Vec::new(),
                     tied: Vec::new(),
+                    copies: Vec::new(),
                 })
                 .gathers
                 .push(ni);
@@ -142,10 +147,33 @@ pub fn quantize_gathers(
         {
             continue;
         }
-        if let Some(&(tn, ti)) = transposes.get(node.inputs[1].as_str())
+        if let Some(&(_, ti)) = transposes.get(node.inputs[1].as_str())
             && let Some(t) = tables.get_mut(&ti)
         {
-            t.tied.push((ni, tn));
+            t.tied.push(ni);
+        } else if let Some(&bi) = init_index.get(node.inputs[1].as_str()) {
+            // A B that holds the table's transpose as its own initializer (an optimizer
+            // folded the Transpose, or the exporter duplicated the tied weight): shared only
+            // when it is bit for bit the transposed table.
+            let b = &graph.initializers[bi];
+            for t in tables.values_mut() {
+                let table = &graph.initializers[t.init];
+                if b.dtype == DType::F32
+                    && b.dims.len() == 2
+                    && b.dims[0] == table.dims[1]
+                    && b.dims[1] == table.dims[0]
+                    && is_transpose_of(&b.data, &table.data, &table.dims).map_err(|source| {
+                        QuantizeError::Io {
+                            name: b.name.clone(),
+                            source,
+                        }
+                    })?
+                {
+                    t.tied.push(ni);
+                    t.copies.push(bi);
+                    break;
+                }
+            }
         }
     }
 
@@ -277,7 +305,7 @@ pub fn quantize_gathers(
             replaced.insert(gi, nodes);
             stats.gathers += 1;
         }
-        for &(mi, _) in &table.tied {
+        for &mi in &table.tied {
             let mm = &graph.nodes[mi];
             let mut inputs = vec![mm.inputs[0].clone(), codes.clone()];
             inputs.extend(quant_inputs.iter().cloned());
@@ -286,6 +314,7 @@ pub fn quantize_gathers(
             stats.tied_matmuls += 1;
         }
         touched.push(table.init);
+        touched.extend(&table.copies);
     }
 
     // Splice the replacements in (a Reshape before the first lookup of a shared table).
@@ -337,6 +366,34 @@ pub fn quantize_gathers(
     graph.initializers.retain(|t| !dead.contains(&t.name));
     ensure_opset(graph, "com.microsoft", 1);
     Ok(stats)
+}
+
+/// Whether `b` (float32 `[H, V]`) is the transpose of `table` (`[V, H]` = `dims`), compared
+/// band by band so that neither is held whole.
+fn is_transpose_of(b: &TensorData, table: &TensorData, dims: &[i64]) -> std::io::Result<bool> {
+    if b.len() != table.len() {
+        return Ok(false);
+    }
+    let (v, h) = (
+        dim(dims[0]).map_err(std::io::Error::other)?,
+        dim(dims[1]).map_err(std::io::Error::other)?,
+    );
+    let view = TensorData::transposed(table.clone(), &[v, h], &[1, 0], 4)?;
+    let band = (ferry_ir::BAND_BYTES as u64 / 2).max(4);
+    let (mut x, mut y) = (Vec::new(), Vec::new());
+    let mut offset = 0;
+    while offset < b.len() {
+        let n = band.min(b.len() - offset) as usize;
+        x.resize(n, 0);
+        y.resize(n, 0);
+        b.read_into(offset, &mut x)?;
+        view.read_into(offset, &mut y)?;
+        if x != y {
+            return Ok(false);
+        }
+        offset += n as u64;
+    }
+    Ok(true)
 }
 
 #[cfg(test)]
@@ -499,6 +556,39 @@ mod tests {
         assert_eq!(g.nodes[2].outputs, ["x"]);
         assert_eq!(g.nodes[1].inputs.len(), 3, "symmetric: no zero points");
         assert!(g.initializers.iter().any(|t| t.name == "P"));
+        Ok(())
+    }
+
+    /// The LM head's B stored as its own `[H, V]` initializer (a folded Transpose): shared
+    /// when it is exactly the transposed table, quantized on its own by int4 otherwise.
+    #[test]
+    fn folded_transpose_is_shared_only_when_identical() -> Result<(), QuantizeError> {
+        for change in [false, true] {
+            let mut g = graph(32);
+            let e = g.initializers[0]
+                .data
+                .to_f32_vec()
+                .map_err(|e| QuantizeError::Io {
+                    name: "E".into(),
+                    source: e,
+                })?;
+            let mut et: Vec<f32> = (0..32 * 12).map(|i| e[(i % 12) * 32 + i / 12]).collect();
+            if change {
+                et[100] = f32::from_bits(et[100].to_bits() ^ 1);
+            }
+            g.initializers.push(Initializer {
+                name: "Et_folded".into(),
+                dtype: DType::F32,
+                dims: vec![32, 12],
+                data: TensorData::from_f32(&et),
+            });
+            g.nodes.retain(|n| n.op_type != "Transpose");
+            g.nodes[1].inputs[1] = "Et_folded".into();
+            let s = quantize_gathers(&mut g, &opts(true))?;
+            assert_eq!(s.tied_matmuls, usize::from(!change), "changed: {change}");
+            let kept = g.initializers.iter().any(|t| t.name == "Et_folded");
+            assert_eq!(kept, change, "the copy goes only when shared");
+        }
         Ok(())
     }
 
