@@ -12,7 +12,8 @@ pub fn export(a: &ExportArgs) -> Result<(), String> {
         crate::common::outln(table.strip_suffix('\n').unwrap_or(&table));
         return Ok(());
     }
-    let (Some(model), Some(output)) = (a.model.as_deref(), a.output.as_deref()) else {
+    let (quantize, output) = quantize_mode(a)?;
+    let (Some(model), Some(output)) = (a.model.as_deref(), output.as_deref()) else {
         return Err("--model and OUTPUT are required".into());
     };
     let start = Instant::now();
@@ -24,7 +25,11 @@ pub fn export(a: &ExportArgs) -> Result<(), String> {
             ferry_onnx::MAX_OPSET
         ));
     }
-    check_output_path(output)?;
+    if a.genai {
+        crate::genai::check_args(a, output, quantize)?;
+    } else {
+        check_output_path(output)?;
+    }
     let disabled = crate::optimize::disabled_fusions(&a.disable)?;
     let fixed_dims = static_dims(a)?;
 
@@ -67,11 +72,14 @@ pub fn export(a: &ExportArgs) -> Result<(), String> {
     }
 
     let pb = stage("trace");
-    let task = a
-        .task
-        .as_deref()
-        .map(ferry_tracer::canonical_task)
-        .unwrap_or_else(|| ferry_tracer::infer_task(&ckpt.config));
+    let task = if a.genai {
+        crate::genai::task(a, &ckpt.config)?
+    } else {
+        a.task
+            .as_deref()
+            .map(ferry_tracer::canonical_task)
+            .unwrap_or_else(|| ferry_tracer::infer_task(&ckpt.config))
+    };
     let trace_opts = ferry_tracer::TraceOptions {
         task: task.clone(),
         // TorchScript is generated from the opset-17 form (LayerNormalization as one op).
@@ -89,7 +97,29 @@ pub fn export(a: &ExportArgs) -> Result<(), String> {
     done(pb, format!("{} nodes", graph.nodes.len()));
 
     if a.format == Format::Torchscript {
-        return export_torchscript(a, output, &ckpt, &graph, &task, &dtype_note, start);
+        return export_torchscript(
+            a,
+            output,
+            &ckpt,
+            &graph,
+            &task,
+            &dtype_note,
+            quantize.is_some(),
+            start,
+        );
+    }
+    if a.genai {
+        let export = crate::genai::Export {
+            model,
+            dir: &dir,
+            config: &ckpt.config,
+            graph: &graph,
+            task: &task,
+            quantize,
+            disabled,
+            start,
+        };
+        return crate::genai::write(a, output, &export);
     }
 
     let pb = stage("write");
@@ -109,7 +139,7 @@ pub fn export(a: &ExportArgs) -> Result<(), String> {
     }
 
     let (mut optimized_json, mut quantized_json) = (None, None);
-    if a.optimize || a.quantize {
+    if a.optimize || quantize.is_some() {
         let opts = ferry_optimizer::OptimizeOptions {
             disabled,
             ..Default::default()
@@ -117,8 +147,9 @@ pub fn export(a: &ExportArgs) -> Result<(), String> {
         // `--quantize` implies `--optimize` and quantizes the optimized model.
         let result = optimize_export(output, &opts, a.external_data).and_then(|(path, json)| {
             optimized_json = Some(json);
-            if a.quantize {
-                let (_, q) = crate::quantize::quantize_export(output, &path, a.external_data)?;
+            if let Some(mode) = quantize {
+                let (_, q) =
+                    crate::quantize::quantize_export(output, &path, a.external_data, mode)?;
                 quantized_json = Some(q);
             }
             Ok(())
@@ -174,6 +205,25 @@ pub fn export(a: &ExportArgs) -> Result<(), String> {
         crate::common::outln(json);
     }
     Ok(())
+}
+
+/// `--quantize [MODE]`'s mode and OUTPUT. clap gives `--quantize OUTPUT` (no mode, the
+/// output right after the flag) the output as the flag's value: a value that is no mode
+/// is then the output, quantized with the default mode.
+fn quantize_mode(
+    a: &ExportArgs,
+) -> Result<(Option<crate::QuantMode>, Option<std::path::PathBuf>), String> {
+    use clap::ValueEnum;
+    let Some(v) = a.quantize.as_deref() else {
+        return Ok((None, a.output.clone()));
+    };
+    match crate::QuantMode::from_str(v, true) {
+        Ok(mode) => Ok((Some(mode), a.output.clone())),
+        Err(_) if a.output.is_none() => Ok((Some(crate::QuantMode::Int8), Some(v.into()))),
+        Err(_) => Err(format!(
+            "--quantize: unknown mode `{v}` (int8, int4 or fp16)"
+        )),
+    }
 }
 
 /// `--static-shapes`: the symbolic axes to fix (`batch_size`, `sequence_length`), after
@@ -239,11 +289,12 @@ fn export_torchscript(
     graph: &ferry_ir::Graph,
     task: &str,
     dtype_note: &str,
+    quantize: bool,
     start: Instant,
 ) -> Result<(), String> {
-    if a.check || a.external_data || a.optimize || a.quantize || a.json {
+    if a.check || a.external_data || a.optimize || quantize || a.json || a.genai {
         return Err(
-            "--check, --external-data, --optimize, --quantize and --json apply to ONNX exports only"
+            "--check, --external-data, --optimize, --quantize, --json and --genai apply to ONNX exports only"
                 .into(),
         );
     }

@@ -10,6 +10,7 @@ use clap::{Args, Parser, Subcommand};
 
 mod common;
 mod export;
+mod genai;
 mod metadata;
 mod optimize;
 mod quantize;
@@ -75,6 +76,20 @@ struct QuantizeArgs {
     /// Node names to leave in float.
     #[arg(long, num_args = 1.., value_name = "NODE")]
     exclude: Vec<String>,
+    /// int4: weights per block along K (a power of two ≥ 16; 32, 64 and 128 are usual).
+    #[arg(long, default_value_t = ferry_quantizer::int4::Int4Options::default().block_size)]
+    block_size: usize,
+    /// int4: symmetric blocks (no zero points) instead of min/max with zero points.
+    #[arg(long)]
+    symmetric: bool,
+    /// int4: `accuracy_level` of the MatMulNBits nodes (0 unset, 1 fp32, 2 fp16, 3 bf16,
+    /// 4 int8 compute of the activations).
+    #[arg(long, value_parser = clap::value_parser!(i64).range(0..=4))]
+    accuracy_level: Option<i64>,
+    /// int4: keep embedding tables (`Gather` of a constant table) in float instead of
+    /// `GatherBlockQuantized` (a tied LM head then quantizes its own copy).
+    #[arg(long)]
+    float_embeddings: bool,
     /// Golden safetensors file whose inputs the accuracy report runs (default: dummy inputs).
     #[arg(long)]
     golden: Option<std::path::PathBuf>,
@@ -232,10 +247,18 @@ struct ExportArgs {
     #[arg(long)]
     optimize: bool,
     /// ONNX: also write `<stem>-quantized.onnx`: the optimized model (implies `--optimize`)
-    /// quantized to int8 as `ferry quantize` does by default (per-channel weights), with an
-    /// accuracy report against the float export on dummy inputs.
+    /// quantized as `ferry quantize --mode MODE` does with its defaults (`int8`, the default:
+    /// per-channel weights; `int4`; `fp16`), with an accuracy report against the float export
+    /// on dummy inputs. With `--genai`, the folder's model is the quantized one.
+    #[arg(long, num_args = 0..=1, default_missing_value = "int8", value_name = "MODE")]
+    quantize: Option<String>,
+    /// Write the folder onnxruntime-genai loads (OUTPUT must be `DIR/model.onnx`): the
+    /// decoder with its cache, optimized (and quantized with `--quantize int4`, as its model
+    /// builder does for CPU: block 32, symmetric, accuracy level 4), `genai_config.json`
+    /// from the checkpoint's `config.json` and `generation_config.json`, and its tokenizer
+    /// files.
     #[arg(long)]
-    quantize: bool,
+    genai: bool,
     /// ONNX: print what was written as JSON on stdout (files, parameters, and with
     /// `--optimize` / `--quantize` the fused-operator statistics and the accuracy report);
     /// the human summary stays on stderr.
@@ -250,7 +273,6 @@ struct ExportArgs {
     )]
     disable: Vec<String>,
     /// Output file (`.onnx`, or `.pt` with `--format torchscript`).
-    #[arg(required_unless_present = "list")]
     output: Option<PathBuf>,
 }
 

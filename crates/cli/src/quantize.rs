@@ -28,6 +28,44 @@ pub fn int8_options(a: &QuantizeArgs) -> ferry_quantizer::Int8Options {
     }
 }
 
+/// `ferry quantize --mode MODE IN OUT`'s arguments with every default.
+pub fn default_args(
+    input: &Path,
+    output: &Path,
+    mode: QuantMode,
+    external_data: bool,
+) -> QuantizeArgs {
+    QuantizeArgs {
+        input: input.to_path_buf(),
+        output: output.to_path_buf(),
+        mode,
+        per_channel: true,
+        no_per_channel: false,
+        reduce_range: false,
+        weight_type: WeightType::Int8,
+        exclude: Vec::new(),
+        block_size: ferry_quantizer::int4::Int4Options::default().block_size,
+        symmetric: false,
+        accuracy_level: None,
+        float_embeddings: false,
+        golden: None,
+        no_report: false,
+        json: false,
+        external_data,
+    }
+}
+
+/// The int4 options (`MatMulNBits`, `GatherBlockQuantized`) `ferry quantize --mode int4`
+/// (and `ferry export --quantize int4`) use for `a`.
+pub fn int4_options(a: &QuantizeArgs) -> ferry_quantizer::int4::Int4Options {
+    ferry_quantizer::int4::Int4Options {
+        block_size: a.block_size,
+        symmetric: a.symmetric,
+        exclude: a.exclude.clone(),
+        accuracy_level: a.accuracy_level,
+    }
+}
+
 pub fn quantize(a: &QuantizeArgs) -> Result<(), String> {
     let outcome = quantize_file(a, &a.input, &a.output, &a.input)?;
     if a.json {
@@ -88,16 +126,30 @@ pub fn quantize_file(
             (s.to_string(), json)
         }
         QuantMode::Int4 => {
-            let opts = ferry_quantizer::int4::Int4Options {
-                exclude: a.exclude.clone(),
-                ..Default::default()
+            let opts = int4_options(a);
+            let gathers = if a.float_embeddings {
+                None
+            } else {
+                Some(
+                    ferry_quantizer::gather4::quantize_gathers(&mut graph, &opts)
+                        .map_err(|e| e.to_string())?,
+                )
             };
             let s = ferry_quantizer::int4::quantize_int4(&mut graph, &opts)
                 .map_err(|e| e.to_string())?;
-            (
-                s.to_string(),
-                serde_json::json!({ "summary": s.to_string() }),
-            )
+            let summary = match gathers {
+                Some(g) if g.gathers > 0 => format!("{s}; {g}"),
+                _ => s.to_string(),
+            };
+            let json = serde_json::json!({
+                "summary": summary,
+                "block_size": opts.block_size,
+                "symmetric": opts.symmetric,
+                "accuracy_level": opts.accuracy_level,
+                "matmul_nbits": s.matmuls_quantized + gathers.map_or(0, |g| g.tied_matmuls),
+                "gather_block_quantized": gathers.map_or(0, |g| g.gathers),
+            });
+            (summary, json)
         }
         QuantMode::Fp16 => {
             let opts = ferry_quantizer::fp16::Fp16Options {
@@ -293,22 +345,10 @@ pub fn quantize_export(
     output: &Path,
     optimized: &Path,
     external_data: bool,
+    mode: QuantMode,
 ) -> Result<(std::path::PathBuf, serde_json::Value), String> {
     let target = crate::common::sibling(output, "quantized");
-    let args = QuantizeArgs {
-        input: optimized.to_path_buf(),
-        output: target.clone(),
-        mode: QuantMode::Int8,
-        per_channel: true,
-        no_per_channel: false,
-        reduce_range: false,
-        weight_type: WeightType::Int8,
-        exclude: Vec::new(),
-        golden: None,
-        no_report: false,
-        json: false,
-        external_data,
-    };
+    let args = default_args(optimized, &target, mode, external_data);
     match quantize_file(&args, optimized, &target, output) {
         Ok(o) => {
             eprintln!("quantized {}: {}", target.display(), o.summary);

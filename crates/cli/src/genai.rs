@@ -1,0 +1,261 @@
+//! `ferry export --genai`: the folder onnxruntime-genai loads. The decoder is exported with
+//! its cache, optimized and (with `--quantize`) quantized through the same streaming stages
+//! as `ferry export --optimize --quantize`, the last stage writing `DIR/model.onnx`; then
+//! `genai_config.json` and the tokenizer files (`ferry_pipeline::genai`). Nothing is left
+//! behind on an error.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use crate::common::{done, human_bytes, stage};
+use crate::{ExportArgs, Format, QuantMode, metadata};
+
+/// What the export step produced, for [`write`].
+pub struct Export<'a> {
+    /// `--model` as given.
+    pub model: &'a str,
+    /// The checkpoint directory.
+    pub dir: &'a Path,
+    /// Its configuration.
+    pub config: &'a ferry_ir::ModelConfig,
+    /// The traced decoder (with the cache).
+    pub graph: &'a ferry_ir::Graph,
+    /// Its task.
+    pub task: &'a str,
+    /// `--quantize`'s mode.
+    pub quantize: Option<QuantMode>,
+    /// Fusions `--disable`d.
+    pub disabled: ferry_optimizer::FusionSet,
+    /// When the command started.
+    pub start: Instant,
+}
+
+/// Checks the flags and OUTPUT of `--genai` before anything is loaded.
+pub fn check_args(
+    a: &ExportArgs,
+    output: &Path,
+    quantize: Option<QuantMode>,
+) -> Result<(), String> {
+    if a.format != Format::Onnx {
+        return Err("--genai writes ONNX; drop --format torchscript".into());
+    }
+    if a.check || a.static_shapes {
+        return Err(
+            "--genai cannot be combined with --check or --static-shapes (onnxruntime-genai runs the decoder with dynamic shapes and its cache)"
+                .into(),
+        );
+    }
+    if quantize == Some(QuantMode::Int8) {
+        return Err(
+            "--genai quantizes to int4 (--quantize int4) or exports float16 (--dtype fp16); int8 is not offered"
+                .into(),
+        );
+    }
+    if output.file_name().and_then(|n| n.to_str()) != Some("model.onnx") {
+        return Err(format!(
+            "--genai writes a folder for onnxruntime-genai: OUTPUT must be DIR/model.onnx, got {}",
+            output.display()
+        ));
+    }
+    if output.is_dir() {
+        return Err(format!("output {} is a directory", output.display()));
+    }
+    let dir = folder(output);
+    if dir.exists() && !dir.is_dir() {
+        return Err(format!(
+            "cannot write {}: {} is not a directory",
+            output.display(),
+            dir.display()
+        ));
+    }
+    if !dir.exists()
+        && !dir
+            .parent()
+            .is_none_or(|p| p.as_os_str().is_empty() || p.is_dir())
+    {
+        return Err(format!(
+            "cannot write {}: directory {} does not exist",
+            output.display(),
+            dir.parent()
+                .map_or(dir.clone(), Path::to_path_buf)
+                .display()
+        ));
+    }
+    Ok(())
+}
+
+/// The task `--genai` exports: the decoder with its cache; `--task` may only name it.
+pub fn task(a: &ExportArgs, config: &ferry_ir::ModelConfig) -> Result<String, String> {
+    let model_type = config.model_type.as_str();
+    if ferry_pipeline::genai::genai_type(model_type).is_none() {
+        return Err(format!(
+            "--genai exports decoder LLMs for onnxruntime-genai (llama, mistral, qwen2, qwen3, phi3, gemma, gemma2); `{model_type}` is not one"
+        ));
+    }
+    let want = "text-generation-with-past";
+    match a.task.as_deref().map(ferry_tracer::canonical_task) {
+        Some(t) if t != want => Err(format!(
+            "--genai exports the task {want} (the decoder with its cache); drop --task {t}"
+        )),
+        _ => Ok(want.to_string()),
+    }
+}
+
+/// The folder OUTPUT is in.
+fn folder(output: &Path) -> PathBuf {
+    match output.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
+/// A model file and its external-data side file.
+fn remove_model(path: &Path) {
+    let _ = std::fs::remove_file(path);
+    if let Some(name) = path.file_name() {
+        let _ =
+            std::fs::remove_file(path.with_file_name(format!("{}_data", name.to_string_lossy())));
+    }
+}
+
+/// Exports, optimizes and quantizes into `output`, then writes `genai_config.json` and the
+/// tokenizer files beside it.
+pub fn write(a: &ExportArgs, output: &Path, e: &Export) -> Result<(), String> {
+    let dir = folder(output);
+    let created = !dir.exists();
+    if created {
+        std::fs::create_dir(&dir).map_err(|err| format!("{}: {err}", dir.display()))?;
+    }
+    let plain = dir.join(".ferry-genai-export.onnx");
+    let optimized = dir.join(".ferry-genai-optimized.onnx");
+    let mut extra: Vec<PathBuf> = Vec::new();
+    let result = stages(a, output, e, &plain, &optimized, &mut extra);
+    remove_model(&plain);
+    remove_model(&optimized);
+    match result {
+        Ok(()) => Ok(()),
+        Err(err) => {
+            remove_model(output);
+            for f in &extra {
+                let _ = std::fs::remove_file(f);
+            }
+            if created {
+                let _ = std::fs::remove_dir(&dir);
+            }
+            Err(err)
+        }
+    }
+}
+
+fn stages(
+    a: &ExportArgs,
+    output: &Path,
+    e: &Export,
+    plain: &Path,
+    optimized: &Path,
+    written: &mut Vec<PathBuf>,
+) -> Result<(), String> {
+    let pb = stage("write");
+    pb.set_message(plain.display().to_string());
+    let wopts = ferry_onnx::WriteOptions {
+        external_data: crate::common::external_data(a.external_data),
+        doc_string: format!("exported by ferry from {}", e.model),
+        metadata: metadata::for_export(e.dir, e.config, e.task),
+    };
+    let report = ferry_onnx::write_model(e.graph, plain, &wopts).map_err(|e| e.to_string())?;
+    done(pb, human_bytes(report.model_bytes + report.data_bytes));
+
+    let opts = ferry_optimizer::OptimizeOptions {
+        disabled: e.disabled.clone(),
+        ..Default::default()
+    };
+    let target = if e.quantize.is_some() {
+        optimized
+    } else {
+        output
+    };
+    let o = crate::optimize::optimize_file(plain, target, &opts, a.external_data)?;
+    eprintln!("optimized: {}", o.summary);
+    eprintln!("{}", crate::optimize::fused_line(&o.fused));
+    if let Some(mode) = e.quantize {
+        let mut args = crate::quantize::default_args(optimized, output, mode, a.external_data);
+        if mode == QuantMode::Int4 {
+            // onnxruntime-genai's model builder's defaults for `-p int4 -e cpu`.
+            args.block_size = 32;
+            args.symmetric = true;
+            args.accuracy_level = Some(4);
+        }
+        // The accuracy report would load the float model in ONNX Runtime; `ferry quantize`
+        // gives one on its own.
+        args.no_report = true;
+        let q = crate::quantize::quantize_file(&args, optimized, output, plain)?;
+        eprintln!("quantized: {}", q.summary);
+    }
+    remove_model(plain);
+    remove_model(optimized);
+
+    let pb = stage("genai");
+    let graph = ferry_onnx::read_model(output)
+        .map_err(|e| e.to_string())?
+        .graph;
+    let decoder = ferry_pipeline::genai::DecoderModel {
+        filename: "model.onnx".into(),
+        inputs: graph.inputs.iter().map(|v| v.name.clone()).collect(),
+        outputs: graph.outputs.iter().map(|v| v.name.clone()).collect(),
+        group_query_attention: graph
+            .nodes
+            .iter()
+            .any(|n| n.op_type == "GroupQueryAttention"),
+    };
+    drop(graph);
+    let config = ferry_pipeline::genai::genai_config(e.dir, &decoder).map_err(|e| e.to_string())?;
+    let files = ferry_pipeline::genai::write_folder_files(e.dir, &folder(output), &config)
+        .map_err(|e| e.to_string())?;
+    written.extend(files.iter().cloned());
+    let names: Vec<String> = files
+        .iter()
+        .filter_map(|f| f.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .collect();
+    done(pb, names.join(", "));
+    if !files
+        .iter()
+        .any(|f| f.file_name().is_some_and(|n| n == "tokenizer.json"))
+    {
+        eprintln!(
+            "note: {} has no tokenizer.json; onnxruntime-genai runs the model on token ids, og.Tokenizer needs one",
+            e.dir.display()
+        );
+    }
+    let size: u64 = std::fs::read_dir(folder(output))
+        .map(|rd| {
+            rd.flatten()
+                .filter_map(|f| f.metadata().ok())
+                .filter(|m| m.is_file())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0);
+    eprintln!(
+        "exported {} for onnxruntime-genai{}: {} ({}; {}) in {:.2}s",
+        e.config.model_type,
+        match e.quantize {
+            Some(m) => format!(" ({m:?})").to_lowercase(),
+            None => String::new(),
+        },
+        folder(output).display(),
+        human_bytes(size),
+        names.join(", "),
+        e.start.elapsed().as_secs_f64()
+    );
+    if a.json {
+        crate::common::outln(serde_json::json!({
+            "model_type": e.config.model_type,
+            "folder": folder(output).display().to_string(),
+            "model": output.display().to_string(),
+            "files": names,
+            "genai_config": config,
+            "seconds": e.start.elapsed().as_secs_f64(),
+        }));
+    }
+    Ok(())
+}
