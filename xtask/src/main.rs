@@ -27,6 +27,7 @@ use std::process::{Command, ExitCode};
 use std::time::Instant;
 
 mod llm;
+mod stages;
 
 /// Pinned ONNX Runtime (PyPI wheel) whose shared library the tests load.
 const ORT_VERSION: &str = "1.31.1";
@@ -661,6 +662,14 @@ struct BertShape {
 }
 
 impl BertShape {
+    /// Number of float weights the checkpoint holds.
+    fn parameters(&self) -> u64 {
+        let (h, i) = (self.hidden, self.inter);
+        let embed = (self.vocab + 512 + 2) * h + 2 * h;
+        let layer = 4 * (h * h + h) + 2 * h + (i * h + i) + (h * i + h) + 2 * h;
+        embed + self.layers * layer + h * h + h
+    }
+
     /// bert-base-cased (436 MB of f32).
     const BASE: BertShape = BertShape {
         vocab: 28996,
@@ -891,6 +900,9 @@ fn bench(args: &[String]) -> Result<()> {
         .and_then(|v| v.parse().ok());
     if args.iter().any(|a| a == "--scale") {
         return bench_scale(runs.unwrap_or(2));
+    }
+    if args.iter().any(|a| a == "--stages") {
+        return stages::bench_stages(args, runs.unwrap_or(2));
     }
     if args.iter().any(|a| a == "--llm") {
         return llm::bench_llm(runs.unwrap_or(3), args.iter().any(|a| a == "--skip-8b"));
