@@ -10,7 +10,7 @@ use crate::fuse::{
 
 /// Whether `n` is `ReduceMean` over the last axis only, keeping dims, with the axes as an
 /// attribute (opset < 18) or as a constant second input (opset ≥ 18).
-fn is_last_axis_mean(ix: &Index<'_>, n: &Node) -> bool {
+pub(crate) fn is_last_axis_mean(ix: &Index<'_>, n: &Node) -> bool {
     if n.op_type != "ReduceMean" || !crate::fuse::is_onnx_domain(n) || n.outputs.len() != 1 {
         return false;
     }

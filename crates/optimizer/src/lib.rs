@@ -23,6 +23,7 @@ mod fold;
 mod fuse;
 mod fuse_gpt2;
 mod fuse_layer_norm;
+mod fuse_llm;
 mod fuse_mha;
 mod infer;
 mod pattern;
@@ -42,6 +43,7 @@ pub use fuse::{
 };
 pub use fuse_gpt2::fuse_gpt2_attention;
 pub use fuse_layer_norm::fuse_layer_norm;
+pub use fuse_llm::{fuse_packed_qkv, fuse_simplified_layer_norm, fuse_skip_simplified_layer_norm};
 pub use fuse_mha::fuse_multi_head_attention;
 pub use infer::infer_shapes;
 pub use prune::{remove_dead_nodes, remove_unused_initializers};
@@ -100,6 +102,14 @@ pub struct Stats {
     /// BERT embeddings (word + token-type + position lookups, Add, LayerNormalization) fused
     /// into `EmbedLayerNormalization`.
     pub embed_layer_norm_fused: usize,
+    /// RMSNorms fused into `SimplifiedLayerNormalization` ([`fuse_simplified_layer_norm`];
+    /// those then absorbed into the skip form included).
+    pub simplified_layer_norm_fused: usize,
+    /// Residual `Add` + `SimplifiedLayerNormalization` fused into
+    /// `SkipSimplifiedLayerNormalization` ([`fuse_skip_simplified_layer_norm`]).
+    pub skip_simplified_layer_norm_fused: usize,
+    /// q/k/v projection triples packed into one MatMul + Split ([`fuse_packed_qkv`]).
+    pub packed_qkv_fused: usize,
     /// `Gelu` / `BiasGelu` turned into (approximate) `FastGelu` by
     /// [`OptimizeOptions::gelu_approximation`].
     pub gelu_approximated: usize,
@@ -141,11 +151,17 @@ pub enum Fusion {
     MultiHeadAttention,
     /// [`fuse_embed_layer_norm`].
     EmbedLayerNorm,
+    /// [`fuse_simplified_layer_norm`] (RMSNorm); without it no skip form either.
+    SimplifiedLayerNorm,
+    /// [`fuse_skip_simplified_layer_norm`].
+    SkipSimplifiedLayerNorm,
+    /// [`fuse_packed_qkv`].
+    PackedQkv,
 }
 
 impl Fusion {
     /// Every fusion, in pass order.
-    pub const ALL: [Fusion; 8] = [
+    pub const ALL: [Fusion; 11] = [
         Fusion::Gelu,
         Fusion::BiasGelu,
         Fusion::FastGelu,
@@ -154,6 +170,9 @@ impl Fusion {
         Fusion::Attention,
         Fusion::MultiHeadAttention,
         Fusion::EmbedLayerNorm,
+        Fusion::SimplifiedLayerNorm,
+        Fusion::SkipSimplifiedLayerNorm,
+        Fusion::PackedQkv,
     ];
 
     /// The name `--disable` takes (`skip-layer-norm`).
@@ -167,6 +186,9 @@ impl Fusion {
             Fusion::Attention => "attention",
             Fusion::MultiHeadAttention => "multi-head-attention",
             Fusion::EmbedLayerNorm => "embed-layer-norm",
+            Fusion::SimplifiedLayerNorm => "simplified-layer-norm",
+            Fusion::SkipSimplifiedLayerNorm => "skip-simplified-layer-norm",
+            Fusion::PackedQkv => "packed-qkv",
         }
     }
 
@@ -181,6 +203,9 @@ impl Fusion {
             Fusion::Attention => "Attention",
             Fusion::MultiHeadAttention => "MultiHeadAttention",
             Fusion::EmbedLayerNorm => "EmbedLayerNormalization",
+            Fusion::SimplifiedLayerNorm => "SimplifiedLayerNormalization",
+            Fusion::SkipSimplifiedLayerNorm => "SkipSimplifiedLayerNormalization",
+            Fusion::PackedQkv => "Split",
         }
     }
 }
@@ -331,6 +356,21 @@ pub fn optimize_with(graph: &mut Graph, opts: &OptimizeOptions) -> Result<Stats,
         0
     };
     let embed_layer_norm_fused = run(Fusion::EmbedLayerNorm, fuse_embed_layer_norm, graph);
+    let simplified_layer_norm_fused = run(
+        Fusion::SimplifiedLayerNorm,
+        fuse_simplified_layer_norm,
+        graph,
+    );
+    let skip_simplified_layer_norm_fused = if on(Fusion::SimplifiedLayerNorm) {
+        run(
+            Fusion::SkipSimplifiedLayerNorm,
+            fuse_skip_simplified_layer_norm,
+            graph,
+        )
+    } else {
+        0
+    };
+    let packed_qkv_fused = run(Fusion::PackedQkv, fuse_packed_qkv, graph);
     let gelu_approximated = if opts.gelu_approximation {
         approximate_gelu(graph)
     } else {
@@ -352,6 +392,9 @@ pub fn optimize_with(graph: &mut Graph, opts: &OptimizeOptions) -> Result<Stats,
         attention_fused,
         multi_head_attention_fused,
         embed_layer_norm_fused,
+        simplified_layer_norm_fused,
+        skip_simplified_layer_norm_fused,
+        packed_qkv_fused,
         gelu_approximated,
         computed_folded,
         identities_bypassed,

@@ -107,49 +107,55 @@ fn with_past_matches_transformers_step_by_step() {
         for opset in ["17", "14"] {
             let dir = tempfile::tempdir().expect("tempdir");
             let out = exported(&case, dir.path(), "text-generation-with-past", opset);
-            let mut m = Model::load(&out, 2).expect("load");
-            let batch = steps.i64s("step0.input.input_ids").shape[0];
-            let mut cache: BTreeMap<String, F32Tensor> = BTreeMap::new();
-            for info in m.inputs() {
-                if !info.name.starts_with("past_key_values.") {
-                    continue;
-                }
-                let heads = *info.dims[1].as_ref().expect("fixed heads");
-                let hd = *info.dims[3].as_ref().expect("fixed head dim");
-                cache.insert(
-                    info.name.clone(),
-                    F32Tensor {
-                        shape: vec![batch, heads, 0, hd],
-                        data: vec![],
-                    },
-                );
-            }
-            let layers = cache.len();
-            assert!(layers >= 4, "{}: cache inputs {layers}", name(&case));
-            for step in 0..4 {
-                let mut inputs = steps.inputs(step);
-                for (k, v) in &cache {
-                    inputs.insert(k.clone(), Input::F32(v.clone()));
-                }
-                let outs = m.run_inputs(&inputs).expect("run");
-                let d = max_abs(
-                    &outs["logits"],
-                    &steps.f32s(&format!("step{step}.output.logits")),
-                );
-                println!(
-                    "{} with past opset {opset} step {step}: logits {:?} max-abs {d:.3e}",
-                    name(&case),
-                    outs["logits"].shape
-                );
-                assert!(d <= 1e-5, "{} step {step}: max-abs {d}", name(&case));
-                cache = outs
-                    .into_iter()
-                    .filter(|(k, _)| k.starts_with("present."))
-                    .map(|(k, v)| (k.replacen("present.", "past_key_values.", 1), v))
-                    .collect();
-                assert_eq!(cache.len(), layers);
-            }
+            let label = format!("{} with past opset {opset}", name(&case));
+            cached_steps_match(&out, &steps, 1e-5, &label);
         }
+    }
+}
+
+/// Runs the model at `out` on the golden's left-padded prefill and three cached steps
+/// (each fed the previous `present.*`); every step's logits within `tol` of transformers'.
+fn cached_steps_match(out: &Path, steps: &Steps, tol: f32, label: &str) {
+    let mut m = Model::load(out, 2).expect("load");
+    let batch = steps.i64s("step0.input.input_ids").shape[0];
+    let mut cache: BTreeMap<String, F32Tensor> = BTreeMap::new();
+    for info in m.inputs() {
+        if !info.name.starts_with("past_key_values.") {
+            continue;
+        }
+        let heads = *info.dims[1].as_ref().expect("fixed heads");
+        let hd = *info.dims[3].as_ref().expect("fixed head dim");
+        cache.insert(
+            info.name.clone(),
+            F32Tensor {
+                shape: vec![batch, heads, 0, hd],
+                data: vec![],
+            },
+        );
+    }
+    let layers = cache.len();
+    assert!(layers >= 4, "{label}: cache inputs {layers}");
+    for step in 0..4 {
+        let mut inputs = steps.inputs(step);
+        for (k, v) in &cache {
+            inputs.insert(k.clone(), Input::F32(v.clone()));
+        }
+        let outs = m.run_inputs(&inputs).expect("run");
+        let d = max_abs(
+            &outs["logits"],
+            &steps.f32s(&format!("step{step}.output.logits")),
+        );
+        println!(
+            "{label} step {step}: logits {:?} max-abs {d:.3e}",
+            outs["logits"].shape
+        );
+        assert!(d <= tol, "{label} step {step}: max-abs {d}");
+        cache = outs
+            .into_iter()
+            .filter(|(k, _)| k.starts_with("present."))
+            .map(|(k, v)| (k.replacen("present.", "past_key_values.", 1), v))
+            .collect();
+        assert_eq!(cache.len(), layers);
     }
 }
 
@@ -231,63 +237,141 @@ fn greedy_generation_matches_generate() {
         if !steps.has("generate.output_ids") {
             continue;
         }
-        let ids = steps.i64s("generate.input_ids");
-        let mask = steps.i64s("generate.attention_mask");
-        let (rows, len) = (ids.shape[0] as usize, ids.shape[1] as usize);
-        let split = |t: &I64Tensor, w: usize| -> Vec<Vec<i64>> {
-            t.data.chunks(w).map(<[i64]>::to_vec).collect()
-        };
-        let new_tokens = |name: &str| -> (usize, Vec<Vec<i64>>) {
-            let want = steps.i64s(name);
-            let total = want.shape[1] as usize;
-            let rows = split(&want, total)
-                .into_iter()
-                .map(|r| r[len..].to_vec())
-                .collect();
-            (total, rows)
-        };
-        let (total, _) = new_tokens("generate.output_ids");
-        let config: serde_json::Value = serde_json::from_str(
-            &std::fs::read_to_string(case.join("config.json")).expect("config"),
-        )
-        .expect("json");
-        let eos = config["eos_token_id"].as_i64().into_iter().collect();
-        let cfg = ferry_pipeline::GenerationConfig {
-            max_new_tokens: total - len,
-            eos_token_ids: eos,
-            pad_token_id: 0,
-            // As Phi3ForCausalLM.prepare_inputs_for_generation (ferry run reads it from the
-            // export's metadata).
-            reset_cache_at: (config["model_type"] == "phi3")
-                .then(|| config["original_max_position_embeddings"].as_u64())
-                .flatten()
-                .map(|n| n as usize + 1),
-        };
         let dir = tempfile::tempdir().expect("tempdir");
         // generate() with the cache, and with use_cache=False for the export without one.
         for (task, golden) in [
             ("text-generation-with-past", "generate.output_ids"),
             ("text-generation", "generate.output_ids_no_cache"),
         ] {
-            let (_, want_new) = new_tokens(golden);
             let out = exported(&case, dir.path(), task, "17");
-            let mut m = Model::load(&out, 2).expect("load");
-            let mut steps_seen = 0;
-            let got =
-                ferry_pipeline::greedy(&mut m, split(&ids, len), split(&mask, len), &cfg, |step| {
-                    assert_eq!(step.len(), rows);
-                    steps_seen += 1;
-                    Ok(())
-                })
-                .expect("generate");
-            println!("{} {task}: generated {:?}", name(&case), got);
-            assert_eq!(got, want_new, "{} {task}", name(&case));
-            assert_eq!(steps_seen, total - len);
-            assert!(total - len >= 16);
+            greedy_matches(
+                &case,
+                &steps,
+                &out,
+                golden,
+                &format!("{} {task}", name(&case)),
+            );
         }
         checked += 1;
     }
     assert!(checked >= 11, "generate goldens: {checked}");
+}
+
+/// ferry-pipeline's greedy generation with the model at `out` on the golden's prompts
+/// gives the new token ids of the golden `golden` (`generate.output_ids…`).
+fn greedy_matches(case: &Path, steps: &Steps, out: &Path, golden: &str, label: &str) {
+    let ids = steps.i64s("generate.input_ids");
+    let mask = steps.i64s("generate.attention_mask");
+    let (rows, len) = (ids.shape[0] as usize, ids.shape[1] as usize);
+    let split = |t: &I64Tensor, w: usize| -> Vec<Vec<i64>> {
+        t.data.chunks(w).map(<[i64]>::to_vec).collect()
+    };
+    let want = steps.i64s(golden);
+    let total = want.shape[1] as usize;
+    let want_new: Vec<Vec<i64>> = split(&want, total)
+        .into_iter()
+        .map(|r| r[len..].to_vec())
+        .collect();
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(case.join("config.json")).expect("config"))
+            .expect("json");
+    let eos = config["eos_token_id"].as_i64().into_iter().collect();
+    let cfg = ferry_pipeline::GenerationConfig {
+        max_new_tokens: total - len,
+        eos_token_ids: eos,
+        pad_token_id: 0,
+        // As Phi3ForCausalLM.prepare_inputs_for_generation (ferry run reads it from the
+        // export's metadata).
+        reset_cache_at: (config["model_type"] == "phi3")
+            .then(|| config["original_max_position_embeddings"].as_u64())
+            .flatten()
+            .map(|n| n as usize + 1),
+    };
+    let mut m = Model::load(out, 2).expect("load");
+    let mut steps_seen = 0;
+    let got = ferry_pipeline::greedy(&mut m, split(&ids, len), split(&mask, len), &cfg, |step| {
+        assert_eq!(step.len(), rows);
+        steps_seen += 1;
+        Ok(())
+    })
+    .expect("generate");
+    println!("{label}: generated {got:?}");
+    assert_eq!(got, want_new, "{label}");
+    assert_eq!(steps_seen, total - len);
+    assert!(total - len >= 16);
+}
+
+/// Fused counts of `ferry export --optimize` (with past, opset 17) per decoder case:
+/// (SimplifiedLayerNormalization, SkipSimplifiedLayerNormalization, packed q/k/v MatMuls).
+/// Every case has 2 layers: one RMSNorm before layer 0, two residual norms per layer
+/// (the last one the final norm), one packed MatMul per layer (Phi-3's own `qkv_proj`);
+/// Gemma 2's post-attention/post-feedforward norms and Qwen3's q/k norms are 4 more
+/// plain ones.
+const LLM_FUSED: &[(&str, [usize; 3])] = &[
+    ("gemma-tiny-mqa", [1, 4, 2]),
+    ("gemma2-tiny-softcap", [5, 4, 2]),
+    ("llama-tiny-dynamic", [1, 4, 2]),
+    ("llama-tiny-gqa-bias", [1, 4, 2]),
+    ("llama-tiny-llama3", [1, 4, 2]),
+    ("llama-tiny-mqa-linear", [1, 4, 2]),
+    ("llama-tiny-yarn", [1, 4, 2]),
+    ("mistral-tiny-sliding", [1, 4, 2]),
+    ("phi3-tiny-longrope", [1, 4, 2]),
+    ("qwen2-tiny-tied", [1, 4, 2]),
+    ("qwen3-tiny-qknorm-bf16", [5, 4, 2]),
+];
+
+/// The decoders optimized (`ferry export --optimize`: RMSNorm, residual + RMSNorm and
+/// packed q/k/v fusions) still match transformers' logits within 1e-4 at the prefill and
+/// every cached step, with fixed fused counts per model, and still generate
+/// `model.generate`'s tokens.
+#[test]
+fn optimized_decoders_match_transformers() {
+    let mut seen = 0;
+    for case in step_cases() {
+        let Some((_, want)) = LLM_FUSED.iter().find(|(c, _)| *c == name(&case)) else {
+            continue;
+        };
+        let steps = Steps::load(&case);
+        let dir = tempfile::tempdir().expect("tempdir");
+        let plain = dir.path().join("model.onnx");
+        let o = export(
+            &case,
+            &plain,
+            &[
+                "--task",
+                "text-generation-with-past",
+                "--optimize",
+                "--json",
+            ],
+        );
+        assert!(o.status.success(), "{}: {}", name(&case), stderr(&o));
+        let json = super::stdout_json(&o);
+        let fused = &json["optimized"]["fused_operators"];
+        let out = dir.path().join("model-optimized.onnx");
+        let graph = ferry_onnx::read_graph(&out).expect("read optimized");
+        let packed = graph
+            .nodes
+            .iter()
+            .filter(|n| n.op_type == "MatMul" && n.name.ends_with("qkv_proj/MatMul"))
+            .count();
+        let got = [
+            fused["SimplifiedLayerNormalization"].as_u64().unwrap_or(0) as usize,
+            fused["SkipSimplifiedLayerNormalization"]
+                .as_u64()
+                .unwrap_or(0) as usize,
+            packed,
+        ];
+        println!("{}: fused {got:?}", name(&case));
+        assert_eq!(&got, want, "{}: fused counts", name(&case));
+        let label = format!("{} optimized", name(&case));
+        cached_steps_match(&out, &steps, 1e-4, &label);
+        if steps.has("generate.output_ids") {
+            greedy_matches(&case, &steps, &out, "generate.output_ids", &label);
+        }
+        seen += 1;
+    }
+    assert_eq!(seen, LLM_FUSED.len());
 }
 
 /// A copy of a decoder case's checkpoint whose config.json `edit` changes.
