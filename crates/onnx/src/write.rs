@@ -5,7 +5,7 @@ use std::io::{self, BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::sync_channel;
 
-use ferry_ir::{Attr, Dim, Graph, Initializer, Node, Value};
+use ferry_ir::{Attr, Dim, Graph, Initializer, Node, TensorData, Value};
 use prost::Message;
 
 use crate::proto::{
@@ -40,6 +40,14 @@ pub enum ExternalData {
     Auto,
     /// Always in a side file.
     Always,
+    /// As [`ExternalData::Auto`] with a smaller limit than 2 GiB: external when the file
+    /// would reach this many bytes (how tests reach the automatic switch with small files).
+    Past(u64),
+    /// Initializers mapped from a file in the output's directory are referenced where they
+    /// already are (`location` = that file, `offset`, `length`) instead of copied; the others
+    /// as [`ExternalData::Auto`]. Writes a small view of a model that ONNX Runtime loads by
+    /// mapping its weights (the accuracy report), never a standalone file.
+    InPlace,
 }
 
 /// Options for [`write_model`].
@@ -158,15 +166,33 @@ pub fn write_model(
 
     // Decide where weights go.
     let graph_head = graph_without_initializers(graph).encode_to_vec();
+    let limit = match opts.external_data {
+        ExternalData::Past(n) => n.min(PROTOBUF_LIMIT),
+        _ => PROTOBUF_LIMIT,
+    };
+    // With `InPlace`, tensors mapped from a file beside the output are referenced there.
+    let in_place = |init: &Initializer| -> Option<(String, u64)> {
+        if opts.external_data != ExternalData::InPlace || init.data.len() < EXTERNAL_THRESHOLD {
+            return None;
+        }
+        let TensorData::Mapped { file, offset, .. } = &init.data else {
+            return None;
+        };
+        let here = std::fs::canonicalize(&dir).ok()?;
+        let there = std::fs::canonicalize(file.path().parent()?).ok()?;
+        let name = file.path().file_name()?.to_str()?.to_string();
+        (here == there).then_some((name, *offset))
+    };
     let inline_total: u64 = graph_head.len() as u64
         + graph
             .initializers
             .iter()
+            .filter(|i| in_place(i).is_none())
             .map(|i| i.data.len() + 64 + i.name.len() as u64)
             .sum::<u64>();
     let external = match opts.external_data {
         ExternalData::Always => true,
-        ExternalData::Auto => inline_total >= PROTOBUF_LIMIT,
+        ExternalData::Auto | ExternalData::Past(_) | ExternalData::InPlace => inline_total >= limit,
     };
     let data_name = format!("{file_name}_data");
 
@@ -175,8 +201,25 @@ pub fn write_model(
     let mut data_offset = 0u64;
     for init in &graph.initializers {
         let len = init.data.len();
-        let ext = external && len >= EXTERNAL_THRESHOLD;
         let mut header = tensor_header(init);
+        if let Some((location, offset)) = in_place(init) {
+            header.data_location = proto::data_location::EXTERNAL;
+            header.external_data = vec![
+                entry("location", &location),
+                entry("offset", &offset.to_string()),
+                entry("length", &len.to_string()),
+            ];
+            let header = header.encode_to_vec();
+            plans.push(Plan {
+                msg_len: header.len() as u64,
+                header,
+                external: true,
+                referenced: true,
+                pad: 0,
+            });
+            continue;
+        }
+        let ext = external && len >= EXTERNAL_THRESHOLD;
         let mut pad = 0;
         if ext {
             let align = if len >= PAGE_ALIGN_FROM { 4096 } else { 64 };
@@ -200,6 +243,7 @@ pub fn write_model(
             header,
             msg_len,
             external: ext,
+            referenced: false,
             pad,
         });
     }
@@ -250,7 +294,10 @@ pub fn write_model(
             source,
         }
     };
-    let prefetched = |i: &Initializer| i.data.is_derived() && i.data.len() <= PREFETCH_MAX;
+    let referenced: Vec<bool> = plans.iter().map(|p| p.referenced).collect();
+    let prefetched = |k: usize, i: &Initializer| {
+        !referenced[k] && i.data.is_derived() && i.data.len() <= PREFETCH_MAX
+    };
     std::thread::scope(|s| -> Result<(), OnnxError> {
         // A helper computes derived tensors in order into recycled buffers; the loop below
         // takes them in the same order.
@@ -258,7 +305,7 @@ pub fn write_model(
         let (free_tx, free_rx) = sync_channel::<Vec<u8>>(3);
         let inits = &graph.initializers;
         s.spawn(move || {
-            for init in inits.iter().filter(|i| prefetched(i)) {
+            for (_, init) in inits.iter().enumerate().filter(|(k, i)| prefetched(*k, i)) {
                 let mut buf = free_rx.try_recv().unwrap_or_default();
                 let r = usize::try_from(init.data.len())
                     .map_err(io::Error::other)
@@ -273,8 +320,8 @@ pub fn write_model(
                 }
             }
         });
-        let emit = |init: &Initializer, w: &mut BufWriter<File>| -> io::Result<()> {
-            if prefetched(init) {
+        let emit = |k: usize, init: &Initializer, w: &mut BufWriter<File>| -> io::Result<()> {
+            if prefetched(k, init) {
                 let buf = full_rx
                     .recv()
                     .map_err(|_| io::Error::other("tensor producer stopped"))??;
@@ -292,24 +339,26 @@ pub fn write_model(
         put_varint(&mut head, graph_len);
         head.extend_from_slice(&graph_head);
         out.write_all(&head).map_err(io_err(path))?;
-        for (init, plan) in graph.initializers.iter().zip(&plans) {
+        for (k, (init, plan)) in graph.initializers.iter().zip(&plans).enumerate() {
             let mut h = Vec::with_capacity(plan.header.len() + 24);
             put_key(&mut h, proto::GRAPH_INITIALIZER_TAG);
             put_varint(&mut h, plan.msg_len);
             h.extend_from_slice(&plan.header);
-            if plan.external {
+            if plan.referenced {
+                out.write_all(&h).map_err(io_err(path))?;
+            } else if plan.external {
                 out.write_all(&h).map_err(io_err(path))?;
                 if let Some(data) = data_tmp.as_mut() {
                     let w = &mut data.writer;
                     w.write_all(&vec![0u8; plan.pad as usize])
                         .map_err(io_err(&data_path))?;
-                    emit(init, w).map_err(io_err(&data_path))?;
+                    emit(k, init, w).map_err(io_err(&data_path))?;
                 }
             } else {
                 put_key(&mut h, proto::TENSOR_RAW_DATA_TAG);
                 put_varint(&mut h, init.data.len());
                 out.write_all(&h).map_err(io_err(path))?;
-                emit(init, out).map_err(io_err(path))?;
+                emit(k, init, out).map_err(io_err(path))?;
             }
         }
         Ok(())
@@ -332,6 +381,8 @@ struct Plan {
     header: Vec<u8>,
     msg_len: u64,
     external: bool,
+    /// Referenced where it already is (`ExternalData::InPlace`): no bytes written.
+    referenced: bool,
     pad: u64,
 }
 
@@ -634,6 +685,58 @@ mod tests {
             }
             assert!(!matches!(back.initializers[0].data, TensorData::Owned(_)));
         }
+        Ok(())
+    }
+
+    #[test]
+    fn past_a_limit_weights_go_external_and_views_reference_them_in_place()
+    -> Result<(), Box<dyn std::error::Error>> {
+        use ferry_ir::{DType, TensorData};
+        let vals: Vec<f32> = (0..5000).map(|i| i as f32 * 0.5).collect();
+        let g = graph_of(vec![
+            Initializer {
+                name: "big".into(),
+                dtype: DType::F32,
+                dims: vec![50, 100],
+                data: TensorData::from_f32(&vals),
+            },
+            Initializer {
+                name: "small".into(),
+                dtype: DType::F32,
+                dims: vec![2],
+                data: TensorData::from_f32(&[1.0, 2.0]),
+            },
+        ]);
+        let tmp = tempfile::tempdir()?;
+        let out = tmp.path().join("m.onnx");
+        let opts = |external_data| WriteOptions {
+            external_data,
+            ..Default::default()
+        };
+        // Under the limit: inline; past it: the side file, as past 2 GiB.
+        let r = write_model(&g, &out, &opts(ExternalData::Past(1 << 20)))?;
+        assert!(r.data_path.is_none());
+        let r = write_model(&g, &out, &opts(ExternalData::Past(10_000)))?;
+        assert!(r.data_path.as_ref().is_some_and(|p| p.is_file()));
+        assert!(r.model_bytes < 1000, "{}", r.model_bytes);
+        // A view of the written model beside it references its side file in place.
+        let back = crate::read_graph(&out)?;
+        let view = tmp.path().join("view.onnx");
+        let v = write_model(&back, &view, &opts(ExternalData::InPlace))?;
+        assert!(v.data_path.is_none() && v.model_bytes < 1000);
+        let again = crate::read_graph(&view)?;
+        for (a, b) in g.initializers.iter().zip(&again.initializers) {
+            assert_eq!(a.data.bytes()?, b.data.bytes()?, "{}", a.name);
+        }
+        assert!(matches!(
+            &again.initializers[0].data,
+            TensorData::Mapped { file, .. } if file.path().ends_with("m.onnx_data")
+        ));
+        // In another directory, nothing can be referenced: the bytes are copied.
+        let sub = tmp.path().join("sub");
+        std::fs::create_dir(&sub)?;
+        let v = write_model(&back, &sub.join("view.onnx"), &opts(ExternalData::InPlace))?;
+        assert!(v.model_bytes > 20_000);
         Ok(())
     }
 
