@@ -73,7 +73,11 @@ fn export_case(case: &str, dir: &Path, optimized: bool) -> PathBuf {
 
 /// Reads `src`, applies `pass`, writes `dst` with the same metadata; returns the pass's
 /// summary line.
-fn rewrite(src: &Path, dst: &Path, pass: impl FnOnce(&mut ferry_ir::Graph) -> String) -> String {
+pub(crate) fn rewrite(
+    src: &Path,
+    dst: &Path,
+    pass: impl FnOnce(&mut ferry_ir::Graph) -> String,
+) -> String {
     let mut model = ferry_onnx::read_model(src).expect("read model");
     let summary = pass(&mut model.graph);
     let opts = ferry_onnx::WriteOptions {
@@ -303,7 +307,7 @@ fn lowbit_on_optimized_graphs() {
 
 /// Largest difference between a `MatMulNBits` model and the same graph with float MatMuls
 /// over the dequantized weights (both in ONNX Runtime, float32 compute).
-const DEQUANT_MAX_ABS: f64 = 1e-5;
+pub(crate) const DEQUANT_MAX_ABS: f64 = 1e-5;
 
 /// `MatMulNBits` computes what float MatMuls over the dequantized weights compute (ferry's
 /// [`ferry_quantizer::int4::dequantize`] of the packed bytes): the two models agree to

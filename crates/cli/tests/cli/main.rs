@@ -814,6 +814,7 @@ fn run_bad_input_is_one_line() {
 
 mod decoders;
 mod fusions;
+mod genai;
 mod halfprec;
 mod hub;
 mod lowbit;
