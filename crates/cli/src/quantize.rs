@@ -50,6 +50,7 @@ pub fn default_args(
         float_embeddings: false,
         golden: None,
         no_report: false,
+        report_budget: None,
         json: false,
         external_data,
     }
@@ -201,7 +202,13 @@ pub fn quantize_file(
     });
     if !a.no_report {
         let pb = stage("compare");
-        match accuracy(reference, output, a.golden.as_deref(), &vocab) {
+        match accuracy(
+            reference,
+            output,
+            a.golden.as_deref(),
+            &vocab,
+            a.report_budget,
+        ) {
             Ok((feed, rows)) => {
                 done(pb, format!("{} outputs compared", rows.len()));
                 text.push_str(&format!("\naccuracy vs float32 on {feed}:"));
@@ -301,16 +308,127 @@ impl DummyVocab {
     }
 }
 
+/// A view of a model written beside it for the accuracy report: its weights referenced in
+/// place as external data (`ExternalData::InPlace`), so ONNX Runtime maps them instead of
+/// reading them into memory. Removed when dropped.
+struct ReportView {
+    path: std::path::PathBuf,
+    /// Bytes of the view itself: what ONNX Runtime parses and keeps in memory.
+    inline: u64,
+}
+
+impl ReportView {
+    fn of(model: &Path) -> Result<Self, String> {
+        let m = ferry_onnx::read_model(model).map_err(|e| e.to_string())?;
+        let name = model
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let path =
+            model.with_file_name(format!(".{name}.ferry-report-{}.onnx", std::process::id()));
+        let opts = ferry_onnx::WriteOptions {
+            external_data: ferry_onnx::ExternalData::InPlace,
+            doc_string: m.info.doc_string,
+            metadata: m.info.metadata,
+        };
+        let mut view = Self {
+            path: path.clone(),
+            inline: 0,
+        };
+        let r = ferry_onnx::write_model(&m.graph, &path, &opts).map_err(|e| e.to_string())?;
+        view.inline = r.model_bytes + r.data_bytes;
+        if let Some(d) = r.data_path {
+            // Weights that could not be referenced went to a side file of the view.
+            let _ = std::fs::remove_file(d);
+            return Err("some weights cannot be referenced in place".into());
+        }
+        Ok(view)
+    }
+}
+
+impl Drop for ReportView {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Physical memory in bytes (`MemTotal` of /proc/meminfo), if known.
+fn physical_memory() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kib: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kib * 1024)
+}
+
+/// Memory ONNX Runtime needs besides the models' inline bytes (graph, activations of the
+/// batch-2 × 16 report, threads), measured well under this on the benchmark's models.
+const REPORT_OVERHEAD: u64 = 64 << 20;
+
+/// The float and quantized models to load for the report: views mapping their weights
+/// where possible (else the files themselves), and the memory loading them is estimated
+/// to take: twice the bytes ONNX Runtime reads (the file and the parsed tensors) plus
+/// [`REPORT_OVERHEAD`].
+fn report_models(
+    reference: &Path,
+    quantized: &Path,
+) -> (Vec<Option<ReportView>>, [std::path::PathBuf; 2], u64) {
+    let mut views = Vec::new();
+    let mut paths = [reference.to_path_buf(), quantized.to_path_buf()];
+    let mut need = REPORT_OVERHEAD;
+    for (i, m) in [reference, quantized].into_iter().enumerate() {
+        match ReportView::of(m) {
+            Ok(v) => {
+                need += 2 * v.inline;
+                paths[i] = v.path.clone();
+                views.push(Some(v));
+            }
+            Err(_) => {
+                need += 2 * file_bytes(m);
+                views.push(None);
+            }
+        }
+    }
+    (views, paths, need)
+}
+
 /// Runs the float and quantized models on the golden's inputs (or dummy inputs, batch 2 ×
-/// 16 tokens) and compares their outputs.
+/// 16 tokens) and compares their outputs. ONNX Runtime loads both lean
+/// (`Model::load_lean`) from views that map their weights; when the estimated memory is
+/// above `budget_mib` (default a quarter of physical memory) the report is skipped
+/// (`VerifyError::Runtime` with the reason).
 fn accuracy(
     reference: &Path,
     quantized: &Path,
     golden: Option<&Path>,
     vocab: &DummyVocab,
+    budget_mib: Option<u64>,
 ) -> Result<(String, Vec<ferry_verifier::Agreement>), ferry_verifier::VerifyError> {
-    let mut r = ferry_verifier::Model::load(reference, 2)?;
-    let mut q = ferry_verifier::Model::load(quantized, 2)?;
+    let budget = budget_mib
+        .map(|m| m.saturating_mul(1 << 20))
+        .or_else(|| physical_memory().map(|b| b / 4))
+        .unwrap_or(4 << 30);
+    let (_views, [rpath, qpath], need) = report_models(reference, quantized);
+    if need > budget {
+        return Err(ferry_verifier::VerifyError::Runtime(format!(
+            "ONNX Runtime would need ~{} MiB for the two models, over the report budget of {} MiB{}; rerun with --report-budget {} to get one",
+            need.div_ceil(1 << 20),
+            budget >> 20,
+            if budget_mib.is_none() {
+                " (a quarter of physical memory)"
+            } else {
+                ""
+            },
+            need.div_ceil(1 << 20)
+        )));
+    }
+    let mut r = ferry_verifier::Model::load_lean(&rpath, 2)?;
+    let mut q = ferry_verifier::Model::load_lean(&qpath, 2)?;
     let (feed, inputs) = match golden {
         Some(g) => {
             let golden = ferry_verifier::Golden::load(g)?;

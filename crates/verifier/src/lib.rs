@@ -199,6 +199,28 @@ impl Model {
         Ok(Self { session })
     }
 
+    /// Loads `path` so that ONNX Runtime's own memory stays small whatever the model's
+    /// size (the quantizer's accuracy report): no graph rewriting (constant folding would
+    /// copy weights, e.g. every `Transpose` of one), no pre-packed weight copies
+    /// (`session.disable_prepacking`), no arena and no memory pattern; weights in external
+    /// data are then used where ONNX Runtime maps them.
+    pub fn load_lean(path: &Path, threads: usize) -> Result<Self, VerifyError> {
+        let env = environment()?;
+        let session = Session::builder(&env)?
+            .with_optimization_level(GraphOptimizationLevel::Disable)
+            .map_err(|e| VerifyError::Ort(e.to_string()))?
+            .with_intra_threads(threads)
+            .map_err(|e| VerifyError::Ort(e.to_string()))?
+            .with_memory_pattern(false)
+            .map_err(|e| VerifyError::Ort(e.to_string()))?
+            .with_config_entry("session.disable_prepacking", "1")
+            .map_err(|e| VerifyError::Ort(e.to_string()))?
+            .with_execution_providers([ort::ep::CPU::default().with_arena_allocator(false).build()])
+            .map_err(|e| VerifyError::Ort(e.to_string()))?
+            .commit_from_file(path)?;
+        Ok(Self { session })
+    }
+
     fn info(list: &[ort::value::Outlet]) -> Vec<IoInfo> {
         list.iter()
             .map(|o| {

@@ -232,6 +232,92 @@ fn quantize_reports_accuracy_as_text_and_json() {
     assert!(g.nodes.iter().any(|n| n.name == first_matmul));
 }
 
+/// Files in `dir`, sorted (no view of a model the report wrote may be left behind).
+fn listing(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .expect("read dir")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn report_over_its_memory_budget_is_skipped_in_one_line() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let case = testdata("bert-tiny-text-classification");
+    let float = dir.path().join("m.onnx");
+    let o = export(&case, &float, &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    // Within the default budget the report runs, from views that map the weights, and
+    // leaves nothing beside the models.
+    let out = dir.path().join("q.onnx");
+    let o = quantize(&float, &out, &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(text.contains("accuracy vs float32"), "{text}");
+    assert_eq!(listing(dir.path()), ["m.onnx", "q.onnx"]);
+    // Over it: the model is written, the report skipped with a reason and a way to get one.
+    let o = quantize(&float, &out, &["--report-budget", "1"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = String::from_utf8_lossy(&o.stdout);
+    let skipped: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("accuracy report skipped:"))
+        .collect();
+    assert_eq!(skipped.len(), 1, "{text}");
+    assert!(
+        skipped[0].contains("over the report budget of 1 MiB")
+            && skipped[0].contains("--report-budget"),
+        "{text}"
+    );
+    assert!(!text.contains("accuracy vs float32"), "{text}");
+    assert_eq!(listing(dir.path()), ["m.onnx", "q.onnx"]);
+    let o = quantize(&float, &out, &["--report-budget", "1", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
+    assert!(v["accuracy"]["skipped"].is_string(), "{v}");
+}
+
+#[test]
+fn outputs_past_the_limit_get_external_data() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let case = testdata("bert-tiny-text-classification");
+    let float = dir.path().join("m.onnx");
+    let o = export(&case, &float, &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    // The automatic switch at 2 GiB, moved down to 16 KiB for this test.
+    for mode in ["int8", "int4", "fp16"] {
+        let out = dir.path().join(format!("{mode}.onnx"));
+        let o = run(ferry()
+            .env("FERRY_EXTERNAL_DATA_PAST", "16384")
+            .arg("quantize")
+            .arg(&float)
+            .arg(&out)
+            .args(["--mode", mode]));
+        assert!(o.status.success(), "{mode}: {}", stderr(&o));
+        let side = dir.path().join(format!("{mode}.onnx_data"));
+        assert!(side.is_file(), "{mode}: no external data");
+        let split = file_size(&out);
+        let text = String::from_utf8_lossy(&o.stdout);
+        assert!(text.contains("accuracy vs float32"), "{mode}: {text}");
+        // Without the knob the same small output stays in one file.
+        std::fs::remove_file(&side).expect("remove side file");
+        let o = quantize(&float, &out, &["--mode", mode, "--no-report"]);
+        assert!(o.status.success(), "{mode}: {}", stderr(&o));
+        assert!(!side.is_file() && file_size(&out) > split, "{mode}");
+        assert!(ferry_onnx::read_graph(&out).is_ok());
+    }
+    let opt = dir.path().join("opt.onnx");
+    let o = run(ferry()
+        .env("FERRY_EXTERNAL_DATA_PAST", "16384")
+        .arg("optimize")
+        .arg(&float)
+        .arg(&opt));
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(dir.path().join("opt.onnx_data").is_file());
+}
+
 /// The stored values of the weights that `MatMulInteger` and `QAttention` nodes read (their
 /// second input), with the initializers' dtypes; integers widened to i32.
 fn quantized_weights(g: &ferry_ir::Graph) -> Vec<(String, ferry_ir::DType, Vec<i32>)> {
