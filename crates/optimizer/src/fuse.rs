@@ -86,13 +86,9 @@ impl<'g> Index<'g> {
 
     /// Whether `value` is a rank-0 float32 initializer equal to `want` bit for bit.
     pub(crate) fn is_scalar(&self, value: &str, want: f32) -> bool {
-        let Some(i) = self.inits.get(value) else {
-            return false;
-        };
-        i.dtype == DType::F32
-            && i.dims.is_empty()
-            && i.data.len() == 4
-            && matches!(i.data.to_f32_vec().as_deref(), Ok([v]) if v.to_bits() == want.to_bits())
+        self.inits
+            .get(value)
+            .is_some_and(|i| crate::pattern::is_f32_scalar(i, want))
     }
 
     /// Whether `value` is a 1-D float32 initializer of `len` elements.
@@ -699,14 +695,7 @@ pub fn fuse_skip_layer_norm(graph: &mut Graph) -> usize {
 
 /// A rank-0 float32 initializer's value.
 pub(crate) fn scalar_value(ix: &Index<'_>, value: &str) -> Option<f32> {
-    let i = ix.inits.get(value)?;
-    if i.dtype != DType::F32 || !i.dims.is_empty() || i.data.len() != 4 {
-        return None;
-    }
-    match i.data.to_f32_vec().ok()?.as_slice() {
-        [v] => Some(*v),
-        _ => None,
-    }
+    crate::pattern::rank0_f32(ix.inits.get(value)?)
 }
 
 /// A 1-D int64 initializer's values.

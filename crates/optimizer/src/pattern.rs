@@ -13,7 +13,8 @@
 //!
 //! Every value produced by a non-root pattern node must be read only inside the match (by
 //! default exactly once and not a graph output; [`Op::uses`] sets another count), so a
-//! fusion can remove those nodes. [`Pattern::at`] returns the bound nodes and values as a
+//! fusion can remove those nodes; a [`kept`](Op::kept) subtree (a mask all layers share) is
+//! matched but neither counted nor removed. [`Pattern::at`] returns the bound nodes and values as a
 //! [`Match`].
 
 use std::collections::BTreeMap;
@@ -51,6 +52,7 @@ pub(crate) struct Op {
     min_inputs: Option<usize>,
     commutative: bool,
     optional: bool,
+    kept: bool,
     uses: Option<usize>,
     check: Option<fn(&Index<'_>, &Node) -> bool>,
 }
@@ -70,6 +72,7 @@ pub(crate) fn one_of(ops: &[&'static str], inputs: Vec<P>) -> Op {
         min_inputs: None,
         commutative: false,
         optional: false,
+        kept: false,
         uses: Some(1),
         check: None,
     }
@@ -111,6 +114,15 @@ impl Op {
     /// number (the node is kept by the rewrite, or shared with another match).
     pub(crate) fn uses(mut self, n: Option<usize>) -> Self {
         self.uses = n;
+        self
+    }
+
+    /// Matched where it is and left by the rewrite (a mask subgraph other layers share):
+    /// neither this node nor any node below it is in [`Match::interior`], and their
+    /// readers are not counted.
+    pub(crate) fn kept(mut self) -> Self {
+        self.kept = true;
+        self.uses = None;
         self
     }
 
@@ -162,6 +174,8 @@ pub(crate) struct Match {
     /// Every matched node except the root (what a rewrite of the root removes), in match
     /// order, without duplicates.
     pub(crate) interior: Vec<usize>,
+    /// How many [`kept`](Op::kept) nodes enclose the node being matched.
+    kept: usize,
 }
 
 impl Match {
@@ -224,7 +238,7 @@ fn match_value(ix: &Index<'_>, p: &P, v: &str, m: &mut Match) -> bool {
                     && attempt(m, |m| match_value(ix, &o.inputs[0], v, m));
             }
             let Some(i) = produced else { return false };
-            if let Some(n) = o.uses {
+            if let Some(n) = o.uses.filter(|_| m.kept == 0) {
                 let readers = ix.consumers.get(v).copied().unwrap_or(0);
                 if readers != n || ix.graph_outputs.contains(v) {
                     return false;
@@ -289,9 +303,11 @@ fn match_node(ix: &Index<'_>, o: &Op, i: usize, m: &mut Match) -> bool {
             }
         }
     }
-    if i != m.root && !m.interior.contains(&i) {
+    let kept = o.kept || m.kept > 0;
+    if i != m.root && !kept && !m.interior.contains(&i) {
         m.interior.push(i);
     }
+    m.kept += usize::from(o.kept);
     let inputs = |order: [usize; 2], m: &mut Match| {
         o.inputs.iter().enumerate().all(|(k, p)| {
             let k = if k < 2 && o.inputs.len() == 2 {
@@ -302,8 +318,10 @@ fn match_node(ix: &Index<'_>, o: &Op, i: usize, m: &mut Match) -> bool {
             match_value(ix, p, input_at(n, k), m)
         })
     };
-    attempt(m, |m| inputs([0, 1], m))
-        || (o.commutative && o.inputs.len() == 2 && attempt(m, |m| inputs([1, 0], m)))
+    let ok = attempt(m, |m| inputs([0, 1], m))
+        || (o.commutative && o.inputs.len() == 2 && attempt(m, |m| inputs([1, 0], m)));
+    m.kept -= usize::from(o.kept);
+    ok
 }
 
 /// A float32 initializer holding one value (rank 0 or `[1]`), that value.
@@ -315,6 +333,22 @@ pub(crate) fn single_f32(i: &Initializer) -> Option<f32> {
         [v] => Some(*v),
         _ => None,
     }
+}
+
+/// A rank-0 float32 initializer's value.
+pub(crate) fn rank0_f32(i: &Initializer) -> Option<f32> {
+    if i.dtype != DType::F32 || !i.dims.is_empty() || i.data.len() != 4 {
+        return None;
+    }
+    match i.data.to_f32_vec().ok()?.as_slice() {
+        [v] => Some(*v),
+        _ => None,
+    }
+}
+
+/// Whether `i` is a rank-0 float32 initializer equal to `want` bit for bit.
+pub(crate) fn is_f32_scalar(i: &Initializer, want: f32) -> bool {
+    rank0_f32(i).is_some_and(|v| v.to_bits() == want.to_bits())
 }
 
 /// A 1-D float32 initializer (a norm's weight, a bias).
@@ -497,5 +531,31 @@ mod tests {
             &["y"],
         );
         assert!(pat.at(&Index::new(&g), 2).is_none());
+    }
+
+    #[test]
+    fn kept_nodes_are_matched_but_not_removed() {
+        // Add(x, Exp(Log(a))) where Exp and Log are read elsewhere too.
+        let pat = |kept: bool| {
+            let exp = op("Exp", vec![op("Log", vec![val("a")]).p()]);
+            let exp = if kept { exp.kept() } else { exp };
+            Pattern::new(op("Add", vec![val("x"), exp.p()]))
+        };
+        let g = graph(
+            vec![
+                node("Log", &["a"], &["l"], vec![]),
+                node("Exp", &["l"], &["e"], vec![]),
+                node("Add", &["x", "e"], &["y"], vec![]),
+                node("Relu", &["e"], &["r"], vec![]),
+                node("Relu", &["l"], &["r2"], vec![]),
+            ],
+            vec![],
+            &["y", "r", "r2"],
+        );
+        let ix = Index::new(&g);
+        let m = pat(true).at(&ix, 2).expect("kept");
+        assert_eq!(m.value("a"), "a");
+        assert!(m.interior.is_empty());
+        assert!(pat(false).at(&ix, 2).is_none());
     }
 }
