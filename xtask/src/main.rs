@@ -9,6 +9,8 @@
 //!   which it creates from PyPI (`GOLDEN_PACKAGES`) when missing. `--no-torch` skips that
 //!   check for developers; when the `CI` environment variable is set it is refused, and a
 //!   venv that cannot be made or cannot import torch is an error, never a skip.
+//!   The same run checks ferry's `--genai` folders with onnxruntime-genai
+//!   (testdata/verify_genai.py in `target/genaivenv`, `fetch-genai` makes it).
 //! - `golden`: regenerate testdata goldens with transformers (the same `target/venv`).
 //! - `bench`: time exporting a bert-base-sized checkpoint against `cat` of its weights;
 //!   `bench --scale` does the same (`--external-data`) for ~0.5, ~2 and ~6 GB checkpoints;
@@ -26,6 +28,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 use std::time::Instant;
 
+mod genai;
 mod llm;
 mod stages;
 
@@ -62,6 +65,7 @@ fn main() -> ExitCode {
         Some("fetch-minilm") => fetch_minilm().map(|p| println!("{}", p.display())),
         Some("fetch-tokenizers") => fetch_tokenizers().map(|p| println!("{}", p.display())),
         Some("fetch-transformersjs") => transformersjs_env().map(|p| println!("{}", p.display())),
+        Some("fetch-genai") => genai::genai_venv().map(|p| println!("{}", p.display())),
         Some("rss") => rss(&args[1..]),
         Some("fuzz") => fuzz(&args[1..]),
         _ => Err(
@@ -530,9 +534,14 @@ fn verify(args: &[String]) -> Result<()> {
         let js = transformersjs_env().map_err(|e| {
             format!("the consumer check needs transformers.js from npm in target/jsenv: {e} (outside CI, `cargo xtask verify --no-torch` skips the check)")
         })?;
-        Some((golden, consumer, js))
+        let genai = genai::genai_venv().map_err(|e| {
+            format!("the onnxruntime-genai check needs target/genaivenv: {e} (outside CI, `cargo xtask verify --no-torch` skips the check)")
+        })?;
+        Some((golden, consumer, js, genai))
     } else {
-        println!("xtask: --no-torch: the TorchScript and consumer checks will not run");
+        println!(
+            "xtask: --no-torch: the TorchScript, consumer and onnxruntime-genai checks will not run"
+        );
         None
     };
     run(cargo()
@@ -614,11 +623,12 @@ fn verify(args: &[String]) -> Result<()> {
     }
     // The TorchScript check runs even when a parity case failed, so one run reports both.
     let torch_result = match &torch_py {
-        Some((py, consumer, js)) => {
+        Some((py, consumer, js, genai)) => {
             let ts = verify_torch(py, &ferry);
             let optimum = verify_consumers(consumer, &ferry);
             let tjs = verify_transformersjs(js, &ferry);
-            ts.and(optimum).and(tjs)
+            let og = genai::verify_genai(genai, &ferry);
+            ts.and(optimum).and(tjs).and(og)
         }
         None => Ok(()),
     };

@@ -202,10 +202,7 @@ fn stages(
         filename: "model.onnx".into(),
         inputs: graph.inputs.iter().map(|v| v.name.clone()).collect(),
         outputs: graph.outputs.iter().map(|v| v.name.clone()).collect(),
-        group_query_attention: graph
-            .nodes
-            .iter()
-            .any(|n| n.op_type == "GroupQueryAttention"),
+        shared_cache_buffer: ferry_pipeline::genai::shares_cache_buffer(&graph),
     };
     drop(graph);
     let config = ferry_pipeline::genai::genai_config(e.dir, &decoder).map_err(|e| e.to_string())?;

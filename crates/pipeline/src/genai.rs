@@ -18,8 +18,9 @@
 //!   `num_beams`, `repetition_penalty`, …) from `generation_config.json`, else
 //!   `config.json`, else transformers' defaults; `max_length` = `context_length`;
 //!   `past_present_share_buffer` only when the attention is `GroupQueryAttention`, the one
-//!   kernel that reads and writes a cache buffer of the full context length in place (with
-//!   optimum's layout the cache grows by concatenation, so it must be `false`).
+//!   kernel that reads and writes a cache buffer of the full context length in place, and
+//!   nothing in the graph depends on the cache's length ([`shares_cache_buffer`]); with
+//!   optimum's layout the cache grows by concatenation, so it must be `false`.
 //!
 //! `generation_config.json` is optional (the builder falls back to `config.json` too).
 
@@ -83,9 +84,32 @@ pub struct DecoderModel {
     pub inputs: Vec<String>,
     /// Graph output names.
     pub outputs: Vec<String>,
-    /// Whether the attention is ONNX Runtime's `GroupQueryAttention` (a cache buffer shared
-    /// between past and present).
-    pub group_query_attention: bool,
+    /// Whether the attention reads and writes one full-context cache buffer in place (past
+    /// and present shared): ONNX Runtime's `GroupQueryAttention` taking its lengths from
+    /// `attention_mask` alone. See [`shares_cache_buffer`].
+    pub shared_cache_buffer: bool,
+}
+
+/// Whether onnxruntime-genai may feed `graph` one full-context cache buffer shared by past
+/// and present: every attention is `GroupQueryAttention` (there is at least one) and none
+/// takes an `attention_bias` (input 10). A bias is computed in the graph from the cache's
+/// current length (ferry's exact mask: padding, sliding window), which a full-context
+/// buffer would break; without it the kernel takes its lengths from `seqlens_k` and
+/// `total_sequence_length`, which come from `attention_mask`.
+pub fn shares_cache_buffer(graph: &ferry_ir::Graph) -> bool {
+    let mut gqa = graph
+        .nodes
+        .iter()
+        .filter(|n| n.op_type == "GroupQueryAttention")
+        .peekable();
+    gqa.peek().is_some()
+        && gqa.all(|n| n.inputs.get(10).is_none_or(|b| b.is_empty()))
+        && !graph.nodes.iter().any(|n| {
+            matches!(
+                n.op_type.as_str(),
+                "Attention" | "MultiHeadAttention" | "Softmax"
+            )
+        })
 }
 
 fn read_json(path: &Path) -> Result<Value, GenaiError> {
@@ -289,7 +313,7 @@ pub fn genai_config(dir: &Path, model: &DecoderModel) -> Result<Value, GenaiErro
         "no_repeat_ngram_size": search_default("no_repeat_ngram_size", json!(0)),
         "num_beams": search_default("num_beams", json!(1)),
         "num_return_sequences": search_default("num_return_sequences", json!(1)),
-        "past_present_share_buffer": model.group_query_attention,
+        "past_present_share_buffer": model.shared_cache_buffer,
         "repetition_penalty": search_default("repetition_penalty", json!(1.0)),
         "temperature": search_default("temperature", json!(1.0)),
         "top_k": search_default("top_k", json!(50)),
@@ -400,7 +424,7 @@ mod tests {
             filename: "model.onnx".into(),
             inputs,
             outputs,
-            group_query_attention: gqa,
+            shared_cache_buffer: gqa,
         }
     }
 
@@ -497,6 +521,45 @@ mod tests {
         let back = read_json(&out.path().join("genai_config.json"))?;
         assert_eq!(back, c);
         Ok(())
+    }
+
+    #[test]
+    fn shared_buffer_only_for_group_query_attention_without_bias() {
+        use ferry_ir::{Graph, Node};
+        let node = |op: &str, inputs: &[&str]| Node {
+            name: op.into(),
+            op_type: op.into(),
+            domain: String::new(),
+            inputs: inputs.iter().map(|s| s.to_string()).collect(),
+            outputs: vec![format!("{op}_out")],
+            attrs: Default::default(),
+        };
+        let graph = |nodes: Vec<Node>| Graph {
+            nodes,
+            ..Default::default()
+        };
+        let plain = ["q", "k", "v", "pk", "pv", "seqlens_k", "total"];
+        let mut biased = plain.to_vec();
+        biased.extend(["", "", "", "bias"]);
+        let mut empty_bias = plain.to_vec();
+        empty_bias.extend(["", "", "", ""]);
+        assert!(shares_cache_buffer(&graph(vec![node(
+            "GroupQueryAttention",
+            &plain
+        )])));
+        assert!(shares_cache_buffer(&graph(vec![node(
+            "GroupQueryAttention",
+            &empty_bias
+        )])));
+        assert!(!shares_cache_buffer(&graph(vec![node(
+            "GroupQueryAttention",
+            &biased
+        )])));
+        assert!(!shares_cache_buffer(&graph(vec![node("Softmax", &["x"])])));
+        assert!(!shares_cache_buffer(&graph(vec![
+            node("GroupQueryAttention", &plain),
+            node("Softmax", &["x"])
+        ])));
     }
 
     #[test]
