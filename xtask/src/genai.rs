@@ -45,3 +45,162 @@ pub(crate) fn verify_genai(py: &Path, ferry: &Path) -> Result<()> {
         .arg(target().join("verify").join("genai")))
     .map_err(|e| format!("onnxruntime-genai check failed: {e}"))
 }
+
+/// onnxruntime-genai's model builder run as `python -m onnxruntime_genai.models.builder`
+/// with `args`, by the genai venv's Python, with target/venv's site-packages (torch,
+/// transformers) appended to its path.
+fn builder_command(py: &Path, site: &Path, args: &[String]) -> Vec<String> {
+    let code = format!(
+        "import sys, runpy; sys.path.append({site:?}); sys.argv = ['builder'] + sys.argv[1:]; \
+         runpy.run_module('onnxruntime_genai.models.builder', run_name='__main__')",
+        site = site.display().to_string()
+    );
+    let mut cmd = vec![py.display().to_string(), "-c".into(), code];
+    cmd.extend(args.iter().cloned());
+    cmd
+}
+
+/// `generation_config.json` as Qwen2.5-0.5B-Instruct ships it (ids of the Qwen tokenizer).
+const QWEN_GENERATION_CONFIG: &str = r#"{"bos_token_id": 151643, "pad_token_id": 151643, "do_sample": true, "eos_token_id": [151645, 151643], "repetition_penalty": 1.1, "temperature": 0.7, "top_p": 0.8, "top_k": 20}"#;
+
+/// `bench --genai [--runs N]`: on the Qwen2.5-0.5B-shaped synthetic checkpoint (with the real
+/// Qwen tokenizer files and Qwen2.5's generation config), `ferry export --genai --quantize
+/// int4` against onnxruntime-genai's model builder (`-p int4 -e cpu`), interleaved, each
+/// timed with the peak RSS and peak anonymous memory of its process tree; then both
+/// folders' operator counts and decode latency per token at batch 1 in onnxruntime-genai
+/// (xtask/genai_latency.py, one process, interleaved rounds).
+pub(crate) fn bench_genai(runs: usize) -> Result<()> {
+    let runs = runs.max(1);
+    let base = target().join("bench").join("genai");
+    let _ = std::fs::remove_dir_all(&base);
+    std::fs::create_dir_all(&base).map_err(|e| e.to_string())?;
+    let ferry = super::ferry_release()?;
+    let py = genai_venv()?;
+    super::golden_venv()?;
+    let site = super::golden_site_packages()
+        .ok_or("bench --genai: target/venv has no torch for the model builder")?;
+    let tokenizers = super::fetch_tokenizers()?;
+
+    let ck = base.join("qwen2.5-0.5b");
+    eprintln!("xtask: writing {}", ck.display());
+    let size = super::llm::write_checkpoint(&ck, &super::llm::QWEN_05B)?;
+    for f in ["tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(tokenizers.join("qwen3").join(f), ck.join(f)).map_err(|e| e.to_string())?;
+    }
+    std::fs::write(ck.join("generation_config.json"), QWEN_GENERATION_CONFIG)
+        .map_err(|e| e.to_string())?;
+
+    let ferry_dir = base.join("ferry");
+    let builder_dir = base.join("builder");
+    let ferry_cmd: Vec<String> = vec![
+        ferry.display().to_string(),
+        "export".into(),
+        "--model".into(),
+        ck.display().to_string(),
+        "--genai".into(),
+        "--quantize".into(),
+        "int4".into(),
+        ferry_dir.join("model.onnx").display().to_string(),
+    ];
+    let builder_cmd = builder_command(
+        &py,
+        &site,
+        &[
+            "-i".into(),
+            ck.display().to_string(),
+            "-o".into(),
+            builder_dir.display().to_string(),
+            "-p".into(),
+            "int4".into(),
+            "-e".into(),
+            "cpu".into(),
+            "-c".into(),
+            base.join("builder-cache").display().to_string(),
+        ],
+    );
+    let (mut ft, mut bt) = (Vec::new(), Vec::new());
+    let (mut fs, mut bs) = (
+        super::stages::Sample::default(),
+        super::stages::Sample::default(),
+    );
+    for _ in 0..runs {
+        for (dir, cmd, times, peak) in [
+            (&ferry_dir, &ferry_cmd, &mut ft, &mut fs),
+            (&builder_dir, &builder_cmd, &mut bt, &mut bs),
+        ] {
+            let _ = std::fs::remove_dir_all(dir);
+            let _ = std::fs::remove_dir_all(base.join("builder-cache"));
+            super::settle();
+            let s = super::stages::measure_tree(cmd)?;
+            times.push(s.secs);
+            peak.rss = peak.rss.max(s.rss);
+            peak.anon = peak.anon.max(s.anon);
+        }
+    }
+    let (ft, bt) = (super::median(ft), super::median(bt));
+    let dir_bytes = |d: &Path| -> u64 {
+        std::fs::read_dir(d)
+            .map(|rd| {
+                rd.flatten()
+                    .filter_map(|e| e.metadata().ok())
+                    .map(|m| m.len())
+                    .sum()
+            })
+            .unwrap_or(0)
+    };
+    let o = Command::new(&py)
+        .arg(root().join("xtask").join("genai_latency.py"))
+        .arg(format!("ferry={}", ferry_dir.display()))
+        .arg(format!("builder={}", builder_dir.display()))
+        .output()
+        .map_err(|e| format!("{}: {e}", py.display()))?;
+    if !o.status.success() {
+        return Err(format!(
+            "genai_latency.py failed: {}",
+            String::from_utf8_lossy(&o.stderr)
+        ));
+    }
+    let lat: serde_json::Value = serde_json::from_slice(&o.stdout).map_err(|e| e.to_string())?;
+    let mib = |kib: u64| kib as f64 / 1024.0;
+    println!(
+        "\nQwen2.5-0.5B-shaped checkpoint ({:.2} GB bf16) → int4 folder for onnxruntime-genai (CPU), median of {runs}:",
+        size as f64 / 1e9
+    );
+    println!(
+        "  ferry export --genai --quantize int4   {ft:>7.2} s  peak RSS {:>7.1} MiB, peak anonymous {:>7.1} MiB, folder {:.1} MB",
+        mib(fs.rss),
+        mib(fs.anon),
+        dir_bytes(&ferry_dir) as f64 / 1e6
+    );
+    println!(
+        "  model builder -p int4 -e cpu            {bt:>7.2} s  peak RSS {:>7.1} MiB, peak anonymous {:>7.1} MiB, folder {:.1} MB",
+        mib(bs.rss),
+        mib(bs.anon),
+        dir_bytes(&builder_dir) as f64 / 1e6
+    );
+    println!(
+        "  ferry / builder: time {:.3} (target ≤ 0.25), peak RSS {:.3}, peak anonymous {:.3} (target ≤ 1/16 = 0.0625)",
+        ft / bt,
+        fs.rss as f64 / bs.rss.max(1) as f64,
+        fs.anon as f64 / bs.anon.max(1) as f64
+    );
+    let (fl, bl) = (
+        lat["ferry"]["decode_ms_per_token"].as_f64().unwrap_or(f64::NAN),
+        lat["builder"]["decode_ms_per_token"].as_f64().unwrap_or(f64::NAN),
+    );
+    println!(
+        "  onnxruntime-genai decode at batch 1 (prompt 32, 64 new tokens, interleaved rounds): ferry {fl:.2} ms/token, builder {bl:.2} ms/token, ratio {:.3} (target ≤ 1); prefill ferry {:.1} ms, builder {:.1} ms",
+        fl / bl,
+        lat["ferry"]["prefill_ms"].as_f64().unwrap_or(f64::NAN),
+        lat["builder"]["prefill_ms"].as_f64().unwrap_or(f64::NAN),
+    );
+    for name in ["ferry", "builder"] {
+        let ops: Vec<String> = lat[name]["ops"]
+            .as_object()
+            .map(|m| m.iter().map(|(k, v)| format!("{k} {v}")).collect())
+            .unwrap_or_default();
+        println!("  {name} operators: {}", ops.join(", "));
+    }
+    let _ = std::fs::remove_dir_all(&ck);
+    Ok(())
+}

@@ -24,7 +24,7 @@ use super::{
 };
 
 /// The shape of a synthetic Llama-family checkpoint.
-struct DecoderShape {
+pub(crate) struct DecoderShape {
     model_type: &'static str,
     arch: &'static str,
     vocab: u64,
@@ -39,7 +39,7 @@ struct DecoderShape {
     rope_theta: f64,
 }
 
-const QWEN_05B: DecoderShape = DecoderShape {
+pub(crate) const QWEN_05B: DecoderShape = DecoderShape {
     model_type: "qwen2",
     arch: "Qwen2ForCausalLM",
     vocab: 151_936,
@@ -154,7 +154,7 @@ fn write_bf16(path: &Path, tensors: &[(String, Vec<u64>)], seed: u64) -> Result<
 
 /// Writes the checkpoint (config.json, bf16 safetensors, sharded with an index when
 /// `shards > 1`) into `dir`; returns its total size in bytes.
-fn write_checkpoint(dir: &Path, shape: &DecoderShape) -> Result<u64> {
+pub(crate) fn write_checkpoint(dir: &Path, shape: &DecoderShape) -> Result<u64> {
     std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
     std::fs::write(dir.join("config.json"), shape.config()).map_err(|e| e.to_string())?;
     let tensors = shape.tensors();

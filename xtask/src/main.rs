@@ -914,6 +914,9 @@ fn bench(args: &[String]) -> Result<()> {
     if args.iter().any(|a| a == "--stages") {
         return stages::bench_stages(args, runs.unwrap_or(2));
     }
+    if args.iter().any(|a| a == "--genai") {
+        return genai::bench_genai(runs.unwrap_or(1));
+    }
     if args.iter().any(|a| a == "--llm") {
         return llm::bench_llm(runs.unwrap_or(3), args.iter().any(|a| a == "--skip-8b"));
     }

@@ -54,10 +54,10 @@ static ORT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
 
 /// One measured command: wall seconds, peak RSS and peak anonymous memory (KiB).
 #[derive(Clone, Copy, Default)]
-struct Sample {
-    secs: f64,
-    rss: u64,
-    anon: u64,
+pub(crate) struct Sample {
+    pub(crate) secs: f64,
+    pub(crate) rss: u64,
+    pub(crate) anon: u64,
 }
 
 /// The pids of `pid` and all its descendants (from /proc/PID/task/TID/children).
@@ -88,7 +88,7 @@ fn status_field(text: &str, key: &str) -> u64 {
 /// Runs `cmd`, sampling every 5 ms the summed VmRSS and RssAnon of its process tree (and
 /// each process's own VmHWM); returns wall time and the peaks. Fails with its stderr when
 /// the command fails.
-fn measure_tree(cmd: &[String]) -> Result<Sample> {
+pub(crate) fn measure_tree(cmd: &[String]) -> Result<Sample> {
     let (prog, args) = cmd.split_first().ok_or("no command")?;
     let err_path = target().join("bench").join("stages-stderr.txt");
     let err_file = std::fs::File::create(&err_path).map_err(|e| e.to_string())?;
