@@ -6,6 +6,10 @@ use std::collections::{HashMap, HashSet};
 
 use ferry_ir::{Attr, DType, Dim, Graph, Initializer, Node, OpsetImport};
 
+use crate::pattern::{
+    Match, Op, P, Pattern, init, is_f32_matrix, is_f32_scalar, is_f32_vector, op, rank0_f32, val,
+};
+
 /// ONNX Runtime's contrib-op domain.
 pub const MS_DOMAIN: &str = "com.microsoft";
 
@@ -719,47 +723,64 @@ pub(crate) fn has_perm(n: &Node, perm: &[i64]) -> bool {
         && matches!(n.attr("perm"), Some(Attr::Ints(p)) if p == perm)
 }
 
-/// ferry's `additive_mask`: `Mul(Sub(1, Cast(Unsqueeze(mask, [1, 2]), float)), f32::MIN)`
-/// over a rank-2 integer or boolean graph input `mask`; returns that input's name.
-pub(crate) fn additive_mask_input(ix: &Index<'_>, value: &str) -> Option<String> {
-    let (_, mul) = ix
-        .producer(value, "Mul")
-        .filter(|(_, n)| is_binary(n, "Mul"))?;
-    let inv = both_orders(mul)
-        .into_iter()
-        .find(|&(_, m)| scalar_value(ix, m).is_some_and(|v| v.to_bits() == f32::MIN.to_bits()))?
-        .0;
-    let (_, sub) = ix
-        .producer(inv, "Sub")
-        .filter(|(_, n)| is_binary(n, "Sub"))?;
-    if scalar_value(ix, input_at(sub, 0)) != Some(1.0) {
-        return None;
-    }
-    let (_, cast) = ix.producer(input_at(sub, 1), "Cast")?;
-    if cast.inputs.len() != 1
-        || cast.outputs.len() != 1
-        || cast.attrs.len() != 1
-        || !matches!(cast.attr("to"), Some(Attr::Int(1)))
-    {
-        return None;
-    }
-    let (_, unsq) = ix.producer(input_at(cast, 0), "Unsqueeze")?;
-    let axes_ok = match (unsq.inputs.len(), unsq.attr("axes")) {
-        (1, Some(Attr::Ints(a))) => a == &[1, 2],
-        (2, None) => int_vector(ix, input_at(unsq, 1)).is_some_and(|a| a == [1, 2]),
+/// [`has_perm`] `[0, 2, 1, 3]` (heads split off, or merged back), as a pattern check.
+pub(crate) fn perm_0213(_: &Index<'_>, n: &Node) -> bool {
+    has_perm(n, &[0, 2, 1, 3])
+}
+
+/// [`has_perm`] `[0, 2, 3, 1]` (the key's heads split off and transposed), as a pattern check.
+pub(crate) fn perm_0231(_: &Index<'_>, n: &Node) -> bool {
+    has_perm(n, &[0, 2, 3, 1])
+}
+
+/// Whether `n` is an `Unsqueeze` over `axes`, given as its attribute (opset < 13) or as a
+/// constant second input, with no other attribute.
+pub(crate) fn unsqueeze_axes(ix: &Index<'_>, n: &Node, axes: &[i64]) -> bool {
+    let ok = match (n.inputs.len(), n.attr("axes")) {
+        (1, Some(Attr::Ints(a))) => a == axes,
+        (2, None) => int_vector(ix, input_at(n, 1)).is_some_and(|a| a == axes),
         _ => false,
     };
-    if !axes_ok || unsq.outputs.len() != 1 || unsq.attrs.len() > 1 {
-        return None;
-    }
-    let m = input_at(unsq, 0);
-    let input = ix.graph.inputs.iter().find(|v| v.name == m)?;
+    ok && n.attrs.len() <= 1
+}
+
+/// An `Unsqueeze` of `x` pattern node; `axes` checks its axes ([`unsqueeze_axes`]).
+pub(crate) fn unsqueeze(x: P, axes: fn(&Index<'_>, &Node) -> bool) -> Op {
+    op("Unsqueeze", vec![x]).min_inputs().check(axes)
+}
+
+/// Whether `name` is a graph input (not an initializer) of an integer or boolean type, of
+/// rank 2 when its shape is known: the 0/1 padding mask the additive masks are built from.
+pub(crate) fn is_mask_input(ix: &Index<'_>, name: &str) -> bool {
+    let Some(input) = ix.graph.inputs.iter().find(|v| v.name == name) else {
+        return false;
+    };
     let int_like = matches!(
         input.dtype,
         DType::I64 | DType::I32 | DType::I16 | DType::I8 | DType::U8 | DType::Bool
     );
-    let rank_ok = input.shape.as_ref().is_none_or(|s| s.len() == 2);
-    (int_like && rank_ok && !ix.inits.contains_key(m)).then(|| m.to_string())
+    int_like && input.shape.as_ref().is_none_or(|s| s.len() == 2) && !ix.inits.contains_key(name)
+}
+
+/// ferry's `additive_mask`, `Mul(Sub(1, Cast(Unsqueeze(mask, [1, 2]), float)), f32::MIN)`
+/// (kept: all layers read it), `mask` bound to `mask_input`.
+fn additive_mask() -> Pattern {
+    let unsq = unsqueeze(val("mask_input"), |ix, n| unsqueeze_axes(ix, n, &[1, 2]));
+    let to_float =
+        |_: &Index<'_>, n: &Node| n.attrs.len() == 1 && matches!(n.attr("to"), Some(Attr::Int(1)));
+    let cast = op("Cast", vec![unsq.p()]).check(to_float);
+    let sub = op(
+        "Sub",
+        vec![init("one", |i| rank0_f32(i) == Some(1.0)), cast.p()],
+    );
+    let min = init("min", |i| is_f32_scalar(i, f32::MIN));
+    Pattern::new(op("Mul", vec![sub.p(), min]).commutative().kept())
+}
+
+/// The rank-2 integer graph input whose ferry `additive_mask` is `value`.
+pub(crate) fn additive_mask_input(ix: &Index<'_>, value: &str) -> Option<String> {
+    let m = additive_mask().at_value(ix, value)?;
+    is_mask_input(ix, m.value("mask_input")).then(|| m.value("mask_input").to_string())
 }
 
 /// A plain `Reshape` (two inputs, one output, `allowzero` absent or 0).
@@ -817,81 +838,6 @@ pub(crate) fn merge_heads_reshape(ix: &Index<'_>, out: &Node) -> Option<i64> {
     }
 }
 
-/// One projection `Transpose(Reshape(Add(MatMul(x, w), b), [0, 0, heads, head_dim]), perm)`:
-/// `(x, w, b, heads, head_dim, node indices)`.
-type Projection = (String, String, String, i64, i64, Vec<usize>);
-
-fn projection(ix: &Index<'_>, value: &str, perm: &[i64]) -> Option<Projection> {
-    if !ix.single_use(value) {
-        return None;
-    }
-    let (ti, tr) = ix
-        .producer(value, "Transpose")
-        .filter(|(_, n)| has_perm(n, perm))?;
-    let r = input_at(tr, 0);
-    if !ix.single_use(r) {
-        return None;
-    }
-    let (ri, rs) = ix.producer(r, "Reshape")?;
-    let (heads, head_dim) = split_heads_reshape(ix, rs)?;
-    let hidden = heads
-        .checked_mul(head_dim)
-        .filter(|_| heads > 0 && head_dim > 0)?;
-    if !ix.single_use(input_at(rs, 0)) {
-        return None;
-    }
-    let (ai, add) = ix
-        .producer(input_at(rs, 0), "Add")
-        .filter(|(_, n)| is_binary(n, "Add"))?;
-    let (mm, b) = both_orders(add)
-        .into_iter()
-        .find(|&(mm, b)| ix.is_vector(b, hidden) && ix.single_use(mm))?;
-    let (mi, matmul) = ix
-        .producer(mm, "MatMul")
-        .filter(|(_, n)| is_binary(n, "MatMul"))?;
-    let (x, w) = (input_at(matmul, 0), input_at(matmul, 1));
-    let w_ok = ix
-        .inits
-        .get(w)
-        .is_some_and(|i| i.dtype == DType::F32 && i.dims == [hidden, hidden]);
-    w_ok.then(|| {
-        (
-            x.to_string(),
-            w.to_string(),
-            b.to_string(),
-            heads,
-            head_dim,
-            vec![ti, ri, ai, mi],
-        )
-    })
-}
-
-/// Scaled attention scores `Mul(qk, scale)` (either order) or `Div(qk, d)` (scale `1/d`)
-/// with a positive finite float32 scalar, `qk` read once: `(node index, qk, scale)`.
-pub(crate) fn scaled_scores(ix: &Index<'_>, value: &str) -> Option<(usize, String, f32)> {
-    let (qk, scale, i) = if let Some((i, mul)) = ix
-        .producer(value, "Mul")
-        .filter(|(_, n)| is_binary(n, "Mul"))
-    {
-        let (qk, s) = both_orders(mul)
-            .into_iter()
-            .find_map(|(qk, s)| Some((qk, scalar_value(ix, s)?)))?;
-        (qk, s, i)
-    } else {
-        let (i, div) = ix
-            .producer(value, "Div")
-            .filter(|(_, n)| is_binary(n, "Div"))?;
-        let d = scalar_value(ix, input_at(div, 1))?;
-        (input_at(div, 0), 1.0 / d, i)
-    };
-    (scale.is_finite() && scale > 0.0 && ix.single_use(qk)).then(|| (i, qk.to_string(), scale))
-}
-
-/// Whether `value` is produced by [`scaled_scores`]' Mul or Div.
-pub(crate) fn is_scaled(ix: &Index<'_>, value: &str) -> bool {
-    ix.producer(value, "Mul").is_some() || ix.producer(value, "Div").is_some()
-}
-
 /// `H` of a Reshape whose shape input is exactly the constant `[0, 0, H]` (no attributes):
 /// the strict merge-heads form the GPT-2 and MultiHeadAttention matchers accept.
 pub(crate) fn constant_merge_heads_reshape(ix: &Index<'_>, out: &Node) -> Option<i64> {
@@ -909,75 +855,66 @@ pub(crate) fn constant_merge_heads_reshape(ix: &Index<'_>, out: &Node) -> Option
     }
 }
 
-/// The attention core under a merge-heads Reshape, shared by the attention matchers.
-pub(crate) struct AttentionCore<'g, M> {
-    /// `MatMul(q, k)`: its inputs are the q and k head splits.
-    pub qk: &'g Node,
-    /// v's head split (the probabilities' MatMul's second input).
-    pub v: &'g str,
-    /// The matched score scale.
-    pub scale: f32,
-    /// What the caller's mask matcher made of the additive mask.
-    pub mask: M,
-    /// Indices of the Transpose, both MatMuls, Softmax, mask Add and scaling node.
-    pub removed: Vec<usize>,
+/// The attention block the attention fusions share, rooted at its merge-heads Reshape
+/// (accepted by `merge`): `Reshape(Transpose(MatMul(Softmax(Add(scores, mask), -1), v),
+/// [0, 2, 1, 3]), shape)`, `scores` being `Mul(MatMul(q, k), scale)` or `Div(MatMul(q, k),
+/// divisor)` (the scaling node bound as `scaled`, its rank-0 float32 constant as `scale`
+/// or `divisor`) and the Add's other operand bound as `mask`; every intermediate read once.
+pub(crate) fn attention_pattern(
+    merge: fn(&Index<'_>, &Node) -> bool,
+    [q, k, v]: [P; 3],
+) -> Pattern {
+    let qk = op("MatMul", vec![q, k]);
+    let scaled = P::Either(vec![
+        op(
+            "Mul",
+            vec![qk.clone().p(), init("scale", |i| rank0_f32(i).is_some())],
+        )
+        .commutative()
+        .named("scaled")
+        .p(),
+        op(
+            "Div",
+            vec![qk.p(), init("divisor", |i| rank0_f32(i).is_some())],
+        )
+        .named("scaled")
+        .p(),
+    ]);
+    let last_axis = |_: &Index<'_>, n: &Node| {
+        n.attrs.len() == 1 && matches!(n.attr("axis"), Some(Attr::Int(-1)))
+    };
+    let masked = op("Add", vec![scaled, val("mask")]).commutative();
+    let softmax = op("Softmax", vec![masked.p()]).check(last_axis);
+    let ctx = op("MatMul", vec![softmax.p(), v]);
+    let back = op("Transpose", vec![ctx.p()]).check(perm_0213);
+    Pattern::new(op("Reshape", vec![back.p(), P::Any]).check(merge))
 }
 
-/// Matches `Transpose(MatMul(Softmax(Add(Mul|Div(MatMul(q, k), scale), mask), -1), v),
-/// [0, 2, 1, 3])` feeding the merge-heads Reshape `out`, every intermediate read once.
-/// `mask(m, scaled)` decides the additive mask operand `m` (either Add order) given the
-/// scaled scores value.
-pub(crate) fn attention_core<'g, M>(
-    ix: &Index<'g>,
-    out: &Node,
-    mask: impl Fn(&str, &str) -> Option<M>,
-) -> Option<AttentionCore<'g, M>> {
-    let ct = input_at(out, 0);
-    if !ix.single_use(ct) {
-        return None;
-    }
-    let (cti, ctr) = ix
-        .producer(ct, "Transpose")
-        .filter(|(_, n)| has_perm(n, &[0, 2, 1, 3]))?;
-    if !ix.single_use(input_at(ctr, 0)) {
-        return None;
-    }
-    let (ci, ctx) = ix
-        .producer(input_at(ctr, 0), "MatMul")
-        .filter(|(_, n)| is_binary(n, "MatMul"))?;
-    let probs = input_at(ctx, 0);
-    if !ix.single_use(probs) {
-        return None;
-    }
-    let (si, sm) = ix.producer(probs, "Softmax")?;
-    if sm.inputs.len() != 1
-        || sm.outputs.len() != 1
-        || sm.attrs.len() != 1
-        || !matches!(sm.attr("axis"), Some(Attr::Int(-1)))
-        || !ix.single_use(input_at(sm, 0))
-    {
-        return None;
-    }
-    let (mai, madd) = ix
-        .producer(input_at(sm, 0), "Add")
-        .filter(|(_, n)| is_binary(n, "Add"))?;
-    let (scaled, mask) = both_orders(madd).into_iter().find_map(|(sc, m)| {
-        if !ix.single_use(sc) || !is_scaled(ix, sc) {
-            return None;
-        }
-        Some((sc, mask(m, sc)?))
-    })?;
-    let (mui, qk, scale) = scaled_scores(ix, scaled)?;
-    let (qki, qkm) = ix
-        .producer(&qk, "MatMul")
-        .filter(|(_, n)| is_binary(n, "MatMul"))?;
-    Some(AttentionCore {
-        qk: qkm,
-        v: input_at(ctx, 1),
-        scale,
-        mask,
-        removed: vec![cti, ci, si, mai, mui, qki],
-    })
+/// The score scale of an [`attention_pattern`] match (`scale`, or `1 / divisor`), when
+/// positive and finite.
+pub(crate) fn attention_scale(ix: &Index<'_>, m: &Match) -> Option<f32> {
+    let scale = match scalar_value(ix, m.value("scale")) {
+        Some(s) => s,
+        None => 1.0 / scalar_value(ix, m.value("divisor"))?,
+    };
+    (scale.is_finite() && scale > 0.0).then_some(scale)
+}
+
+/// The merge-heads Reshape of an [`attention_pattern`] match.
+pub(crate) fn matched_node<'g>(ix: &Index<'g>, m: &Match, name: &str) -> Option<&'g Node> {
+    ix.graph.nodes.get(m.node(name)?)
+}
+
+/// One projection `Transpose(Reshape(Add(MatMul(x, w), b), split heads), perm)` of the
+/// packable attention: the Reshape, weight and bias bound to the three names.
+fn projection(names: [&'static str; 3], perm: fn(&Index<'_>, &Node) -> bool) -> P {
+    let mm = op("MatMul", vec![val("x"), init(names[1], is_f32_matrix)]);
+    let add = op("Add", vec![mm.p(), init(names[2], is_f32_vector)]).commutative();
+    let split = |ix: &Index<'_>, n: &Node| split_heads_reshape(ix, n).is_some();
+    let rs = op("Reshape", vec![add.p(), P::Any])
+        .check(split)
+        .named(names[0]);
+    op("Transpose", vec![rs.p()]).check(perm).p()
 }
 
 /// A matched self-attention block.
@@ -1006,44 +943,69 @@ fn attention_bias_shape_ok(ix: &Index<'_>, mask: &str, scores: &str) -> bool {
         if (m0 == s0 || *m0 == one) && (m1 == s1 || *m1 == one) && m2 == s2 && m3 == s3)
 }
 
-/// Matches the block ending in `out` (`Reshape(Transpose(MatMul(Softmax(Add(Mul(
-/// MatMul(q, k), scale), mask)), v), [0, 2, 1, 3]), [0, 0, hidden])`).
-fn match_attention(ix: &Index<'_>, out: &Node) -> Option<AttentionMatch> {
-    let hidden = merge_heads_reshape(ix, out)?;
-    // ferry's additive mask of a 0/1 input becomes mask_index; any other additive mask of
-    // a known broadcastable shape (e.g. torch.onnx.export's) is passed as attention_bias.
-    let core = attention_core(ix, out, |m, sc| match additive_mask_input(ix, m) {
-        Some(mask) => Some((mask, false)),
-        None => attention_bias_shape_ok(ix, m, sc).then(|| (m.to_string(), true)),
-    })?;
-    let (scale, (mask, bias_mask)) = (core.scale, core.mask);
-    let q = projection(ix, input_at(core.qk, 0), &[0, 2, 1, 3])?;
-    let k = projection(ix, input_at(core.qk, 1), &[0, 2, 3, 1])?;
-    let v = projection(ix, core.v, &[0, 2, 1, 3])?;
-    let same = |p: &Projection| p.0 == q.0 && p.3 == q.3 && p.4 == q.4;
-    let (heads, head_dim) = (q.3, q.4);
-    if !same(&k) || !same(&v) || heads * head_dim != hidden {
+/// The packable self-attention: [`attention_pattern`] over three [`projection`]s of one
+/// `x`.
+fn packable_attention() -> Pattern {
+    attention_pattern(
+        |ix, n| merge_heads_reshape(ix, n).is_some(),
+        [
+            projection(["q_split", "wq", "bq"], perm_0213),
+            projection(["k_split", "wk", "bk"], perm_0231),
+            projection(["v_split", "wv", "bv"], perm_0213),
+        ],
+    )
+}
+
+/// Checks a [`packable_attention`] match at node `i`: head counts, weight and bias
+/// shapes, `x`'s width, the scale and the mask.
+fn match_attention(ix: &Index<'_>, pat: &Pattern, i: usize) -> Option<AttentionMatch> {
+    let m = pat.at(ix, i)?;
+    let hidden = merge_heads_reshape(ix, &ix.graph.nodes[i])?;
+    let split = |name| split_heads_reshape(ix, matched_node(ix, &m, name)?);
+    let (heads, head_dim) = split("q_split")?;
+    if split("k_split")? != (heads, head_dim)
+        || split("v_split")? != (heads, head_dim)
+        || heads <= 0
+        || head_dim <= 0
+        || heads.checked_mul(head_dim) != Some(hidden)
+    {
         return None;
     }
+    let dims = |name, want: &[i64]| ix.inits.get(m.value(name)).is_some_and(|i| i.dims == want);
+    let weights_ok = ["wq", "wk", "wv"]
+        .iter()
+        .all(|w| dims(w, &[hidden, hidden]));
+    if !weights_ok || !["bq", "bk", "bv"].iter().all(|b| dims(b, &[hidden])) {
+        return None;
+    }
+    let x = m.value("x").to_string();
     let x_ok = ix
         .shapes
-        .get(q.0.as_str())
+        .get(x.as_str())
         .is_some_and(|s| s.len() == 3 && s[2].fixed() == Some(hidden));
-    if !x_ok {
-        return None;
-    }
-    let mut removed = core.removed;
-    removed.extend(q.5.iter().chain(&k.5).chain(&v.5));
-    Some(AttentionMatch {
-        x: q.0,
-        weights: [q.1, k.1, v.1],
-        biases: [q.2, k.2, v.2],
+    let scale = attention_scale(ix, &m)?;
+    // ferry's additive mask of a 0/1 input becomes mask_index; any other additive mask of
+    // a known broadcastable shape (e.g. torch.onnx.export's) is passed as attention_bias.
+    let scores = output_at(matched_node(ix, &m, "scaled")?, 0);
+    let (mask, bias_mask) = match additive_mask_input(ix, m.value("mask")) {
+        Some(mask) => (mask, false),
+        None if attention_bias_shape_ok(ix, m.value("mask"), scores) => {
+            (m.value("mask").to_string(), true)
+        }
+        None => return None,
+    };
+    let value = |name| m.value(name).to_string();
+    let (weights, biases) = (["wq", "wk", "wv"].map(value), ["bq", "bk", "bv"].map(value));
+    x_ok.then_some(AttentionMatch {
+        x,
+        weights,
+        biases,
         heads,
         hidden,
         scale,
         mask,
         bias_mask,
-        removed,
+        removed: m.interior,
     })
 }
 
@@ -1066,8 +1028,9 @@ pub fn fuse_attention(graph: &mut Graph) -> usize {
     let mut rewrites = Vec::new();
     let mut new_inits: Vec<Initializer> = Vec::new();
     let mut casts = Int32Casts::new(graph, false);
+    let pat = packable_attention();
     for (i, out) in graph.nodes.iter().enumerate() {
-        let Some(m) = match_attention(&ix, out) else {
+        let Some(m) = match_attention(&ix, &pat, i) else {
             continue;
         };
         if !taken.free(i, &m.removed) {

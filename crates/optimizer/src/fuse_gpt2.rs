@@ -1,169 +1,114 @@
 //! GPT-2 causal self-attention (without past key/values) fused into `com.microsoft`
 //! `Attention` with `unidirectional = 1`.
 
-use ferry_ir::{Attr, DType, Graph, Node};
+use ferry_ir::{Attr, Graph, Node};
 
 use crate::fuse::{
-    Claimed, Index, Int32Casts, Rewrite, apply, attention_core, both_orders,
-    constant_merge_heads_reshape, fused_name, has_perm, input_at, int_vector, is_binary, ms_node,
-    node_names, scalar_value, value_names,
+    Claimed, Index, Int32Casts, Rewrite, apply, attention_pattern, attention_scale,
+    constant_merge_heads_reshape, fused_name, has_perm, input_at, int_vector, is_mask_input,
+    matched_node, ms_node, node_names, perm_0213, perm_0231, unsqueeze, unsqueeze_axes,
+    value_names,
 };
-
-/// A rank-0 int64 initializer's value.
-fn scalar_i64(ix: &Index<'_>, value: &str) -> Option<i64> {
-    let i = ix.inits.get(value)?;
-    if i.dtype != DType::I64 || !i.dims.is_empty() {
-        return None;
-    }
-    let b = i.data.bytes().ok()?;
-    Some(i64::from_le_bytes(b.get(..8)?.try_into().ok()?))
-}
-
-/// `Unsqueeze(x, axes)` with the axes as attribute or constant input: `(index, x)`.
-fn unsqueeze_of<'g>(ix: &Index<'g>, value: &str, axes: &[i64]) -> Option<(usize, &'g Node)> {
-    let (i, n) = ix.producer(value, "Unsqueeze")?;
-    let ok = match (n.inputs.len(), n.attr("axes")) {
-        (1, Some(Attr::Ints(a))) => a == axes,
-        (2, None) => int_vector(ix, input_at(n, 1)).is_some_and(|a| a == axes),
-        _ => false,
-    };
-    (ok && n.outputs.len() == 1 && n.attrs.len() <= 1).then_some((i, n))
-}
+use crate::pattern::{
+    P, Pattern, init, is_f32_matrix, is_f32_scalar, is_f32_vector, is_i64_vector, op, rank0_i64,
+    val,
+};
 
 /// ferry's GPT-2 causal + padding mask without past (`causal_mask` in the tracer):
 /// `Where(And(Not(Greater(Range(0, n, 1), Unsqueeze(Range(0, n, 1), [1]))),
-/// Cast(Unsqueeze(mask, [1, 2]), bool)), 0, f32::MIN)` with `n = Gather(Shape(mask), 1)`,
-/// over a rank-2 integer graph input `mask`; returns that input's name.
-fn causal_padding_mask(ix: &Index<'_>, value: &str) -> Option<String> {
-    let (_, wh) = ix.producer(value, "Where")?;
-    if wh.inputs.len() != 3
-        || scalar_value(ix, input_at(wh, 1)) != Some(0.0)
-        || scalar_value(ix, input_at(wh, 2)).is_none_or(|v| v.to_bits() != f32::MIN.to_bits())
-    {
-        return None;
-    }
-    let (_, and) = ix
-        .producer(input_at(wh, 0), "And")
-        .filter(|(_, n)| is_binary(n, "And"))?;
-    both_orders(and).into_iter().find_map(|(allowed, pad)| {
-        let (_, cast) = ix.producer(pad, "Cast")?;
-        if cast.inputs.len() != 1 || !matches!(cast.attr("to"), Some(Attr::Int(9))) {
-            return None;
-        }
-        let (_, unsq) = unsqueeze_of(ix, input_at(cast, 0), &[1, 2])?;
-        let mask = input_at(unsq, 0);
-        let input = ix.graph.inputs.iter().find(|v| v.name == mask)?;
-        let int_like = matches!(
-            input.dtype,
-            DType::I64 | DType::I32 | DType::I16 | DType::I8 | DType::U8 | DType::Bool
-        );
-        if !int_like
-            || input.shape.as_ref().is_some_and(|s| s.len() != 2)
-            || ix.inits.contains_key(mask)
-        {
-            return None;
-        }
-        let (_, not) = ix.producer(allowed, "Not")?;
-        let (_, gt) = ix
-            .producer(input_at(not, 0), "Greater")
-            .filter(|(_, n)| is_binary(n, "Greater"))?;
-        let range = |v: &str| {
-            let (_, r) = ix.producer(v, "Range")?;
-            (r.inputs.len() == 3
-                && scalar_i64(ix, input_at(r, 0)) == Some(0)
-                && scalar_i64(ix, input_at(r, 2)) == Some(1))
-            .then(|| input_at(r, 1).to_string())
-        };
-        let kv_len = range(input_at(gt, 0))?;
-        let (_, qc) = unsqueeze_of(ix, input_at(gt, 1), &[1])?;
-        let q_len = range(input_at(qc, 0))?;
-        if kv_len != q_len {
-            return None;
-        }
-        let (_, gather) = ix.producer(&kv_len, "Gather")?;
-        let axis_ok = matches!(gather.attr("axis"), None | Some(Attr::Int(0)));
-        if !axis_ok || gather.inputs.len() != 2 || scalar_i64(ix, input_at(gather, 1)) != Some(1) {
-            return None;
-        }
-        let (_, shape) = ix.producer(input_at(gather, 0), "Shape")?;
-        (shape.inputs.len() == 1 && shape.attrs.is_empty() && input_at(shape, 0) == mask)
-            .then(|| mask.to_string())
-    })
+/// Cast(Unsqueeze(mask, [1, 2]), bool)), 0, f32::MIN)` with `n = Gather(Shape(mask), 1)`
+/// (kept: all layers read it), `mask` bound to `mask_input`.
+fn causal_padding_mask() -> Pattern {
+    let n = op(
+        "Gather",
+        vec![
+            op("Shape", vec![val("mask_input")])
+                .check(|_, n| n.attrs.is_empty())
+                .p(),
+            init("one", |i| rank0_i64(i) == Some(1)),
+        ],
+    )
+    .check(|_, n| matches!(n.attr("axis"), None | Some(Attr::Int(0))))
+    .named("n");
+    // Range(0, n, 1), its constants bound to the two names.
+    let range = |[start, step]: [&'static str; 2]| {
+        let start = init(start, |i| rank0_i64(i) == Some(0));
+        let step = init(step, |i| rank0_i64(i) == Some(1));
+        op("Range", vec![start, n.clone().p(), step]).p()
+    };
+    let column = unsqueeze(range(["q_start", "q_step"]), |ix, n| {
+        unsqueeze_axes(ix, n, &[1])
+    });
+    let kv = range(["kv_start", "kv_step"]);
+    let allowed = op("Not", vec![op("Greater", vec![kv, column.p()]).p()]);
+    let to_bool = |_: &Index<'_>, n: &Node| matches!(n.attr("to"), Some(Attr::Int(9)));
+    let padding = unsqueeze(val("mask_input"), |ix, n| unsqueeze_axes(ix, n, &[1, 2]));
+    let padding = op("Cast", vec![padding.p()]).check(to_bool);
+    let and = op("And", vec![allowed.p(), padding.p()]).commutative();
+    let zero = init("zero_f", |i| scalar_is(i, 0.0));
+    let min = init("min", |i| is_f32_scalar(i, f32::MIN));
+    Pattern::new(op("Where", vec![and.p(), zero, min]).kept())
 }
 
-/// One head split `Transpose(Reshape(Slice(qkv, [k·H], [(k+1)·H], [-1]), [0, 0, heads,
-/// head_dim]), [0, 2, 1, 3])`, for the key either followed by `Transpose([0, 1, 3, 2])` or
-/// as one `Transpose([0, 2, 3, 1])`: `(qkv, slot k, heads, head_dim, node indices)`.
-fn head_split(
-    ix: &Index<'_>,
-    value: &str,
-    key: bool,
-) -> Option<(String, i64, i64, i64, Vec<usize>)> {
-    if !ix.single_use(value) {
-        return None;
+/// A rank-0 float32 initializer equal to `v`.
+fn scalar_is(i: &ferry_ir::Initializer, v: f32) -> bool {
+    crate::pattern::rank0_f32(i) == Some(v)
+}
+
+/// One head split `Transpose(Reshape(Slice(qkv, start, end, axes[, steps]), shape),
+/// [0, 2, 1, 3])` of the packed projection `qkv`, for the key either followed by
+/// `Transpose([0, 1, 3, 2])` or as one `Transpose([0, 2, 3, 1])`; the Slice and shape bound
+/// to the two names.
+fn head_split(names: [&'static str; 2], key: bool) -> P {
+    let mm = op("MatMul", vec![val("x"), init("w", is_f32_matrix)]);
+    let qkv = op("Add", vec![mm.p(), init("b", is_f32_vector)])
+        .commutative()
+        .named("qkv")
+        .uses(Some(3));
+    let slice = op("Slice", vec![qkv.p(), P::Any, P::Any, P::Any])
+        .min_inputs()
+        .named(names[0]);
+    let rs = op("Reshape", vec![slice.p(), init(names[1], is_i64_vector)])
+        .check(|_, n| n.attrs.is_empty());
+    if !key {
+        return op("Transpose", vec![rs.p()]).check(perm_0213).p();
     }
-    let mut removed = Vec::new();
-    let (ti, tr) = ix.producer(value, "Transpose")?;
-    removed.push(ti);
-    let reshaped = if key && has_perm(tr, &[0, 1, 3, 2]) {
-        if !ix.single_use(input_at(tr, 0)) {
-            return None;
-        }
-        let (t2i, t2) = ix
-            .producer(input_at(tr, 0), "Transpose")
-            .filter(|(_, n)| has_perm(n, &[0, 2, 1, 3]))?;
-        removed.push(t2i);
-        input_at(t2, 0)
-    } else if has_perm(tr, if key { &[0, 2, 3, 1] } else { &[0, 2, 1, 3] }) {
-        input_at(tr, 0)
-    } else {
-        return None;
-    };
-    if !ix.single_use(reshaped) {
-        return None;
-    }
-    let (ri, rs) = ix.producer(reshaped, "Reshape")?;
-    if rs.inputs.len() != 2 || rs.outputs.len() != 1 || !rs.attrs.is_empty() {
-        return None;
-    }
-    let [0, 0, heads, head_dim] = int_vector(ix, input_at(rs, 1))?[..] else {
+    let split = op("Transpose", vec![rs.clone().p()]).check(perm_0213);
+    P::Either(vec![
+        op("Transpose", vec![split.p()])
+            .check(|_, n| has_perm(n, &[0, 1, 3, 2]))
+            .p(),
+        op("Transpose", vec![rs.p()]).check(perm_0231).p(),
+    ])
+}
+
+/// `(heads, head_dim, slot)` of a head split: its shape `[0, 0, heads, head_dim]`, its
+/// Slice the `slot`-th block of `heads · head_dim` columns along the last axis (step 1).
+fn split_slot(ix: &Index<'_>, shape: &str, slice: &Node) -> Option<(i64, i64, i64)> {
+    let [0, 0, heads, head_dim] = int_vector(ix, shape)?[..] else {
         return None;
     };
     let h = heads
         .checked_mul(head_dim)
         .filter(|_| heads > 0 && head_dim > 0)?;
-    if !ix.single_use(input_at(rs, 0)) {
-        return None;
-    }
-    let (si, sl) = ix.producer(input_at(rs, 0), "Slice")?;
-    let steps_ok = match sl.inputs.len() {
+    let steps_ok = match slice.inputs.len() {
         4 => true,
-        5 => int_vector(ix, input_at(sl, 4)).is_some_and(|s| s == [1]),
+        5 => int_vector(ix, input_at(slice, 4)).is_some_and(|s| s == [1]),
         _ => false,
     };
-    let axes_ok = int_vector(ix, input_at(sl, 3)).is_some_and(|a| a == [-1] || a == [2]);
+    let axes_ok = int_vector(ix, input_at(slice, 3)).is_some_and(|a| a == [-1] || a == [2]);
     let ([start], [end]) = (
-        &int_vector(ix, input_at(sl, 1))?[..],
-        &int_vector(ix, input_at(sl, 2))?[..],
+        &int_vector(ix, input_at(slice, 1))?[..],
+        &int_vector(ix, input_at(slice, 2))?[..],
     ) else {
         return None;
     };
-    if !steps_ok
-        || !axes_ok
-        || start % h != 0
-        || end.checked_sub(*start) != Some(h)
-        || !(0..3).contains(&(start / h))
-    {
-        return None;
-    }
-    removed.extend([ri, si]);
-    Some((
-        input_at(sl, 0).to_string(),
-        start / h,
-        heads,
-        head_dim,
-        removed,
-    ))
+    let ok = steps_ok
+        && axes_ok
+        && start % h == 0
+        && end.checked_sub(*start) == Some(h)
+        && (0..3).contains(&(start / h));
+    ok.then_some((heads, head_dim, start / h))
 }
 
 /// A matched GPT-2 attention block.
@@ -177,56 +122,52 @@ struct Gpt2Match {
     removed: Vec<usize>,
 }
 
-/// Matches the block ending in `out`: `Reshape(Transpose(MatMul(Softmax(Add(Mul(MatMul(q,
-/// k), scale), causal_mask)), v), [0, 2, 1, 3]), [0, 0, H])`, q/k/v head splits of one
-/// `Add(MatMul(x, W[H, 3H]), b[3H])`.
-fn match_gpt2_attention(ix: &Index<'_>, out: &Node) -> Option<Gpt2Match> {
-    let hidden = constant_merge_heads_reshape(ix, out)?;
-    let core = attention_core(ix, out, |m, _| causal_padding_mask(ix, m))?;
-    let q = head_split(ix, input_at(core.qk, 0), false)?;
-    let k = head_split(ix, input_at(core.qk, 1), true)?;
-    let v = head_split(ix, core.v, false)?;
-    let same = |p: &(String, i64, i64, i64, Vec<usize>)| p.0 == q.0 && p.2 == q.2 && p.3 == q.3;
-    if !same(&k) || !same(&v) || (q.1, k.1, v.1) != (0, 1, 2) || q.2 * q.3 != hidden {
+/// GPT-2's attention: [`attention_pattern`] over q/k/v head splits of one `Add(MatMul(x,
+/// W), b)`.
+fn gpt2_pattern() -> Pattern {
+    attention_pattern(
+        |ix, n| constant_merge_heads_reshape(ix, n).is_some(),
+        [
+            head_split(["q_slice", "q_shape"], false),
+            head_split(["k_slice", "k_shape"], true),
+            head_split(["v_slice", "v_shape"], false),
+        ],
+    )
+}
+
+/// Checks a [`gpt2_pattern`] match at node `i`: q, k, v the slots 0, 1, 2 of `W[H, 3H]`
+/// and `b[3H]` in heads as wide as the merged output, a rank-3 `x` of width `H`, a
+/// positive scale and ferry's causal + padding mask.
+fn match_gpt2_attention(ix: &Index<'_>, pat: &Pattern, i: usize) -> Option<Gpt2Match> {
+    let m = pat.at(ix, i)?;
+    let hidden = constant_merge_heads_reshape(ix, &ix.graph.nodes[i])?;
+    let slot = |slice, shape| split_slot(ix, m.value(shape), matched_node(ix, &m, slice)?);
+    let (heads, head_dim, q) = slot("q_slice", "q_shape")?;
+    let (k, v) = (slot("k_slice", "k_shape")?, slot("v_slice", "v_shape")?);
+    if (q, k, v) != (0, (heads, head_dim, 1), (heads, head_dim, 2)) || heads * head_dim != hidden {
         return None;
     }
-    // The packed projection, read by the three slices only.
-    let qkv = q.0.as_str();
-    if ix.consumers.get(qkv) != Some(&3) || ix.graph_outputs.contains(qkv) {
-        return None;
-    }
-    let (ai, add) = ix
-        .producer(qkv, "Add")
-        .filter(|(_, n)| is_binary(n, "Add"))?;
-    let (mm, bias) = both_orders(add)
-        .into_iter()
-        .find(|&(mm, b)| ix.is_vector(b, 3 * hidden) && ix.single_use(mm))?;
-    let (mi, matmul) = ix
-        .producer(mm, "MatMul")
-        .filter(|(_, n)| is_binary(n, "MatMul"))?;
-    let (x, w) = (input_at(matmul, 0), input_at(matmul, 1));
-    let w_ok = ix
-        .inits
-        .get(w)
-        .is_some_and(|i| i.dtype == DType::F32 && i.dims == [hidden, 3 * hidden]);
+    let dims = |name, want: &[i64]| ix.inits.get(m.value(name)).is_some_and(|i| i.dims == want);
     let x_ok = ix
         .shapes
-        .get(x)
+        .get(m.value("x"))
         .is_some_and(|s| s.len() == 3 && s[2].fixed() == Some(hidden));
-    if !w_ok || !x_ok {
+    if !dims("w", &[hidden, 3 * hidden]) || !dims("b", &[3 * hidden]) || !x_ok {
         return None;
     }
-    let mut removed = core.removed;
-    removed.extend([ai, mi]);
-    removed.extend(q.4.iter().chain(&k.4).chain(&v.4));
+    let mask = causal_padding_mask().at_value(ix, m.value("mask"))?;
+    let mask = mask.value("mask_input");
+    if !is_mask_input(ix, mask) {
+        return None;
+    }
     Some(Gpt2Match {
-        x: x.to_string(),
-        weight: w.to_string(),
-        bias: bias.to_string(),
-        heads: q.2,
-        scale: core.scale,
-        mask: core.mask,
-        removed,
+        x: m.value("x").to_string(),
+        weight: m.value("w").to_string(),
+        bias: m.value("b").to_string(),
+        heads,
+        scale: attention_scale(ix, &m)?,
+        mask: mask.to_string(),
+        removed: m.interior.clone(),
     })
 }
 
@@ -249,8 +190,9 @@ pub fn fuse_gpt2_attention(graph: &mut Graph) -> usize {
     let mut casts = Int32Casts::new(graph, true);
     let mut taken = Claimed::default();
     let mut rewrites = Vec::new();
+    let pat = gpt2_pattern();
     for (i, out) in graph.nodes.iter().enumerate() {
-        let Some(m) = match_gpt2_attention(&ix, out) else {
+        let Some(m) = match_gpt2_attention(&ix, &pat, i) else {
             continue;
         };
         if !taken.claim(i, &m.removed) {
@@ -284,7 +226,7 @@ pub fn fuse_gpt2_attention(graph: &mut Graph) -> usize {
 
 #[cfg(test)]
 mod tests {
-    use ferry_ir::{Dim, Initializer, TensorData, Value};
+    use ferry_ir::{DType, Dim, Initializer, TensorData, Value};
 
     use super::*;
     use crate::test_util::{graph, init, node};

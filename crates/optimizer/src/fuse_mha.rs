@@ -2,39 +2,36 @@
 //! constants, or [`fuse_attention`](crate::fuse_attention) disabled) fused into
 //! `com.microsoft` `MultiHeadAttention` with separate query, key and value inputs.
 
-use ferry_ir::{Attr, Graph, Node};
+use ferry_ir::{Attr, Graph};
 
 use crate::fuse::{
-    Claimed, Index, Int32Casts, Rewrite, additive_mask_input, apply, attention_core,
-    constant_merge_heads_reshape, fused_name, has_perm, input_at, int_vector, ms_node, node_names,
-    value_names,
+    Claimed, Index, Int32Casts, Rewrite, additive_mask_input, apply, attention_pattern,
+    attention_scale, constant_merge_heads_reshape, fused_name, int_vector, ms_node, node_names,
+    perm_0213, perm_0231, value_names,
 };
+use crate::pattern::{P, Pattern, init, is_i64_vector, op, val};
 
-/// `Transpose(Reshape(p, [0, 0, heads, head_dim]), perm)` read once: `(p, heads, head_dim,
-/// node indices)`.
-fn split_heads(
-    ix: &Index<'_>,
-    value: &str,
-    perm: &[i64],
-) -> Option<(String, i64, i64, Vec<usize>)> {
-    if !ix.single_use(value) {
-        return None;
-    }
-    let (ti, tr) = ix
-        .producer(value, "Transpose")
-        .filter(|(_, n)| has_perm(n, perm))?;
-    if !ix.single_use(input_at(tr, 0)) {
-        return None;
-    }
-    let (ri, rs) = ix.producer(input_at(tr, 0), "Reshape")?;
-    if rs.inputs.len() != 2 || rs.outputs.len() != 1 || !rs.attrs.is_empty() {
-        return None;
-    }
-    let [0, 0, heads, head_dim] = int_vector(ix, input_at(rs, 1))?[..] else {
-        return None;
-    };
-    (heads > 0 && head_dim > 0)
-        .then(|| (input_at(rs, 0).to_string(), heads, head_dim, vec![ti, ri]))
+/// `Transpose(Reshape(p, [0, 0, heads, head_dim]), perm)`, `p` and the shape bound to the
+/// two names.
+fn split_heads(names: [&'static str; 2], perm: fn(&Index<'_>, &ferry_ir::Node) -> bool) -> P {
+    let rs = op(
+        "Reshape",
+        vec![val(names[0]), init(names[1], is_i64_vector)],
+    )
+    .check(|_, n| n.attrs.is_empty());
+    op("Transpose", vec![rs.p()]).check(perm).p()
+}
+
+/// The attention core over head splits of three projections.
+fn mha_pattern() -> Pattern {
+    attention_pattern(
+        |ix, n| constant_merge_heads_reshape(ix, n).is_some(),
+        [
+            split_heads(["q", "q_shape"], perm_0213),
+            split_heads(["k", "k_shape"], perm_0231),
+            split_heads(["v", "v_shape"], perm_0213),
+        ],
+    )
 }
 
 /// A matched attention core.
@@ -46,36 +43,36 @@ struct MhaMatch {
     removed: Vec<usize>,
 }
 
-/// Matches `Reshape(Transpose(MatMul(Softmax(Add(Mul(MatMul(q, k), scale), mask)), v),
-/// [0, 2, 1, 3]), [0, 0, H])` over head splits of three rank-3 projections.
-fn match_mha(ix: &Index<'_>, out: &Node) -> Option<MhaMatch> {
-    let hidden = constant_merge_heads_reshape(ix, out)?;
-    let core = attention_core(ix, out, |m, _| additive_mask_input(ix, m))?;
-    let q = split_heads(ix, input_at(core.qk, 0), &[0, 2, 1, 3])?;
-    let k = split_heads(ix, input_at(core.qk, 1), &[0, 2, 3, 1])?;
-    let v = split_heads(ix, core.v, &[0, 2, 1, 3])?;
-    let (heads, head_dim) = (q.1, q.2);
-    if (k.1, k.2) != (heads, head_dim) || (v.1, v.2) != (heads, head_dim) {
+/// Checks an [`mha_pattern`] match at node `i`: one head split for q, k and v, as wide
+/// as the merged output (known projection widths too), a positive scale, ferry's mask.
+fn match_mha(ix: &Index<'_>, pat: &Pattern, i: usize) -> Option<MhaMatch> {
+    let m = pat.at(ix, i)?;
+    let hidden = constant_merge_heads_reshape(ix, &ix.graph.nodes[i])?;
+    let split = |name| match int_vector(ix, m.value(name))?[..] {
+        [0, 0, heads, head_dim] if heads > 0 && head_dim > 0 => Some((heads, head_dim)),
+        _ => None,
+    };
+    let (heads, head_dim) = split("q_shape")?;
+    if split("k_shape")? != (heads, head_dim)
+        || split("v_shape")? != (heads, head_dim)
+        || heads.checked_mul(head_dim) != Some(hidden)
+    {
         return None;
     }
-    if heads.checked_mul(head_dim) != Some(hidden) {
-        return None;
-    }
+    let qkv = ["q", "k", "v"].map(|p| m.value(p).to_string());
     // Known projection widths must be the hidden size.
-    let width_ok = [&q.0, &k.0, &v.0]
+    if !qkv
         .iter()
-        .all(|p| ix.last_dim(p).is_none_or(|d| d == hidden));
-    if !width_ok {
+        .all(|p| ix.last_dim(p).is_none_or(|d| d == hidden))
+    {
         return None;
     }
-    let mut removed = core.removed;
-    removed.extend(q.3.iter().chain(&k.3).chain(&v.3));
     Some(MhaMatch {
-        qkv: [q.0, k.0, v.0],
+        qkv,
         heads,
-        scale: core.scale,
-        mask: core.mask,
-        removed,
+        scale: attention_scale(ix, &m)?,
+        mask: additive_mask_input(ix, m.value("mask"))?,
+        removed: m.interior,
     })
 }
 
@@ -97,8 +94,9 @@ pub fn fuse_multi_head_attention(graph: &mut Graph) -> usize {
     let mut casts = Int32Casts::new(graph, true);
     let mut taken = Claimed::default();
     let mut rewrites = Vec::new();
+    let pat = mha_pattern();
     for (i, out) in graph.nodes.iter().enumerate() {
-        let Some(m) = match_mha(&ix, out) else {
+        let Some(m) = match_mha(&ix, &pat, i) else {
             continue;
         };
         if !taken.claim(i, &m.removed) {

@@ -202,10 +202,13 @@ impl Pattern {
             root: i,
             ..Match::default()
         };
-        let mut root = self.root.clone();
-        root.uses = None;
-        root.optional = false;
-        match_node(ix, &root, i, &mut m).then_some(m)
+        // The root's own readers and `optional` are not looked at (`match_value` does).
+        match_node(ix, &self.root, i, &mut m).then_some(m)
+    }
+
+    /// Matches the pattern with its root at the node producing `value`.
+    pub(crate) fn at_value(&self, ix: &Index<'_>, value: &str) -> Option<Match> {
+        self.at(ix, *ix.producer.get(value)?)
     }
 
     /// Every node index where the pattern matches, with its match.
@@ -349,6 +352,21 @@ pub(crate) fn rank0_f32(i: &Initializer) -> Option<f32> {
 /// Whether `i` is a rank-0 float32 initializer equal to `want` bit for bit.
 pub(crate) fn is_f32_scalar(i: &Initializer, want: f32) -> bool {
     rank0_f32(i).is_some_and(|v| v.to_bits() == want.to_bits())
+}
+
+/// A rank-0 int64 initializer's value.
+pub(crate) fn rank0_i64(i: &Initializer) -> Option<i64> {
+    if i.dtype != DType::I64 || !i.dims.is_empty() {
+        return None;
+    }
+    Some(i64::from_le_bytes(
+        i.data.bytes().ok()?.get(..8)?.try_into().ok()?,
+    ))
+}
+
+/// A 1-D int64 initializer (a shape, Slice starts/ends/axes).
+pub(crate) fn is_i64_vector(i: &Initializer) -> bool {
+    i.dtype == DType::I64 && i.dims.len() == 1
 }
 
 /// A 1-D float32 initializer (a norm's weight, a bias).
