@@ -1,6 +1,7 @@
-//! `ferry export --genai`: the folder onnxruntime-genai loads. The decoder is exported with
-//! its cache, optimized and (with `--quantize`) quantized through the same streaming stages
-//! as `ferry export --optimize --quantize`, the last stage writing `DIR/model.onnx`; then
+//! `ferry export --genai`: the folder onnxruntime-genai loads. The decoder is traced with
+//! its cache, optimized and (with `--quantize int4|fp16`) quantized in memory by the same
+//! passes `ferry optimize` / `ferry quantize` run (weights borrowed from the checkpoint and
+//! computed lazily, so nothing is held whole), written once as `DIR/model.onnx`; then
 //! `genai_config.json` and the tokenizer files (`ferry_pipeline::genai`). Nothing is left
 //! behind on an error.
 
@@ -118,86 +119,92 @@ fn remove_model(path: &Path) {
     }
 }
 
-/// Exports, optimizes and quantizes into `output`, then writes `genai_config.json` and the
-/// tokenizer files beside it.
+/// Optimizes and quantizes the traced decoder in memory (weights stay borrowed from the
+/// checkpoint or computed lazily), writes `output` once, then `genai_config.json` and the
+/// tokenizer files beside it. On an error nothing is left: the folder is removed when this
+/// call created it, otherwise only the files it wrote.
 pub fn write(a: &ExportArgs, output: &Path, e: &Export) -> Result<(), String> {
     let dir = folder(output);
     let created = !dir.exists();
     if created {
         std::fs::create_dir(&dir).map_err(|err| format!("{}: {err}", dir.display()))?;
     }
-    let plain = dir.join(".ferry-genai-export.onnx");
-    let optimized = dir.join(".ferry-genai-optimized.onnx");
     let mut extra: Vec<PathBuf> = Vec::new();
-    let result = stages(a, output, e, &plain, &optimized, &mut extra);
-    remove_model(&plain);
-    remove_model(&optimized);
-    match result {
-        Ok(()) => Ok(()),
-        Err(err) => {
-            remove_model(output);
-            for f in &extra {
-                let _ = std::fs::remove_file(f);
-            }
-            if created {
-                let _ = std::fs::remove_dir(&dir);
-            }
-            Err(err)
+    let result = stages(a, output, e, &mut extra);
+    if result.is_err() {
+        remove_model(output);
+        for f in &extra {
+            let _ = std::fs::remove_file(f);
+        }
+        if created {
+            let _ = std::fs::remove_dir(&dir);
         }
     }
+    result
 }
 
 fn stages(
     a: &ExportArgs,
     output: &Path,
     e: &Export,
-    plain: &Path,
-    optimized: &Path,
     written: &mut Vec<PathBuf>,
 ) -> Result<(), String> {
+    // The same passes `ferry optimize` and `ferry quantize` run on a file, here on the
+    // traced graph itself: one write instead of three.
+    let mut graph = e.graph.clone();
+    let pb = stage("optimize");
+    let opts = ferry_optimizer::OptimizeOptions {
+        disabled: e.disabled.clone(),
+        ..Default::default()
+    };
+    let before = graph.nodes.len();
+    let stats = ferry_optimizer::optimize_with(&mut graph, &opts).map_err(|e| e.to_string())?;
+    done(
+        pb,
+        format!("{stats} ({before} → {} nodes)", graph.nodes.len()),
+    );
+    eprintln!(
+        "{}",
+        crate::optimize::fused_line(&ferry_optimizer::fused_operator_statistics(&graph))
+    );
+    match e.quantize {
+        Some(QuantMode::Int4) => {
+            let pb = stage("int4");
+            // onnxruntime-genai's model builder's defaults for `-p int4 -e cpu`.
+            let opts = ferry_quantizer::int4::Int4Options {
+                block_size: 32,
+                symmetric: true,
+                exclude: Vec::new(),
+                accuracy_level: Some(4),
+            };
+            let g = ferry_quantizer::gather4::quantize_gathers(&mut graph, &opts)
+                .map_err(|e| e.to_string())?;
+            let m = ferry_quantizer::int4::quantize_int4(&mut graph, &opts)
+                .map_err(|e| e.to_string())?;
+            done(pb, format!("{m}; {g}"));
+        }
+        Some(QuantMode::Fp16) => {
+            let pb = stage("fp16");
+            let s = ferry_quantizer::fp16::convert_fp16(&mut graph, &Default::default())
+                .map_err(|e| e.to_string())?;
+            done(pb, s.to_string());
+        }
+        Some(QuantMode::Int8) | None => {}
+    }
     let pb = stage("write");
-    pb.set_message(plain.display().to_string());
+    pb.set_message(output.display().to_string());
     let wopts = ferry_onnx::WriteOptions {
         external_data: crate::common::external_data(a.external_data),
         doc_string: format!("exported by ferry from {}", e.model),
         metadata: metadata::for_export(e.dir, e.config, e.task),
     };
-    let report = ferry_onnx::write_model(e.graph, plain, &wopts).map_err(|e| e.to_string())?;
+    let report = ferry_onnx::write_model(&graph, output, &wopts).map_err(|e| e.to_string())?;
     done(pb, human_bytes(report.model_bytes + report.data_bytes));
-
-    let opts = ferry_optimizer::OptimizeOptions {
-        disabled: e.disabled.clone(),
-        ..Default::default()
-    };
-    let target = if e.quantize.is_some() {
-        optimized
-    } else {
-        output
-    };
-    let o = crate::optimize::optimize_file(plain, target, &opts, a.external_data)?;
-    eprintln!("optimized: {}", o.summary);
-    eprintln!("{}", crate::optimize::fused_line(&o.fused));
-    if let Some(mode) = e.quantize {
-        let mut args = crate::quantize::default_args(optimized, output, mode, a.external_data);
-        if mode == QuantMode::Int4 {
-            // onnxruntime-genai's model builder's defaults for `-p int4 -e cpu`.
-            args.block_size = 32;
-            args.symmetric = true;
-            args.accuracy_level = Some(4);
-        }
-        // The accuracy report would load the float model in ONNX Runtime; `ferry quantize`
-        // gives one on its own.
-        args.no_report = true;
-        let q = crate::quantize::quantize_file(&args, optimized, output, plain)?;
-        eprintln!("quantized: {}", q.summary);
+    if let Some(d) = report.data_path {
+        written.push(d);
     }
-    remove_model(plain);
-    remove_model(optimized);
 
     let pb = stage("genai");
-    let graph = ferry_onnx::read_model(output)
-        .map_err(|e| e.to_string())?
-        .graph;
     let decoder = ferry_pipeline::genai::DecoderModel {
         filename: "model.onnx".into(),
         inputs: graph.inputs.iter().map(|v| v.name.clone()).collect(),
