@@ -22,6 +22,7 @@ mod eval;
 mod fold;
 mod fuse;
 mod fuse_gpt2;
+mod fuse_gqa;
 mod fuse_layer_norm;
 mod fuse_llm;
 mod fuse_mha;
@@ -42,6 +43,7 @@ pub use fuse::{
     fuse_fast_gelu, fuse_gelu, fuse_skip_layer_norm,
 };
 pub use fuse_gpt2::fuse_gpt2_attention;
+pub use fuse_gqa::fuse_group_query_attention;
 pub use fuse_layer_norm::fuse_layer_norm;
 pub use fuse_llm::{fuse_packed_qkv, fuse_simplified_layer_norm, fuse_skip_simplified_layer_norm};
 pub use fuse_mha::fuse_multi_head_attention;
@@ -110,6 +112,9 @@ pub struct Stats {
     pub skip_simplified_layer_norm_fused: usize,
     /// q/k/v projection triples packed into one MatMul + Split ([`fuse_packed_qkv`]).
     pub packed_qkv_fused: usize,
+    /// Decoder attention blocks with a cache fused into `GroupQueryAttention` (with two
+    /// `RotaryEmbedding`s each; [`fuse_group_query_attention`]).
+    pub group_query_attention_fused: usize,
     /// `Gelu` / `BiasGelu` turned into (approximate) `FastGelu` by
     /// [`OptimizeOptions::gelu_approximation`].
     pub gelu_approximated: usize,
@@ -157,11 +162,13 @@ pub enum Fusion {
     SkipSimplifiedLayerNorm,
     /// [`fuse_packed_qkv`].
     PackedQkv,
+    /// [`fuse_group_query_attention`] (with its `RotaryEmbedding`s).
+    GroupQueryAttention,
 }
 
 impl Fusion {
     /// Every fusion, in pass order.
-    pub const ALL: [Fusion; 11] = [
+    pub const ALL: [Fusion; 12] = [
         Fusion::Gelu,
         Fusion::BiasGelu,
         Fusion::FastGelu,
@@ -173,6 +180,7 @@ impl Fusion {
         Fusion::SimplifiedLayerNorm,
         Fusion::SkipSimplifiedLayerNorm,
         Fusion::PackedQkv,
+        Fusion::GroupQueryAttention,
     ];
 
     /// The name `--disable` takes (`skip-layer-norm`).
@@ -189,6 +197,7 @@ impl Fusion {
             Fusion::SimplifiedLayerNorm => "simplified-layer-norm",
             Fusion::SkipSimplifiedLayerNorm => "skip-simplified-layer-norm",
             Fusion::PackedQkv => "packed-qkv",
+            Fusion::GroupQueryAttention => "group-query-attention",
         }
     }
 
@@ -206,6 +215,7 @@ impl Fusion {
             Fusion::SimplifiedLayerNorm => "SimplifiedLayerNormalization",
             Fusion::SkipSimplifiedLayerNorm => "SkipSimplifiedLayerNormalization",
             Fusion::PackedQkv => "Split",
+            Fusion::GroupQueryAttention => "GroupQueryAttention",
         }
     }
 }
@@ -270,7 +280,7 @@ impl FromIterator<Fusion> for FusionSet {
 
 /// The op types ONNX Runtime's `get_fused_operator_statistics` reports for BERT-like
 /// models, in its order.
-pub const FUSED_OP_TYPES: [&str; 12] = [
+pub const FUSED_OP_TYPES: [&str; 13] = [
     "EmbedLayerNormalization",
     "Attention",
     "MultiHeadAttention",
@@ -283,6 +293,7 @@ pub const FUSED_OP_TYPES: [&str; 12] = [
     "SkipLayerNormalization",
     "SkipSimplifiedLayerNormalization",
     "RotaryEmbedding",
+    "GroupQueryAttention",
 ];
 
 /// Fused-operator statistics, as ONNX Runtime's `get_fused_operator_statistics` gives
@@ -371,6 +382,15 @@ pub fn optimize_with(graph: &mut Graph, opts: &OptimizeOptions) -> Result<Stats,
         0
     };
     let packed_qkv_fused = run(Fusion::PackedQkv, fuse_packed_qkv, graph);
+    let group_query_attention_fused = if on(Fusion::Attention) {
+        run(
+            Fusion::GroupQueryAttention,
+            fuse_group_query_attention,
+            graph,
+        )
+    } else {
+        0
+    };
     let gelu_approximated = if opts.gelu_approximation {
         approximate_gelu(graph)
     } else {
@@ -395,6 +415,7 @@ pub fn optimize_with(graph: &mut Graph, opts: &OptimizeOptions) -> Result<Stats,
         simplified_layer_norm_fused,
         skip_simplified_layer_norm_fused,
         packed_qkv_fused,
+        group_query_attention_fused,
         gelu_approximated,
         computed_folded,
         identities_bypassed,

@@ -1,0 +1,587 @@
+//! Decoder self-attention with a key/value cache → `RotaryEmbedding` (queries and keys) +
+//! `GroupQueryAttention`, declared to the [pattern matcher](crate::pattern).
+//!
+//! The matched block is ferry's decoder attention (transformers' eager attention): heads
+//! split, rotary embedding `x·cos + rotate_half(x)·sin` over the first `r` features,
+//! `Concat(past, k)` → `present`, `repeat_kv`, `softmax(q·kᵀ·scale [soft-capped] + mask)·v`,
+//! heads merged. The additive mask (causal, padding and sliding window together) becomes
+//! GroupQueryAttention's `attention_bias`, so every case the mask expresses stays exact;
+//! the rotary embedding runs as `RotaryEmbedding` on each token's own `position_ids` (left
+//! padding included) with cos/sin caches computed in the graph from the same inverse
+//! frequencies the export computes (fixed, dynamic or LongRoPE alike).
+
+use std::collections::{HashMap, HashSet};
+
+use ferry_ir::{Attr, DType, Graph, Initializer, Node, TensorData};
+
+use crate::fuse::{
+    Claimed, Index, Rewrite, apply, fused_name, int_vector, ms_node, node_names, unique_name,
+    value_names,
+};
+use crate::pattern::{Match, Op, P, Pattern, init, op, single_f32, val};
+
+fn is_scalar_f32(i: &Initializer) -> bool {
+    single_f32(i).is_some()
+}
+
+fn has_perm(perm: &[i64]) -> impl Fn(&Node) -> bool + '_ {
+    move |n: &Node| matches!(n.attr("perm"), Some(Attr::Ints(p)) if p == perm) && n.attrs.len() == 1
+}
+
+fn perm_0213(_: &Index<'_>, n: &Node) -> bool {
+    has_perm(&[0, 2, 1, 3])(n)
+}
+
+fn perm_0132(_: &Index<'_>, n: &Node) -> bool {
+    has_perm(&[0, 1, 3, 2])(n)
+}
+
+fn last_axis(_: &Index<'_>, n: &Node) -> bool {
+    matches!(n.attr("axis"), Some(Attr::Int(-1 | 3))) && n.attrs.len() == 1
+}
+
+fn seq_axis(_: &Index<'_>, n: &Node) -> bool {
+    matches!(n.attr("axis"), Some(Attr::Int(2 | -2))) && n.attrs.len() == 1
+}
+
+fn any_input() -> P {
+    P::Any
+}
+
+/// A Slice of `x` (its bounds checked after the match), named `name`.
+fn slice(x: P, name: &'static str) -> Op {
+    op("Slice", vec![x]).min_inputs().named(name)
+}
+
+/// Names of one projection's (q or k) pattern nodes.
+struct Names {
+    t: &'static str,
+    lo: &'static str,
+    hi: &'static str,
+    rot: &'static str,
+    pass: &'static str,
+}
+
+const Q: Names = Names {
+    t: "q_t",
+    lo: "q_lo",
+    hi: "q_hi",
+    rot: "q_rot",
+    pass: "q_pass",
+};
+const K: Names = Names {
+    t: "k_t",
+    lo: "k_lo",
+    hi: "k_hi",
+    rot: "k_rot",
+    pass: "k_pass",
+};
+
+/// cos or sin table `[b, 1, s, r]`: `Unsqueeze(f(Concat(m, m)) [· scale])` with
+/// `m = Mul(Unsqueeze(Cast(pos)), inv)`; shared by every layer and kept.
+fn table(f: &'static str, name: &'static str, scale: &'static str) -> P {
+    let m = op(
+        "Mul",
+        vec![
+            op(
+                "Unsqueeze",
+                vec![op("Cast", vec![val("pos")]).uses(None).p()],
+            )
+            .min_inputs()
+            .uses(None)
+            .p(),
+            val("inv"),
+        ],
+    )
+    .commutative()
+    .uses(None)
+    .named("freqs");
+    let emb = op("Concat", vec![m.clone().p(), m.p()])
+        .check(last_axis)
+        .uses(None)
+        .named("emb");
+    let trig = op(f, vec![emb.p()]).uses(None);
+    let scaled = op("Mul", vec![trig.clone().p(), init(scale, is_scalar_f32)])
+        .commutative()
+        .uses(None);
+    op("Unsqueeze", vec![P::Either(vec![scaled.p(), trig.p()])])
+        .min_inputs()
+        .uses(None)
+        .named(name)
+        .p()
+}
+
+/// `x·cos + rotate_half(x)·sin`, `rotate_half(x) = Concat(−x[r/2:], x[:r/2])`.
+fn rope_core(x: &dyn Fn() -> P, n: &Names) -> Op {
+    let half = op(
+        "Concat",
+        vec![
+            op("Neg", vec![slice(x(), n.hi).p()]).p(),
+            slice(x(), n.lo).p(),
+        ],
+    )
+    .check(last_axis);
+    op(
+        "Add",
+        vec![
+            op("Mul", vec![x(), table("Cos", "cos", "cos_scale")])
+                .commutative()
+                .p(),
+            op("Mul", vec![half.p(), table("Sin", "sin", "sin_scale")])
+                .commutative()
+                .p(),
+        ],
+    )
+    .commutative()
+}
+
+/// The rotary embedding of the heads `Transpose(x4d, [0, 2, 1, 3])`, whole or over the
+/// first `r` features (the rest concatenated back, Phi-3's partial rotary).
+fn rope(n: &Names, x4d: &'static str) -> P {
+    let full_x = || {
+        op("Transpose", vec![val(x4d)])
+            .check(perm_0213)
+            .uses(Some(3))
+            .named(n.t)
+            .p()
+    };
+    let rot_x = || slice(heads_t(x4d, n.t), n.rot).uses(Some(3)).p();
+    let full = rope_core(&full_x, n);
+    let partial = op(
+        "Concat",
+        vec![
+            rope_core(&rot_x, n).p(),
+            slice(heads_t(x4d, n.t), n.pass).p(),
+        ],
+    )
+    .check(last_axis);
+    P::Either(vec![full.p(), partial.p()])
+}
+
+/// `Transpose(x4d, [0, 2, 1, 3])` read by the two slices of a partial rotary.
+fn heads_t(x4d: &'static str, name: &'static str) -> P {
+    op("Transpose", vec![val(x4d)])
+        .check(perm_0213)
+        .uses(Some(2))
+        .named(name)
+        .p()
+}
+
+/// `Concat(past, new)` on the sequence axis: the present key/value (a graph output).
+fn present(past: &'static str, new: P, name: &'static str) -> Op {
+    op("Concat", vec![val(past), new])
+        .check(seq_axis)
+        .uses(None)
+        .named(name)
+}
+
+/// `repeat_kv(x)`: `Reshape(Expand(Unsqueeze(x, 2), reps), [0, heads, -1, hd])`, or `x`.
+fn repeated(x: Op) -> P {
+    let rep = op(
+        "Reshape",
+        vec![
+            op(
+                "Expand",
+                vec![
+                    op("Unsqueeze", vec![x.clone().p()]).min_inputs().p(),
+                    any_input(),
+                ],
+            )
+            .p(),
+            any_input(),
+        ],
+    );
+    P::Either(vec![rep.p(), x.p()])
+}
+
+fn attention_pattern() -> Pattern {
+    let k_present = present("past_k", rope(&K, "k4d"), "present_k");
+    let v_present = present(
+        "past_v",
+        op("Transpose", vec![val("v4d")]).check(perm_0213).p(),
+        "present_v",
+    );
+    let kt = op("Transpose", vec![repeated(k_present)]).check(perm_0132);
+    let scores = op(
+        "Mul",
+        vec![
+            op("MatMul", vec![rope(&Q, "q4d"), kt.p()]).p(),
+            init("scale", is_scalar_f32),
+        ],
+    )
+    .commutative()
+    .named("scores");
+    let capped = op(
+        "Mul",
+        vec![
+            op(
+                "Tanh",
+                vec![op("Div", vec![scores.clone().p(), init("cap", is_scalar_f32)]).p()],
+            )
+            .p(),
+            init("cap", is_scalar_f32),
+        ],
+    )
+    .commutative()
+    .named("softcap");
+    let masked = op(
+        "Add",
+        vec![P::Either(vec![capped.p(), scores.p()]), val("mask")],
+    );
+    let probs = op("Softmax", vec![masked.p()]).check(last_axis);
+    let ctx = op("MatMul", vec![probs.p(), repeated(v_present)]);
+    let merged = op("Transpose", vec![ctx.p()]).check(perm_0213);
+    Pattern::new(op(
+        "Reshape",
+        vec![merged.p(), init("merge", |i| i.dtype == DType::I64)],
+    ))
+}
+
+/// `(start, end)` of a bound Slice on the last axis (`axes` −1 or 3).
+fn bounds(ix: &Index<'_>, m: &Match, name: &str) -> Option<(i64, i64)> {
+    let n = &ix.graph.nodes[m.node(name)?];
+    if n.inputs.len() != 4 && n.inputs.len() != 5 {
+        return None;
+    }
+    let one = |k: usize| match int_vector(ix, &n.inputs[k])?.as_slice() {
+        [v] => Some(*v),
+        _ => None,
+    };
+    if !matches!(one(3)?, -1 | 3) || (n.inputs.len() == 5 && one(4)? != 1) {
+        return None;
+    }
+    Some((one(1)?, one(2)?))
+}
+
+/// The rotary width `r` of one projection, when its slices are exactly `rotate_half` over
+/// the first `r` of `hd` features.
+fn rotary_width(ix: &Index<'_>, m: &Match, n: &Names, hd: i64) -> Option<i64> {
+    let r = match m.node(n.rot) {
+        None => hd,
+        Some(_) => {
+            let (s, e) = bounds(ix, m, n.rot)?;
+            let (ps, pe) = bounds(ix, m, n.pass)?;
+            (s == 0 && ps == e && pe >= hd && e < hd).then_some(e)?
+        }
+    };
+    let (ls, le) = bounds(ix, m, n.lo)?;
+    let (hs, he) = bounds(ix, m, n.hi)?;
+    (r > 0 && r % 2 == 0 && ls == 0 && le == r / 2 && hs == r / 2 && he >= r).then_some(r)
+}
+
+/// A matched attention block.
+struct Gqa {
+    heads: i64,
+    kv_heads: i64,
+    rotary: i64,
+    scale: f32,
+    softcap: Option<f32>,
+    removed: Vec<usize>,
+    m: Match,
+}
+
+fn match_gqa(ix: &Index<'_>, pat: &Pattern, i: usize) -> Option<Gqa> {
+    let m = pat.at(ix, i)?;
+    let past = ix.shapes.get(m.value("past_k"))?;
+    let (kv_heads, hd) = match past {
+        [_, h, _, d] => (h.fixed()?, d.fixed()?),
+        _ => return None,
+    };
+    if ix.shapes.get(m.value("past_v")) != Some(past) {
+        return None;
+    }
+    let merge = int_vector(ix, m.value("merge"))?;
+    let [0, 0, width] = merge.as_slice() else {
+        return None;
+    };
+    // ONNX Runtime's kernel takes head sizes that are multiples of 8 only.
+    if hd <= 0 || hd % 8 != 0 || width % hd != 0 || (width / hd) % kv_heads != 0 {
+        return None;
+    }
+    let heads = width / hd;
+    // GroupQueryAttention's attention_bias: (B or 1, N or 1, S, T).
+    let mask_ok = ix
+        .shapes
+        .get(m.value("mask"))
+        .is_some_and(|s| s.len() == 4 && (s[1].fixed() == Some(1) || s[1].fixed() == Some(heads)));
+    let rq = rotary_width(ix, &m, &Q, hd)?;
+    let rk = rotary_width(ix, &m, &K, hd)?;
+    if !mask_ok || rq != rk || m.value("pos").is_empty() {
+        return None;
+    }
+    let scalar = |name: &str| single_f32(ix.inits.get(m.value(name))?);
+    let softcap = match m.node("softcap") {
+        Some(_) => Some(scalar("cap").filter(|c| *c > 0.0)?),
+        None => None,
+    };
+    let removed = vec![m.node("present_k")?, m.node("present_v")?];
+    Some(Gqa {
+        heads,
+        kv_heads,
+        rotary: rq,
+        scale: scalar("scale")?,
+        softcap,
+        removed,
+        m,
+    })
+}
+
+/// Builds nodes into `nodes`, naming values and nodes uniquely.
+struct Emit<'a> {
+    names: &'a mut HashSet<String>,
+    values: &'a mut HashSet<String>,
+    nodes: Vec<Node>,
+    inits: Vec<Initializer>,
+    scope: String,
+}
+
+impl Emit<'_> {
+    fn node(&mut self, op: &str, inputs: Vec<String>, attrs: Vec<(&str, Attr)>) -> String {
+        let name = unique_name(self.names, format!("{}/{op}", self.scope));
+        let out = unique_name(self.values, format!("{name}_output_0"));
+        self.nodes.push(Node {
+            name,
+            op_type: op.to_string(),
+            domain: String::new(),
+            inputs,
+            outputs: vec![out.clone()],
+            attrs: attrs.into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
+        });
+        out
+    }
+
+    fn ints(&mut self, v: &[i64]) -> String {
+        let name = unique_name(self.values, format!("{}/const", self.scope));
+        self.inits.push(Initializer {
+            name: name.clone(),
+            dtype: DType::I64,
+            dims: if v.len() == 1 {
+                vec![]
+            } else {
+                vec![v.len() as i64]
+            },
+            data: TensorData::from_i64(v),
+        });
+        name
+    }
+
+    fn ints_1d(&mut self, v: &[i64]) -> String {
+        let name = unique_name(self.values, format!("{}/const", self.scope));
+        self.inits.push(Initializer {
+            name: name.clone(),
+            dtype: DType::I64,
+            dims: vec![v.len() as i64],
+            data: TensorData::from_i64(v),
+        });
+        name
+    }
+}
+
+/// Fuses each decoder self-attention block with a cache (see the module docs) into
+/// `com.microsoft` `RotaryEmbedding` of the queries and of the keys (3-D, `num_heads`,
+/// `rotary_embedding_dim` for partial rotary; cos/sin caches `[max(position_ids) + 1, r/2]`
+/// computed in the graph from the export's own inverse frequencies and scaling) and
+/// `GroupQueryAttention(q, k, v, past_key, past_value, seqlens_k, total_sequence_length,
+/// attention_bias = the export's additive mask)` with `num_heads`, `kv_num_heads`, `scale`
+/// and `softcap`, producing the same `present.*` outputs. `total_sequence_length` is
+/// `Shape(attention_mask)[1]` and `seqlens_k` is `total_sequence_length − 1` for every row
+/// (int32), so the operator's own causal limit is the mask's and the mask input carries the
+/// padding: exact for every non-padding token with left-padded batches. Rows of padding
+/// queries (every key masked) average over all keys in the export but only over the causal
+/// ones in GroupQueryAttention: their outputs (and the cache entries later layers compute
+/// from them, which every real token masks) differ. Needs opset ≥ 13 and an
+/// `attention_mask` graph input. Returns how many blocks were fused.
+pub fn fuse_group_query_attention(graph: &mut Graph) -> usize {
+    let opset = graph
+        .opsets
+        .iter()
+        .find(|o| o.domain.is_empty() || o.domain == "ai.onnx")
+        .map_or(0, |o| o.version);
+    let has_mask = graph.inputs.iter().any(|v| v.name == "attention_mask");
+    if opset < 13 || !has_mask {
+        return 0;
+    }
+    let ix = Index::new(graph);
+    let pat = attention_pattern();
+    let mut names = node_names(graph);
+    let mut values = value_names(graph);
+    let mut taken = Claimed::default();
+    let mut rewrites = Vec::new();
+    let mut before: Vec<(String, Vec<Node>)> = Vec::new();
+    let mut new_inits = Vec::new();
+    // Shared per graph: the lengths, and the cos/sin caches per (pos, inv, scale).
+    let mut lengths: Option<(String, String)> = None;
+    let mut caches: HashMap<(String, String, [String; 2]), (String, String)> = HashMap::new();
+    let mut shared: Vec<Node> = Vec::new();
+    for (i, root) in graph.nodes.iter().enumerate() {
+        if root.op_type != "Reshape" {
+            continue;
+        }
+        let Some(g) = match_gqa(&ix, &pat, i) else {
+            continue;
+        };
+        if !taken.claim(i, &g.removed) {
+            continue;
+        }
+        let m = &g.m;
+        let scope = root
+            .name
+            .rsplit_once('/')
+            .map_or("", |(s, _)| s)
+            .to_string();
+        let mut e = Emit {
+            names: &mut names,
+            values: &mut values,
+            nodes: Vec::new(),
+            inits: Vec::new(),
+            scope: "/attention_lengths".to_string(),
+        };
+        let (seqlens, total) = match &lengths {
+            Some(l) => l.clone(),
+            None => {
+                let shape = e.node("Shape", vec!["attention_mask".into()], vec![]);
+                let one = e.ints(&[1]);
+                let t = e.node(
+                    "Gather",
+                    vec![shape.clone(), one.clone()],
+                    vec![("axis", Attr::Int(0))],
+                );
+                let total = e.node("Cast", vec![t.clone()], vec![("to", Attr::Int(6))]);
+                let t1 = e.node("Sub", vec![t, one], vec![]);
+                let (z, o) = (e.ints_1d(&[0]), e.ints_1d(&[1]));
+                let batch = e.node("Slice", vec![shape, z.clone(), o, z], vec![]);
+                let rows = e.node("Expand", vec![t1, batch], vec![]);
+                let seqlens = e.node("Cast", vec![rows], vec![("to", Attr::Int(6))]);
+                lengths = Some((seqlens.clone(), total.clone()));
+                (seqlens, total)
+            }
+        };
+        let key = (
+            m.value("pos").to_string(),
+            m.value("inv").to_string(),
+            [
+                m.value("cos_scale").to_string(),
+                m.value("sin_scale").to_string(),
+            ],
+        );
+        e.scope = "/rotary_emb/cache".to_string();
+        let (cos, sin) = match caches.get(&key) {
+            Some(c) => c.clone(),
+            None => {
+                let max = e.node(
+                    "ReduceMax",
+                    vec![key.0.clone()],
+                    vec![("keepdims", Attr::Int(0))],
+                );
+                let one = e.ints(&[1]);
+                let zero = e.ints(&[0]);
+                let len = e.node("Add", vec![max, one.clone()], vec![]);
+                let rows = e.node("Range", vec![zero, len, one], vec![]);
+                let rows = e.node("Cast", vec![rows], vec![("to", Attr::Int(1))]);
+                let axis = e.ints_1d(&[1]);
+                let rows = e.node("Unsqueeze", vec![rows, axis], vec![]);
+                let freqs = e.node("Mul", vec![rows, key.1.clone()], vec![]);
+                let trig = |e: &mut Emit<'_>, f: &str, scale: &str| {
+                    let t = e.node(f, vec![freqs.clone()], vec![]);
+                    if scale.is_empty() {
+                        t
+                    } else {
+                        e.node("Mul", vec![t, scale.to_string()], vec![])
+                    }
+                };
+                let c = (
+                    trig(&mut e, "Cos", &key.2[0]),
+                    trig(&mut e, "Sin", &key.2[1]),
+                );
+                caches.insert(key.clone(), c.clone());
+                c
+            }
+        };
+        shared.append(&mut e.nodes);
+        e.scope = scope.clone();
+        let flat = e.ints_1d(&[0, 0, -1]);
+        let rotated = |e: &mut Emit<'_>, x4d: &str, heads: i64| {
+            let x3 = e.node("Reshape", vec![x4d.to_string(), flat.clone()], vec![]);
+            let name = unique_name(e.names, format!("{}/RotaryEmbedding", e.scope));
+            let out = unique_name(e.values, format!("{name}_output_0"));
+            let mut n = ms_node(
+                name,
+                "RotaryEmbedding",
+                vec![x3, m.value("pos").to_string(), cos.clone(), sin.clone()],
+                vec![out.clone()],
+            );
+            n.attrs.insert("num_heads".into(), Attr::Int(heads));
+            n.attrs.insert("interleaved".into(), Attr::Int(0));
+            if g.rotary
+                != ix
+                    .shapes
+                    .get(m.value("past_k"))
+                    .and_then(|s| s[3].fixed())
+                    .unwrap_or(0)
+            {
+                n.attrs
+                    .insert("rotary_embedding_dim".into(), Attr::Int(g.rotary));
+            }
+            e.nodes.push(n);
+            out
+        };
+        let q = rotated(&mut e, m.value("q4d"), g.heads);
+        let k = rotated(&mut e, m.value("k4d"), g.kv_heads);
+        let v = e.node(
+            "Reshape",
+            vec![m.value("v4d").to_string(), flat.clone()],
+            vec![],
+        );
+        let present = |name: &str| ix.graph.nodes[m.node(name).unwrap_or(i)].outputs[0].clone();
+        let name = fused_name(e.names, &root.name, "GroupQueryAttention");
+        let mut node = ms_node(
+            name.clone(),
+            "GroupQueryAttention",
+            vec![
+                q,
+                k,
+                v,
+                m.value("past_k").to_string(),
+                m.value("past_v").to_string(),
+                seqlens,
+                total,
+                String::new(),
+                String::new(),
+                String::new(),
+                m.value("mask").to_string(),
+            ],
+            vec![
+                root.outputs[0].clone(),
+                present("present_k"),
+                present("present_v"),
+            ],
+        );
+        node.attrs.insert("num_heads".into(), Attr::Int(g.heads));
+        node.attrs
+            .insert("kv_num_heads".into(), Attr::Int(g.kv_heads));
+        node.attrs.insert("scale".into(), Attr::Float(g.scale));
+        if let Some(c) = g.softcap {
+            node.attrs.insert("softcap".into(), Attr::Float(c));
+        }
+        new_inits.append(&mut e.inits);
+        before.push((name, e.nodes));
+        rewrites.push(Rewrite {
+            anchor: i,
+            node,
+            removed: g.removed,
+        });
+    }
+    let count = apply(graph, rewrites);
+    // The lengths and caches read graph inputs and the positions and inverse frequencies
+    // computed before the first layer: they go before the first fused block's nodes.
+    if let Some((_, first)) = before.first_mut() {
+        first.splice(0..0, shared);
+    }
+    for (name, pre) in before {
+        if let Some(at) = graph.nodes.iter().position(|n| n.name == name) {
+            graph.nodes.splice(at..at, pre);
+        }
+    }
+    graph.initializers.extend(new_inits);
+    count
+}
