@@ -88,13 +88,6 @@ impl<'g> Index<'g> {
         self.consumers.get(value) == Some(&1) && !self.graph_outputs.contains(value)
     }
 
-    /// Whether `value` is a rank-0 float32 initializer equal to `want` bit for bit.
-    pub(crate) fn is_scalar(&self, value: &str, want: f32) -> bool {
-        self.inits
-            .get(value)
-            .is_some_and(|i| crate::pattern::is_f32_scalar(i, want))
-    }
-
     /// Whether `value` is a 1-D float32 initializer of `len` elements.
     pub(crate) fn is_vector(&self, value: &str, len: i64) -> bool {
         self.inits
@@ -311,69 +304,47 @@ pub(crate) fn is_binary(n: &Node, op: &str) -> bool {
     n.op_type == op && is_onnx_domain(n) && n.inputs.len() == 2 && n.outputs.len() == 1
 }
 
-/// `Add(Erf(x / √2), 1)` (or `Erf(x · (1/√2))`; `Add` in either operand order), every
-/// intermediate read once: `(x, node indices)`.
-fn one_plus_erf(ix: &Index<'_>, q: &str) -> Option<(String, Vec<usize>)> {
-    if !ix.single_use(q) {
-        return None;
-    }
-    let (ai, add) = ix.producer(q, "Add").filter(|(_, n)| is_binary(n, "Add"))?;
-    let e = both_orders(add)
-        .into_iter()
-        .find(|&(e, one)| ix.is_scalar(one, 1.0) && ix.single_use(e))?
-        .0;
-    let (ei, erf) = ix.producer(e, "Erf")?;
-    let d = erf.inputs.first().filter(|_| erf.inputs.len() == 1)?;
-    if !ix.single_use(d) {
-        return None;
-    }
-    let sqrt2 = std::f32::consts::SQRT_2;
-    if let Some((di, div)) = ix.producer(d, "Div").filter(|(_, n)| is_binary(n, "Div")) {
-        return ix
-            .is_scalar(input_at(div, 1), sqrt2)
-            .then(|| (input_at(div, 0).to_string(), vec![ai, ei, di]));
-    }
-    let (di, mul) = ix.producer(d, "Mul").filter(|(_, n)| is_binary(n, "Mul"))?;
-    let inv = std::f32::consts::FRAC_1_SQRT_2;
-    both_orders(mul)
-        .into_iter()
-        .find(|&(_, c)| ix.is_scalar(c, inv))
-        .map(|(x, _)| (x.to_string(), vec![ai, ei, di]))
+/// A float32 scalar constant, compared bit for bit, bound to `name`.
+macro_rules! scalar {
+    ($name:literal, $v:expr) => {
+        init($name, |i| is_f32_scalar(i, $v))
+    };
 }
 
-/// The erf GELU ending in `Mul(p, q)`, with the 0.5 factor in any of the places exporters
-/// put it: `Mul(Mul(x, 1 + erf), 0.5)`, `Mul(Mul(x, 0.5), 1 + erf)` or
-/// `Mul(x, Mul(1 + erf, 0.5))` (each `Mul` in either operand order). `(x, node indices)`.
-fn gelu_forms(ix: &Index<'_>, p: &str, q: &str) -> Option<(String, Vec<usize>)> {
-    // Mul(Mul(x, 1 + erf), 0.5).
-    if ix.is_scalar(q, 0.5) && ix.single_use(p) {
-        let (mi, mul_x) = ix.producer(p, "Mul").filter(|(_, n)| is_binary(n, "Mul"))?;
-        return both_orders(mul_x).into_iter().find_map(|(x, e)| {
-            let (ex, mut nodes) = one_plus_erf(ix, e)?;
-            nodes.push(mi);
-            (ex == x).then(|| (x.to_string(), nodes))
-        });
-    }
-    if !ix.single_use(p) {
-        return None;
-    }
-    let (mi, inner) = ix.producer(p, "Mul").filter(|(_, n)| is_binary(n, "Mul"))?;
-    both_orders(inner).into_iter().find_map(|(a, half)| {
-        if !ix.is_scalar(half, 0.5) {
-            return None;
-        }
-        // Mul(Mul(x, 0.5), 1 + erf(x)): a is x, q the erf term.
-        if let Some((ex, mut nodes)) = one_plus_erf(ix, q)
-            && ex == a
-        {
-            nodes.push(mi);
-            return Some((ex, nodes));
-        }
-        // Mul(x, Mul(1 + erf(x), 0.5)): q is x, a the erf term.
-        let (ex, mut nodes) = one_plus_erf(ix, a)?;
-        nodes.push(mi);
-        (ex == q).then_some((ex, nodes))
-    })
+/// `Add(Erf(x / √2), 1)` (or `Erf(x · (1/√2))`), `x` bound to `x`.
+fn one_plus_erf() -> Op {
+    let scaled = P::Either(vec![
+        op(
+            "Div",
+            vec![val("x"), scalar!("sqrt2", std::f32::consts::SQRT_2)],
+        )
+        .p(),
+        op(
+            "Mul",
+            vec![
+                val("x"),
+                scalar!("inv_sqrt2", std::f32::consts::FRAC_1_SQRT_2),
+            ],
+        )
+        .commutative()
+        .p(),
+    ]);
+    let erf = op("Erf", vec![scaled]);
+    op("Add", vec![erf.p(), scalar!("one", 1.0)]).commutative()
+}
+
+/// The erf GELU ending in a `Mul`, with the 0.5 factor in any of the places exporters put
+/// it: `Mul(Mul(x, 1 + erf), 0.5)`, `Mul(Mul(x, 0.5), 1 + erf)` or `Mul(x, Mul(1 + erf,
+/// 0.5))`.
+fn gelu_patterns() -> [Pattern; 3] {
+    let mul = |a: P, b: P| op("Mul", vec![a, b]).commutative();
+    let half = || scalar!("half", 0.5);
+    [
+        mul(mul(val("x"), one_plus_erf().p()).p(), half()),
+        mul(mul(val("x"), half()).p(), one_plus_erf().p()),
+        mul(val("x"), mul(one_plus_erf().p(), half()).p()),
+    ]
+    .map(Pattern::new)
 }
 
 /// Fuses the exact erf GELU torch exports,
@@ -383,29 +354,42 @@ fn gelu_forms(ix: &Index<'_>, p: &str, q: &str) -> Option<(String, Vec<usize>)> 
 /// intermediate must have no other consumer. Returns how many were fused.
 pub fn fuse_gelu(graph: &mut Graph) -> usize {
     let ix = Index::new(graph);
+    let patterns = gelu_patterns();
     let mut names = node_names(graph);
     let mut taken = Claimed::default();
     let mut rewrites = Vec::new();
     for (i, mul_half) in graph.nodes.iter().enumerate() {
-        if !is_binary(mul_half, "Mul") {
+        let Some(m) = patterns.iter().find_map(|p| p.at(&ix, i)) else {
             continue;
-        }
-        let m = both_orders(mul_half)
-            .into_iter()
-            .find_map(|(p, q)| gelu_forms(&ix, p, q));
-        let Some((x, removed)) = m else { continue };
-        if !taken.claim(i, &removed) {
+        };
+        if !taken.claim(i, &m.interior) {
             continue;
         }
         let name = fused_name(&mut names, &mul_half.name, "Gelu");
-        let node = ms_node(name, "Gelu", vec![x], mul_half.outputs.clone());
+        let node = ms_node(
+            name,
+            "Gelu",
+            vec![m.value("x").into()],
+            mul_half.outputs.clone(),
+        );
         rewrites.push(Rewrite {
             anchor: i,
             node,
-            removed,
+            removed: m.interior,
         });
     }
     apply(graph, rewrites)
+}
+
+/// `Add(MatMul(..), bias)` at `value` (either order), `bias` a 1-D float32 initializer as
+/// long as the MatMul output's last axis `h`: `(Add index, MatMul output, bias, h)`.
+fn matmul_bias(ix: &Index<'_>, value: &str) -> Option<(usize, String, String, i64)> {
+    let pat = Pattern::new(op("Add", vec![val("mm"), init("bias", is_f32_vector)]).commutative());
+    let m = pat.at_value(ix, value)?;
+    let (mm, bias) = (m.value("mm"), m.value("bias"));
+    let h = ix.last_dim(mm)?;
+    (ix.producer(mm, "MatMul").is_some() && ix.is_vector(bias, h))
+        .then(|| (m.root, mm.to_string(), bias.to_string(), h))
 }
 
 /// Fuses `Gelu(Add(MatMul(..), bias))` (a `com.microsoft` `Gelu`, e.g. from [`fuse_gelu`];
@@ -414,37 +398,21 @@ pub fn fuse_gelu(graph: &mut Graph) -> usize {
 /// many were fused.
 pub fn fuse_bias_gelu(graph: &mut Graph) -> usize {
     let ix = Index::new(graph);
+    let gelu = Pattern::new(op("Gelu", vec![val("sum")]).domain(MS_DOMAIN));
     let mut names = node_names(graph);
     let mut rewrites = Vec::new();
-    for (i, gelu) in graph.nodes.iter().enumerate() {
-        if gelu.op_type != "Gelu"
-            || gelu.domain != MS_DOMAIN
-            || gelu.inputs.len() != 1
-            || gelu.outputs.len() != 1
-            || !ix.single_use(input_at(gelu, 0))
-        {
-            continue;
-        }
-        let Some((ai, add)) = ix
-            .producer(input_at(gelu, 0), "Add")
-            .filter(|(_, n)| is_binary(n, "Add"))
-        else {
+    for (i, n) in graph.nodes.iter().enumerate() {
+        let Some(sum) = gelu.at(&ix, i).map(|m| m.value("sum").to_string()) else {
             continue;
         };
-        let m = both_orders(add).into_iter().find(|&(mm, bias)| {
-            ix.producer(mm, "MatMul").is_some()
-                && ix.last_dim(mm).is_some_and(|h| {
-                    ix.is_vector(bias, h) && ix.last_dim(output_at(add, 0)) == Some(h)
-                })
-        });
-        let Some((mm, bias)) = m else { continue };
-        let name = fused_name(&mut names, &gelu.name, "BiasGelu");
-        let node = ms_node(
-            name,
-            "BiasGelu",
-            vec![mm.to_string(), bias.to_string()],
-            gelu.outputs.clone(),
-        );
+        let Some((ai, mm, bias, h)) = matmul_bias(&ix, &sum) else {
+            continue;
+        };
+        if !ix.single_use(&sum) || ix.last_dim(&sum) != Some(h) {
+            continue;
+        }
+        let name = fused_name(&mut names, &n.name, "BiasGelu");
+        let node = ms_node(name, "BiasGelu", vec![mm, bias], n.outputs.clone());
         rewrites.push(Rewrite {
             anchor: i,
             node,
@@ -459,6 +427,17 @@ fn sqrt_2_over_pi() -> f32 {
     (2.0f64 / std::f64::consts::PI).sqrt() as f32
 }
 
+/// `Mul(Mul(x, 0.5), Add(Tanh(Mul(Add(x, Mul(Pow(x, 3), 0.044715)), √(2/π))), 1))`.
+fn fast_gelu_pattern() -> Pattern {
+    let mul = |a: P, b: P| op("Mul", vec![a, b]).commutative().p();
+    let add = |a: P, b: P| op("Add", vec![a, b]).commutative().p();
+    let cube = op("Pow", vec![val("x"), scalar!("three", 3.0)]).p();
+    let inner = add(val("x"), mul(cube, scalar!("c", 0.044715)));
+    let tanh = op("Tanh", vec![mul(inner, scalar!("k", sqrt_2_over_pi()))]).p();
+    let p = add(tanh, scalar!("one", 1.0));
+    Pattern::new(op("Mul", vec![mul(val("x"), scalar!("half", 0.5)), p]).commutative())
+}
+
 /// Fuses the exact tanh GELU (`gelu_new`, `gelu_pytorch_tanh`, `gelu_fast`) ferry exports,
 /// `Mul(Mul(x, 0.5), Add(Tanh(Mul(Add(x, Mul(Pow(x, 3), 0.044715)), √(2/π))), 1))`
 /// (float32 scalars compared bit for bit, `√(2/π)` as `(2/π).sqrt() as f32`; `Add` and `Mul`
@@ -469,80 +448,20 @@ fn sqrt_2_over_pi() -> f32 {
 /// Returns how many were fused (with or without bias).
 pub fn fuse_fast_gelu(graph: &mut Graph) -> usize {
     let ix = Index::new(graph);
+    let pat = fast_gelu_pattern();
     let mut names = node_names(graph);
     let mut taken = Claimed::default();
     let mut rewrites = Vec::new();
     for (i, out) in graph.nodes.iter().enumerate() {
-        if !is_binary(out, "Mul") {
-            continue;
-        }
-        let m = both_orders(out).into_iter().find_map(|(h, p)| {
-            if !ix.single_use(h) || !ix.single_use(p) {
-                return None;
-            }
-            // hx = Mul(x, 0.5)
-            let (hi, hx) = ix.producer(h, "Mul").filter(|(_, n)| is_binary(n, "Mul"))?;
-            let x = both_orders(hx)
-                .into_iter()
-                .find(|&(_, half)| ix.is_scalar(half, 0.5))?
-                .0;
-            // p = Add(Tanh(..), 1)
-            let (pi, add1) = ix.producer(p, "Add").filter(|(_, n)| is_binary(n, "Add"))?;
-            let th = both_orders(add1)
-                .into_iter()
-                .find(|&(th, one)| ix.is_scalar(one, 1.0) && ix.single_use(th))?
-                .0;
-            let (ti, tanh) = ix.producer(th, "Tanh")?;
-            let s = tanh.inputs.first().filter(|_| tanh.inputs.len() == 1)?;
-            if !ix.single_use(s) {
-                return None;
-            }
-            // scaled = Mul(inner, √(2/π))
-            let (si, scaled) = ix.producer(s, "Mul").filter(|(_, n)| is_binary(n, "Mul"))?;
-            let inner = both_orders(scaled)
-                .into_iter()
-                .find(|&(inner, k)| ix.is_scalar(k, sqrt_2_over_pi()) && ix.single_use(inner))?
-                .0;
-            // inner = Add(x, Mul(Pow(x, 3), 0.044715))
-            let (ii, add_x) = ix
-                .producer(inner, "Add")
-                .filter(|(_, n)| is_binary(n, "Add"))?;
-            let cc = both_orders(add_x)
-                .into_iter()
-                .find(|&(ax, cc)| ax == x && ix.single_use(cc))?
-                .1;
-            let (ci, mul_c) = ix
-                .producer(cc, "Mul")
-                .filter(|(_, n)| is_binary(n, "Mul"))?;
-            let cube = both_orders(mul_c)
-                .into_iter()
-                .find(|&(cube, c)| ix.is_scalar(c, 0.044715) && ix.single_use(cube))?
-                .0;
-            let (qi, pow) = ix
-                .producer(cube, "Pow")
-                .filter(|(_, n)| is_binary(n, "Pow"))?;
-            (input_at(pow, 0) == x && ix.is_scalar(input_at(pow, 1), 3.0))
-                .then(|| (x, vec![hi, pi, ti, si, ii, ci, qi]))
-        });
-        let Some((x, mut removed)) = m else { continue };
+        let Some(m) = pat.at(&ix, i) else { continue };
+        let (x, mut removed) = (m.value("x"), m.interior.clone());
         // x read only by Pow, the inner Add and Mul(x, 0.5): a bias Add can be absorbed.
         let bias = (ix.consumers.get(x) == Some(&3) && !ix.graph_outputs.contains(x))
-            .then(|| ix.producer(x, "Add").filter(|(_, n)| is_binary(n, "Add")))
+            .then(|| matmul_bias(&ix, x))
             .flatten()
-            .and_then(|(bi, badd)| {
-                both_orders(badd)
-                    .into_iter()
-                    .find(|&(mm, bias)| {
-                        ix.producer(mm, "MatMul").is_some()
-                            && ix
-                                .last_dim(mm)
-                                .is_some_and(|h| ix.is_vector(bias, h) && ix.last_dim(x) == Some(h))
-                    })
-                    .map(|(mm, bias)| (bi, mm.to_string(), bias.to_string()))
-            })
-            .filter(|(bi, _, _)| !taken.contains(bi));
+            .filter(|(bi, _, _, h)| ix.last_dim(x) == Some(*h) && !taken.contains(bi));
         let inputs = match bias {
-            Some((bi, mm, bias)) => {
+            Some((bi, mm, bias, _)) => {
                 removed.push(bi);
                 vec![mm, bias]
             }
