@@ -504,6 +504,32 @@ pub fn approximate_gelu(graph: &mut Graph) -> usize {
     count
 }
 
+/// Whether `n` is a `LayerNormalization` over the last axis with the default stash type
+/// and (if any) a float `epsilon`: what the contrib layer norms compute.
+fn is_plain_layer_norm(_: &Index<'_>, n: &Node) -> bool {
+    matches!(n.attr("axis"), None | Some(Attr::Int(-1)))
+        && matches!(n.attr("stash_type"), None | Some(Attr::Int(1)))
+        && matches!(n.attr("epsilon"), None | Some(Attr::Float(_)))
+        && n.attrs
+            .keys()
+            .all(|k| ["axis", "epsilon", "stash_type"].contains(&k.as_str()))
+}
+
+/// A plain `LayerNormalization(input, gamma, beta)` ([`is_plain_layer_norm`]), gamma and
+/// beta 1-D float32 initializers bound as `gamma` and `beta`.
+fn layer_norm_of(input: P) -> Pattern {
+    let (gamma, beta) = (init("gamma", is_f32_vector), init("beta", is_f32_vector));
+    Pattern::new(op("LayerNormalization", vec![input, gamma, beta]).check(is_plain_layer_norm))
+}
+
+/// A [`layer_norm_of`] match's epsilon (ONNX's default 1e-5 when absent).
+fn layer_norm_epsilon(n: &Node) -> f32 {
+    match n.attr("epsilon") {
+        Some(Attr::Float(e)) => *e,
+        _ => 1e-5,
+    }
+}
+
 /// Fuses `LayerNormalization(Add(a, b), gamma, beta)` (default domain, so opset ≥ 17; axis
 /// −1, default stash type, one output; `a` and `b` of the same known rank-3 shape; gamma and
 /// beta 1-D float32 initializers of the hidden size; the Add's result read only by the
@@ -515,85 +541,39 @@ pub fn approximate_gelu(graph: &mut Graph) -> usize {
 /// fused.
 pub fn fuse_skip_layer_norm(graph: &mut Graph) -> usize {
     let ix = Index::new(graph);
+    let sum = op("Add", vec![val("a"), val("b")]).uses(None);
+    let pat = layer_norm_of(sum.p());
     let mut names = node_names(graph);
     let mut taken = Claimed::default();
     let mut rewrites = Vec::new();
     for (i, ln) in graph.nodes.iter().enumerate() {
-        if ln.op_type != "LayerNormalization"
-            || !is_onnx_domain(ln)
-            || ln.inputs.len() != 3
-            || ln.outputs.len() != 1
-        {
-            continue;
-        }
-        // A sum read elsewhere too (pre-LN residual streams, as in GPT-2) becomes output 3.
-        let sum_used_elsewhere = !ix.single_use(input_at(ln, 0));
-        let axis_ok = matches!(ln.attr("axis"), None | Some(Attr::Int(-1)));
-        let stash_ok = matches!(ln.attr("stash_type"), None | Some(Attr::Int(1)));
-        let epsilon = match ln.attr("epsilon") {
-            None => 1e-5,
-            Some(Attr::Float(e)) => *e,
-            Some(_) => continue,
-        };
-        let extra = ln
-            .attrs
-            .keys()
-            .any(|k| !["axis", "epsilon", "stash_type"].contains(&k.as_str()));
-        if !axis_ok || !stash_ok || extra {
-            continue;
-        }
-        let Some((ai, add)) = ix
-            .producer(input_at(ln, 0), "Add")
-            .filter(|(_, n)| is_binary(n, "Add"))
-        else {
-            continue;
-        };
-        let (a, b) = (input_at(add, 0), input_at(add, 1));
+        let Some(m) = pat.at(&ix, i) else { continue };
+        let (a, b) = (m.value("a"), m.value("b"));
         let (Some(sa), Some(sb)) = (ix.shapes.get(a), ix.shapes.get(b)) else {
             continue;
         };
         let Some(h) = sa.last().and_then(Dim::fixed) else {
             continue;
         };
-        if sa.len() != 3
-            || sa != sb
-            || !ix.is_vector(input_at(ln, 1), h)
-            || !ix.is_vector(input_at(ln, 2), h)
-        {
+        let (gamma, beta) = (m.value("gamma").to_string(), m.value("beta").to_string());
+        if sa.len() != 3 || sa != sb || !ix.is_vector(&gamma, h) || !ix.is_vector(&beta, h) {
             continue;
         }
         // A bias Add on either side becomes the 5th input.
-        let bias_add = |v: &str| {
-            if !ix.single_use(v) {
-                return None;
-            }
-            let (bi, badd) = ix.producer(v, "Add").filter(|(_, n)| is_binary(n, "Add"))?;
-            both_orders(badd)
-                .into_iter()
-                .find(|&(mm, bias)| {
-                    ix.producer(mm, "MatMul").is_some()
-                        && ix.last_dim(mm) == Some(h)
-                        && ix.is_vector(bias, h)
-                })
-                .map(|(mm, bias)| (bi, mm.to_string(), bias.to_string()))
-        };
+        let bias_add =
+            |v: &str| matmul_bias(&ix, v).filter(|&(_, _, _, hb)| hb == h && ix.single_use(v));
         let with_bias = bias_add(a)
             .map(|r| (r, b))
             .or_else(|| bias_add(b).map(|r| (r, a)))
-            .filter(|((bi, _, _), _)| !taken.contains(bi));
+            .filter(|((bi, ..), _)| !taken.contains(bi));
         let (removed, inputs) = match with_bias {
-            Some(((bi, mm, bias), skip)) => {
-                let (gamma, beta) = (input_at(ln, 1).to_string(), input_at(ln, 2).to_string());
-                (vec![ai, bi], vec![mm, skip.to_string(), gamma, beta, bias])
-            }
+            Some(((bi, mm, bias, _), skip)) => (
+                vec![m.interior[0], bi],
+                vec![mm, skip.to_string(), gamma, beta, bias],
+            ),
             None => (
-                vec![ai],
-                vec![
-                    a.to_string(),
-                    b.to_string(),
-                    input_at(ln, 1).to_string(),
-                    input_at(ln, 2).to_string(),
-                ],
+                m.interior.clone(),
+                vec![a.to_string(), b.to_string(), gamma, beta],
             ),
         };
         if !taken.claim(i, &removed) {
@@ -601,12 +581,13 @@ pub fn fuse_skip_layer_norm(graph: &mut Graph) -> usize {
         }
         let name = fused_name(&mut names, &ln.name, "SkipLayerNormalization");
         let mut outputs = ln.outputs.clone();
-        if sum_used_elsewhere {
+        // A sum read elsewhere too (pre-LN residual streams, as in GPT-2) becomes output 3.
+        if !ix.single_use(input_at(ln, 0)) {
             outputs.extend([String::new(), String::new(), input_at(ln, 0).to_string()]);
         }
         let mut node = ms_node(name, "SkipLayerNormalization", inputs, outputs);
         node.attrs
-            .insert("epsilon".to_string(), Attr::Float(epsilon));
+            .insert("epsilon".to_string(), Attr::Float(layer_norm_epsilon(ln)));
         rewrites.push(Rewrite {
             anchor: i,
             node,

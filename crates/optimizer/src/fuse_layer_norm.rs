@@ -3,10 +3,8 @@
 
 use ferry_ir::{Attr, Graph, Node};
 
-use crate::fuse::{
-    Claimed, Index, Rewrite, apply, both_orders, fused_name, input_at, int_vector, is_binary,
-    node_names, scalar_value,
-};
+use crate::fuse::{Claimed, Index, Rewrite, apply, fused_name, input_at, int_vector, node_names};
+use crate::pattern::{Pattern, init, is_f32_vector, op, single_f32, val};
 
 /// Whether `n` is `ReduceMean` over the last axis only, keeping dims, with the axes as an
 /// attribute (opset < 18) or as a constant second input (opset ≥ 18).
@@ -35,21 +33,6 @@ pub(crate) fn is_last_axis_mean(ix: &Index<'_>, n: &Node) -> bool {
     keep && !extra && axes.is_some_and(|a| last(&a))
 }
 
-/// A float32 initializer holding exactly one value (rank 0, or rank 1 of length 1).
-fn single_value(ix: &Index<'_>, value: &str) -> Option<f32> {
-    if let Some(v) = scalar_value(ix, value) {
-        return Some(v);
-    }
-    let i = ix.inits.get(value)?;
-    if i.dtype != ferry_ir::DType::F32 || i.dims != [1] {
-        return None;
-    }
-    match i.data.to_f32_vec().ok()?.as_slice() {
-        [v] => Some(*v),
-        _ => None,
-    }
-}
-
 /// A matched decomposed layer normalization.
 struct LayerNormMatch {
     x: String,
@@ -59,82 +42,50 @@ struct LayerNormMatch {
     removed: Vec<usize>,
 }
 
-/// Matches `Add(Mul(Div(Sub(x, ReduceMean(x)), Sqrt(Add(ReduceMean(Pow(Sub(..), 2)), eps))),
-/// gamma), beta)` ending in the Add `out`.
-fn match_layer_norm(ix: &Index<'_>, out: &Node) -> Option<LayerNormMatch> {
-    if !is_binary(out, "Add") {
-        return None;
-    }
-    both_orders(out).into_iter().find_map(|(scaled, beta)| {
-        let h = ix.inits.get(beta)?.dims.first().copied()?;
-        if !ix.is_vector(beta, h) || !ix.single_use(scaled) {
-            return None;
-        }
-        let (mi, mul) = ix
-            .producer(scaled, "Mul")
-            .filter(|(_, n)| is_binary(n, "Mul"))?;
-        let (normed, gamma) = both_orders(mul)
-            .into_iter()
-            .find(|&(_, g)| ix.is_vector(g, h))?;
-        if !ix.single_use(normed) {
-            return None;
-        }
-        let (di, div) = ix
-            .producer(normed, "Div")
-            .filter(|(_, n)| is_binary(n, "Div"))?;
-        let (centered, std) = (input_at(div, 0), input_at(div, 1));
-        // The centered value is read by the Pow and the Div only.
-        if ix.consumers.get(centered) != Some(&2)
-            || ix.graph_outputs.contains(centered)
-            || !ix.single_use(std)
-        {
-            return None;
-        }
-        let (si, sqrt) = ix.producer(std, "Sqrt")?;
-        if sqrt.inputs.len() != 1 || sqrt.outputs.len() != 1 || !ix.single_use(input_at(sqrt, 0)) {
-            return None;
-        }
-        let (ei, add_eps) = ix
-            .producer(input_at(sqrt, 0), "Add")
-            .filter(|(_, n)| is_binary(n, "Add"))?;
-        let (var, epsilon) = both_orders(add_eps)
-            .into_iter()
-            .find_map(|(v, e)| Some((v, single_value(ix, e)?)))?;
-        if !epsilon.is_finite() || epsilon < 0.0 || !ix.single_use(var) {
-            return None;
-        }
-        let (vi, var_mean) = ix.producer(var, "ReduceMean")?;
-        if !is_last_axis_mean(ix, var_mean) || !ix.single_use(input_at(var_mean, 0)) {
-            return None;
-        }
-        let (pi, pow) = ix
-            .producer(input_at(var_mean, 0), "Pow")
-            .filter(|(_, n)| is_binary(n, "Pow"))?;
-        if input_at(pow, 0) != centered || single_value(ix, input_at(pow, 1)) != Some(2.0) {
-            return None;
-        }
-        let (ci, sub) = ix
-            .producer(centered, "Sub")
-            .filter(|(_, n)| is_binary(n, "Sub"))?;
-        let (x, mean) = (input_at(sub, 0), input_at(sub, 1));
-        if !ix.single_use(mean) {
-            return None;
-        }
-        let (ri, mean_node) = ix.producer(mean, "ReduceMean")?;
-        if !is_last_axis_mean(ix, mean_node) || input_at(mean_node, 0) != x {
-            return None;
-        }
-        // A known last dimension other than the hidden size would broadcast differently.
-        if ix.last_dim(x).is_some_and(|d| d != h) {
-            return None;
-        }
-        Some(LayerNormMatch {
-            x: x.to_string(),
-            gamma: gamma.to_string(),
-            beta: beta.to_string(),
-            epsilon,
-            removed: vec![mi, di, si, ei, vi, pi, ci, ri],
-        })
+/// `Add(Mul(Div(Sub(x, ReduceMean(x)), Sqrt(Add(ReduceMean(Pow(Sub(..), 2)), eps))),
+/// gamma), beta)`, the centered value read by the Pow and the Div only.
+fn layer_norm_pattern() -> Pattern {
+    let mean = op("ReduceMean", vec![val("x")])
+        .min_inputs()
+        .check(is_last_axis_mean);
+    let centered = op("Sub", vec![val("x"), mean.p()])
+        .named("centered")
+        .uses(Some(2));
+    let two = init("two", |i| single_f32(i) == Some(2.0));
+    let var = op(
+        "ReduceMean",
+        vec![op("Pow", vec![centered.clone().p(), two]).p()],
+    )
+    .min_inputs()
+    .check(is_last_axis_mean);
+    let eps = init("eps", |i| single_f32(i).is_some());
+    let std = op(
+        "Sqrt",
+        vec![op("Add", vec![var.p(), eps]).commutative().p()],
+    );
+    let normed = op("Div", vec![centered.p(), std.p()]);
+    let scaled = op("Mul", vec![normed.p(), init("gamma", is_f32_vector)]).commutative();
+    Pattern::new(op("Add", vec![scaled.p(), init("beta", is_f32_vector)]).commutative())
+}
+
+/// Checks a [`layer_norm_pattern`] match at node `i`: gamma and beta of one length `h`
+/// (`x`'s last dimension when known) and a finite non-negative epsilon.
+fn match_layer_norm(ix: &Index<'_>, pat: &Pattern, i: usize) -> Option<LayerNormMatch> {
+    let m = pat.at(ix, i)?;
+    let (x, gamma, beta) = (m.value("x"), m.value("gamma"), m.value("beta"));
+    let h = ix.inits.get(beta)?.dims[0];
+    let epsilon = single_f32(ix.inits.get(m.value("eps"))?)?;
+    // A known last dimension other than the hidden size would broadcast differently.
+    let ok = ix.is_vector(gamma, h)
+        && epsilon.is_finite()
+        && epsilon >= 0.0
+        && ix.last_dim(x).is_none_or(|d| d == h);
+    ok.then(|| LayerNormMatch {
+        x: x.to_string(),
+        gamma: gamma.to_string(),
+        beta: beta.to_string(),
+        epsilon,
+        removed: m.interior.clone(),
     })
 }
 
@@ -153,8 +104,9 @@ pub fn fuse_layer_norm(graph: &mut Graph) -> usize {
     let mut names = node_names(graph);
     let mut taken = Claimed::default();
     let mut rewrites = Vec::new();
+    let pat = layer_norm_pattern();
     for (i, out) in graph.nodes.iter().enumerate() {
-        let Some(m) = match_layer_norm(&ix, out) else {
+        let Some(m) = match_layer_norm(&ix, &pat, i) else {
             continue;
         };
         if !taken.claim(i, &m.removed) {
