@@ -7,7 +7,8 @@ use std::collections::{HashMap, HashSet};
 use ferry_ir::{Attr, DType, Dim, Graph, Initializer, Node, OpsetImport};
 
 use crate::pattern::{
-    Match, Op, P, Pattern, init, is_f32_matrix, is_f32_scalar, is_f32_vector, op, rank0_f32, val,
+    Match, Op, P, Pattern, i64_values, init, is_f32_matrix, is_f32_scalar, is_f32_vector, op,
+    rank0_f32, rank0_i64, val,
 };
 
 /// ONNX Runtime's contrib-op domain.
@@ -292,16 +293,6 @@ pub(crate) fn ms_node(name: String, op: &str, inputs: Vec<String>, outputs: Vec<
         outputs,
         attrs: Default::default(),
     }
-}
-
-/// The two inputs of a binary node, in both orders (for commutative ops).
-pub(crate) fn both_orders(n: &Node) -> [(&str, &str); 2] {
-    let (a, b) = (input_at(n, 0), input_at(n, 1));
-    [(a, b), (b, a)]
-}
-
-pub(crate) fn is_binary(n: &Node, op: &str) -> bool {
-    n.op_type == op && is_onnx_domain(n) && n.inputs.len() == 2 && n.outputs.len() == 1
 }
 
 /// A float32 scalar constant, compared bit for bit, bound to `name`.
@@ -604,16 +595,7 @@ pub(crate) fn scalar_value(ix: &Index<'_>, value: &str) -> Option<f32> {
 
 /// A 1-D int64 initializer's values.
 pub(crate) fn int_vector(ix: &Index<'_>, value: &str) -> Option<Vec<i64>> {
-    let i = ix.inits.get(value)?;
-    if i.dtype != DType::I64 || i.dims.len() != 1 {
-        return None;
-    }
-    let b = i.data.bytes().ok()?;
-    let v: Vec<i64> = b
-        .chunks_exact(8)
-        .map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes")))
-        .collect();
-    (v.len() as i64 == i.dims[0]).then_some(v)
+    crate::pattern::i64_values(ix.inits.get(value)?)
 }
 
 pub(crate) fn has_perm(n: &Node, perm: &[i64]) -> bool {
@@ -1017,147 +999,105 @@ fn table_dims(ix: &Index<'_>, value: &str) -> Option<(i64, i64)> {
     }
 }
 
-/// `Gather(table, ids, axis 0)` of a 2-D float32 initializer `table` with `h` columns at a
-/// rank-2 int64 graph input `ids`, read once: the Gather and its index.
-fn embedding_lookup<'g>(ix: &Index<'g>, value: &str, h: i64) -> Option<(usize, &'g Node)> {
-    if !ix.single_use(value) {
-        return None;
-    }
-    let (gi, g) = ix.producer(value, "Gather")?;
-    let axis_ok = matches!(
-        (g.attrs.len(), g.attr("axis")),
+/// A `Gather` on axis 0 (the attribute absent or 0, no other), as a pattern check.
+fn gather_axis0(_: &Index<'_>, n: &Node) -> bool {
+    matches!(
+        (n.attrs.len(), n.attr("axis")),
         (0, None) | (1, Some(Attr::Int(0)))
-    );
-    if !axis_ok || g.inputs.len() != 2 || g.outputs.len() != 1 {
-        return None;
-    }
-    if table_dims(ix, input_at(g, 0))?.1 != h {
-        return None;
-    }
-    let ids = input_at(g, 1);
-    let input = ix.graph.inputs.iter().find(|v| v.name == ids)?;
-    let rank_ok = input.shape.as_ref().is_some_and(|s| s.len() == 2);
-    (input.dtype == DType::I64 && rank_ok && !ix.inits.contains_key(ids)).then_some((gi, g))
+    )
 }
 
-/// `Slice(table, [0], Slice(Shape(ids), [1], [2], [0]), [0])`: rows `[0, seq)` of a 2-D
-/// float32 initializer with `h` columns, `seq` being the length of `ids`; every
-/// intermediate read once. Returns `(table, ids, node indices)`.
-fn position_rows(ix: &Index<'_>, value: &str, h: i64) -> Option<(String, String, Vec<usize>)> {
-    let plain = |n: &Node, inputs: usize| {
-        n.inputs.len() == inputs && n.outputs.len() == 1 && n.attrs.is_empty()
+/// A node without attributes, as a pattern check.
+fn no_attrs(_: &Index<'_>, n: &Node) -> bool {
+    n.attrs.is_empty()
+}
+
+/// A 1-D int64 initializer holding exactly `$v`, bound to `$name`.
+macro_rules! ints {
+    ($name:literal, $v:expr) => {
+        init($name, |i| i64_values(i).as_deref() == Some(&$v[..]))
     };
-    if !ix.single_use(value) {
-        return None;
-    }
-    if ix.producer(value, "Gather").is_some() {
-        return gathered_position_rows(ix, value, h);
-    }
-    let (pi, ps) = ix.producer(value, "Slice").filter(|(_, n)| plain(n, 4))?;
-    if table_dims(ix, input_at(ps, 0))?.1 != h
-        || int_vector(ix, input_at(ps, 1))? != [0]
-        || int_vector(ix, input_at(ps, 3))? != [0]
-        || !ix.single_use(input_at(ps, 2))
-    {
-        return None;
-    }
-    let (si, ss) = ix
-        .producer(input_at(ps, 2), "Slice")
-        .filter(|(_, n)| plain(n, 4))?;
-    if int_vector(ix, input_at(ss, 1))? != [1]
-        || int_vector(ix, input_at(ss, 2))? != [2]
-        || int_vector(ix, input_at(ss, 3))? != [0]
-        || !ix.single_use(input_at(ss, 0))
-    {
-        return None;
-    }
-    let (shi, sh) = ix
-        .producer(input_at(ss, 0), "Shape")
-        .filter(|(_, n)| plain(n, 1))?;
-    Some((
-        input_at(ps, 0).to_string(),
-        input_at(sh, 0).to_string(),
-        vec![pi, si, shi],
-    ))
 }
 
-/// torch.onnx.export's position lookup: `Gather(table, Slice(ids_buffer, [0],
-/// Unsqueeze(Gather(Shape(ids), 1), [0]), [1], [1]))`, `ids_buffer` the constant int64
-/// `[[0, 1, …, n − 1]]` (transformers' `position_ids` buffer) with `n` at most the rows of
-/// the 2-D float32 `table` with `h` columns: rows `[0, seq)` again. Every intermediate read
-/// once. Returns `(table, ids, node indices)`.
-fn gathered_position_rows(
-    ix: &Index<'_>,
-    value: &str,
-    h: i64,
-) -> Option<(String, String, Vec<usize>)> {
-    let (gi, g) = ix.producer(value, "Gather")?;
-    let axis_ok = matches!(
-        (g.attrs.len(), g.attr("axis")),
-        (0, None) | (1, Some(Attr::Int(0)))
-    );
-    let (rows, cols) = table_dims(ix, input_at(g, 0))?;
-    if !axis_ok || g.inputs.len() != 2 || cols != h || !ix.single_use(input_at(g, 1)) {
-        return None;
-    }
-    let (si, sl) = ix.producer(input_at(g, 1), "Slice")?;
-    if !(sl.inputs.len() == 4 || sl.inputs.len() == 5) || !sl.attrs.is_empty() {
-        return None;
-    }
-    let buffer = ix.inits.get(input_at(sl, 0))?;
-    let n = match buffer.dims.as_slice() {
+/// `Gather(table, ids)` on axis 0, `table` and `ids` bound to the two names.
+fn lookup([table, ids]: [&'static str; 2]) -> P {
+    let table = init(table, |i| i.dims.len() == 2);
+    op("Gather", vec![table, val(ids)]).check(gather_axis0).p()
+}
+
+/// Rows `[0, seq)` of the position table `pos`, `seq` being the length of `ids`:
+/// `Slice(pos, [0], Slice(Shape(ids), [1], [2], [0]), [0])`, or torch.onnx.export's
+/// `Gather(pos, Slice(pos_ids, [0], Unsqueeze(Gather(Shape(ids), 1), [0]), [1][, [1]]))`
+/// over its `position_ids` buffer.
+fn position_rows() -> P {
+    let shape = || op("Shape", vec![val("ids")]).check(no_attrs);
+    let seq = op(
+        "Slice",
+        vec![
+            shape().p(),
+            ints!("s1", [1]),
+            ints!("s2", [2]),
+            ints!("s0", [0]),
+        ],
+    )
+    .check(no_attrs);
+    let pos = || init("pos", |i| i.dims.len() == 2);
+    let sliced = op(
+        "Slice",
+        vec![pos(), ints!("p0", [0]), seq.p(), ints!("pa", [0])],
+    )
+    .check(no_attrs);
+    let one = init("one", |i| rank0_i64(i) == Some(1) && i.data.len() == 8);
+    let len = op("Gather", vec![shape().p(), one]).check(gather_axis0);
+    let end = unsqueeze(len.p(), |ix, n| unsqueeze_axes(ix, n, &[0]));
+    let steps_ok = |ix: &Index<'_>, n: &Node| {
+        n.attrs.is_empty()
+            && match n.inputs.len() {
+                4 => true,
+                5 => int_vector(ix, input_at(n, 4)).is_some_and(|s| s == [1]),
+                _ => false,
+            }
+    };
+    let ids = op(
+        "Slice",
+        vec![
+            init("pos_ids", |i| i.dims.len() == 2),
+            ints!("b0", [0]),
+            end.p(),
+            ints!("b1", [1]),
+        ],
+    )
+    .min_inputs()
+    .check(steps_ok);
+    let gathered = op("Gather", vec![pos(), ids.p()]).check(gather_axis0);
+    P::Either(vec![sliced.p(), gathered.p()])
+}
+
+/// Whether `ids` is a rank-2 int64 graph input (not an initializer).
+fn is_ids_input(ix: &Index<'_>, ids: &str) -> bool {
+    ix.graph.inputs.iter().any(|v| {
+        v.name == ids
+            && v.dtype == DType::I64
+            && v.shape.as_ref().is_some_and(|s| s.len() == 2)
+            && !ix.inits.contains_key(ids)
+    })
+}
+
+/// Whether `buffer` is the int64 `[[0, 1, …, n − 1]]` with `n` at most `rows`.
+fn is_position_buffer(ix: &Index<'_>, buffer: &str, rows: i64) -> bool {
+    let Some(b) = ix.inits.get(buffer) else {
+        return false;
+    };
+    let n = match b.dims.as_slice() {
         [1, n] if *n <= rows => *n,
-        _ => return None,
+        _ => return false,
     };
-    let arange_ok = buffer.dtype == DType::I64
-        && buffer.data.bytes().ok().is_some_and(|b| {
+    b.dtype == DType::I64
+        && b.data.bytes().ok().is_some_and(|b| {
             b.chunks_exact(8)
-                .map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes")))
+                .map(|c| c.try_into().map_or(-1, i64::from_le_bytes))
                 .eq(0..n)
-        });
-    let steps_ok = sl.inputs.len() == 4 || int_vector(ix, input_at(sl, 4))? == [1];
-    if !arange_ok
-        || !steps_ok
-        || int_vector(ix, input_at(sl, 1))? != [0]
-        || int_vector(ix, input_at(sl, 3))? != [1]
-        || !ix.single_use(input_at(sl, 2))
-    {
-        return None;
-    }
-    let (ui, unsq) = ix.producer(input_at(sl, 2), "Unsqueeze")?;
-    let axes_ok = match (unsq.inputs.len(), unsq.attr("axes")) {
-        (1, Some(Attr::Ints(a))) => a == &[0],
-        (2, None) => int_vector(ix, input_at(unsq, 1)).is_some_and(|a| a == [0]),
-        _ => false,
-    };
-    if !axes_ok || !ix.single_use(input_at(unsq, 0)) {
-        return None;
-    }
-    let (ei, el) = ix.producer(input_at(unsq, 0), "Gather")?;
-    let el_axis_ok = matches!(
-        (el.attrs.len(), el.attr("axis")),
-        (0, None) | (1, Some(Attr::Int(0)))
-    );
-    let one = ix.inits.get(el.inputs.get(1)?.as_str())?;
-    let one_ok = one.dims.is_empty()
-        && one.dtype == DType::I64
-        && one
-            .data
-            .bytes()
-            .ok()
-            .is_some_and(|b| *b == 1i64.to_le_bytes());
-    if !el_axis_ok || !one_ok || !ix.single_use(input_at(el, 0)) {
-        return None;
-    }
-    let (shi, sh) = ix.producer(input_at(el, 0), "Shape")?;
-    if sh.inputs.len() != 1 || !sh.attrs.is_empty() {
-        return None;
-    }
-    Some((
-        input_at(g, 0).to_string(),
-        input_at(sh, 0).to_string(),
-        vec![gi, si, ui, ei, shi],
-    ))
+        })
 }
 
 /// A matched BERT embeddings block.
@@ -1171,82 +1111,47 @@ struct EmbedMatch {
     removed: Vec<usize>,
 }
 
-/// Matches ferry's BERT `embeddings` ending in the LayerNormalization `ln`.
-fn match_embed_layer_norm(ix: &Index<'_>, ln: &Node) -> Option<EmbedMatch> {
-    if ln.op_type != "LayerNormalization"
-        || !is_onnx_domain(ln)
-        || ln.inputs.len() != 3
-        || ln.outputs.len() != 1
-        || !ix.single_use(input_at(ln, 0))
-    {
+/// ferry's BERT (or DistilBERT, without token types) `embeddings`: `LayerNormalization(
+/// Add(position rows, Add(word lookup, token-type lookup) or word lookup))`.
+fn embed_pattern() -> Pattern {
+    let word = lookup(["word", "ids"]);
+    let words_and_types = op("Add", vec![word.clone(), lookup(["types", "type_ids"])]);
+    let sum = P::Either(vec![word, words_and_types.commutative().p()]);
+    layer_norm_of(op("Add", vec![position_rows(), sum]).commutative().p())
+}
+
+/// Checks an [`embed_pattern`] match at node `i`: every table as wide as gamma (the
+/// position buffer within the position table), the ids rank-2 int64 graph inputs of one
+/// shape.
+fn match_embed_layer_norm(ix: &Index<'_>, pat: &Pattern, i: usize) -> Option<EmbedMatch> {
+    let m = pat.at(ix, i)?;
+    let h = ix.inits.get(m.value("gamma"))?.dims[0];
+    if !ix.is_vector(m.value("beta"), h) {
         return None;
     }
-    let axis_ok = matches!(ln.attr("axis"), None | Some(Attr::Int(-1)));
-    let stash_ok = matches!(ln.attr("stash_type"), None | Some(Attr::Int(1)));
-    let epsilon = match ln.attr("epsilon") {
-        None => 1e-5,
-        Some(Attr::Float(e)) => *e,
-        Some(_) => return None,
-    };
-    let extra = ln
-        .attrs
-        .keys()
-        .any(|k| !["axis", "epsilon", "stash_type"].contains(&k.as_str()));
-    if !axis_ok || !stash_ok || extra {
-        return None;
-    }
-    let gamma = input_at(ln, 1);
-    let h = ix.inits.get(gamma)?.dims.first().copied()?;
-    if !ix.is_vector(gamma, h) || !ix.is_vector(input_at(ln, 2), h) {
-        return None;
-    }
-    let (a2i, add2) = ix
-        .producer(input_at(ln, 0), "Add")
-        .filter(|(_, n)| is_binary(n, "Add"))?;
-    both_orders(add2).into_iter().find_map(|(sum, rows)| {
-        let (pos, shape_ids, pos_nodes) = position_rows(ix, rows, h)?;
-        // DistilBERT: word lookup plus positions, no token types.
-        if let Some((wi, wg)) = embedding_lookup(ix, sum, h)
-            && input_at(wg, 1) == shape_ids
-        {
-            let mut removed = vec![a2i, wi];
-            removed.extend(&pos_nodes);
-            return Some(EmbedMatch {
-                ids: input_at(wg, 1).to_string(),
-                types: None,
-                word: input_at(wg, 0).to_string(),
-                pos,
-                epsilon,
-                removed,
-            });
-        }
-        if !ix.single_use(sum) {
-            return None;
-        }
-        let (a1i, add1) = ix
-            .producer(sum, "Add")
-            .filter(|(_, n)| is_binary(n, "Add"))?;
-        both_orders(add1).into_iter().find_map(|(w, t)| {
-            let (wi, wg) = embedding_lookup(ix, w, h)?;
-            let (ti, tg) = embedding_lookup(ix, t, h)?;
-            if input_at(wg, 1) != shape_ids {
-                return None;
-            }
+    let (rows, pos_h) = table_dims(ix, m.value("pos"))?;
+    let buffer = m.value("pos_ids");
+    let ok = table_dims(ix, m.value("word"))?.1 == h
+        && pos_h == h
+        && (buffer.is_empty() || is_position_buffer(ix, buffer, rows))
+        && is_ids_input(ix, m.value("ids"));
+    let types = match (m.value("types"), m.value("type_ids")) {
+        ("", _) => None,
+        (types, ids) => {
             let shape_of = |v: &str| ix.graph.inputs.iter().find(|i| i.name == v)?.shape.clone();
-            if shape_of(input_at(wg, 1)) != shape_of(input_at(tg, 1)) {
-                return None;
-            }
-            let mut removed = vec![a2i, a1i, wi, ti];
-            removed.extend(&pos_nodes);
-            Some(EmbedMatch {
-                ids: input_at(wg, 1).to_string(),
-                types: Some((input_at(tg, 1).to_string(), input_at(tg, 0).to_string())),
-                word: input_at(wg, 0).to_string(),
-                pos: pos.clone(),
-                epsilon,
-                removed,
-            })
-        })
+            let ok = table_dims(ix, types)?.1 == h
+                && is_ids_input(ix, ids)
+                && shape_of(ids) == shape_of(m.value("ids"));
+            ok.then(|| (ids.to_string(), types.to_string()))?.into()
+        }
+    };
+    ok.then(|| EmbedMatch {
+        ids: m.value("ids").to_string(),
+        types,
+        word: m.value("word").to_string(),
+        pos: m.value("pos").to_string(),
+        epsilon: layer_norm_epsilon(&ix.graph.nodes[i]),
+        removed: m.interior.clone(),
     })
 }
 
@@ -1270,8 +1175,9 @@ pub fn fuse_embed_layer_norm(graph: &mut Graph) -> usize {
     let mut casts = Int32Casts::new(graph, true);
     let mut taken = Claimed::default();
     let mut rewrites = Vec::new();
+    let pat = embed_pattern();
     for (i, ln) in graph.nodes.iter().enumerate() {
-        let Some(m) = match_embed_layer_norm(&ix, ln) else {
+        let Some(m) = match_embed_layer_norm(&ix, &pat, i) else {
             continue;
         };
         if !taken.claim(i, &m.removed) {

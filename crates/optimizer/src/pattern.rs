@@ -364,6 +364,21 @@ pub(crate) fn rank0_i64(i: &Initializer) -> Option<i64> {
     ))
 }
 
+/// A 1-D int64 initializer's values.
+pub(crate) fn i64_values(i: &Initializer) -> Option<Vec<i64>> {
+    if i.dtype != DType::I64 || i.dims.len() != 1 {
+        return None;
+    }
+    let v: Vec<i64> = i
+        .data
+        .bytes()
+        .ok()?
+        .chunks_exact(8)
+        .map(|c| c.try_into().map_or(0, i64::from_le_bytes))
+        .collect();
+    (v.len() as i64 == i.dims[0]).then_some(v)
+}
+
 /// A 1-D int64 initializer (a shape, Slice starts/ends/axes).
 pub(crate) fn is_i64_vector(i: &Initializer) -> bool {
     i.dtype == DType::I64 && i.dims.len() == 1
