@@ -27,10 +27,29 @@ fn is_epsilon(i: &Initializer) -> bool {
 
 /// `x · rsqrt(mean(x²) + eps)` in the forms exporters write: `Mul(x, Div(1, Sqrt(…)))`
 /// (ferry), `Mul(x, Reciprocal(Sqrt(…)))` (torch's `rsqrt`) or `Div(x, Sqrt(…))`.
+/// `Cast(·, float)` (`to` 1 only): what torch exports for `.to(torch.float32)` of a
+/// float32 tensor.
+fn is_cast_to_float(_: &Index<'_>, n: &Node) -> bool {
+    matches!(n.attr("to"), Some(Attr::Int(1))) && n.attrs.len() == 1
+}
+
+/// The normalized input `x`, or `Cast(x, float)` read by the Pow and the Mul (optimum's
+/// export: `hidden_states.to(torch.float32)`).
+fn rms_input() -> P {
+    P::Either(vec![
+        op("Cast", vec![val("x")])
+            .check(is_cast_to_float)
+            .uses(Some(2))
+            .named("x_cast")
+            .p(),
+        val("x"),
+    ])
+}
+
 fn rms_normalized() -> P {
     let var = op(
         "ReduceMean",
-        vec![op("Pow", vec![val("x"), init("two", is_two)]).p()],
+        vec![op("Pow", vec![rms_input(), init("two", is_two)]).p()],
     )
     .min_inputs()
     .check(is_last_axis_mean);
@@ -48,9 +67,16 @@ fn rms_normalized() -> P {
         op("Div", vec![init("one", is_one), std().p()]).p(),
         op("Reciprocal", vec![std().p()]).p(),
     ]);
+    let normalized = P::Either(vec![
+        op("Mul", vec![rms_input(), inv]).commutative().p(),
+        op("Div", vec![rms_input(), std().p()]).p(),
+    ]);
+    // `.to(input_dtype)` before the weight, a float32 → float32 Cast in a float32 export.
     P::Either(vec![
-        op("Mul", vec![val("x"), inv]).commutative().p(),
-        op("Div", vec![val("x"), std().p()]).p(),
+        op("Cast", vec![normalized.clone()])
+            .check(is_cast_to_float)
+            .p(),
+        normalized,
     ])
 }
 
@@ -313,14 +339,32 @@ pub fn fuse_packed_qkv(graph: &mut Graph) -> usize {
     let mut rewrites = Vec::new();
     let mut before: Vec<(String, Vec<Node>)> = Vec::new();
     let mut new_inits = Vec::new();
-    let mut groups: Vec<(&str, &Vec<usize>)> = readers
+    // Readers besides the projections may only read x's shape (optimum's exports).
+    let mut groups: Vec<(&str, Vec<usize>)> = readers
         .iter()
-        .filter(|(x, r)| r.len() == 3 && !ix.graph_outputs.contains(**x))
-        .map(|(x, r)| (*x, r))
+        .map(|(x, r)| {
+            let r: Vec<usize> = r
+                .iter()
+                .copied()
+                .filter(|&i| graph.nodes[i].op_type != "Shape")
+                .collect();
+            (*x, r)
+        })
+        .filter(|(x, r)| r.len() == 3 && !ix.graph_outputs.contains(*x))
         .collect();
     groups.sort_by_key(|(_, r)| r[0]);
     for (x, r) in groups {
-        let Some(h) = ix.last_dim(x) else { continue };
+        // x's last axis, known or (a MatMul needs it) the weights' rows.
+        let rows = |i: usize| {
+            ix.inits
+                .get(input_at(&graph.nodes[i], 1))?
+                .dims
+                .first()
+                .copied()
+        };
+        let Some(h) = ix.last_dim(x).or_else(|| rows(r[0])) else {
+            continue;
+        };
         let Some(ps) = r
             .iter()
             .map(|&i| projection(&ix, i, x, h))

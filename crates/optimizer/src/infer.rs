@@ -197,7 +197,14 @@ fn infer_node(st: &State<'_>, n: &Node) -> Option<(Vec<Shape>, Option<DimVector>
             } else {
                 DType::I64
             };
-            Some((vec![(dt, vec![Dim::Fixed(v.len() as i64)])], Some(v)))
+            // Two scalars (Gathered dims) give a scalar, not a 1-element vector.
+            let rank0 = |k: usize| st.shape(input_at(n, k)).is_some_and(|(_, d)| d.is_empty());
+            let dims = if rank0(0) && rank0(1) {
+                vec![]
+            } else {
+                vec![Dim::Fixed(v.len() as i64)]
+            };
+            Some((vec![(dt, dims)], Some(v)))
         }
         "Where"
             if st.dimvecs.contains_key(input_at(n, 0))
