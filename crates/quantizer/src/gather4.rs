@@ -368,8 +368,58 @@ pub fn quantize_gathers(
     Ok(stats)
 }
 
-/// Whether `b` (float32 `[H, V]`) is the transpose of `table` (`[V, H]` = `dims`), compared
-/// band by band so that neither is held whole.
+/// Whether two tensors are views of the very same bytes (same mapped range, same owned
+/// buffer, same conversion or permutation of such): equal without reading them.
+fn same_bytes(a: &TensorData, b: &TensorData) -> bool {
+    use std::sync::Arc;
+    match (a, b) {
+        (
+            TensorData::Mapped {
+                file: f1,
+                offset: o1,
+                len: l1,
+            },
+            TensorData::Mapped {
+                file: f2,
+                offset: o2,
+                len: l2,
+            },
+        ) => Arc::ptr_eq(f1, f2) && o1 == o2 && l1 == l2,
+        (TensorData::Owned(x), TensorData::Owned(y)) => Arc::ptr_eq(x, y),
+        (
+            TensorData::Converted {
+                source: s1,
+                from: f1,
+                to: t1,
+            },
+            TensorData::Converted {
+                source: s2,
+                from: f2,
+                to: t2,
+            },
+        ) => f1 == f2 && t1 == t2 && (Arc::ptr_eq(s1, s2) || same_bytes(s1, s2)),
+        (
+            TensorData::Transposed {
+                source: s1,
+                dims: d1,
+                perm: p1,
+                elem: e1,
+            },
+            TensorData::Transposed {
+                source: s2,
+                dims: d2,
+                perm: p2,
+                elem: e2,
+            },
+        ) => d1 == d2 && p1 == p2 && e1 == e2 && (Arc::ptr_eq(s1, s2) || same_bytes(s1, s2)),
+        _ => false,
+    }
+}
+
+/// Whether `b` (float32 `[H, V]`) is the transpose of `table` (`[V, H]` = `dims`). A view of
+/// the table's own bytes (a folded Transpose) is recognised without reading; otherwise the
+/// two are compared band by band: a band of the table's rows, contiguous, against the same
+/// columns of each row of `b`.
 fn is_transpose_of(b: &TensorData, table: &TensorData, dims: &[i64]) -> std::io::Result<bool> {
     if b.len() != table.len() {
         return Ok(false);
@@ -378,20 +428,30 @@ fn is_transpose_of(b: &TensorData, table: &TensorData, dims: &[i64]) -> std::io:
         dim(dims[0]).map_err(std::io::Error::other)?,
         dim(dims[1]).map_err(std::io::Error::other)?,
     );
-    let view = TensorData::transposed(table.clone(), &[v, h], &[1, 0], 4)?;
-    let band = (ferry_ir::BAND_BYTES as u64 / 2).max(4);
-    let (mut x, mut y) = (Vec::new(), Vec::new());
-    let mut offset = 0;
-    while offset < b.len() {
-        let n = band.min(b.len() - offset) as usize;
-        x.resize(n, 0);
-        y.resize(n, 0);
-        b.read_into(offset, &mut x)?;
-        view.read_into(offset, &mut y)?;
-        if x != y {
-            return Ok(false);
+    if same_bytes(
+        &TensorData::transposed(b.clone(), &[h, v], &[1, 0], 4)?,
+        table,
+    ) {
+        return Ok(true);
+    }
+    let rows = (ferry_ir::BAND_BYTES / 2 / (h * 4).max(1)).max(1);
+    let (mut band, mut col) = (Vec::new(), Vec::new());
+    let mut v0 = 0;
+    while v0 < v {
+        let n = rows.min(v - v0);
+        band.resize(n * h * 4, 0);
+        table.read_into((v0 * h * 4) as u64, &mut band)?;
+        col.resize(n * 4, 0);
+        for hh in 0..h {
+            b.read_into(((hh * v + v0) * 4) as u64, &mut col)?;
+            for (i, c) in col.chunks_exact(4).enumerate() {
+                let at = (i * h + hh) * 4;
+                if c != &band[at..at + 4] {
+                    return Ok(false);
+                }
+            }
         }
-        offset += n as u64;
+        v0 += n;
     }
     Ok(true)
 }
