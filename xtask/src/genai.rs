@@ -68,11 +68,11 @@ const QWEN_GENERATION_CONFIG: &str = r#"{"bos_token_id": 151643, "pad_token_id":
 /// int4` against onnxruntime-genai's model builder (`-p int4 -e cpu`), interleaved, each
 /// timed with the peak RSS and peak anonymous memory of its process tree; then both
 /// folders' operator counts and decode latency per token at batch 1 in onnxruntime-genai
-/// (xtask/genai_latency.py, one process, interleaved rounds).
+/// (xtask/genai_latency.py, one process, interleaved rounds). The checkpoint stays in
+/// target/bench/genai for the next run.
 pub(crate) fn bench_genai(runs: usize) -> Result<()> {
     let runs = runs.max(1);
     let base = target().join("bench").join("genai");
-    let _ = std::fs::remove_dir_all(&base);
     std::fs::create_dir_all(&base).map_err(|e| e.to_string())?;
     let ferry = super::ferry_release()?;
     let py = genai_venv()?;
@@ -81,9 +81,15 @@ pub(crate) fn bench_genai(runs: usize) -> Result<()> {
         .ok_or("bench --genai: target/venv has no torch for the model builder")?;
     let tokenizers = super::fetch_tokenizers()?;
 
+    // The checkpoint is kept for the next run (written again only when missing).
     let ck = base.join("qwen2.5-0.5b");
-    eprintln!("xtask: writing {}", ck.display());
-    let size = super::llm::write_checkpoint(&ck, &super::llm::QWEN_05B)?;
+    if !ck.join("model.safetensors").is_file() {
+        eprintln!("xtask: writing {}", ck.display());
+        super::llm::write_checkpoint(&ck, &super::llm::QWEN_05B)?;
+    }
+    let size = std::fs::metadata(ck.join("model.safetensors"))
+        .map_err(|e| e.to_string())?
+        .len();
     for f in ["tokenizer.json", "tokenizer_config.json"] {
         std::fs::copy(tokenizers.join("qwen3").join(f), ck.join(f)).map_err(|e| e.to_string())?;
     }
@@ -138,16 +144,6 @@ pub(crate) fn bench_genai(runs: usize) -> Result<()> {
         }
     }
     let (ft, bt) = (super::median(ft), super::median(bt));
-    let dir_bytes = |d: &Path| -> u64 {
-        std::fs::read_dir(d)
-            .map(|rd| {
-                rd.flatten()
-                    .filter_map(|e| e.metadata().ok())
-                    .map(|m| m.len())
-                    .sum()
-            })
-            .unwrap_or(0)
-    };
     let o = Command::new(&py)
         .arg(root().join("xtask").join("genai_latency.py"))
         .arg(format!("ferry={}", ferry_dir.display()))
@@ -170,13 +166,13 @@ pub(crate) fn bench_genai(runs: usize) -> Result<()> {
         "  ferry export --genai --quantize int4   {ft:>7.2} s  peak RSS {:>7.1} MiB, peak anonymous {:>7.1} MiB, folder {:.1} MB",
         mib(fs.rss),
         mib(fs.anon),
-        dir_bytes(&ferry_dir) as f64 / 1e6
+        super::llm::dir_size(&ferry_dir) as f64 / 1e6
     );
     println!(
         "  model builder -p int4 -e cpu            {bt:>7.2} s  peak RSS {:>7.1} MiB, peak anonymous {:>7.1} MiB, folder {:.1} MB",
         mib(bs.rss),
         mib(bs.anon),
-        dir_bytes(&builder_dir) as f64 / 1e6
+        super::llm::dir_size(&builder_dir) as f64 / 1e6
     );
     println!(
         "  ferry / builder: time {:.3} (target ≤ 0.25), peak RSS {:.3}, peak anonymous {:.3} (target ≤ 1/16 = 0.0625)",
@@ -185,8 +181,12 @@ pub(crate) fn bench_genai(runs: usize) -> Result<()> {
         fs.anon as f64 / bs.anon.max(1) as f64
     );
     let (fl, bl) = (
-        lat["ferry"]["decode_ms_per_token"].as_f64().unwrap_or(f64::NAN),
-        lat["builder"]["decode_ms_per_token"].as_f64().unwrap_or(f64::NAN),
+        lat["ferry"]["decode_ms_per_token"]
+            .as_f64()
+            .unwrap_or(f64::NAN),
+        lat["builder"]["decode_ms_per_token"]
+            .as_f64()
+            .unwrap_or(f64::NAN),
     );
     println!(
         "  onnxruntime-genai decode at batch 1 (prompt 32, 64 new tokens, interleaved rounds): ferry {fl:.2} ms/token, builder {bl:.2} ms/token, ratio {:.3} (target ≤ 1); prefill ferry {:.1} ms, builder {:.1} ms",
@@ -201,6 +201,5 @@ pub(crate) fn bench_genai(runs: usize) -> Result<()> {
             .unwrap_or_default();
         println!("  {name} operators: {}", ops.join(", "));
     }
-    let _ = std::fs::remove_dir_all(&ck);
     Ok(())
 }

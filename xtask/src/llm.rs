@@ -252,7 +252,8 @@ fn mib(kib: u64) -> f64 {
     kib as f64 / 1024.0
 }
 
-fn dir_size(dir: &Path) -> u64 {
+/// Total bytes of the files directly in `dir`.
+pub(crate) fn dir_size(dir: &Path) -> u64 {
     std::fs::read_dir(dir)
         .map(|rd| {
             rd.flatten()

@@ -25,7 +25,7 @@ use std::fmt;
 use ferry_ir::{Attr, DType, Graph, Initializer, Node, TensorData};
 
 use crate::QuantizeError;
-use crate::int4::{Int4Options, dim, ensure_opset, unique};
+use crate::int4::{Int4Options, dim, ensure_opset, f32_matrix_dims, taken_names, unique};
 use crate::int4_lazy::lazy_int4;
 
 /// What [`quantize_gathers`] changed.
@@ -177,28 +177,13 @@ pub fn quantize_gathers(
         }
     }
 
-    let mut taken: HashSet<String> = graph
-        .initializers
-        .iter()
-        .map(|t| t.name.clone())
-        .chain(graph.nodes.iter().flat_map(|n| n.outputs.iter().cloned()))
-        .chain(graph.inputs.iter().map(|v| v.name.clone()))
-        .collect();
+    let mut taken = taken_names(graph);
     let mut new_inits: Vec<Initializer> = Vec::new();
     let mut replaced: BTreeMap<usize, Vec<Node>> = BTreeMap::new();
     let mut touched: Vec<usize> = Vec::new();
     for table in tables.values() {
         let t = &graph.initializers[table.init];
-        let (v, h) = (dim(t.dims[0])?, dim(t.dims[1])?);
-        let expected = (v as u64).saturating_mul(h as u64).saturating_mul(4);
-        if t.data.len() != expected {
-            return Err(QuantizeError::Invalid(format!(
-                "initializer `{}` has {} bytes, its float32 shape {:?} needs {expected}",
-                t.name,
-                t.data.len(),
-                t.dims,
-            )));
-        }
+        let (v, h) = f32_matrix_dims(t)?;
         // Rows of the table are the columns of the tied MatMul's B. Nothing is quantized
         // here: the writer computes the codes band by band.
         let p = lazy_int4(t.data.clone(), h, bs, opts.symmetric);
@@ -459,18 +444,8 @@ fn is_transpose_of(b: &TensorData, table: &TensorData, dims: &[i64]) -> std::io:
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::int4::tests::node;
     use ferry_ir::{Dim, OpsetImport, Value};
-
-    fn node(name: &str, op: &str, inputs: &[&str], outputs: &[&str]) -> Node {
-        Node {
-            name: name.into(),
-            op_type: op.into(),
-            domain: String::new(),
-            inputs: inputs.iter().map(|s| s.to_string()).collect(),
-            outputs: outputs.iter().map(|s| s.to_string()).collect(),
-            attrs: BTreeMap::new(),
-        }
-    }
 
     fn table(name: &str, v: usize, h: usize) -> Initializer {
         let vals: Vec<f32> = (0..v * h).map(|i| (i as f32 * 0.61).sin()).collect();

@@ -276,13 +276,7 @@ pub fn quantize_int4(graph: &mut Graph, opts: &Int4Options) -> Result<Int4Stats,
     // Quantize each distinct (weight, layout) once.
     let mut new_inits: Vec<Initializer> = Vec::new();
     let mut done: HashMap<(usize, bool), (Vec<String>, i64, i64)> = HashMap::new();
-    let mut taken: HashSet<String> = graph
-        .initializers
-        .iter()
-        .map(|t| t.name.clone())
-        .chain(graph.nodes.iter().flat_map(|n| n.outputs.iter().cloned()))
-        .chain(graph.inputs.iter().map(|v| v.name.clone()))
-        .collect();
+    let mut taken = taken_names(graph);
     let mut touched_transposes: HashSet<usize> = HashSet::new();
     let mut touched_inits: HashSet<usize> = HashSet::new();
     let mut replacements: BTreeMap<usize, Node> = BTreeMap::new();
@@ -295,16 +289,7 @@ pub fn quantize_int4(graph: &mut Graph, opts: &Int4Options) -> Result<Int4Stats,
                 name: t.name.clone(),
                 source,
             };
-            let (d0, d1) = (dim(t.dims[0])?, dim(t.dims[1])?);
-            let expected = (d0 as u64).saturating_mul(d1 as u64).saturating_mul(4);
-            if t.data.len() != expected {
-                return Err(QuantizeError::Invalid(format!(
-                    "initializer `{}` has {} bytes, its float32 shape {:?} needs {expected}",
-                    t.name,
-                    t.data.len(),
-                    t.dims,
-                )));
-            }
+            let (d0, d1) = f32_matrix_dims(t)?;
             // `[N, K]` rows are the columns of B: a `[K, N]` B is read through a transposed
             // view. Nothing is quantized here; the writer computes the bytes band by band.
             let (k, n, wt) = if transposed {
@@ -457,6 +442,32 @@ pub(crate) fn ensure_opset(graph: &mut Graph, domain: &str, version: i64) {
     }
 }
 
+/// Every name the graph already uses (initializers, node outputs, inputs), for [`unique`].
+pub(crate) fn taken_names(graph: &Graph) -> HashSet<String> {
+    graph
+        .initializers
+        .iter()
+        .map(|t| t.name.clone())
+        .chain(graph.nodes.iter().flat_map(|n| n.outputs.iter().cloned()))
+        .chain(graph.inputs.iter().map(|v| v.name.clone()))
+        .collect()
+}
+
+/// The two dims of a 2-D float32 initializer, checked against its byte length.
+pub(crate) fn f32_matrix_dims(t: &Initializer) -> Result<(usize, usize), QuantizeError> {
+    let (d0, d1) = (dim(t.dims[0])?, dim(t.dims[1])?);
+    let expected = (d0 as u64).saturating_mul(d1 as u64).saturating_mul(4);
+    if t.data.len() != expected {
+        return Err(QuantizeError::Invalid(format!(
+            "initializer `{}` has {} bytes, its float32 shape {:?} needs {expected}",
+            t.name,
+            t.data.len(),
+            t.dims,
+        )));
+    }
+    Ok((d0, d1))
+}
+
 /// `want`, or `want_1`, `want_2`… whichever is not yet taken (and takes it).
 pub(crate) fn unique(taken: &mut HashSet<String>, want: &str) -> String {
     let mut name = want.to_string();
@@ -474,7 +485,7 @@ pub(crate) fn dim(d: i64) -> Result<usize, QuantizeError> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use ferry_ir::{Dim, Value};
 
@@ -617,7 +628,8 @@ mod tests {
         assert!(dequantize(&[0; 8], &[1.0], Some(&[]), 4, 1, 16).is_none());
     }
 
-    fn node(name: &str, op: &str, inputs: &[&str], outputs: &[&str]) -> Node {
+    /// A default-domain node (also used by the other quantizers' tests).
+    pub(crate) fn node(name: &str, op: &str, inputs: &[&str], outputs: &[&str]) -> Node {
         Node {
             name: name.into(),
             op_type: op.into(),
