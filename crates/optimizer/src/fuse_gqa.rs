@@ -136,8 +136,9 @@ fn rope_core(x: &dyn Fn() -> P, n: &Names) -> Op {
 }
 
 /// The rotary embedding of the heads `Transpose(x4d, [0, 2, 1, 3])`, whole or over the
-/// first `r` features (the rest concatenated back, Phi-3's partial rotary).
-fn rope(n: &Names, x4d: &'static str) -> P {
+/// first `r` features (the rest concatenated back, Phi-3's partial rotary): `(whole,
+/// partial)`.
+fn rope_ops(n: &Names, x4d: &'static str) -> (Op, Op) {
     let full_x = || {
         op("Transpose", vec![val(x4d)])
             .check(perm_0213)
@@ -155,6 +156,12 @@ fn rope(n: &Names, x4d: &'static str) -> P {
         ],
     )
     .check(last_axis);
+    (full, partial)
+}
+
+/// [`rope_ops`], either form.
+fn rope(n: &Names, x4d: &'static str) -> P {
+    let (full, partial) = rope_ops(n, x4d);
     P::Either(vec![full.p(), partial.p()])
 }
 
@@ -377,6 +384,52 @@ impl Emit<'_> {
     }
 }
 
+/// cos/sin caches already built, by (positions, inverse frequencies, cos and sin scales).
+type Caches = HashMap<(String, String, [String; 2]), (String, String)>;
+
+/// The `[max(position_ids) + 1, r/2]` cos and sin caches of a matched rotary embedding,
+/// computed in the graph as the export computes its tables (`positions · inv_freq`, `Cos`
+/// / `Sin`, times the attention scaling): built once per (positions, frequencies, scales).
+fn rotary_caches(e: &mut Emit<'_>, caches: &mut Caches, m: &Match) -> (String, String) {
+    let key = (
+        m.value("pos").to_string(),
+        m.value("inv").to_string(),
+        [
+            m.value("cos_scale").to_string(),
+            m.value("sin_scale").to_string(),
+        ],
+    );
+    if let Some(c) = caches.get(&key) {
+        return c.clone();
+    }
+    let scope = std::mem::replace(&mut e.scope, "/rotary_emb/cache".to_string());
+    let max = e.node(
+        "ReduceMax",
+        vec![key.0.clone()],
+        vec![("keepdims", Attr::Int(0))],
+    );
+    let one = e.ints(&[1]);
+    let zero = e.ints(&[0]);
+    let len = e.node("Add", vec![max, one.clone()], vec![]);
+    let rows = e.node("Range", vec![zero, len, one], vec![]);
+    let rows = e.node("Cast", vec![rows], vec![("to", Attr::Int(1))]);
+    let axis = e.ints_1d(&[1]);
+    let rows = e.node("Unsqueeze", vec![rows, axis], vec![]);
+    let freqs = e.node("Mul", vec![rows, key.1.clone()], vec![]);
+    let trig = |e: &mut Emit<'_>, f: &str, scale: &str| {
+        let t = e.node(f, vec![freqs.clone()], vec![]);
+        if scale.is_empty() {
+            t
+        } else {
+            e.node("Mul", vec![t, scale.to_string()], vec![])
+        }
+    };
+    let c = (trig(e, "Cos", &key.2[0]), trig(e, "Sin", &key.2[1]));
+    caches.insert(key, c.clone());
+    e.scope = scope;
+    c
+}
+
 /// Fuses each decoder self-attention block with a cache (see the module docs) into
 /// `com.microsoft` `RotaryEmbedding` of the queries and of the keys (3-D, `num_heads`,
 /// `rotary_embedding_dim` for partial rotary; cos/sin caches `[max(position_ids) + 1, r/2]`
@@ -411,7 +464,7 @@ pub fn fuse_group_query_attention(graph: &mut Graph) -> usize {
     let mut new_inits = Vec::new();
     // Shared per graph: the lengths, and the cos/sin caches per (pos, inv, scale).
     let mut lengths: Option<(String, String)> = None;
-    let mut caches: HashMap<(String, String, [String; 2]), (String, String)> = HashMap::new();
+    let mut caches = Caches::new();
     let mut shared: Vec<Node> = Vec::new();
     for (i, root) in graph.nodes.iter().enumerate() {
         if root.op_type != "Reshape" {
@@ -456,47 +509,7 @@ pub fn fuse_group_query_attention(graph: &mut Graph) -> usize {
                 (seqlens, total)
             }
         };
-        let key = (
-            m.value("pos").to_string(),
-            m.value("inv").to_string(),
-            [
-                m.value("cos_scale").to_string(),
-                m.value("sin_scale").to_string(),
-            ],
-        );
-        e.scope = "/rotary_emb/cache".to_string();
-        let (cos, sin) = match caches.get(&key) {
-            Some(c) => c.clone(),
-            None => {
-                let max = e.node(
-                    "ReduceMax",
-                    vec![key.0.clone()],
-                    vec![("keepdims", Attr::Int(0))],
-                );
-                let one = e.ints(&[1]);
-                let zero = e.ints(&[0]);
-                let len = e.node("Add", vec![max, one.clone()], vec![]);
-                let rows = e.node("Range", vec![zero, len, one], vec![]);
-                let rows = e.node("Cast", vec![rows], vec![("to", Attr::Int(1))]);
-                let axis = e.ints_1d(&[1]);
-                let rows = e.node("Unsqueeze", vec![rows, axis], vec![]);
-                let freqs = e.node("Mul", vec![rows, key.1.clone()], vec![]);
-                let trig = |e: &mut Emit<'_>, f: &str, scale: &str| {
-                    let t = e.node(f, vec![freqs.clone()], vec![]);
-                    if scale.is_empty() {
-                        t
-                    } else {
-                        e.node("Mul", vec![t, scale.to_string()], vec![])
-                    }
-                };
-                let c = (
-                    trig(&mut e, "Cos", &key.2[0]),
-                    trig(&mut e, "Sin", &key.2[1]),
-                );
-                caches.insert(key.clone(), c.clone());
-                c
-            }
-        };
+        let (cos, sin) = rotary_caches(&mut e, &mut caches, m);
         shared.append(&mut e.nodes);
         e.scope = scope.clone();
         let flat = e.ints_1d(&[0, 0, -1]);
@@ -583,5 +596,91 @@ pub fn fuse_group_query_attention(graph: &mut Graph) -> usize {
         }
     }
     graph.initializers.extend(new_inits);
+    count
+}
+
+/// Fuses the rotary embeddings [`fuse_group_query_attention`] left (exports without a
+/// cache, head sizes its kernel rejects): `x·cos + rotate_half(x)·sin` of the heads
+/// `Transpose(·, [0, 2, 1, 3])` (whole, or Phi-3's first `r` features with the rest
+/// concatenated back) → `com.microsoft` `RotaryEmbedding(x, position_ids, cos_cache,
+/// sin_cache)` on the 4-D `[B, N, S, hd]` heads (`interleaved` 0, `num_heads`,
+/// `rotary_embedding_dim` when partial), with the same in-graph caches as
+/// [`fuse_group_query_attention`]. Needs opset ≥ 13. Returns how many were fused.
+pub fn fuse_rotary_embedding(graph: &mut Graph) -> usize {
+    let opset = graph
+        .opsets
+        .iter()
+        .find(|o| o.domain.is_empty() || o.domain == "ai.onnx")
+        .map_or(0, |o| o.version);
+    if opset < 13 {
+        return 0;
+    }
+    let ix = Index::new(graph);
+    let (full, partial) = rope_ops(&Q, "q4d");
+    let (full, partial) = (Pattern::new(full), Pattern::new(partial));
+    let mut names = node_names(graph);
+    let mut values = value_names(graph);
+    let mut caches = Caches::new();
+    let mut e = Emit {
+        names: &mut names,
+        values: &mut values,
+        nodes: Vec::new(),
+        inits: Vec::new(),
+        scope: String::new(),
+    };
+    let mut rewrites = Vec::new();
+    for (i, root) in graph.nodes.iter().enumerate() {
+        let out = root.outputs.first().map_or("", String::as_str);
+        // Nodes an earlier fusion left for dead-node removal stay.
+        let live = ix.consumers.contains_key(out) || ix.graph_outputs.contains(out);
+        let Some(m) = live
+            .then(|| full.at(&ix, i).or_else(|| partial.at(&ix, i)))
+            .flatten()
+        else {
+            continue;
+        };
+        let Some(xt) = m.node(Q.t).map(|k| ix.graph.nodes[k].outputs[0].clone()) else {
+            continue;
+        };
+        let dims = ix.shapes.get(xt.as_str()).copied().unwrap_or(&[]);
+        let (Some(heads), Some(hd)) = (
+            dims.get(1).and_then(|d| d.fixed()),
+            dims.get(3).and_then(|d| d.fixed()),
+        ) else {
+            continue;
+        };
+        let Some(r) = rotary_width(&ix, &m, &Q, hd) else {
+            continue;
+        };
+        let (cos, sin) = rotary_caches(&mut e, &mut caches, &m);
+        let name = fused_name(e.names, &root.name, "RotaryEmbedding");
+        let mut node = ms_node(
+            name,
+            "RotaryEmbedding",
+            vec![xt, m.value("pos").to_string(), cos, sin],
+            root.outputs.clone(),
+        );
+        node.attrs.insert("interleaved".into(), Attr::Int(0));
+        node.attrs.insert("num_heads".into(), Attr::Int(heads));
+        if r != hd {
+            node.attrs
+                .insert("rotary_embedding_dim".into(), Attr::Int(r));
+        }
+        rewrites.push(Rewrite {
+            anchor: i,
+            node,
+            removed: Vec::new(),
+        });
+    }
+    let (shared, inits) = (e.nodes, e.inits);
+    let count = apply(graph, rewrites);
+    if let Some(at) = graph
+        .nodes
+        .iter()
+        .position(|n| n.op_type == "RotaryEmbedding")
+    {
+        graph.nodes.splice(at..at, shared);
+    }
+    graph.initializers.extend(inits);
     count
 }

@@ -43,7 +43,7 @@ pub use fuse::{
     fuse_fast_gelu, fuse_gelu, fuse_skip_layer_norm,
 };
 pub use fuse_gpt2::fuse_gpt2_attention;
-pub use fuse_gqa::fuse_group_query_attention;
+pub use fuse_gqa::{fuse_group_query_attention, fuse_rotary_embedding};
 pub use fuse_layer_norm::fuse_layer_norm;
 pub use fuse_llm::{fuse_packed_qkv, fuse_simplified_layer_norm, fuse_skip_simplified_layer_norm};
 pub use fuse_mha::fuse_multi_head_attention;
@@ -115,6 +115,9 @@ pub struct Stats {
     /// Decoder attention blocks with a cache fused into `GroupQueryAttention` (with two
     /// `RotaryEmbedding`s each; [`fuse_group_query_attention`]).
     pub group_query_attention_fused: usize,
+    /// Rotary embeddings outside a fused attention fused into `RotaryEmbedding`
+    /// ([`fuse_rotary_embedding`]).
+    pub rotary_embedding_fused: usize,
     /// `Gelu` / `BiasGelu` turned into (approximate) `FastGelu` by
     /// [`OptimizeOptions::gelu_approximation`].
     pub gelu_approximated: usize,
@@ -164,11 +167,13 @@ pub enum Fusion {
     PackedQkv,
     /// [`fuse_group_query_attention`] (with its `RotaryEmbedding`s).
     GroupQueryAttention,
+    /// [`fuse_rotary_embedding`].
+    RotaryEmbedding,
 }
 
 impl Fusion {
     /// Every fusion, in pass order.
-    pub const ALL: [Fusion; 12] = [
+    pub const ALL: [Fusion; 13] = [
         Fusion::Gelu,
         Fusion::BiasGelu,
         Fusion::FastGelu,
@@ -181,6 +186,7 @@ impl Fusion {
         Fusion::SkipSimplifiedLayerNorm,
         Fusion::PackedQkv,
         Fusion::GroupQueryAttention,
+        Fusion::RotaryEmbedding,
     ];
 
     /// The name `--disable` takes (`skip-layer-norm`).
@@ -198,6 +204,7 @@ impl Fusion {
             Fusion::SkipSimplifiedLayerNorm => "skip-simplified-layer-norm",
             Fusion::PackedQkv => "packed-qkv",
             Fusion::GroupQueryAttention => "group-query-attention",
+            Fusion::RotaryEmbedding => "rotary-embedding",
         }
     }
 
@@ -216,6 +223,7 @@ impl Fusion {
             Fusion::SkipSimplifiedLayerNorm => "SkipSimplifiedLayerNormalization",
             Fusion::PackedQkv => "Split",
             Fusion::GroupQueryAttention => "GroupQueryAttention",
+            Fusion::RotaryEmbedding => "RotaryEmbedding",
         }
     }
 }
@@ -391,6 +399,7 @@ pub fn optimize_with(graph: &mut Graph, opts: &OptimizeOptions) -> Result<Stats,
     } else {
         0
     };
+    let rotary_embedding_fused = run(Fusion::RotaryEmbedding, fuse_rotary_embedding, graph);
     let gelu_approximated = if opts.gelu_approximation {
         approximate_gelu(graph)
     } else {
@@ -416,6 +425,7 @@ pub fn optimize_with(graph: &mut Graph, opts: &OptimizeOptions) -> Result<Stats,
         skip_simplified_layer_norm_fused,
         packed_qkv_fused,
         group_query_attention_fused,
+        rotary_embedding_fused,
         gelu_approximated,
         computed_folded,
         identities_bypassed,
