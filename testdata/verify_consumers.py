@@ -26,6 +26,8 @@ import warnings
 import torch
 from safetensors.torch import load_file
 
+from decoder_cases import generate_cases
+
 warnings.filterwarnings("ignore")
 
 
@@ -50,13 +52,7 @@ def main():
     from optimum.onnxruntime import ORTModelForCausalLM
 
     failures, checked = 0, 0
-    for case in sorted(os.listdir(testdata)):
-        steps = os.path.join(testdata, case, "steps.safetensors")
-        if not os.path.isfile(steps):
-            continue
-        st = load_file(steps)
-        if "generate.output_ids" not in st:
-            continue
+    for case, src, st in generate_cases(testdata, load_file):
         if case.startswith("phi3"):
             print(f"skip {case}: generate() resets Phi-3's cache at the LongRoPE switch")
             continue
@@ -67,7 +63,6 @@ def main():
         d = os.path.join(out_dir, case)
         shutil.rmtree(d, ignore_errors=True)
         os.makedirs(d)
-        src = os.path.join(testdata, case)
         for f in ("config.json", "generation_config.json"):
             if os.path.isfile(os.path.join(src, f)):
                 shutil.copy(os.path.join(src, f), d)

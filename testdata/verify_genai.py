@@ -29,6 +29,8 @@ import numpy as np
 import onnxruntime_genai as og
 from safetensors.numpy import load_file
 
+from decoder_cases import generate_cases
+
 # Smallest fraction of teacher-forced positions, over all cases and per case, whose top-1
 # next token int4 keeps. Measured with ONNX Runtime 1.31.1 / onnxruntime-genai 0.18.0:
 # 67.0 % over all (185/276), per case 40.6 % (mistral) to 96.9 % (gemma); these random tiny
@@ -90,14 +92,7 @@ def main():
     ferry, testdata, out_dir = sys.argv[1:4]
     failures, checked = 0, 0
     agree, total = 0, 0
-    for case in sorted(os.listdir(testdata)):
-        steps = os.path.join(testdata, case, "steps.safetensors")
-        if not os.path.isfile(steps):
-            continue
-        st = load_file(steps)
-        if "generate.output_ids" not in st:
-            continue
-        src = os.path.join(testdata, case)
+    for case, src, st in generate_cases(testdata, load_file):
         ids, mask, want = st["generate.input_ids"], st["generate.attention_mask"], st["generate.output_ids"]
         new = want.shape[1] - ids.shape[1]
         cfg = json.load(open(os.path.join(src, "config.json")))

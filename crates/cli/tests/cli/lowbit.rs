@@ -309,6 +309,27 @@ fn lowbit_on_optimized_graphs() {
 /// over the dequantized weights (both in ONNX Runtime, float32 compute).
 pub(crate) const DEQUANT_MAX_ABS: f64 = 1e-5;
 
+/// Runs the quantized model `q` and its float twin `fq` (the same graph over dequantized
+/// weights) on `inputs`: every output agrees within [`DEQUANT_MAX_ABS`].
+pub(crate) fn assert_dequantized_equal(
+    label: &str,
+    q: &Path,
+    fq: &Path,
+    inputs: &std::collections::BTreeMap<String, ferry_verifier::Input>,
+) {
+    let mut qm = ferry_verifier::Model::load(q, 2).expect("load quantized model");
+    let mut fm = ferry_verifier::Model::load(fq, 2).expect("load dequantized model");
+    for a in ferry_verifier::compare_models(&mut fm, &mut qm, inputs).expect("runs") {
+        println!("{label} {}: max-abs {:.3e}", a.name, a.max_abs);
+        assert!(
+            a.max_abs <= DEQUANT_MAX_ABS,
+            "{label} {}: {}",
+            a.name,
+            a.max_abs
+        );
+    }
+}
+
 /// `MatMulNBits` computes what float MatMuls over the dequantized weights compute (ferry's
 /// [`ferry_quantizer::int4::dequantize`] of the packed bytes): the two models agree to
 /// float32 rounding. A layout slip (nibble order, block or column order, zero-point packing,
@@ -377,20 +398,12 @@ fn matmulnbits_equals_float_matmul_over_dequantized_weights() {
                 assert!(swapped > 0);
                 String::new()
             });
-            let mut qm = ferry_verifier::Model::load(&q, 2).expect("load int4 model");
-            let mut fm = ferry_verifier::Model::load(&fq, 2).expect("load dequantized model");
-            for a in ferry_verifier::compare_models(&mut fm, &mut qm, &inputs).expect("runs") {
-                println!(
-                    "{case} b{bs} sym {symmetric} {}: MatMulNBits vs dequantized MatMul max-abs {:.3e}",
-                    a.name, a.max_abs
-                );
-                assert!(
-                    a.max_abs <= DEQUANT_MAX_ABS,
-                    "{case} b{bs} {}: {}",
-                    a.name,
-                    a.max_abs
-                );
-            }
+            assert_dequantized_equal(
+                &format!("{case} b{bs} sym {symmetric}: MatMulNBits vs dequantized MatMul"),
+                &q,
+                &fq,
+                &inputs,
+            );
         }
     }
 }
