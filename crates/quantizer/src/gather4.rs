@@ -25,7 +25,9 @@ use std::fmt;
 use ferry_ir::{Attr, DType, Graph, Initializer, Node, TensorData};
 
 use crate::QuantizeError;
-use crate::int4::{Int4Options, dim, ensure_opset, f32_matrix_dims, taken_names, unique};
+use crate::int4::{
+    Int4Options, dim, ensure_opset, f32_matrix_dims, push_initializer, taken_names, unique,
+};
 use crate::int4_lazy::lazy_int4;
 
 /// What [`quantize_gathers`] changed.
@@ -192,15 +194,9 @@ pub fn quantize_gathers(
         let row_bytes = kb * (bs as i64) / 2;
         let tied = !table.tied.is_empty();
         let mut add = |suffix: &str, dtype: DType, dims: Vec<i64>, data: TensorData| {
-            let name = unique(&mut taken, &format!("{}_{suffix}", t.name));
             stats.quantized_bytes += data.len();
-            new_inits.push(Initializer {
-                name: name.clone(),
-                dtype,
-                dims,
-                data,
-            });
-            name
+            let want = format!("{}_{suffix}", t.name);
+            push_initializer(&mut taken, &mut new_inits, &want, dtype, dims, data)
         };
         let codes_dims = if tied {
             vec![v64, kb, (bs / 2) as i64]

@@ -309,15 +309,16 @@ pub fn quantize_int4(graph: &mut Graph, opts: &Int4Options) -> Result<Int4Stats,
             let (n64, kb64) = (n as i64, p.k_blocks as i64);
             let mut names = Vec::new();
             let mut add = |suffix: &str, dtype: DType, dims: Vec<i64>, data: TensorData| {
-                let name = unique(&mut taken, &format!("{base}_{suffix}"));
                 stats.quantized_bytes += data.len();
-                new_inits.push(Initializer {
-                    name: name.clone(),
+                let want = format!("{base}_{suffix}");
+                names.push(push_initializer(
+                    &mut taken,
+                    &mut new_inits,
+                    &want,
                     dtype,
                     dims,
                     data,
-                });
-                names.push(name);
+                ));
             };
             add("Q4", DType::U8, vec![n64, kb64, (bs / 2) as i64], p.data);
             add("scales", DType::F32, vec![n64, kb64], p.scales);
@@ -440,6 +441,26 @@ pub(crate) fn ensure_opset(graph: &mut Graph, domain: &str, version: i64) {
             version,
         });
     }
+}
+
+/// Adds an initializer named `want` (or a free variant of it, see [`unique`]) to `inits`;
+/// returns its name.
+pub(crate) fn push_initializer(
+    taken: &mut HashSet<String>,
+    inits: &mut Vec<Initializer>,
+    want: &str,
+    dtype: DType,
+    dims: Vec<i64>,
+    data: TensorData,
+) -> String {
+    let name = unique(taken, want);
+    inits.push(Initializer {
+        name: name.clone(),
+        dtype,
+        dims,
+        data,
+    });
+    name
 }
 
 /// Every name the graph already uses (initializers, node outputs, inputs), for [`unique`].
