@@ -497,7 +497,7 @@ pub fn approximate_gelu(graph: &mut Graph) -> usize {
 
 /// Whether `n` is a `LayerNormalization` over the last axis with the default stash type
 /// and (if any) a float `epsilon`: what the contrib layer norms compute.
-fn is_plain_layer_norm(_: &Index<'_>, n: &Node) -> bool {
+pub(crate) fn is_plain_layer_norm(_: &Index<'_>, n: &Node) -> bool {
     matches!(n.attr("axis"), None | Some(Attr::Int(-1)))
         && matches!(n.attr("stash_type"), None | Some(Attr::Int(1)))
         && matches!(n.attr("epsilon"), None | Some(Attr::Float(_)))

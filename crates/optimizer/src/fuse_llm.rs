@@ -7,8 +7,8 @@ use std::collections::HashMap;
 use ferry_ir::{Attr, DType, Graph, Initializer, Node, TensorData};
 
 use crate::fuse::{
-    Claimed, Index, Rewrite, apply, fused_name, input_at, ms_node, node_names, unique_name,
-    value_names,
+    Claimed, Index, Rewrite, apply, fused_name, input_at, is_plain_layer_norm, ms_node, node_names,
+    unique_name, value_names,
 };
 use crate::fuse_layer_norm::is_last_axis_mean;
 use crate::pattern::{Match, P, Pattern, init, is_f32_matrix, is_f32_vector, op, single_f32, val};
@@ -194,16 +194,6 @@ pub fn fuse_simplified_layer_norm(graph: &mut Graph) -> usize {
     count
 }
 
-/// Whether `n` is a float32-stashed `SimplifiedLayerNormalization` over the last axis.
-fn is_plain_simplified(_: &Index<'_>, n: &Node) -> bool {
-    matches!(n.attr("axis"), None | Some(Attr::Int(-1)))
-        && matches!(n.attr("stash_type"), None | Some(Attr::Int(1)))
-        && matches!(n.attr("epsilon"), None | Some(Attr::Float(_)))
-        && n.attrs
-            .keys()
-            .all(|k| ["axis", "epsilon", "stash_type"].contains(&k.as_str()))
-}
-
 /// Fuses `SimplifiedLayerNormalization(Add(a, b), gamma)` (a and b of the same known rank-3
 /// shape, as the residual stream and a layer's output are) into `com.microsoft`
 /// `SkipSimplifiedLayerNormalization(a, b, gamma)` with the same `epsilon`; when the sum is
@@ -218,7 +208,7 @@ pub fn fuse_skip_simplified_layer_norm(graph: &mut Graph) -> usize {
             "SimplifiedLayerNormalization",
             vec![add.p(), init("gamma", is_f32_vector)],
         )
-        .check(is_plain_simplified),
+        .check(is_plain_layer_norm),
     );
     let mut names = node_names(graph);
     let mut taken = Claimed::default();

@@ -341,6 +341,16 @@ fn greedy_matches(case: &Path, steps: &Steps, out: &Path, golden: &str, label: &
     assert!(total - len >= 16);
 }
 
+/// The packed q/k/v MatMuls of an optimized decoder (ferry's `qkv_proj/MatMul` names,
+/// Phi-3's own included).
+fn packed_qkv(graph: &ferry_ir::Graph) -> usize {
+    graph
+        .nodes
+        .iter()
+        .filter(|n| n.op_type == "MatMul" && n.name.ends_with("qkv_proj/MatMul"))
+        .count()
+}
+
 /// Fused counts of `ferry export --optimize` (with past, opset 17) per decoder case:
 /// (SimplifiedLayerNormalization, SkipSimplifiedLayerNormalization, packed q/k/v MatMuls,
 /// GroupQueryAttention, RotaryEmbedding). Every case has 2 layers: one RMSNorm before
@@ -393,12 +403,7 @@ fn optimized_decoders_match_transformers() {
         let json = super::stdout_json(&o);
         let fused = &json["optimized"]["fused_operators"];
         let out = dir.path().join("model-optimized.onnx");
-        let graph = ferry_onnx::read_graph(&out).expect("read optimized");
-        let packed = graph
-            .nodes
-            .iter()
-            .filter(|n| n.op_type == "MatMul" && n.name.ends_with("qkv_proj/MatMul"))
-            .count();
+        let packed = packed_qkv(&ferry_onnx::read_graph(&out).expect("read optimized"));
         let got = [
             fused["SimplifiedLayerNormalization"].as_u64().unwrap_or(0) as usize,
             fused["SkipSimplifiedLayerNormalization"]
@@ -566,11 +571,7 @@ fn optimum_exports_optimize() {
         assert!(o.status.success(), "{case}: {}", stderr(&o));
         let graph = ferry_onnx::read_graph(&out).expect("read optimized");
         let count = |op: &str| graph.nodes.iter().filter(|n| n.op_type == op).count();
-        let packed = graph
-            .nodes
-            .iter()
-            .filter(|n| n.op_type == "MatMul" && n.name.ends_with("qkv_proj/MatMul"))
-            .count();
+        let packed = packed_qkv(&graph);
         let got = [
             count("SimplifiedLayerNormalization"),
             count("SkipSimplifiedLayerNormalization"),
