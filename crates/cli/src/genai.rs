@@ -177,11 +177,8 @@ fn stages(
                 exclude: Vec::new(),
                 accuracy_level: Some(4),
             };
-            let g = ferry_quantizer::gather4::quantize_gathers(&mut graph, &opts)
-                .map_err(|e| e.to_string())?;
-            let m = ferry_quantizer::int4::quantize_int4(&mut graph, &opts)
-                .map_err(|e| e.to_string())?;
-            done(pb, format!("{m}; {g}"));
+            let (summary, _, _) = crate::quantize::int4_passes(&mut graph, &opts, true)?;
+            done(pb, summary);
         }
         Some(QuantMode::Fp16) => {
             let pb = stage("fp16");

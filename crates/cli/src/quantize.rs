@@ -67,6 +67,39 @@ pub fn int4_options(a: &QuantizeArgs) -> ferry_quantizer::int4::Int4Options {
     }
 }
 
+/// int4 on `graph`: half-precision weights behind Casts exposed as float32, embedding
+/// tables as GatherBlockQuantized (when `embeddings`; a tied LM head shares the table),
+/// then MatMulNBits for the remaining MatMuls. Returns the summary line and both passes'
+/// statistics. Shared by `ferry quantize --mode int4` and `ferry export --genai`.
+pub fn int4_passes(
+    graph: &mut ferry_ir::Graph,
+    opts: &ferry_quantizer::int4::Int4Options,
+    embeddings: bool,
+) -> Result<
+    (
+        String,
+        ferry_quantizer::int4::Int4Stats,
+        ferry_quantizer::gather4::Gather4Stats,
+    ),
+    String,
+> {
+    let half = ferry_quantizer::half_weights::expose_half_weights(graph, embeddings);
+    let g = if embeddings {
+        ferry_quantizer::gather4::quantize_gathers(graph, opts).map_err(|e| e.to_string())?
+    } else {
+        Default::default()
+    };
+    let s = ferry_quantizer::int4::quantize_int4(graph, opts).map_err(|e| e.to_string())?;
+    let mut summary = s.to_string();
+    if g.gathers > 0 {
+        summary.push_str(&format!("; {g}"));
+    }
+    if half > 0 {
+        summary.push_str(&format!("; {half} half-precision weights read as float32"));
+    }
+    Ok((summary, s, g))
+}
+
 pub fn quantize(a: &QuantizeArgs) -> Result<(), String> {
     let outcome = quantize_file(a, &a.input, &a.output, &a.input)?;
     if a.json {
@@ -128,27 +161,14 @@ pub fn quantize_file(
         }
         QuantMode::Int4 => {
             let opts = int4_options(a);
-            let gathers = if a.float_embeddings {
-                None
-            } else {
-                Some(
-                    ferry_quantizer::gather4::quantize_gathers(&mut graph, &opts)
-                        .map_err(|e| e.to_string())?,
-                )
-            };
-            let s = ferry_quantizer::int4::quantize_int4(&mut graph, &opts)
-                .map_err(|e| e.to_string())?;
-            let summary = match gathers {
-                Some(g) if g.gathers > 0 => format!("{s}; {g}"),
-                _ => s.to_string(),
-            };
+            let (summary, s, g) = int4_passes(&mut graph, &opts, !a.float_embeddings)?;
             let json = serde_json::json!({
                 "summary": summary,
                 "block_size": opts.block_size,
                 "symmetric": opts.symmetric,
                 "accuracy_level": opts.accuracy_level,
-                "matmul_nbits": s.matmuls_quantized + gathers.map_or(0, |g| g.tied_matmuls),
-                "gather_block_quantized": gathers.map_or(0, |g| g.gathers),
+                "matmul_nbits": s.matmuls_quantized + g.tied_matmuls,
+                "gather_block_quantized": g.gathers,
             });
             (summary, json)
         }

@@ -4,6 +4,7 @@
 
 pub mod fp16;
 pub mod gather4;
+pub mod half_weights;
 pub mod int4;
 pub mod int4_lazy;
 pub mod int8;
