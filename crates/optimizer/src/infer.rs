@@ -594,6 +594,14 @@ mod tests {
                     vec![("axis", Attr::Int(0))],
                 ),
                 node("Unsqueeze", &["b", "zero"], &["b1"], vec![]),
+                // A fixed scalar dim times a scalar stays a scalar (optimum's `heads * groups`).
+                node(
+                    "Gather",
+                    &["sh", "s2"],
+                    &["h"],
+                    vec![("axis", Attr::Int(0))],
+                ),
+                node("Mul", &["h", "s2"], &["h2"], vec![]),
                 node(
                     "Concat",
                     &["b1", "seq1", "heads"],
@@ -614,6 +622,7 @@ mod tests {
                 init("bias", vec![4], &[0.; 4]),
                 ints("s1", &[1]),
                 ints("s0", &[0]),
+                ints("s2", &[2]),
                 ints("zero", &[0]),
                 ints("heads", &[2, 2]),
             ],
@@ -637,6 +646,7 @@ mod tests {
             d
         };
         assert_eq!(shape("a"), Some(bs(&[4])));
+        assert_eq!(shape("h2"), Some(vec![]));
         assert_eq!(shape("r"), Some(bs(&[2, 2])));
         assert_eq!(
             shape("t"),
