@@ -469,3 +469,73 @@ fn quantize_mode_and_output_parse() {
     assert!(!o.status.success());
     assert!(stderr(&o).contains("unknown mode `int3`"), "{}", stderr(&o));
 }
+
+/// `ferry quantize --mode int4` on decoder exports in float32 and in bfloat16 (weights cast
+/// to float where used): every projection and the tied LM head become MatMulNBits, the
+/// embedding GatherBlockQuantized, no float weight is left behind a MatMul, and the model
+/// runs in ONNX Runtime with the cache.
+#[test]
+fn int4_quantizes_every_decoder_weight_in_float32_and_bfloat16() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    for dtype in ["fp32", "bf16"] {
+        let src = tmp.path().join(format!("{dtype}.onnx"));
+        let o = export(
+            &testdata("qwen2-tiny-tied"),
+            &src,
+            &["--task", "text-generation-with-past", "--dtype", dtype],
+        );
+        assert!(o.status.success(), "{}", stderr(&o));
+        let q = tmp.path().join(format!("{dtype}-q.onnx"));
+        let o = run(ferry()
+            .args([
+                "quantize",
+                "--mode",
+                "int4",
+                "--block-size",
+                "32",
+                "--no-report",
+            ])
+            .arg(&src)
+            .arg(&q));
+        assert!(o.status.success(), "{}", stderr(&o));
+        let g = ferry_onnx::read_model(&q).expect("read").graph;
+        let count = |op: &str| g.nodes.iter().filter(|n| n.op_type == op).count();
+        // 2 layers × (q, k, v, o, gate, up, down) + the LM head.
+        assert_eq!(count("MatMulNBits"), 15, "{dtype}");
+        assert_eq!(count("GatherBlockQuantized"), 1, "{dtype}");
+        let producers: std::collections::HashMap<&str, &ferry_ir::Node> = g
+            .nodes
+            .iter()
+            .flat_map(|n| n.outputs.iter().map(move |o| (o.as_str(), n)))
+            .collect();
+        for n in g.nodes.iter().filter(|n| n.op_type == "MatMul") {
+            let mut b = n.inputs[1].as_str();
+            while let Some(p) = producers
+                .get(b)
+                .filter(|p| matches!(p.op_type.as_str(), "Transpose" | "Cast"))
+            {
+                b = p.inputs[0].as_str();
+            }
+            assert!(
+                !g.initializers.iter().any(|t| t.name == b),
+                "{dtype}: {} still reads weight {b}",
+                n.name
+            );
+        }
+        let config: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(testdata("qwen2-tiny-tied").join("config.json"))
+                .expect("config"),
+        )
+        .expect("json");
+        let mut m = ferry_verifier::Model::load(&q, 2).expect("load int4 model");
+        let spec = ferry_verifier::DummySpec {
+            batch: 2,
+            sequence_lengths: vec![3],
+            vocab_size: config["vocab_size"].as_i64().expect("vocab"),
+            type_vocab_size: 1,
+        };
+        let inputs = ferry_verifier::dummy_inputs(&m, &spec, 3);
+        let out = m.run_inputs(&inputs).expect("runs");
+        assert!(out.keys().any(|k| k == "logits"), "{dtype}");
+    }
+}
