@@ -7,6 +7,8 @@ For each decoder golden case (a steps.safetensors with generate.* tensors):
   `og.Generator`; the new token ids must equal transformers' `generate` (made by
   golden_decoders.py), which pads a row with pad_token_id after it stops at eos, as
   onnxruntime-genai stops there.
+* fp16: `ferry export --genai --dtype fp16`; teacher-forced top-1 agreement with the fp32
+  folder >= FP16_TOP1 over all positions.
 * int4: `ferry export --genai --quantize int4` (block 32, symmetric, accuracy level 4: the
   model builder's CPU defaults); teacher-forced along transformers' greedy sequence, the
   int4 model's top-1 next token must agree with the fp32 folder's at >= INT4_TOP1 of all
@@ -37,6 +39,9 @@ from decoder_cases import generate_cases
 # models' 96-way logits are nearly flat, and with hidden size 32 each block of 32 is a whole
 # column. A wrong int4 layout agrees at chance (about 1 %).
 INT4_TOP1 = 0.60
+# The same for `--dtype fp16` folders: measured 100 % (276/276); float16 rounding may flip
+# a near-tie now and then.
+FP16_TOP1 = 0.95
 INT4_TOP1_CASE = 0.35
 
 
@@ -92,6 +97,7 @@ def main():
     ferry, testdata, out_dir = sys.argv[1:4]
     failures, checked = 0, 0
     agree, total = 0, 0
+    agree16, total16 = 0, 0
     for case, src, st in generate_cases(testdata, load_file):
         ids, mask, want = st["generate.input_ids"], st["generate.attention_mask"], st["generate.output_ids"]
         new = want.shape[1] - ids.shape[1]
@@ -120,6 +126,15 @@ def main():
                   f"{'equal' if ok else 'differ from'} transformers' generate; teacher-forced argmax "
                   f"{'equal' if ok_tf else 'differ'}"
                   + ("" if ok else f"\n  got  {got}\n  want {[w for _, w in rows]}"))
+            f16 = export(ferry, src, os.path.join(out_dir, case, "fp16"), ["--dtype", "fp16"])
+            a = n = 0
+            for (prompt, _), cont, ref in zip(rows, conts, fp32_tops):
+                tops = teacher_forced_top1(f16, prompt, cont)
+                a += sum(t == r for t, r in zip(tops, ref))
+                n += len(ref)
+            agree16, total16 = agree16 + a, total16 + n
+            print(f"     {case} fp16 (--dtype fp16): top-1 next token agrees with fp32 at {a}/{n} "
+                  "teacher-forced positions")
             q4 = export(ferry, src, os.path.join(out_dir, case, "int4"), ["--quantize", "int4"])
             a = n = 0
             for (prompt, _), cont, ref in zip(rows, conts, fp32_tops):
@@ -137,6 +152,11 @@ def main():
     if checked == 0:
         print("FAIL: no decoder case was checked")
         failures += 1
+    if total16:
+        ok = agree16 / total16 >= FP16_TOP1
+        failures += not ok
+        print(f"{'ok  ' if ok else 'FAIL'} fp16 over all cases: top-1 agreement with fp32 {agree16}/{total16} "
+              f"({agree16 / total16:.1%}, bound {FP16_TOP1:.0%})")
     if total:
         ok = agree / total >= INT4_TOP1
         failures += not ok
