@@ -97,16 +97,13 @@ pub fn export(a: &ExportArgs) -> Result<(), String> {
     done(pb, format!("{} nodes", graph.nodes.len()));
 
     if a.format == Format::Torchscript {
-        return export_torchscript(
-            a,
-            output,
-            &ckpt,
-            &graph,
-            &task,
-            &dtype_note,
-            quantize.is_some(),
-            start,
-        );
+        if a.check || a.external_data || a.optimize || quantize.is_some() || a.json || a.genai {
+            return Err(
+                "--check, --external-data, --optimize, --quantize, --json and --genai apply to ONNX exports only"
+                    .into(),
+            );
+        }
+        return export_torchscript(a, output, &ckpt, &graph, &task, &dtype_note, start);
     }
     if a.genai {
         let export = crate::genai::Export {
@@ -289,15 +286,8 @@ fn export_torchscript(
     graph: &ferry_ir::Graph,
     task: &str,
     dtype_note: &str,
-    quantize: bool,
     start: Instant,
 ) -> Result<(), String> {
-    if a.check || a.external_data || a.optimize || quantize || a.json || a.genai {
-        return Err(
-            "--check, --external-data, --optimize, --quantize, --json and --genai apply to ONNX exports only"
-                .into(),
-        );
-    }
     if !a.dynamic_axes && (a.batch_size < 1 || a.sequence_length < 1) {
         return Err("--batch-size and --sequence-length must be at least 1".into());
     }

@@ -154,7 +154,7 @@ fn stages(
     let mut graph = e.graph.clone();
     let pb = stage("optimize");
     let opts = ferry_optimizer::OptimizeOptions {
-        disabled: e.disabled.clone(),
+        disabled: e.disabled,
         ..Default::default()
     };
     let before = graph.nodes.len();
