@@ -202,14 +202,31 @@ pub fn fuse_simplified_layer_norm(graph: &mut Graph) -> usize {
 /// were fused.
 pub fn fuse_skip_simplified_layer_norm(graph: &mut Graph) -> usize {
     let ix = Index::new(graph);
-    let add = op("Add", vec![val("a"), val("b")]).uses(None).named("add");
+    let add = || op("Add", vec![val("a"), val("b")]).named("add");
+    // torch's no-op `.to(torch.float32)` of the float32 sum (optimum's exports): the Cast's
+    // output is the sum the residual stream reads.
+    let sum = P::Either(vec![
+        op("Cast", vec![add().p()])
+            .check(is_cast_to_float)
+            .uses(None)
+            .named("sum_cast")
+            .p(),
+        add().uses(None).p(),
+    ]);
     let pat = Pattern::new(
         op(
             "SimplifiedLayerNormalization",
-            vec![add.p(), init("gamma", is_f32_vector)],
+            vec![sum, init("gamma", is_f32_vector)],
         )
         .check(is_plain_layer_norm),
     );
+    let float32 = |v: &str| {
+        graph
+            .inputs
+            .iter()
+            .chain(&graph.value_info)
+            .any(|x| x.name == v && x.dtype == DType::F32)
+    };
     let mut names = node_names(graph);
     let mut taken = Claimed::default();
     let mut rewrites = Vec::new();
@@ -220,7 +237,8 @@ pub fn fuse_skip_simplified_layer_norm(graph: &mut Graph) -> usize {
             (Some(sa), Some(sb)) => sa.len() == 3 && sa == sb,
             _ => false,
         };
-        if !same_shape || !taken.claim(i, &m.interior) {
+        let cast_ok = m.node("sum_cast").is_none() || (float32(a) && float32(b));
+        if !same_shape || !cast_ok || !taken.claim(i, &m.interior) {
             continue;
         }
         let sum = input_at(ln, 0);

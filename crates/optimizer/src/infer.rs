@@ -7,7 +7,7 @@ use std::collections::HashMap;
 
 use ferry_ir::{Attr, DType, Dim, Graph, Node, Value};
 
-use crate::fuse::input_at;
+use crate::fuse::{input_at, output_at};
 
 /// A value's element type and shape.
 type Shape = (DType, Vec<Dim>);
@@ -61,6 +61,9 @@ struct State<'g> {
     /// Known-content int64 vectors: constants and shape arithmetic.
     dimvecs: HashMap<String, DimVector>,
     inits: HashMap<&'g str, &'g ferry_ir::Initializer>,
+    /// Values read as the first operand of a MatMul with a 2-D initializer `[k, n]`:
+    /// `(k, dtype)`, the last axis every run that succeeds gives them.
+    matmul_rows: HashMap<&'g str, (i64, DType)>,
 }
 
 impl State<'_> {
@@ -171,7 +174,7 @@ fn infer_node(st: &State<'_>, n: &Node) -> Option<(Vec<Shape>, Option<DimVector>
     let same = |k: usize| Some((vec![input(k)?.clone()], None));
     match op {
         "Relu" | "Tanh" | "Erf" | "Sqrt" | "Neg" | "Exp" | "Not" | "Identity" | "Softmax"
-        | "Gelu" | "FastGelu" | "BiasGelu" => same(0),
+        | "Sigmoid" | "Reciprocal" | "Cos" | "Sin" | "Gelu" | "FastGelu" | "BiasGelu" => same(0),
         "LayerNormalization" if n.outputs.len() == 1 => same(0),
         "Cast" => {
             let (from, dims) = input(0)?.clone();
@@ -406,8 +409,22 @@ fn infer_node(st: &State<'_>, n: &Node) -> Option<(Vec<Shape>, Option<DimVector>
             ))
         }
         "Reshape" => {
-            let (dt, dims) = input(0)?;
             let target = st.dimvec(input_at(n, 1))?;
+            // `[.., -1]` into a MatMul with a constant `[k, n]` weight: the -1 is k in
+            // every run where the MatMul succeeds (optimum's merge of the heads).
+            if input(0).is_none()
+                && let Some(&(k, dt)) = st.matmul_rows.get(output_at(n, 0))
+                && let Some((last, rest)) = target.split_last()
+                && *last == Dim::Fixed(-1)
+                && rest
+                    .iter()
+                    .all(|d| matches!(d, Dim::Sym(_)) || d.fixed().is_some_and(|x| x > 0))
+            {
+                let mut out = rest.to_vec();
+                out.push(Dim::Fixed(k));
+                return Some((vec![(dt, out)], None));
+            }
+            let (dt, dims) = input(0)?;
             if let Some(v) = st.dimvecs.get(input_at(n, 0))
                 && dims.len() == 1
                 && target == [Dim::Fixed(-1)]
@@ -500,14 +517,32 @@ fn infer_node(st: &State<'_>, n: &Node) -> Option<(Vec<Shape>, Option<DimVector>
 /// for values that have none, in node order (see the module docs for what is understood).
 /// Returns how many shapes were added.
 pub fn infer_shapes(graph: &mut Graph) -> usize {
+    let inits: HashMap<&str, &ferry_ir::Initializer> = graph
+        .initializers
+        .iter()
+        .map(|i| (i.name.as_str(), i))
+        .collect();
+    let overridable: std::collections::HashSet<&str> =
+        graph.inputs.iter().map(|v| v.name.as_str()).collect();
+    let matmul_rows = graph
+        .nodes
+        .iter()
+        .filter(|n| n.op_type == "MatMul" && (n.domain.is_empty() || n.domain == "ai.onnx"))
+        .filter_map(|n| {
+            let w = inits
+                .get(input_at(n, 1))
+                .filter(|w| !overridable.contains(w.name.as_str()))?;
+            match w.dims.as_slice() {
+                [k, _] => Some((input_at(n, 0), (*k, w.dtype))),
+                _ => None,
+            }
+        })
+        .collect();
     let mut st = State {
         shapes: HashMap::new(),
         dimvecs: HashMap::new(),
-        inits: graph
-            .initializers
-            .iter()
-            .map(|i| (i.name.as_str(), i))
-            .collect(),
+        inits,
+        matmul_rows,
     };
     for i in &graph.initializers {
         let dims = i.dims.iter().map(|&d| Dim::Fixed(d)).collect();
