@@ -69,8 +69,9 @@ const QWEN_GENERATION_CONFIG: &str = r#"{"bos_token_id": 151643, "pad_token_id":
 /// timed with the peak RSS and peak anonymous memory of its process tree; then both
 /// folders' operator counts and decode latency per token at batch 1 in onnxruntime-genai
 /// (xtask/genai_latency.py, one process, interleaved rounds). The checkpoint stays in
-/// target/bench/genai for the next run.
-pub(crate) fn bench_genai(runs: usize) -> Result<()> {
+/// target/bench/genai for the next run. Then ferry alone on the larger `sizes`
+/// ([`bench_genai_size`]).
+pub(crate) fn bench_genai(runs: usize, sizes: &[&str]) -> Result<()> {
     let runs = runs.max(1);
     let base = target().join("bench").join("genai");
     std::fs::create_dir_all(&base).map_err(|e| e.to_string())?;
@@ -201,5 +202,69 @@ pub(crate) fn bench_genai(runs: usize) -> Result<()> {
             .unwrap_or_default();
         println!("  {name} operators: {}", ops.join(", "));
     }
+    for label in sizes {
+        bench_genai_size(&ferry, &base, label)?;
+    }
+    Ok(())
+}
+
+/// `--sizes`: Llama-3-8B-shaped checkpoints (bfloat16, untied 128256-token embeddings) cut
+/// to 3 layers (3.4 GB) or 14 layers (8.2 GB), exported by ferry alone (the model builder
+/// would need several times the machine's memory): time, peak RSS and peak anonymous
+/// memory. Each checkpoint and folder is deleted after its run.
+fn bench_genai_size(ferry: &Path, base: &Path, label: &str) -> Result<()> {
+    let layers = match label {
+        "3.5" => 3,
+        "8" => 14,
+        other => {
+            return Err(format!(
+                "bench --genai --sizes: unknown size {other} (3.5, 8)"
+            ));
+        }
+    };
+    let shape = super::llm::LLAMA3_8B.with_layers(layers);
+    let ck = base.join(format!("llama-{label}"));
+    let out = base.join(format!("llama-{label}-genai"));
+    let _ = std::fs::remove_dir_all(&ck);
+    let _ = std::fs::remove_dir_all(&out);
+    let need = 3 * layers * 218_000_000 + 3_200_000_000;
+    let free = super::free_bytes(base)?;
+    if free < need {
+        println!(
+            "
+{label} GB checkpoint skipped: needs ~{:.1} GB free under {}, {:.1} GB available",
+            need as f64 / 1e9,
+            base.display(),
+            free as f64 / 1e9
+        );
+        return Ok(());
+    }
+    eprintln!("xtask: writing {}", ck.display());
+    let size = super::llm::write_checkpoint(&ck, &shape)?;
+    let cmd: Vec<String> = vec![
+        ferry.display().to_string(),
+        "export".into(),
+        "--model".into(),
+        ck.display().to_string(),
+        "--genai".into(),
+        "--quantize".into(),
+        "int4".into(),
+        out.join("model.onnx").display().to_string(),
+    ];
+    super::settle();
+    let result = super::stages::measure_tree(&cmd);
+    let bytes = super::llm::dir_size(&out);
+    let _ = std::fs::remove_dir_all(&ck);
+    let _ = std::fs::remove_dir_all(&out);
+    let s = result?;
+    println!(
+        "
+Llama-3-8B-shaped, {layers} layers ({:.2} GB bf16) → ferry export --genai --quantize int4: {:.2} s, peak RSS {:.1} MiB, peak anonymous {:.1} MiB, folder {:.2} GB",
+        size as f64 / 1e9,
+        s.secs,
+        s.rss as f64 / 1024.0,
+        s.anon as f64 / 1024.0,
+        bytes as f64 / 1e9
+    );
     Ok(())
 }

@@ -54,7 +54,7 @@ pub(crate) const QWEN_05B: DecoderShape = DecoderShape {
     rope_theta: 1_000_000.0,
 };
 
-const LLAMA3_8B: DecoderShape = DecoderShape {
+pub(crate) const LLAMA3_8B: DecoderShape = DecoderShape {
     model_type: "llama",
     arch: "LlamaForCausalLM",
     vocab: 128_256,
@@ -70,6 +70,11 @@ const LLAMA3_8B: DecoderShape = DecoderShape {
 };
 
 impl DecoderShape {
+    /// The same shape with `layers` decoder layers.
+    pub(crate) const fn with_layers(self, layers: u64) -> Self {
+        Self { layers, ..self }
+    }
+
     fn tensors(&self) -> Vec<(String, Vec<u64>)> {
         let (h, hd) = (self.hidden, self.hidden / self.heads);
         let mut v = vec![("model.embed_tokens.weight".to_string(), vec![self.vocab, h])];

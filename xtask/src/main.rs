@@ -915,7 +915,13 @@ fn bench(args: &[String]) -> Result<()> {
         return stages::bench_stages(args, runs.unwrap_or(2));
     }
     if args.iter().any(|a| a == "--genai") {
-        return genai::bench_genai(runs.unwrap_or(1));
+        let sizes: Vec<&str> = args
+            .iter()
+            .position(|a| a == "--sizes")
+            .and_then(|i| args.get(i + 1))
+            .map(|v| v.split(',').collect())
+            .unwrap_or_default();
+        return genai::bench_genai(runs.unwrap_or(1), &sizes);
     }
     if args.iter().any(|a| a == "--llm") {
         return llm::bench_llm(runs.unwrap_or(3), args.iter().any(|a| a == "--skip-8b"));
