@@ -357,27 +357,22 @@ impl Emit<'_> {
         out
     }
 
+    /// A rank-0 int64 initializer.
     fn ints(&mut self, v: &[i64]) -> String {
-        let name = unique_name(self.values, format!("{}/const", self.scope));
-        self.inits.push(Initializer {
-            name: name.clone(),
-            dtype: DType::I64,
-            dims: if v.len() == 1 {
-                vec![]
-            } else {
-                vec![v.len() as i64]
-            },
-            data: TensorData::from_i64(v),
-        });
-        name
+        self.int_tensor(v, vec![])
     }
 
+    /// A 1-D int64 initializer.
     fn ints_1d(&mut self, v: &[i64]) -> String {
+        self.int_tensor(v, vec![v.len() as i64])
+    }
+
+    fn int_tensor(&mut self, v: &[i64], dims: Vec<i64>) -> String {
         let name = unique_name(self.values, format!("{}/const", self.scope));
         self.inits.push(Initializer {
             name: name.clone(),
             dtype: DType::I64,
-            dims: vec![v.len() as i64],
+            dims,
             data: TensorData::from_i64(v),
         });
         name
