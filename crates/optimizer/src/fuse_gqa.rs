@@ -283,6 +283,8 @@ struct Gqa {
     rotary: i64,
     scale: f32,
     softcap: Option<f32>,
+    /// The `present.*` key and value outputs GroupQueryAttention takes over.
+    present: [String; 2],
     removed: Vec<usize>,
     m: Match,
 }
@@ -321,14 +323,16 @@ fn match_gqa(ix: &Index<'_>, pat: &Pattern, i: usize) -> Option<Gqa> {
         Some(_) => Some(scalar("cap").filter(|c| *c > 0.0)?),
         None => None,
     };
-    let removed = vec![m.node("present_k")?, m.node("present_v")?];
+    let (pk, pv) = (m.node("present_k")?, m.node("present_v")?);
+    let present = [pk, pv].map(|k| ix.graph.nodes[k].outputs[0].clone());
     Some(Gqa {
         heads,
         kv_heads,
         rotary: rq,
         scale: scalar("scale")?,
         softcap,
-        removed,
+        present,
+        removed: vec![pk, pv],
         m,
     })
 }
@@ -540,7 +544,6 @@ pub fn fuse_group_query_attention(graph: &mut Graph) -> usize {
             vec![m.value("v4d").to_string(), flat.clone()],
             vec![],
         );
-        let present = |name: &str| ix.graph.nodes[m.node(name).unwrap_or(i)].outputs[0].clone();
         let name = fused_name(e.names, &root.name, "GroupQueryAttention");
         let mut node = ms_node(
             name.clone(),
@@ -560,8 +563,8 @@ pub fn fuse_group_query_attention(graph: &mut Graph) -> usize {
             ],
             vec![
                 root.outputs[0].clone(),
-                present("present_k"),
-                present("present_v"),
+                g.present[0].clone(),
+                g.present[1].clone(),
             ],
         );
         node.attrs.insert("num_heads".into(), Attr::Int(g.heads));
