@@ -110,19 +110,10 @@ fn folder(output: &Path) -> PathBuf {
     }
 }
 
-/// A model file and its external-data side file.
-fn remove_model(path: &Path) {
-    let _ = std::fs::remove_file(path);
-    if let Some(name) = path.file_name() {
-        let _ =
-            std::fs::remove_file(path.with_file_name(format!("{}_data", name.to_string_lossy())));
-    }
-}
-
 /// Optimizes and quantizes the traced decoder in memory (weights stay borrowed from the
 /// checkpoint or computed lazily), writes `output` once, then `genai_config.json` and the
-/// tokenizer files beside it. On an error nothing is left: the folder is removed when this
-/// call created it, otherwise only the files it wrote.
+/// tokenizer files beside it. On an error nothing is left: the files this call wrote are
+/// removed, and the folder when this call created it (other files in it are kept).
 pub fn write(a: &ExportArgs, output: &Path, e: &Export) -> Result<(), String> {
     let dir = folder(output);
     let created = !dir.exists();
@@ -132,7 +123,6 @@ pub fn write(a: &ExportArgs, output: &Path, e: &Export) -> Result<(), String> {
     let mut extra: Vec<PathBuf> = Vec::new();
     let result = stages(a, output, e, &mut extra);
     if result.is_err() {
-        remove_model(output);
         for f in &extra {
             let _ = std::fs::remove_file(f);
         }
@@ -197,9 +187,8 @@ fn stages(
     };
     let report = ferry_onnx::write_model(&graph, output, &wopts).map_err(|e| e.to_string())?;
     done(pb, human_bytes(report.model_bytes + report.data_bytes));
-    if let Some(d) = report.data_path {
-        written.push(d);
-    }
+    written.push(report.model_path);
+    written.extend(report.data_path);
 
     let pb = stage("genai");
     let decoder = ferry_pipeline::genai::DecoderModel {
