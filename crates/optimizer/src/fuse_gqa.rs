@@ -78,7 +78,8 @@ const K: Names = Names {
 };
 
 /// cos or sin table `[b, 1, s, r]`: `Unsqueeze(f(Concat(m, m)) [· scale])` with
-/// `m = Mul(Unsqueeze(Cast(pos)), inv)`; shared by every layer and kept.
+/// `m = Mul(Unsqueeze(Cast(pos)), inv)`; shared by every layer, so kept (matched, not
+/// removed; dead-node removal takes it once every layer is fused).
 fn table(f: &'static str, name: &'static str, scale: &'static str) -> P {
     let m = op(
         "Mul",
@@ -106,7 +107,7 @@ fn table(f: &'static str, name: &'static str, scale: &'static str) -> P {
         .uses(None);
     op("Unsqueeze", vec![P::Either(vec![scaled.p(), trig.p()])])
         .min_inputs()
-        .uses(None)
+        .kept()
         .named(name)
         .p()
 }
@@ -325,6 +326,9 @@ fn match_gqa(ix: &Index<'_>, pat: &Pattern, i: usize) -> Option<Gqa> {
     };
     let (pk, pv) = (m.node("present_k")?, m.node("present_v")?);
     let present = [pk, pv].map(|k| ix.graph.nodes[k].outputs[0].clone());
+    // Every matched node but the shared cos/sin tables: each is read only inside the block
+    // (the present Concats' other reader is the graph output GroupQueryAttention takes).
+    let removed = m.interior.clone();
     Some(Gqa {
         heads,
         kv_heads,
@@ -332,7 +336,7 @@ fn match_gqa(ix: &Index<'_>, pat: &Pattern, i: usize) -> Option<Gqa> {
         scale: scalar("scale")?,
         softcap,
         present,
-        removed: vec![pk, pv],
+        removed,
         m,
     })
 }
@@ -619,6 +623,7 @@ pub fn fuse_rotary_embedding(graph: &mut Graph) -> usize {
     let mut names = node_names(graph);
     let mut values = value_names(graph);
     let mut caches = Caches::new();
+    let mut taken = Claimed::default();
     let mut e = Emit {
         names: &mut names,
         values: &mut values,
@@ -650,6 +655,16 @@ pub fn fuse_rotary_embedding(graph: &mut Graph) -> usize {
         let Some(r) = rotary_width(&ix, &m, &Q, hd) else {
             continue;
         };
+        // The rotation's nodes go; the heads Transpose is RotaryEmbedding's input.
+        let removed: Vec<usize> = m
+            .interior
+            .iter()
+            .copied()
+            .filter(|&k| Some(k) != m.node(Q.t))
+            .collect();
+        if !taken.claim(i, &removed) {
+            continue;
+        }
         let (cos, sin) = rotary_caches(&mut e, &mut caches, &m);
         let name = fused_name(e.names, &root.name, "RotaryEmbedding");
         let mut node = ms_node(
@@ -667,7 +682,7 @@ pub fn fuse_rotary_embedding(graph: &mut Graph) -> usize {
         rewrites.push(Rewrite {
             anchor: i,
             node,
-            removed: Vec::new(),
+            removed,
         });
     }
     let (shared, inits) = (e.nodes, e.inits);
@@ -681,4 +696,202 @@ pub fn fuse_rotary_embedding(graph: &mut Graph) -> usize {
     }
     graph.initializers.extend(inits);
     count
+}
+
+#[cfg(test)]
+mod tests {
+    use ferry_ir::{Dim, Value};
+
+    use super::*;
+    use crate::test_util::{graph, init, node};
+
+    fn ints(name: &str, v: &[i64]) -> Initializer {
+        Initializer {
+            name: name.into(),
+            dtype: DType::I64,
+            dims: vec![v.len() as i64],
+            data: TensorData::from_i64(v),
+        }
+    }
+
+    fn axis(a: i64) -> Vec<(&'static str, Attr)> {
+        vec![("axis", Attr::Int(a))]
+    }
+
+    fn perm(p: &[i64]) -> Vec<(&'static str, Attr)> {
+        vec![("perm", Attr::Ints(p.to_vec()))]
+    }
+
+    /// ferry's decoder attention for one layer (no repeat_kv: 2 heads, 2 kv heads, head
+    /// size `hd`), from `q4d`/`k4d`/`v4d` `[B, S, 2, hd]` graph inputs.
+    fn attention_graph(hd: i64) -> Graph {
+        let h = hd / 2;
+        let mut nodes = vec![
+            node(
+                "Cast",
+                &["position_ids"],
+                &["pf"],
+                vec![("to", Attr::Int(1))],
+            ),
+            node("Unsqueeze", &["pf", "ax2"], &["pu"], vec![]),
+            node("Mul", &["pu", "inv"], &["freqs"], vec![]),
+            node("Concat", &["freqs", "freqs"], &["emb"], axis(-1)),
+            node("Cos", &["emb"], &["cos0"], vec![]),
+            node("Unsqueeze", &["cos0", "ax1"], &["cos"], vec![]),
+            node("Sin", &["emb"], &["sin0"], vec![]),
+            node("Unsqueeze", &["sin0", "ax1"], &["sin"], vec![]),
+        ];
+        for x in ["q", "k"] {
+            let n = |s: &str| format!("{x}_{s}");
+            let (t, lo, hi, neg, half, a, b, r) = (
+                n("t"),
+                n("lo"),
+                n("hi"),
+                n("neg"),
+                n("half"),
+                n("a"),
+                n("b"),
+                n("rot"),
+            );
+            nodes.extend([
+                node(
+                    "Transpose",
+                    &[&format!("{x}4d")],
+                    &[&t],
+                    perm(&[0, 2, 1, 3]),
+                ),
+                node("Slice", &[&t, "zero", "h", "last"], &[&lo], vec![]),
+                node("Slice", &[&t, "h", "hd", "last"], &[&hi], vec![]),
+                node("Neg", &[&hi], &[&neg], vec![]),
+                node("Concat", &[&neg, &lo], &[&half], axis(-1)),
+                node("Mul", &[&t, "cos"], &[&a], vec![]),
+                node("Mul", &[&half, "sin"], &[&b], vec![]),
+                node("Add", &[&a, &b], &[&r], vec![]),
+            ]);
+        }
+        nodes.extend([
+            node("Concat", &["past_k", "k_rot"], &["present_k"], axis(2)),
+            node("Transpose", &["v4d"], &["v_t"], perm(&[0, 2, 1, 3])),
+            node("Concat", &["past_v", "v_t"], &["present_v"], axis(2)),
+            node("Transpose", &["present_k"], &["kt"], perm(&[0, 1, 3, 2])),
+            node("MatMul", &["q_rot", "kt"], &["qk"], vec![]),
+            node("Mul", &["qk", "scale"], &["s"], vec![]),
+            node("Add", &["s", "mask"], &["sm"], vec![]),
+            node("Softmax", &["sm"], &["p"], axis(-1)),
+            node("MatMul", &["p", "present_v"], &["ctx"], vec![]),
+            node("Transpose", &["ctx"], &["ctx_t"], perm(&[0, 2, 1, 3])),
+            node("Reshape", &["ctx_t", "merge"], &["out"], vec![]),
+        ]);
+        let mut g = graph(
+            nodes,
+            vec![
+                init("inv", vec![h], &vec![0.5; h as usize]),
+                init("scale", vec![], &[0.25]),
+                ints("ax1", &[1]),
+                ints("ax2", &[2]),
+                ints("zero", &[0]),
+                ints("h", &[h]),
+                ints("hd", &[hd]),
+                ints("last", &[-1]),
+                ints("merge", &[0, 0, 2 * hd]),
+            ],
+            &["out", "present_k", "present_v"],
+        );
+        let (b, s, p, t) = (
+            Dim::sym("batch"),
+            Dim::sym("seq"),
+            Dim::sym("past"),
+            Dim::sym("total"),
+        );
+        let heads = |seq: &Dim| vec![b.clone(), Dim::Fixed(2), seq.clone(), Dim::Fixed(hd)];
+        let bsnh = vec![b.clone(), s.clone(), Dim::Fixed(2), Dim::Fixed(hd)];
+        g.inputs = vec![
+            Value::new("q4d", DType::F32, bsnh.clone()),
+            Value::new("k4d", DType::F32, bsnh.clone()),
+            Value::new("v4d", DType::F32, bsnh),
+            Value::new("past_k", DType::F32, heads(&p)),
+            Value::new("past_v", DType::F32, heads(&p)),
+            Value::new("position_ids", DType::I64, vec![b.clone(), s.clone()]),
+            Value::new("attention_mask", DType::I64, vec![b.clone(), t.clone()]),
+            Value::new("mask", DType::F32, vec![b, Dim::Fixed(1), s, t]),
+        ];
+        g
+    }
+
+    #[test]
+    fn decoder_attention_becomes_rotary_embeddings_and_group_query_attention() {
+        let mut g = attention_graph(8);
+        assert_eq!(fuse_group_query_attention(&mut g), 1);
+        let gqa = g
+            .nodes
+            .iter()
+            .find(|n| n.op_type == "GroupQueryAttention")
+            .expect("fused");
+        assert_eq!(gqa.domain, crate::MS_DOMAIN);
+        assert_eq!(gqa.outputs, ["out", "present_k", "present_v"]);
+        assert_eq!(&gqa.inputs[3..5], ["past_k", "past_v"]);
+        assert_eq!(gqa.inputs[10], "mask");
+        assert!(matches!(gqa.attr("num_heads"), Some(Attr::Int(2))));
+        assert!(matches!(gqa.attr("kv_num_heads"), Some(Attr::Int(2))));
+        assert!(matches!(gqa.attr("scale"), Some(Attr::Float(s)) if *s == 0.25));
+        let rotary: Vec<&Node> = g
+            .nodes
+            .iter()
+            .filter(|n| n.op_type == "RotaryEmbedding")
+            .collect();
+        assert_eq!(rotary.len(), 2);
+        assert_eq!(rotary[0].inputs[1], "position_ids");
+        assert!(rotary[0].attr("rotary_embedding_dim").is_none());
+        // Every node reads values produced before it.
+        let mut seen: std::collections::HashSet<&str> = g
+            .inputs
+            .iter()
+            .map(|v| v.name.as_str())
+            .chain(g.initializers.iter().map(|i| i.name.as_str()))
+            .collect();
+        for n in &g.nodes {
+            for i in n.inputs.iter().filter(|i| !i.is_empty()) {
+                assert!(seen.contains(i.as_str()), "{} reads {i} first", n.name);
+            }
+            seen.extend(n.outputs.iter().map(String::as_str));
+        }
+        // The present concatenations are gone; the rest is left for dead-node removal.
+        assert!(
+            !g.nodes
+                .iter()
+                .any(|n| n.outputs == ["present_k"] && n.op_type == "Concat")
+        );
+    }
+
+    #[test]
+    fn inexact_or_unsupported_attention_stays() {
+        // Head size 12 (not a multiple of 8): GroupQueryAttention stays, the rotary fuses.
+        let mut g = attention_graph(12);
+        assert_eq!(fuse_group_query_attention(&mut g), 0);
+        assert_eq!(
+            fuse_rotary_embedding(&mut g),
+            0,
+            "no [B, N, S, hd] shapes known"
+        );
+        crate::infer_shapes(&mut g);
+        assert_eq!(fuse_rotary_embedding(&mut g), 2);
+        // rotate_half with its halves swapped is another function.
+        let mut g = attention_graph(8);
+        for n in g.nodes.iter_mut().filter(|n| n.op_type == "Concat") {
+            if n.inputs[0].ends_with("neg") {
+                n.inputs.swap(0, 1);
+            }
+        }
+        assert_eq!(fuse_group_query_attention(&mut g), 0);
+        // No attention_mask input to compute the lengths from.
+        let mut g = attention_graph(8);
+        g.inputs.retain(|v| v.name != "attention_mask");
+        assert_eq!(fuse_group_query_attention(&mut g), 0);
+        // A softmax over another axis.
+        let mut g = attention_graph(8);
+        for n in g.nodes.iter_mut().filter(|n| n.op_type == "Softmax") {
+            n.attrs.insert("axis".into(), Attr::Int(2));
+        }
+        assert_eq!(fuse_group_query_attention(&mut g), 0);
+    }
 }
