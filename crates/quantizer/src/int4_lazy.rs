@@ -35,10 +35,10 @@ pub fn quantize_column(
         let out = &mut codes[b * blob..(b + 1) * blob];
         for (i, &x) in vals.iter().enumerate() {
             let q = if symmetric {
-                ((x * recip).round() + f32::from(zp)).clamp(0.0, 15.0)
+                code(x * recip, i32::from(zp))
             } else {
-                (x * recip + f32::from(zp)).round().clamp(0.0, 15.0)
-            } as u8;
+                code(x * recip + f32::from(zp), 0)
+            };
             out[i / 2] |= q << (4 * (i % 2));
         }
         scales[b] = scale;
@@ -49,6 +49,20 @@ pub fn quantize_column(
     {
         *last |= 8 << 4;
     }
+}
+
+/// The 4-bit code `clamp(round(v) + offset, 0, 15)`, `round` half away from zero as
+/// `f32::round` (NaN gives 0, as `NaN as u8`), without a libm call: `v` is first clamped to
+/// one step outside the codes' range, where the integer conversion is exact.
+#[inline]
+fn code(v: f32, offset: i32) -> u8 {
+    if v.is_nan() {
+        return 0;
+    }
+    let v = v.clamp(-1.0 - offset as f32, 16.0 - offset as f32);
+    let i = v as i32;
+    let f = v - i as f32;
+    (i + i32::from(f >= 0.5) - i32::from(f <= -0.5) + offset).clamp(0, 15) as u8
 }
 
 /// Scale of a symmetric block: its value of largest magnitude (first one on ties) over -8.
@@ -241,6 +255,36 @@ mod tests {
         let mut v = Vec::new();
         d.write_to(&mut v)?;
         Ok(v)
+    }
+
+    /// `code` is `f32::round`'s formula exactly: ties, both signs, out of range, NaN, ±inf.
+    #[test]
+    fn code_equals_round_then_clamp() {
+        let mut vals = vec![
+            f32::NAN,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            0.0,
+            -0.0,
+            1e30,
+            -1e30,
+        ];
+        for i in -400..=400 {
+            let v = i as f32 / 16.0;
+            vals.extend([
+                v,
+                v + f32::EPSILON,
+                v - f32::EPSILON,
+                v.next_up(),
+                v.next_down(),
+            ]);
+        }
+        for v in vals {
+            let sym = ((v.round() + 8.0).clamp(0.0, 15.0)) as u8;
+            let asym = (v.round().clamp(0.0, 15.0)) as u8;
+            assert_eq!(code(v, 8), sym, "symmetric {v}");
+            assert_eq!(code(v, 0), asym, "asymmetric {v}");
+        }
     }
 
     #[test]
