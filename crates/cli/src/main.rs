@@ -96,7 +96,7 @@ struct QuantizeArgs {
     /// Skip the accuracy report (it needs ONNX Runtime).
     #[arg(long)]
     no_report: bool,
-    /// Memory the accuracy report may use, in MiB (default: a quarter of physical memory).
+    /// Memory the accuracy report may use, in MiB (default: an eighth of physical memory).
     /// ONNX Runtime maps the weights of both models where they lie on disk, so only their
     /// inline bytes count; above the budget the report is skipped with a one-line reason.
     #[arg(long, value_name = "MIB")]

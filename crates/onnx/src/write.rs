@@ -24,9 +24,10 @@ pub const MIN_WRITE_OPSET: i64 = 9;
 const PROTOBUF_LIMIT: u64 = (1 << 31) - 1;
 /// Initializers smaller than this stay inline even with external data (as `onnx` does).
 const EXTERNAL_THRESHOLD: u64 = 1024;
-/// Derived tensors (transposed, concatenated or converted weights) up to this size are
-/// computed by a helper thread ahead of the writer, so computing one overlaps writing the
-/// previous; larger ones stream band by band. At most three such buffers exist at once.
+/// Derived tensors (transposed, concatenated, converted or produced weights) are computed by
+/// a helper thread ahead of the writer, so computing one overlaps writing the previous:
+/// whole up to this size, larger ones in bands of this size. At most four such buffers
+/// exist at once.
 const PREFETCH_MAX: u64 = 16 << 20;
 /// Tensors at least this large start on a page boundary in the side file, so ONNX Runtime
 /// can map them.
@@ -179,7 +180,9 @@ pub fn write_model(
             return None;
         };
         let here = std::fs::canonicalize(&dir).ok()?;
-        let there = std::fs::canonicalize(file.path().parent()?).ok()?;
+        // A bare file name's parent is "", the current directory.
+        let parent = file.path().parent().filter(|p| !p.as_os_str().is_empty());
+        let there = std::fs::canonicalize(parent.unwrap_or(Path::new("."))).ok()?;
         let name = file.path().file_name()?.to_str()?.to_string();
         (here == there).then_some((name, *offset))
     };
@@ -213,6 +216,7 @@ pub fn write_model(
             plans.push(Plan {
                 msg_len: header.len() as u64,
                 header,
+                len,
                 external: true,
                 referenced: true,
                 pad: 0,
@@ -242,24 +246,12 @@ pub fn write_model(
         plans.push(Plan {
             header,
             msg_len,
+            len,
             external: ext,
             referenced: false,
             pad,
         });
     }
-    let graph_len = graph_head.len() as u64
-        + plans
-            .iter()
-            .map(|p| key_len(proto::GRAPH_INITIALIZER_TAG) + varint_len(p.msg_len) + p.msg_len)
-            .sum::<u64>();
-    if graph_len >= PROTOBUF_LIMIT {
-        // Only reachable with many small inline tensors; the weights are external already.
-        return Err(OnnxError::OutputPath {
-            path: path.to_path_buf(),
-            reason: "graph structure alone exceeds protobuf's 2 GiB limit".into(),
-        });
-    }
-
     let model_head = ModelProto {
         ir_version,
         opset_import: graph
@@ -277,6 +269,19 @@ pub fn write_model(
         ..Default::default()
     }
     .encode_to_vec();
+    align_inline(&mut plans, model_head.len() as u64, graph_head.len() as u64);
+    let graph_len = graph_head.len() as u64
+        + plans
+            .iter()
+            .map(|p| key_len(proto::GRAPH_INITIALIZER_TAG) + varint_len(p.msg_len) + p.msg_len)
+            .sum::<u64>();
+    if graph_len >= PROTOBUF_LIMIT {
+        // Only reachable with many small inline tensors; the weights are external already.
+        return Err(OnnxError::OutputPath {
+            path: path.to_path_buf(),
+            reason: "graph structure alone exceeds protobuf's 2 GiB limit".into(),
+        });
+    }
 
     let data_path = dir.join(&data_name);
     let mut model_tmp = TempOutput::create(path)?;
@@ -295,25 +300,39 @@ pub fn write_model(
         }
     };
     let referenced: Vec<bool> = plans.iter().map(|p| p.referenced).collect();
-    let prefetched = |k: usize, i: &Initializer| {
-        !referenced[k] && i.data.is_derived() && i.data.len() <= PREFETCH_MAX
-    };
+    let prefetched = |k: usize, i: &Initializer| !referenced[k] && i.data.is_derived();
     std::thread::scope(|s| -> Result<(), OnnxError> {
-        // A helper computes derived tensors in order into recycled buffers; the loop below
-        // takes them in the same order.
+        // A helper computes derived tensors in order into recycled buffers (whole tensors
+        // up to PREFETCH_MAX, larger ones band by band); the loop below takes them in the
+        // same order and writes them, so computing the next band overlaps writing this one.
         let (full_tx, full_rx) = sync_channel::<io::Result<Vec<u8>>>(1);
         let (free_tx, free_rx) = sync_channel::<Vec<u8>>(3);
         let inits = &graph.initializers;
         s.spawn(move || {
             for (_, init) in inits.iter().enumerate().filter(|(k, i)| prefetched(*k, i)) {
-                let mut buf = free_rx.try_recv().unwrap_or_default();
-                let r = usize::try_from(init.data.len())
-                    .map_err(io::Error::other)
-                    .and_then(|n| {
-                        buf.resize(n, 0);
-                        init.data.read_into(0, &mut buf)
-                    })
-                    .map(|()| buf);
+                let r = if init.data.len() <= PREFETCH_MAX {
+                    let mut buf = free_rx.try_recv().unwrap_or_default();
+                    usize::try_from(init.data.len())
+                        .map_err(io::Error::other)
+                        .and_then(|n| {
+                            buf.resize(n, 0);
+                            init.data.read_into(0, &mut buf)
+                        })
+                        .map(|()| buf)
+                } else {
+                    let sent = init.data.for_each_chunk(PREFETCH_MAX as usize, |band| {
+                        let mut buf = free_rx.try_recv().unwrap_or_default();
+                        buf.clear();
+                        buf.extend_from_slice(band);
+                        full_tx
+                            .send(Ok(buf))
+                            .map_err(|_| io::Error::other("writer stopped"))
+                    });
+                    match sent {
+                        Ok(()) => continue,
+                        Err(e) => Err(e),
+                    }
+                };
                 let failed = r.is_err();
                 if full_tx.send(r).is_err() || failed {
                     return;
@@ -322,12 +341,20 @@ pub fn write_model(
         });
         let emit = |k: usize, init: &Initializer, w: &mut BufWriter<File>| -> io::Result<()> {
             if prefetched(k, init) {
-                let buf = full_rx
-                    .recv()
-                    .map_err(|_| io::Error::other("tensor producer stopped"))??;
-                w.write_all(&buf)?;
-                let _ = free_tx.try_send(buf);
-                Ok(())
+                // One buffer for a small tensor, bands until its length for a large one.
+                let len = init.data.len();
+                let mut got = 0u64;
+                loop {
+                    let buf = full_rx
+                        .recv()
+                        .map_err(|_| io::Error::other("tensor producer stopped"))??;
+                    w.write_all(&buf)?;
+                    got += buf.len() as u64;
+                    let _ = free_tx.try_send(buf);
+                    if len <= PREFETCH_MAX || got >= len {
+                        break Ok(());
+                    }
+                }
             } else {
                 init.data.write_to(w)
             }
@@ -377,9 +404,83 @@ pub fn write_model(
     })
 }
 
+/// Starts the raw bytes of every inline tensor of at least [`PAGE_ALIGN_FROM`] bytes on a
+/// page boundary of the `.onnx` file, by ending its header with a `doc_string` of spaces of
+/// the right length; `model_head` and `graph_head` are the byte lengths written before the
+/// initializers. A view referencing such bytes in place ([`ExternalData::InPlace`]) is then
+/// mapped by ONNX Runtime, which maps only page-aligned external data.
+fn align_inline(plans: &mut [Plan], model_head: u64, graph_head: u64) {
+    const PAGE: u64 = 4096;
+    let record = |p: &Plan, pad: u64| {
+        let msg = p.msg_len + pad;
+        key_len(proto::GRAPH_INITIALIZER_TAG) + varint_len(msg) + msg
+    };
+    let unpadded: u64 = plans.iter().map(|p| record(p, 0)).sum();
+    // The graph's own length prefix comes first; its width depends on the padding chosen.
+    let mut width = varint_len(graph_head + unpadded);
+    for _ in 0..4 {
+        let mut pos = model_head + key_len(proto::MODEL_GRAPH_TAG) + width + graph_head;
+        let mut pads = Vec::with_capacity(plans.len());
+        for p in plans.iter() {
+            let mut pad = 0;
+            if !p.external && p.len >= PAGE_ALIGN_FROM {
+                // Where the raw bytes start with `t` bytes of padding in the header.
+                let start = |t: u64| {
+                    let msg = p.msg_len + t;
+                    pos + key_len(proto::GRAPH_INITIALIZER_TAG)
+                        + varint_len(msg)
+                        + p.header.len() as u64
+                        + t
+                        + key_len(proto::TENSOR_RAW_DATA_TAG)
+                        + varint_len(p.len)
+                };
+                pad = (0..2 * PAGE + 8)
+                    .find(|&t| doc_string_pad(t).is_some() && start(t).is_multiple_of(PAGE))
+                    .unwrap_or(0);
+            }
+            pos += record(p, pad);
+            pads.push(pad);
+        }
+        let graph_len = pos - (model_head + key_len(proto::MODEL_GRAPH_TAG) + width);
+        if varint_len(graph_len) == width {
+            for (p, pad) in plans.iter_mut().zip(pads) {
+                if let Some(field) = doc_string_pad(pad) {
+                    p.header.extend_from_slice(&field);
+                    p.msg_len += pad;
+                }
+            }
+            return;
+        }
+        width = varint_len(graph_len);
+    }
+}
+
+/// A `doc_string` field (tag 12) of spaces exactly `total` bytes long, key and length
+/// included (`Some(empty)` for 0); `None` for the lengths no such field has.
+fn doc_string_pad(total: u64) -> Option<Vec<u8>> {
+    if total == 0 {
+        return Some(Vec::new());
+    }
+    let key = key_len(DOC_STRING_TAG);
+    (0..total)
+        .find(|&p| key + varint_len(p) + p == total)
+        .map(|p| {
+            let mut f = Vec::with_capacity(total as usize);
+            put_key(&mut f, DOC_STRING_TAG);
+            put_varint(&mut f, p);
+            f.resize(total as usize, b' ');
+            f
+        })
+}
+
+/// `TensorProto.doc_string`'s field number.
+const DOC_STRING_TAG: u32 = 12;
+
 struct Plan {
     header: Vec<u8>,
     msg_len: u64,
+    /// Bytes of the tensor's data.
+    len: u64,
     external: bool,
     /// Referenced where it already is (`ExternalData::InPlace`): no bytes written.
     referenced: bool,
@@ -737,6 +838,50 @@ mod tests {
         std::fs::create_dir(&sub)?;
         let v = write_model(&back, &sub.join("view.onnx"), &opts(ExternalData::InPlace))?;
         assert!(v.model_bytes > 20_000);
+        Ok(())
+    }
+
+    #[test]
+    fn large_inline_tensors_start_on_a_page() -> Result<(), Box<dyn std::error::Error>> {
+        use ferry_ir::{DType, TensorData};
+        // Odd sizes and names shift every later record; all large ones still land aligned.
+        let inits: Vec<Initializer> = [
+            (70_001usize, "a"),
+            (5, "tiny"),
+            (16_411, "bbbbbbb"),
+            (300_000, "c"),
+        ]
+        .iter()
+        .map(|&(n, name)| {
+            let v: Vec<f32> = (0..n).map(|i| i as f32).collect();
+            Initializer {
+                name: name.into(),
+                dtype: DType::F32,
+                dims: vec![n as i64],
+                data: TensorData::from_f32(&v),
+            }
+        })
+        .collect();
+        let g = graph_of(inits);
+        let tmp = tempfile::tempdir()?;
+        let out = tmp.path().join("m.onnx");
+        write_model(&g, &out, &WriteOptions::default())?;
+        let back = crate::read_graph(&out)?;
+        for (a, b) in g.initializers.iter().zip(&back.initializers) {
+            assert_eq!(a.data.bytes()?, b.data.bytes()?, "{}", a.name);
+            if let TensorData::Mapped { offset, len, .. } = b.data
+                && len >= PAGE_ALIGN_FROM
+            {
+                assert_eq!(offset % 4096, 0, "{}", a.name);
+            }
+        }
+        assert!(
+            back.initializers
+                .iter()
+                .filter(|i| i.data.len() >= PAGE_ALIGN_FROM)
+                .count()
+                == 3
+        );
         Ok(())
     }
 
