@@ -752,6 +752,29 @@ impl TensorData {
             let composed: Vec<usize> = perm.iter().map(|&a| inner_perm[a]).collect();
             return TensorData::transposed((**inner).clone(), inner_dims, &composed, elem);
         }
+        // The transpose of a row-wise concatenation of transposes (a packed `[K, n0 + n1 + …]`
+        // weight built from `[n_i, K]` weights) is those weights one after the other.
+        if let (&[k, _], [1, 0], TensorData::Concat { parts, rows }) = (dims, perm, &source)
+            && *rows == k as u64
+        {
+            let inner: Option<Vec<TensorData>> = parts
+                .iter()
+                .map(|p| match p {
+                    TensorData::Transposed {
+                        source,
+                        dims: d,
+                        perm: q,
+                        elem: e,
+                    } if *e == elem && d.len() == 2 && d[1] == k && **q == [1, 0] => {
+                        Some((**source).clone())
+                    }
+                    _ => None,
+                })
+                .collect();
+            if let Some(inner) = inner {
+                return TensorData::concat_rows(inner, 1);
+            }
+        }
         Ok(TensorData::Transposed {
             source: Arc::new(source),
             dims: dims.into(),
@@ -1432,6 +1455,30 @@ mod tests {
         assert!(TensorData::transposed(own(), &dims, &[2, 0, 1], 0).is_err());
         let t = TensorData::transposed(own(), &dims, &[1, 0, 2], 4)?;
         assert!(t.read_into(t.len() - 2, &mut [0u8; 4]).is_err());
+        Ok(())
+    }
+
+    /// The transpose of a packed `[K, n0 + n1]` concatenation of transposed `[n_i, K]`
+    /// weights is the weights one after the other: no strided reads.
+    #[test]
+    fn transpose_of_concatenated_transposes_is_their_plain_concatenation() -> io::Result<()> {
+        let (s0, s1) = (pattern(2 * 3 * 4, 1), pattern(3 * 4, 2));
+        let t0 = TensorData::transposed(TensorData::owned(s0.clone()), &[2, 3], &[1, 0], 4)?;
+        let t1 = TensorData::transposed(TensorData::owned(s1.clone()), &[1, 3], &[1, 0], 4)?;
+        let packed = TensorData::concat_rows(vec![t0, t1], 3)?;
+        let want = naive_transpose(&packed.bytes()?, &[3, 3], &[1, 0], 4);
+        let back = TensorData::transposed(packed.clone(), &[3, 3], &[1, 0], 4)?;
+        assert!(matches!(&back, TensorData::Concat { rows: 1, .. }));
+        assert_eq!(&*back.bytes()?, &want[..]);
+        assert_eq!(&*back.bytes()?, &[s0, s1].concat()[..]);
+        // A part that is not a transpose keeps the general (banded) transpose.
+        let plain = TensorData::concat_rows(vec![TensorData::owned(pattern(3 * 4, 3)), packed], 3)?;
+        let t = TensorData::transposed(plain.clone(), &[3, 4], &[1, 0], 4)?;
+        assert!(matches!(t, TensorData::Transposed { .. }));
+        assert_eq!(
+            &*t.bytes()?,
+            &naive_transpose(&plain.bytes()?, &[3, 4], &[1, 0], 4)[..]
+        );
         Ok(())
     }
 
