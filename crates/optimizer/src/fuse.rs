@@ -1142,7 +1142,10 @@ fn match_embed_layer_norm(ix: &Index<'_>, pat: &Pattern, i: usize) -> Option<Emb
             let ok = table_dims(ix, types)?.1 == h
                 && is_ids_input(ix, ids)
                 && shape_of(ids) == shape_of(m.value("ids"));
-            ok.then(|| (ids.to_string(), types.to_string()))?.into()
+            if !ok {
+                return None;
+            }
+            Some((ids.to_string(), types.to_string()))
         }
     };
     ok.then(|| EmbedMatch {
