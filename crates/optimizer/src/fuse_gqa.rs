@@ -15,10 +15,12 @@ use std::collections::{HashMap, HashSet};
 use ferry_ir::{Attr, DType, Graph, Initializer, Node, TensorData};
 
 use crate::fuse::{
-    Claimed, Index, Rewrite, apply, fused_name, int_vector, ms_node, node_names, unique_name,
-    value_names,
+    Claimed, Index, Rewrite, apply, fused_name, input_at, int_vector, is_onnx_domain, ms_node,
+    node_names, unique_name, value_names,
 };
-use crate::pattern::{Match, Op, P, Pattern, init, op, single_f32, val};
+use crate::fuse_llm::is_cast_to_float;
+use crate::pattern::{Match, Op, P, Pattern, init, op, shape_readers, single_f32, val};
+use crate::slice_bounds::{fold_slice_bounds, known_ints};
 
 fn is_scalar_f32(i: &Initializer) -> bool {
     single_f32(i).is_some()
@@ -97,7 +99,33 @@ fn table(f: &'static str, name: &'static str, scale: &'static str) -> P {
     .commutative()
     .uses(None)
     .named("freqs");
-    let emb = op("Concat", vec![m.clone().p(), m.p()])
+    // optimum: `(inv_freq[None, :, None].expand(B, -1, 1) @ pos[:, None, :]).transpose(1, 2)`,
+    // through float32 → float32 Casts: a MatMul over one product, `pos · inv_freq` exactly.
+    let float_cast = |x: Op| {
+        let cast = |x: P| op("Cast", vec![x]).check(is_cast_to_float).uses(None).p();
+        P::Either(vec![cast(cast(x.clone().p())), cast(x.clone().p()), x.p()])
+    };
+    let inv_col = op("Expand", vec![init("inv", is_inv_column), P::Any]).uses(None);
+    let pos_row = op(
+        "Cast",
+        vec![
+            op("Unsqueeze", vec![val("pos")])
+                .min_inputs()
+                .uses(None)
+                .p(),
+        ],
+    )
+    .check(is_cast_to_float)
+    .uses(None);
+    let mm = op("MatMul", vec![float_cast(inv_col), float_cast(pos_row)])
+        .uses(None)
+        .named("freqs_mm");
+    let mm = op("Transpose", vec![mm.p()])
+        .check(|_, n| has_perm(&[0, 2, 1])(n))
+        .uses(None)
+        .named("freqs");
+    let m = P::Either(vec![m.p(), mm.p()]);
+    let emb = op("Concat", vec![m.clone(), m])
         .check(last_axis)
         .uses(None)
         .named("emb");
@@ -105,11 +133,20 @@ fn table(f: &'static str, name: &'static str, scale: &'static str) -> P {
     let scaled = op("Mul", vec![trig.clone().p(), init(scale, is_scalar_f32)])
         .commutative()
         .uses(None);
-    op("Unsqueeze", vec![P::Either(vec![scaled.p(), trig.p()])])
+    let scaled = op("Cast", vec![P::Either(vec![scaled.p(), trig.p()])])
+        .check(is_cast_to_float)
+        .optional()
+        .uses(None);
+    op("Unsqueeze", vec![scaled.p()])
         .min_inputs()
         .kept()
         .named(name)
         .p()
+}
+
+/// optimum's `inv_freq[None, :, None]`: a float32 `[1, n, 1]` initializer.
+fn is_inv_column(i: &Initializer) -> bool {
+    i.dtype == DType::F32 && i.dims.len() == 3 && i.dims[0] == 1 && i.dims[2] == 1
 }
 
 /// `x·cos + rotate_half(x)·sin`, `rotate_half(x) = Concat(−x[r/2:], x[:r/2])`.
@@ -184,7 +221,7 @@ fn present(past: &'static str, new: P, name: &'static str) -> Op {
 }
 
 /// `repeat_kv(x)`: `Reshape(Expand(Unsqueeze(x, 2), reps), [0, heads, -1, hd])`, or `x`.
-fn repeated(x: Op) -> P {
+fn repeated(x: Op, name: &'static str) -> P {
     let rep = op(
         "Reshape",
         vec![
@@ -198,7 +235,9 @@ fn repeated(x: Op) -> P {
             .p(),
             any_input(),
         ],
-    );
+    )
+    .shape_readers()
+    .named(name);
     P::Either(vec![rep.p(), x.p()])
 }
 
@@ -209,22 +248,36 @@ fn attention_pattern() -> Pattern {
         op("Transpose", vec![val("v4d")]).check(perm_0213).p(),
         "present_v",
     );
-    let kt = op("Transpose", vec![repeated(k_present)]).check(perm_0132);
+    let kt = op("Transpose", vec![repeated(k_present, "k_rep")]).check(perm_0132);
     let scores = op(
         "Mul",
         vec![
-            op("MatMul", vec![rope(&Q, "q4d"), kt.p()]).p(),
+            op("MatMul", vec![rope(&Q, "q4d"), kt.clone().p()]).p(),
             init("scale", is_scalar_f32),
         ],
     )
     .commutative()
     .named("scores");
+    // optimum (sdpa): the scale's square root on q and on kᵀ, `(q·√s)·(kᵀ·√s)`.
+    let split_scale = op(
+        "MatMul",
+        vec![
+            op("Mul", vec![rope(&Q, "q4d"), init("q_scale", is_scalar_f32)])
+                .commutative()
+                .p(),
+            op("Mul", vec![kt.p(), init("k_scale", is_scalar_f32)])
+                .commutative()
+                .p(),
+        ],
+    )
+    .named("scores");
+    let scores = P::Either(vec![scores.p(), split_scale.p()]);
     let capped = op(
         "Mul",
         vec![
             op(
                 "Tanh",
-                vec![op("Div", vec![scores.clone().p(), init("cap", is_scalar_f32)]).p()],
+                vec![op("Div", vec![scores.clone(), init("cap", is_scalar_f32)]).p()],
             )
             .p(),
             init("cap", is_scalar_f32),
@@ -234,15 +287,25 @@ fn attention_pattern() -> Pattern {
     .named("softcap");
     let masked = op(
         "Add",
-        vec![P::Either(vec![capped.p(), scores.p()]), val("mask")],
+        vec![P::Either(vec![capped.p(), scores]), val("mask")],
     );
-    let probs = op("Softmax", vec![masked.p()]).check(last_axis);
-    let ctx = op("MatMul", vec![probs.p(), repeated(v_present)]);
+    let softmax = op("Softmax", vec![masked.p()])
+        .check(last_axis)
+        .named("probs");
+    // optimum: `Where(IsNaN(p), 0, p)` (rows with every key masked); GroupQueryAttention
+    // gives those rows 0 too.
+    let guarded = op(
+        "Where",
+        vec![
+            op("IsNaN", vec![softmax.clone().uses(Some(2)).p()]).p(),
+            init("nan_zero", |i| single_f32(i) == Some(0.0)),
+            softmax.clone().uses(Some(2)).p(),
+        ],
+    );
+    let probs = P::Either(vec![guarded.p(), softmax.p()]);
+    let ctx = op("MatMul", vec![probs, repeated(v_present, "v_rep")]);
     let merged = op("Transpose", vec![ctx.p()]).check(perm_0213);
-    Pattern::new(op(
-        "Reshape",
-        vec![merged.p(), init("merge", |i| i.dtype == DType::I64)],
-    ))
+    Pattern::new(op("Reshape", vec![merged.p(), val("merge")]))
 }
 
 /// `(start, end)` of a bound Slice on the last axis (`axes` −1 or 3).
@@ -286,6 +349,9 @@ struct Gqa {
     softcap: Option<f32>,
     /// The `present.*` key and value outputs GroupQueryAttention takes over.
     present: [String; 2],
+    /// `Gather(Shape(repeat_kv(key)), 2)` nodes (optimum's mask slice): `(Shape, Gather)`
+    /// indices, re-pointed to `Shape(attention_mask)[1]`.
+    key_length_readers: Vec<(usize, usize)>,
     removed: Vec<usize>,
     m: Match,
 }
@@ -300,26 +366,27 @@ fn match_gqa(ix: &Index<'_>, pat: &Pattern, i: usize) -> Option<Gqa> {
     if ix.shapes.get(m.value("past_v")) != Some(past) {
         return None;
     }
-    let merge = int_vector(ix, m.value("merge"))?;
-    let [0, 0, width] = merge.as_slice() else {
-        return None;
-    };
+    let width = merged_width(ix, &m)?;
+    let width = &width;
     // ONNX Runtime's kernel takes head sizes that are multiples of 8 only.
     if hd <= 0 || hd % 8 != 0 || width % hd != 0 || (width / hd) % kv_heads != 0 {
         return None;
     }
     let heads = width / hd;
     // GroupQueryAttention's attention_bias: (B or 1, N or 1, S, T).
-    let mask_ok = ix
-        .shapes
-        .get(m.value("mask"))
-        .is_some_and(|s| s.len() == 4 && (s[1].fixed() == Some(1) || s[1].fixed() == Some(heads)));
+    let mask_ok = mask_ok(ix, m.value("mask"), heads);
     let rq = rotary_width(ix, &m, &Q, hd)?;
     let rk = rotary_width(ix, &m, &K, hd)?;
     if !mask_ok || rq != rk || m.value("pos").is_empty() {
         return None;
     }
     let scalar = |name: &str| single_f32(ix.inits.get(m.value(name))?);
+    let scale = match scalar("scale") {
+        Some(s) => s,
+        // `(q·a)·(kᵀ·b)` = `(q·kᵀ)·(a·b)` up to float rounding.
+        None => scalar("q_scale")? * scalar("k_scale")?,
+    };
+    let key_length_readers = key_length_readers(ix, &m)?;
     let softcap = match m.node("softcap") {
         Some(_) => Some(scalar("cap").filter(|c| *c > 0.0)?),
         None => None,
@@ -333,12 +400,119 @@ fn match_gqa(ix: &Index<'_>, pat: &Pattern, i: usize) -> Option<Gqa> {
         heads,
         kv_heads,
         rotary: rq,
-        scale: scalar("scale")?,
+        scale,
         softcap,
+        key_length_readers,
         present,
         removed,
         m,
     })
+}
+
+/// The width `N·hd` the heads are merged into: a constant `[0, 0, N·hd]` (ferry), or (optimum's
+/// `[B, S, -1]` from shapes) the root's inferred `[B, S, N·hd]` with the queries' own batch
+/// and sequence dims.
+fn merged_width(ix: &Index<'_>, m: &Match) -> Option<i64> {
+    if let Some(merge) = int_vector(ix, m.value("merge")) {
+        return match merge.as_slice() {
+            [0, 0, w] => Some(*w),
+            _ => None,
+        };
+    }
+    let known = known_ints(ix, m.value("merge"))?;
+    let out = ix.shapes.get(ix.graph.nodes[m.root].outputs[0].as_str())?;
+    let q = ix.shapes.get(m.value("q4d"))?;
+    match (known.as_slice(), out) {
+        ([_, _, Some(-1)], [b, s, w]) if q.len() == 4 && *b == q[0] && *s == q[1] => w.fixed(),
+        _ => None,
+    }
+}
+
+/// Whether the additive mask `v` can be GroupQueryAttention's `attention_bias` `(B or 1, N
+/// or 1, S, T)`: its inferred shape says so, or it is optimum's `Where(Slice(Expand(m,
+/// [B, 1, S, T]), …, axes [3]), 0, -inf)` (torch's `expand(B, -1, S, T)` of the boolean
+/// mask, sliced on the key axis; dims 1 of `m` is 1 or N, as the scores' Add requires).
+fn mask_ok(ix: &Index<'_>, v: &str, heads: i64) -> bool {
+    if let Some(s) = ix.shapes.get(v) {
+        return s.len() == 4 && (s[1].fixed() == Some(1) || s[1].fixed() == Some(heads));
+    }
+    let node = |v: &str, op: &str| {
+        let n = &ix.graph.nodes[*ix.producer.get(v)?];
+        (n.op_type == op && is_onnx_domain(n)).then_some(n)
+    };
+    let Some(w) = node(v, "Where").filter(|w| w.inputs.len() == 3) else {
+        return false;
+    };
+    let Some(sl) = node(&w.inputs[0], "Slice").filter(|s| s.inputs.len() >= 4) else {
+        return false;
+    };
+    let zero = ix
+        .inits
+        .get(w.inputs[1].as_str())
+        .and_then(|i| single_f32(i))
+        == Some(0.0);
+    let ninf = ix
+        .inits
+        .get(w.inputs[2].as_str())
+        .and_then(|i| single_f32(i))
+        == Some(f32::NEG_INFINITY);
+    let last =
+        known_ints(ix, &sl.inputs[3]).is_some_and(|a| matches!(a.as_slice(), [Some(3 | -1)]));
+    let expanded = node(&sl.inputs[0], "Expand").is_some_and(|e| {
+        known_ints(ix, input_at(e, 1)).is_some_and(|t| {
+            t.len() == 4
+                && t[1] == Some(1)
+                && t[2].is_none_or(|d| d > 1)
+                && t[3].is_none_or(|d| d > 1)
+        }) && ix.shapes.get(input_at(e, 0)).is_none_or(|s| s.len() <= 4)
+    });
+    zero && ninf && last && expanded
+}
+
+/// The `Shape` readers of the repeated key (bound `k_rep`): each must feed only `Gather`s
+/// (axis 0) of index 2 — the key length, `attention_mask`'s dim 1 (as GroupQueryAttention's
+/// `total_sequence_length`). `None` when one reads anything else.
+fn key_length_readers(ix: &Index<'_>, m: &Match) -> Option<Vec<(usize, usize)>> {
+    // The repeated values are removed: nothing may read their shape.
+    if let Some(v) = m.node("v_rep")
+        && !shape_readers(ix, &ix.graph.nodes[v].outputs[0]).is_empty()
+    {
+        return None;
+    }
+    let Some(rep) = m.node("k_rep") else {
+        return Some(Vec::new());
+    };
+    let out = ix.graph.nodes[rep].outputs[0].as_str();
+    let mut found = Vec::new();
+    for s in shape_readers(ix, out) {
+        let shape = &ix.graph.nodes[s];
+        if shape.inputs.len() != 1
+            || !shape.attrs.is_empty()
+            || ix.graph_outputs.contains(shape.outputs[0].as_str())
+        {
+            return None;
+        }
+        for (g, n) in ix.graph.nodes.iter().enumerate() {
+            if !n.inputs.contains(&shape.outputs[0]) {
+                continue;
+            }
+            let index = known_ints(ix, input_at(n, 1));
+            let ok = n.op_type == "Gather"
+                && n.inputs.len() == 2
+                && n.inputs[0] == shape.outputs[0]
+                && matches!(n.attr("axis"), None | Some(Attr::Int(0)))
+                && ix
+                    .inits
+                    .get(n.inputs[1].as_str())
+                    .is_some_and(|i| i.dims.is_empty())
+                && index.is_some_and(|i| matches!(i.as_slice(), [Some(2 | -2)]));
+            if !ok {
+                return None;
+            }
+            found.push((s, g));
+        }
+    }
+    Some(found)
 }
 
 /// Builds nodes into `nodes`, naming values and nodes uniquely.
@@ -418,7 +592,14 @@ fn rotary_caches(e: &mut Emit<'_>, caches: &mut Caches, m: &Match) -> (String, S
     let rows = e.node("Cast", vec![rows], vec![("to", Attr::Int(1))]);
     let axis = e.ints_1d(&[1]);
     let rows = e.node("Unsqueeze", vec![rows, axis], vec![]);
-    let freqs = e.node("Mul", vec![rows, key.1.clone()], vec![]);
+    // optimum's `[1, r/2, 1]` column of inverse frequencies, flattened.
+    let inv = if m.node("freqs_mm").is_some() {
+        let flat = e.ints_1d(&[-1]);
+        e.node("Reshape", vec![key.1.clone(), flat], vec![])
+    } else {
+        key.1.clone()
+    };
+    let freqs = e.node("Mul", vec![rows, inv], vec![]);
     let trig = |e: &mut Emit<'_>, f: &str, scale: &str| {
         let t = e.node(f, vec![freqs.clone()], vec![]);
         if scale.is_empty() {
@@ -457,6 +638,7 @@ pub fn fuse_group_query_attention(graph: &mut Graph) -> usize {
     if opset < 13 || !has_mask {
         return 0;
     }
+    fold_slice_bounds(graph);
     let ix = Index::new(graph);
     let pat = attention_pattern();
     let mut names = node_names(graph);
@@ -469,6 +651,7 @@ pub fn fuse_group_query_attention(graph: &mut Graph) -> usize {
     let mut lengths: Option<(String, String)> = None;
     let mut caches = Caches::new();
     let mut shared: Vec<Node> = Vec::new();
+    let mut repoint: Vec<(usize, usize)> = Vec::new();
     for (i, root) in graph.nodes.iter().enumerate() {
         if root.op_type != "Reshape" {
             continue;
@@ -479,6 +662,7 @@ pub fn fuse_group_query_attention(graph: &mut Graph) -> usize {
         if !taken.claim(i, &g.removed) {
             continue;
         }
+        repoint.extend(&g.key_length_readers);
         let m = &g.m;
         let scope = root
             .name
@@ -586,6 +770,23 @@ pub fn fuse_group_query_attention(graph: &mut Graph) -> usize {
             removed: g.removed,
         });
     }
+    // The key length optimum slices its mask to: `Shape(attention_mask)[1]` (before
+    // `apply`, while the indices hold).
+    if !repoint.is_empty() {
+        let one = unique_name(&mut values, "/attention_lengths/key_axis".to_string());
+        new_inits.push(Initializer {
+            name: one.clone(),
+            dtype: DType::I64,
+            dims: vec![],
+            data: TensorData::from_i64(&[1]),
+        });
+        for (s, g) in repoint {
+            graph.nodes[s].inputs[0] = "attention_mask".to_string();
+            let out = graph.nodes[s].outputs[0].clone();
+            graph.value_info.retain(|v| v.name != out);
+            graph.nodes[g].inputs[1] = one.clone();
+        }
+    }
     let count = apply(graph, rewrites);
     // The lengths and caches read graph inputs and the positions and inverse frequencies
     // computed before the first layer: they go before the first fused block's nodes.
@@ -617,6 +818,7 @@ pub fn fuse_rotary_embedding(graph: &mut Graph) -> usize {
     if opset < 13 {
         return 0;
     }
+    fold_slice_bounds(graph);
     let ix = Index::new(graph);
     let (full, partial) = rope_ops(&Q, "q4d");
     let (full, partial) = (Pattern::new(full), Pattern::new(partial));
@@ -861,6 +1063,105 @@ mod tests {
                 .iter()
                 .any(|n| n.outputs == ["present_k"] && n.op_type == "Concat")
         );
+    }
+
+    /// [`attention_graph`] as optimum's sdpa export writes it: the scale's square root on q
+    /// and on kᵀ, `Where(IsNaN(p), 0, p)` after the softmax, and the queries' rotate_half
+    /// bounds computed from the heads' shape (`Unsqueeze(Div(Gather(Shape(q_t), 3), 2))`).
+    fn optimum_attention_graph(hd: i64) -> Graph {
+        let mut g = attention_graph(hd);
+        let at = |g: &Graph, out: &str| {
+            g.nodes
+                .iter()
+                .position(|n| n.outputs == [out])
+                .expect("node")
+        };
+        let mm = at(&g, "qk");
+        g.nodes.splice(
+            mm..mm + 2,
+            [
+                node("Mul", &["q_rot", "half_scale"], &["q_sc"], vec![]),
+                node("Mul", &["kt", "half_scale"], &["k_sc"], vec![]),
+                node("MatMul", &["q_sc", "k_sc"], &["s"], vec![]),
+            ],
+        );
+        let sm = at(&g, "p");
+        g.nodes[sm].outputs = vec!["p0".into()];
+        g.nodes.splice(
+            sm + 1..sm + 1,
+            [
+                node("IsNaN", &["p0"], &["nan"], vec![]),
+                node("Where", &["nan", "fzero", "p0"], &["p"], vec![]),
+            ],
+        );
+        let t = at(&g, "q_t");
+        g.nodes.splice(
+            t + 1..t + 1,
+            [
+                node("Shape", &["q_t"], &["q_shape"], vec![]),
+                node("Gather", &["q_shape", "three"], &["q_d"], axis(0)),
+                node("Div", &["q_d", "two"], &["q_h"], vec![]),
+                node("Unsqueeze", &["q_h", "ax0"], &["q_hv"], vec![]),
+            ],
+        );
+        for n in g.nodes.iter_mut().filter(|n| n.inputs[0] == "q_t") {
+            for i in n.inputs.iter_mut().filter(|i| *i == "h") {
+                *i = "q_hv".into();
+            }
+        }
+        g.initializers.extend([
+            init("half_scale", vec![], &[0.5]),
+            init("fzero", vec![1], &[0.0]),
+            ints("ax0", &[0]),
+        ]);
+        for (name, v) in [("three", 3), ("two", 2)] {
+            g.initializers.push(Initializer {
+                name: name.into(),
+                dtype: DType::I64,
+                dims: vec![],
+                data: TensorData::from_i64(&[v]),
+            });
+        }
+        crate::infer_shapes(&mut g);
+        g
+    }
+
+    #[test]
+    fn optimum_attention_fuses_as_ferrys() {
+        let mut g = optimum_attention_graph(8);
+        assert_eq!(fuse_group_query_attention(&mut g), 1);
+        let gqa = g
+            .nodes
+            .iter()
+            .find(|n| n.op_type == "GroupQueryAttention")
+            .expect("fused");
+        // √s · √s.
+        assert!(matches!(gqa.attr("scale"), Some(Attr::Float(s)) if *s == 0.25));
+        assert_eq!(gqa.outputs, ["out", "present_k", "present_v"]);
+        // The shape-derived bounds were folded and their nodes removed.
+        assert!(
+            !g.nodes
+                .iter()
+                .any(|n| n.op_type == "Shape" && n.inputs == ["q_t"])
+        );
+        // Bounds from a shape whose last dim is not the head size's half stay unfused.
+        let mut g = optimum_attention_graph(8);
+        let two = g
+            .initializers
+            .iter_mut()
+            .find(|i| i.name == "two")
+            .expect("two");
+        two.data = TensorData::from_i64(&[4]);
+        assert_eq!(fuse_group_query_attention(&mut g), 0);
+        // A guard that is not `Where(IsNaN(p), 0, p)` stays.
+        let mut g = optimum_attention_graph(8);
+        let z = g
+            .initializers
+            .iter_mut()
+            .find(|i| i.name == "fzero")
+            .expect("zero");
+        z.data = TensorData::from_f32(&[1.0]);
+        assert_eq!(fuse_group_query_attention(&mut g), 0);
     }
 
     #[test]

@@ -29,7 +29,7 @@ fn is_epsilon(i: &Initializer) -> bool {
 /// (ferry), `Mul(x, Reciprocal(Sqrt(…)))` (torch's `rsqrt`) or `Div(x, Sqrt(…))`.
 /// `Cast(·, float)` (`to` 1 only): what torch exports for `.to(torch.float32)` of a
 /// float32 tensor.
-fn is_cast_to_float(_: &Index<'_>, n: &Node) -> bool {
+pub(crate) fn is_cast_to_float(_: &Index<'_>, n: &Node) -> bool {
     matches!(n.attr("to"), Some(Attr::Int(1))) && n.attrs.len() == 1
 }
 

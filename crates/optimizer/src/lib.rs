@@ -29,6 +29,7 @@ mod fuse_mha;
 mod infer;
 mod pattern;
 mod prune;
+mod slice_bounds;
 
 use std::collections::BTreeMap;
 use std::fmt;

@@ -54,6 +54,7 @@ pub(crate) struct Op {
     optional: bool,
     kept: bool,
     uses: Option<usize>,
+    shape_readers: bool,
     check: Option<fn(&Index<'_>, &Node) -> bool>,
 }
 
@@ -74,6 +75,7 @@ pub(crate) fn one_of(ops: &[&'static str], inputs: Vec<P>) -> Op {
         optional: false,
         kept: false,
         uses: Some(1),
+        shape_readers: false,
         check: None,
     }
 }
@@ -114,6 +116,13 @@ impl Op {
     /// number (the node is kept by the rewrite, or shared with another match).
     pub(crate) fn uses(mut self, n: Option<usize>) -> Self {
         self.uses = n;
+        self
+    }
+
+    /// `Shape` nodes reading the output are not counted by [`uses`](Op::uses) (a fusion
+    /// that removes the node re-points them; optimum's exports read shapes everywhere).
+    pub(crate) fn shape_readers(mut self) -> Self {
+        self.shape_readers = true;
         self
     }
 
@@ -242,7 +251,10 @@ fn match_value(ix: &Index<'_>, p: &P, v: &str, m: &mut Match) -> bool {
             }
             let Some(i) = produced else { return false };
             if let Some(n) = o.uses.filter(|_| m.kept == 0) {
-                let readers = ix.consumers.get(v).copied().unwrap_or(0);
+                let mut readers = ix.consumers.get(v).copied().unwrap_or(0);
+                if o.shape_readers {
+                    readers = readers.saturating_sub(shape_readers(ix, v).len());
+                }
                 if readers != n || ix.graph_outputs.contains(v) {
                     return false;
                 }
@@ -250,6 +262,16 @@ fn match_value(ix: &Index<'_>, p: &P, v: &str, m: &mut Match) -> bool {
             attempt(m, |m| match_node(ix, o, i, m))
         }
     }
+}
+
+/// The `Shape` nodes reading `v`.
+pub(crate) fn shape_readers(ix: &Index<'_>, v: &str) -> Vec<usize> {
+    (ix.graph.nodes.iter().enumerate())
+        .filter(|(_, n)| {
+            n.op_type == "Shape" && is_onnx_domain(n) && n.inputs.iter().any(|i| i == v)
+        })
+        .map(|(i, _)| i)
+        .collect()
 }
 
 /// Binds `name` to `v`, or checks an earlier binding is `v`.
