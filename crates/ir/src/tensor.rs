@@ -465,6 +465,37 @@ fn transposed_band(
     a1: u64,
     out: &mut [u8],
 ) -> io::Result<()> {
+    // A large band is computed in two halves on two threads (gathering the slab and
+    // permuting it are CPU-bound; the writer's own thread mostly waits on the kernel).
+    if out.len() >= PARALLEL_BAND && a1 - a0 >= 2 && !matches!(source, TensorData::Lazy { .. }) {
+        let mid = a0 + (a1 - a0) / 2;
+        let split = to_usize((mid - a0) * (out.len() as u64 / (a1 - a0)))?;
+        let (lo, hi) = out.split_at_mut(split);
+        return std::thread::scope(|s| {
+            let first = s.spawn(|| transposed_band_serial(source, dims, perm, elem, a0, mid, lo));
+            let second = transposed_band_serial(source, dims, perm, elem, mid, a1, hi);
+            first
+                .join()
+                .map_err(|_| io::Error::other("transpose thread panicked"))??;
+            second
+        });
+    }
+    transposed_band_serial(source, dims, perm, elem, a0, a1, out)
+}
+
+/// Bands at least this large are transposed on two threads.
+const PARALLEL_BAND: usize = 4 << 20;
+
+/// [`transposed_band`] on the calling thread.
+fn transposed_band_serial(
+    source: &TensorData,
+    dims: &[usize],
+    perm: &[usize],
+    elem: usize,
+    a0: u64,
+    a1: u64,
+    out: &mut [u8],
+) -> io::Result<()> {
     let p = perm[0];
     let (a0, w) = (to_usize(a0)?, to_usize(a1 - a0)?);
     let full = dims[p];
