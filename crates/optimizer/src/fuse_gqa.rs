@@ -23,7 +23,27 @@ use crate::pattern::{Match, Op, P, Pattern, init, op, shape_readers, single_f32,
 use crate::slice_bounds::{fold_slice_bounds, known_ints};
 
 fn is_scalar_f32(i: &Initializer) -> bool {
-    single_f32(i).is_some()
+    single_float(i).is_some()
+}
+
+/// A float32 or float16 (`--dtype fp16` exports) initializer holding one value, that value.
+fn single_float(i: &Initializer) -> Option<f32> {
+    if i.dtype != DType::F16 {
+        return single_f32(i);
+    }
+    if i.dims.iter().product::<i64>() != 1 || i.dims.len() > 1 {
+        return None;
+    }
+    let wide = TensorData::converted(i.data.clone(), DType::F16, DType::F32)?;
+    match wide.to_f32_vec().ok()?.as_slice() {
+        [v] => Some(*v),
+        _ => None,
+    }
+}
+
+/// `Cast(·, float16)`.
+fn is_cast_to_half(_: &Index<'_>, n: &Node) -> bool {
+    matches!(n.attr("to"), Some(Attr::Int(10))) && n.attrs.len() == 1
 }
 
 fn has_perm(perm: &[i64]) -> impl Fn(&Node) -> bool + '_ {
@@ -82,7 +102,7 @@ const K: Names = Names {
 /// cos or sin table `[b, 1, s, r]`: `Unsqueeze(f(Concat(m, m)) [· scale])` with
 /// `m = Mul(Unsqueeze(Cast(pos)), inv)`; shared by every layer, so kept (matched, not
 /// removed; dead-node removal takes it once every layer is fused).
-fn table(f: &'static str, name: &'static str, scale: &'static str) -> P {
+fn table(f: &'static str, name: &'static str, scale: &'static str, half: &'static str) -> P {
     let m = op(
         "Mul",
         vec![
@@ -133,11 +153,17 @@ fn table(f: &'static str, name: &'static str, scale: &'static str) -> P {
     let scaled = op("Mul", vec![trig.clone().p(), init(scale, is_scalar_f32)])
         .commutative()
         .uses(None);
-    let scaled = op("Cast", vec![P::Either(vec![scaled.p(), trig.p()])])
+    let computed = P::Either(vec![scaled.p(), trig.p()]);
+    // Narrowed to float16 (`--dtype fp16` exports compute the tables in float32).
+    let narrowed = op("Cast", vec![computed.clone()])
+        .check(is_cast_to_half)
+        .uses(None)
+        .named(half);
+    let scaled = op("Cast", vec![computed])
         .check(is_cast_to_float)
         .optional()
         .uses(None);
-    op("Unsqueeze", vec![scaled.p()])
+    op("Unsqueeze", vec![P::Either(vec![narrowed.p(), scaled.p()])])
         .min_inputs()
         .kept()
         .named(name)
@@ -162,12 +188,18 @@ fn rope_core(x: &dyn Fn() -> P, n: &Names) -> Op {
     op(
         "Add",
         vec![
-            op("Mul", vec![x(), table("Cos", "cos", "cos_scale")])
-                .commutative()
-                .p(),
-            op("Mul", vec![half.p(), table("Sin", "sin", "sin_scale")])
-                .commutative()
-                .p(),
+            op(
+                "Mul",
+                vec![x(), table("Cos", "cos", "cos_scale", "cos_half")],
+            )
+            .commutative()
+            .p(),
+            op(
+                "Mul",
+                vec![half.p(), table("Sin", "sin", "sin_scale", "sin_half")],
+            )
+            .commutative()
+            .p(),
         ],
     )
     .commutative()
@@ -285,9 +317,14 @@ fn attention_pattern() -> Pattern {
     )
     .commutative()
     .named("softcap");
+    // A float16 export adds the float32 mask to the scores widened to float32.
+    let scored = P::Either(vec![capped.p(), scores]);
+    let widened = op("Cast", vec![scored.clone()])
+        .check(is_cast_to_float)
+        .named("to_float");
     let masked = op(
         "Add",
-        vec![P::Either(vec![capped.p(), scores]), val("mask")],
+        vec![P::Either(vec![widened.p(), scored]), val("mask")],
     );
     let softmax = op("Softmax", vec![masked.p()])
         .check(last_axis)
@@ -303,6 +340,11 @@ fn attention_pattern() -> Pattern {
         ],
     );
     let probs = P::Either(vec![guarded.p(), softmax.p()]);
+    // … and narrows the probabilities back to float16.
+    let narrowed = op("Cast", vec![probs.clone()])
+        .check(is_cast_to_half)
+        .named("to_half");
+    let probs = P::Either(vec![narrowed.p(), probs]);
     let ctx = op("MatMul", vec![probs, repeated(v_present, "v_rep")]);
     let merged = op("Transpose", vec![ctx.p()]).check(perm_0213);
     Pattern::new(op("Reshape", vec![merged.p(), val("merge")]))
@@ -352,6 +394,8 @@ struct Gqa {
     /// `Gather(Shape(repeat_kv(key)), 2)` nodes (optimum's mask slice): `(Shape, Gather)`
     /// indices, re-pointed to `Shape(attention_mask)[1]`.
     key_length_readers: Vec<(usize, usize)>,
+    /// A float16 block: the float32 mask is narrowed for `attention_bias`.
+    half: bool,
     removed: Vec<usize>,
     m: Match,
 }
@@ -380,7 +424,13 @@ fn match_gqa(ix: &Index<'_>, pat: &Pattern, i: usize) -> Option<Gqa> {
     if !mask_ok || rq != rk || m.value("pos").is_empty() {
         return None;
     }
-    let scalar = |name: &str| single_f32(ix.inits.get(m.value(name))?);
+    let scalar = |name: &str| single_float(ix.inits.get(m.value(name))?);
+    // float16: scores widened for the float32 mask and softmax, probabilities narrowed
+    // back, float16 cos/sin tables; float32: none of these.
+    let half = m.node("to_half").is_some();
+    if (half && m.node("to_float").is_none()) || half_tables(&m) != Some(half) {
+        return None;
+    }
     let scale = match scalar("scale") {
         Some(s) => s,
         // `(q·a)·(kᵀ·b)` = `(q·kᵀ)·(a·b)` up to float rounding.
@@ -403,6 +453,7 @@ fn match_gqa(ix: &Index<'_>, pat: &Pattern, i: usize) -> Option<Gqa> {
         scale,
         softcap,
         key_length_readers,
+        half,
         present,
         removed,
         m,
@@ -562,7 +613,14 @@ impl Emit<'_> {
 }
 
 /// cos/sin caches already built, by (positions, inverse frequencies, cos and sin scales).
-type Caches = HashMap<(String, String, [String; 2]), (String, String)>;
+/// Whether the matched cos/sin tables are narrowed to float16 (`None` when one is and the
+/// other is not).
+fn half_tables(m: &Match) -> Option<bool> {
+    let (c, s) = (m.node("cos_half").is_some(), m.node("sin_half").is_some());
+    (c == s).then_some(c)
+}
+
+type Caches = HashMap<(String, String, [String; 2], bool), (String, String)>;
 
 /// The `[max(position_ids) + 1, r/2]` cos and sin caches of a matched rotary embedding,
 /// computed in the graph as the export computes its tables (`positions · inv_freq`, `Cos`
@@ -575,6 +633,7 @@ fn rotary_caches(e: &mut Emit<'_>, caches: &mut Caches, m: &Match) -> (String, S
             m.value("cos_scale").to_string(),
             m.value("sin_scale").to_string(),
         ],
+        half_tables(m) == Some(true),
     );
     if let Some(c) = caches.get(&key) {
         return c.clone();
@@ -608,7 +667,13 @@ fn rotary_caches(e: &mut Emit<'_>, caches: &mut Caches, m: &Match) -> (String, S
             e.node("Mul", vec![t, scale.to_string()], vec![])
         }
     };
-    let c = (trig(e, "Cos", &key.2[0]), trig(e, "Sin", &key.2[1]));
+    let (mut cos, mut sin) = (trig(e, "Cos", &key.2[0]), trig(e, "Sin", &key.2[1]));
+    // Narrowed to float16 as the export narrows its tables.
+    if key.3 {
+        cos = e.node("Cast", vec![cos], vec![("to", Attr::Int(10))]);
+        sin = e.node("Cast", vec![sin], vec![("to", Attr::Int(10))]);
+    }
+    let c = (cos, sin);
     caches.insert(key, c.clone());
     e.scope = scope;
     c
@@ -727,6 +792,23 @@ pub fn fuse_group_query_attention(graph: &mut Graph) -> usize {
         };
         let q = rotated(&mut e, m.value("q4d"), g.heads);
         let k = rotated(&mut e, m.value("k4d"), g.kv_heads);
+        // attention_bias has the queries' type: a float16 block's float32 mask narrowed,
+        // clamped to float16's lowest first (a plain Cast makes float32's lowest -inf, and
+        // the float16 kernel gives NaN for a row of -inf, which later layers would read
+        // through the padding positions' cache entries).
+        let bias = if g.half {
+            let lowest = unique_name(e.values, format!("{}/half_lowest", e.scope));
+            e.inits.push(Initializer {
+                name: lowest.clone(),
+                dtype: DType::F32,
+                dims: vec![],
+                data: TensorData::from_f32(&[-65504.0]),
+            });
+            let clamped = e.node("Max", vec![m.value("mask").to_string(), lowest], vec![]);
+            e.node("Cast", vec![clamped], vec![("to", Attr::Int(10))])
+        } else {
+            m.value("mask").to_string()
+        };
         let v = e.node(
             "Reshape",
             vec![m.value("v4d").to_string(), flat.clone()],
@@ -747,7 +829,7 @@ pub fn fuse_group_query_attention(graph: &mut Graph) -> usize {
                 String::new(),
                 String::new(),
                 String::new(),
-                m.value("mask").to_string(),
+                bias,
             ],
             vec![
                 root.outputs[0].clone(),
@@ -854,7 +936,7 @@ pub fn fuse_rotary_embedding(graph: &mut Graph) -> usize {
         ) else {
             continue;
         };
-        let Some(r) = rotary_width(&ix, &m, &Q, hd) else {
+        let Some(r) = rotary_width(&ix, &m, &Q, hd).filter(|_| half_tables(&m).is_some()) else {
             continue;
         };
         // The rotation's nodes go; the heads Transpose is RotaryEmbedding's input.

@@ -11,7 +11,24 @@ use crate::fuse::{
     unique_name, value_names,
 };
 use crate::fuse_layer_norm::is_last_axis_mean;
-use crate::pattern::{Match, P, Pattern, init, is_f32_matrix, is_f32_vector, op, single_f32, val};
+use crate::pattern::{Match, P, Pattern, init, is_f32_vector, op, single_f32, val};
+
+/// A 1-D float32 or float16 initializer (a norm's weight, a bias; float16 in `--dtype fp16`
+/// exports).
+fn is_float_vector(i: &Initializer) -> bool {
+    matches!(i.dtype, DType::F32 | DType::F16) && i.dims.len() == 1
+}
+
+/// A float32 or float16 initializer of rank 2 (a MatMul weight).
+fn is_float_matrix(i: &Initializer) -> bool {
+    matches!(i.dtype, DType::F32 | DType::F16) && i.dims.len() == 2
+}
+
+/// `Cast(·, float16)`: a float16 export's RMSNorm computed in float32, narrowed back
+/// before its float16 weight.
+fn is_cast_to_half(_: &Index<'_>, n: &Node) -> bool {
+    matches!(n.attr("to"), Some(Attr::Int(10))) && n.attrs.len() == 1
+}
 
 fn is_two(i: &Initializer) -> bool {
     single_f32(i) == Some(2.0)
@@ -71,10 +88,15 @@ fn rms_normalized() -> P {
         op("Mul", vec![rms_input(), inv]).commutative().p(),
         op("Div", vec![rms_input(), std().p()]).p(),
     ]);
-    // `.to(input_dtype)` before the weight, a float32 → float32 Cast in a float32 export.
+    // `.to(input_dtype)` before the weight, a float32 → float32 Cast in a float32 export,
+    // float32 → float16 in a float16 one.
     P::Either(vec![
         op("Cast", vec![normalized.clone()])
             .check(is_cast_to_float)
+            .p(),
+        op("Cast", vec![normalized.clone()])
+            .check(is_cast_to_half)
+            .named("to_half")
             .p(),
         normalized,
     ])
@@ -83,14 +105,19 @@ fn rms_normalized() -> P {
 /// RMSNorm scaled by `weight` (`w`), or by `1 + weight` (Gemma; `w` then the raw weight
 /// and `plus_one` bound).
 fn rms_norm_pattern() -> Pattern {
-    let plus_one = op("Add", vec![init("w", is_f32_vector), init("one_w", is_one)])
+    // A float16 export widens the weight first: `Cast(w, float) + 1`.
+    let widened = op("Cast", vec![init("w", is_float_vector)])
+        .check(is_cast_to_float)
+        .named("w_cast");
+    let raw = P::Either(vec![init("w", is_f32_vector), widened.p()]);
+    let plus_one = op("Add", vec![raw, init("one_w", is_one)])
         .commutative()
         .named("plus_one");
     Pattern::new(
         op(
             "Mul",
             vec![
-                P::Either(vec![init("w", is_f32_vector), plus_one.p()]),
+                P::Either(vec![init("w", is_float_vector), plus_one.p()]),
                 rms_normalized(),
             ],
         )
@@ -111,6 +138,17 @@ fn match_rms(ix: &Index<'_>, pat: &Pattern, i: usize) -> Option<RmsMatch> {
     let m: Match = pat.at(ix, i)?;
     let w = ix.inits.get(m.value("w"))?;
     let h = w.dims[0];
+    // A float16 weight scales the float16 narrowing of the float32 norm (and only it), or
+    // (Gemma) is widened to float32 for `1 + w`, which scales the float32 norm.
+    let half = w.dtype == DType::F16;
+    let ok = if m.node("plus_one").is_some() {
+        half == m.node("w_cast").is_some() && m.node("to_half").is_none()
+    } else {
+        half == m.node("to_half").is_some()
+    };
+    if !ok {
+        return None;
+    }
     // The weight spans the normalized (last) axis.
     if ix.last_dim(m.value("x")).is_some_and(|d| d != h) {
         return None;
@@ -152,7 +190,9 @@ pub fn fuse_simplified_layer_norm(graph: &mut Graph) -> usize {
             let Some(w) = ix.inits.get(m.weight.as_str()) else {
                 continue;
             };
-            let Ok(v) = w.data.to_f32_vec() else {
+            // A float16 weight, widened as the graph widens it (exactly).
+            let wide = TensorData::converted(w.data.clone(), w.dtype, DType::F32);
+            let Some(Ok(v)) = wide.map(|d| d.to_f32_vec()) else {
                 continue;
             };
             let folded: Vec<f32> = v.iter().map(|x| x + 1.0).collect();
@@ -216,17 +256,19 @@ pub fn fuse_skip_simplified_layer_norm(graph: &mut Graph) -> usize {
     let pat = Pattern::new(
         op(
             "SimplifiedLayerNormalization",
-            vec![sum, init("gamma", is_f32_vector)],
+            vec![sum, init("gamma", is_float_vector)],
         )
         .check(is_plain_layer_norm),
     );
-    let float32 = |v: &str| {
+    let dtype = |v: &str| {
         graph
             .inputs
             .iter()
             .chain(&graph.value_info)
-            .any(|x| x.name == v && x.dtype == DType::F32)
+            .find(|x| x.name == v)
+            .map(|x| x.dtype)
     };
+    let float32 = |v: &str| dtype(v) == Some(DType::F32);
     let mut names = node_names(graph);
     let mut taken = Claimed::default();
     let mut rewrites = Vec::new();
@@ -238,7 +280,11 @@ pub fn fuse_skip_simplified_layer_norm(graph: &mut Graph) -> usize {
             _ => false,
         };
         let cast_ok = m.node("sum_cast").is_none() || (float32(a) && float32(b));
-        if !same_shape || !cast_ok || !taken.claim(i, &m.interior) {
+        // One type for input, skip and gamma (Gemma's float16 exports scale by a float32
+        // `1 + w`: those stay SimplifiedLayerNormalization).
+        let gamma = ix.inits.get(m.value("gamma")).map(|g| g.dtype);
+        let typed = gamma.is_some() && dtype(a) == gamma && dtype(b) == gamma;
+        if !same_shape || !cast_ok || !typed || !taken.claim(i, &m.interior) {
             continue;
         }
         let sum = input_at(ln, 0);
@@ -285,7 +331,7 @@ struct Projection {
 /// `Add(·, b)` (b a float32 `[n]` initializer, the MatMul's only reader) when there is one.
 fn projection(ix: &Index<'_>, i: usize, x: &str, h: i64) -> Option<Projection> {
     let n = &ix.graph.nodes[i];
-    let mm = op("MatMul", vec![val("x"), init("w", is_f32_matrix)]);
+    let mm = op("MatMul", vec![val("x"), init("w", is_float_matrix)]);
     let m = Pattern::new(mm).at(ix, i)?;
     let w = ix.inits.get(m.value("w"))?;
     if m.value("x") != x || w.dims[0] != h || n.outputs.len() != 1 {
@@ -301,7 +347,7 @@ fn projection(ix: &Index<'_>, i: usize, x: &str, h: i64) -> Option<Projection> {
         .find(|(_, a)| a.inputs.contains(&out))
         .filter(|_| ix.single_use(&out))
         .and_then(|(ai, _)| {
-            let bias_init = init("b", |b| b.dtype == DType::F32 && b.dims.len() == 1);
+            let bias_init = init("b", is_float_vector);
             let add = op("Add", vec![val("mm"), bias_init]).commutative();
             let bm = Pattern::new(add).at(ix, ai)?;
             let b = ix.inits.get(bm.value("b"))?;
@@ -381,6 +427,20 @@ pub fn fuse_packed_qkv(graph: &mut Graph) -> usize {
             continue;
         };
         let with_bias = ps.iter().all(|p| p.bias.is_some());
+        // One dtype (float32, or float16 in `--dtype fp16` exports) for weights and biases.
+        let dtype_of = |name: &str| ix.inits.get(name).map(|i| i.dtype);
+        let Some(dtype) = dtype_of(&ps[0].weight) else {
+            continue;
+        };
+        let one_dtype = ps.iter().all(|p| {
+            dtype_of(&p.weight) == Some(dtype)
+                && p.bias
+                    .as_ref()
+                    .is_none_or(|(_, b)| dtype_of(b) == Some(dtype))
+        });
+        if !one_dtype {
+            continue;
+        }
         let Ok(rows) = u64::try_from(h) else { continue };
         let data = |name: &str| ix.inits.get(name).map(|i| i.data.clone());
         let Some(ws) = ps
@@ -420,7 +480,7 @@ pub fn fuse_packed_qkv(graph: &mut Graph) -> usize {
         let w_name = unique_name(&mut values, format!("{mm_name}.weight"));
         new_inits.push(Initializer {
             name: w_name.clone(),
-            dtype: DType::F32,
+            dtype,
             dims: vec![h, total],
             data: packed,
         });
@@ -439,7 +499,7 @@ pub fn fuse_packed_qkv(graph: &mut Graph) -> usize {
             let b_name = unique_name(&mut values, format!("{add_name}.bias"));
             new_inits.push(Initializer {
                 name: b_name.clone(),
-                dtype: DType::F32,
+                dtype,
                 dims: vec![total],
                 data: b,
             });

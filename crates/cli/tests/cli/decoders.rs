@@ -600,3 +600,122 @@ fn optimum_exports_optimize() {
         }
     }
 }
+
+/// Fused counts of `ferry export --dtype fp16 --optimize` (with past) per decoder case, as
+/// [`LLM_FUSED`]: the same as float32 except Gemma's, whose norms scale the float32 norm by
+/// a float32 `1 + w` (all plain SimplifiedLayerNormalization: SkipSimplifiedLayerNormalization
+/// takes one type for input, skip and gamma).
+const LLM_FUSED_FP16: &[(&str, [usize; 5])] = &[
+    ("gemma-tiny-mqa", [5, 0, 2, 2, 4]),
+    ("gemma2-tiny-softcap", [9, 0, 2, 2, 4]),
+    ("llama-tiny-dynamic", [1, 4, 2, 2, 4]),
+    ("llama-tiny-gqa-bias", [1, 4, 2, 2, 4]),
+    ("llama-tiny-llama3", [1, 4, 2, 2, 4]),
+    ("llama-tiny-mqa-linear", [1, 4, 2, 2, 4]),
+    ("llama-tiny-yarn", [1, 4, 2, 2, 4]),
+    ("mistral-tiny-sliding", [1, 4, 2, 0, 4]),
+    ("phi3-tiny-longrope", [1, 4, 2, 2, 4]),
+    ("qwen2-tiny-tied", [1, 4, 2, 2, 4]),
+    ("qwen3-tiny-qknorm-bf16", [5, 4, 2, 2, 4]),
+];
+
+/// Runs the unoptimized and optimized float16 models (ONNX Runtime's Python package in
+/// target/optvenv: ferry-verifier feeds float32 caches only) on a golden's left-padded
+/// prefill with empty float16 caches; prints the max-abs against transformers' float16
+/// logits over real tokens and over padding tokens, one line per model.
+const HALF_PREFILL: &str = r#"
+import sys, numpy as np, onnxruntime as ort
+from safetensors.numpy import load_file
+d = load_file(sys.argv[1])
+feeds = {k: d[f"step0.input.{k}"] for k in ["input_ids", "attention_mask", "position_ids"]}
+want = d["step0.output.logits_fp16"]
+real = feeds["attention_mask"][:, -want.shape[1]:] == 1
+for path in sys.argv[2:]:
+    s = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    f = dict(feeds)
+    for i in s.get_inputs():
+        if i.name.startswith("past_key_values."):
+            f[i.name] = np.zeros((want.shape[0], i.shape[1], 0, i.shape[3]), np.float16)
+    got = s.run(["logits"], f)[0].astype(np.float32)
+    diff = np.abs(got - want).max(-1)
+    print(diff[real].max(), diff[~real].max() if (~real).any() else 0.0)
+"#;
+
+/// `--dtype fp16 --optimize` decoders (with past): norms, packed q/k/v, RotaryEmbedding and
+/// GroupQueryAttention fused in float16 (ONNX Runtime's CPU provider has float16 kernels for
+/// each) with fixed counts per model, and real tokens' prefill logits within the float16
+/// bound of `half_precision_prefill_is_close` (2e-2) of transformers' float16 logits, as the
+/// unoptimized export. Padding tokens differ once GroupQueryAttention is fused (see
+/// `fuse_group_query_attention`).
+#[test]
+fn half_precision_optimized_is_close() {
+    let python = root().join("target/optvenv/bin/python");
+    if !python.is_file() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "{} missing in CI",
+            python.display()
+        );
+        println!(
+            "skipped: no {} (cargo xtask verify makes it)",
+            python.display()
+        );
+        return;
+    }
+    for (case, want) in LLM_FUSED_FP16 {
+        let src = root().join("testdata").join(case);
+        let dir = tempfile::tempdir().expect("tempdir");
+        let plain = dir.path().join("model.onnx");
+        let o = export(
+            &src,
+            &plain,
+            &[
+                "--task",
+                "text-generation-with-past",
+                "--dtype",
+                "fp16",
+                "--optimize",
+                "--json",
+            ],
+        );
+        assert!(o.status.success(), "{case}: {}", stderr(&o));
+        let fused = &super::stdout_json(&o)["optimized"]["fused_operators"];
+        let out = dir.path().join("model-optimized.onnx");
+        let n = |op: &str| fused[op].as_u64().unwrap_or(0) as usize;
+        let got = [
+            n("SimplifiedLayerNormalization"),
+            n("SkipSimplifiedLayerNormalization"),
+            packed_qkv(&ferry_onnx::read_graph(&out).expect("read optimized")),
+            n("GroupQueryAttention"),
+            n("RotaryEmbedding"),
+        ];
+        println!("{case} fp16: fused {got:?}");
+        assert_eq!(&got, want, "{case} fp16: fused counts");
+        let o = std::process::Command::new(&python)
+            .arg("-c")
+            .arg(HALF_PREFILL)
+            .arg(src.join("steps.safetensors"))
+            .arg(&plain)
+            .arg(&out)
+            .output()
+            .expect("python");
+        assert!(o.status.success(), "{case}: {}", stderr(&o));
+        let text = String::from_utf8_lossy(&o.stdout).into_owned();
+        let rows: Vec<Vec<f32>> = text
+            .lines()
+            .map(|l| {
+                l.split_whitespace()
+                    .map(|x| x.parse().expect("number"))
+                    .collect()
+            })
+            .collect();
+        assert_eq!(rows.len(), 2, "{case}: {text}");
+        for (label, row) in ["export", "optimized"].iter().zip(&rows) {
+            println!(
+                "{case} fp16 {label}: prefill max-abs {:.3e} (padding tokens {:.3e})",
+                row[0], row[1]
+            );
+            assert!(row[0] <= 2e-2, "{case} fp16 {label}: max-abs {}", row[0]);
+        }
+    }
+}
