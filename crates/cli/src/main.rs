@@ -144,8 +144,10 @@ struct OptimizeArgs {
     #[arg(long)]
     gelu_approximation: bool,
     /// Fusions to skip, by ONNX Runtime's names: gelu, bias-gelu, fast-gelu, layer-norm,
-    /// skip-layer-norm, attention, multi-head-attention, embed-layer-norm (repeatable or
-    /// comma-separated; `_` for `-` and the fused op type are accepted too).
+    /// skip-layer-norm, attention, multi-head-attention, embed-layer-norm,
+    /// simplified-layer-norm, skip-simplified-layer-norm, packed-qkv, group-query-attention,
+    /// rotary-embedding (repeatable or comma-separated; `_` for `-` and the fused op type are
+    /// accepted too).
     #[arg(long, value_delimiter = ',', value_name = "FUSION")]
     disable: Vec<String>,
     /// Print the summary and fused-operator statistics as JSON on stdout (human text goes
