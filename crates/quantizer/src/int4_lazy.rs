@@ -20,17 +20,12 @@ pub fn quantize_column(
     scales: &mut [f32],
     zero_points: &mut [u8],
 ) {
-    let k_blocks = column.len().div_ceil(block_size);
+    column_params(column, block_size, symmetric, scales, zero_points);
     let blob = block_size / 2;
     codes.fill(0);
-    zero_points.fill(0);
-    for b in 0..k_blocks {
-        let vals = &column[b * block_size..((b + 1) * block_size).min(column.len())];
-        let (scale, zp) = if symmetric {
-            symmetric_scale(vals)
-        } else {
-            asymmetric_scale(vals)
-        };
+    for (b, vals) in column.chunks(block_size).enumerate() {
+        let scale = scales[b];
+        let zp = (zero_points[b / 2] >> (4 * (b % 2))) & 15;
         let recip = if scale == 0.0 { 0.0 } else { 1.0 / scale };
         let out = &mut codes[b * blob..(b + 1) * blob];
         // Symmetric: round(x / scale) + zp; asymmetric: round(x / scale + zp).
@@ -47,10 +42,29 @@ pub fn quantize_column(
         if let [x] = tail {
             out[vals.len() / 2] = code(x * recip + add, offset);
         }
+    }
+}
+
+/// The scales and zero points [`quantize_column`] gives a column, without its codes: a
+/// min/max scan per block, all the scale and zero-point tensors are produced from.
+pub fn column_params(
+    column: &[f32],
+    block_size: usize,
+    symmetric: bool,
+    scales: &mut [f32],
+    zero_points: &mut [u8],
+) {
+    zero_points.fill(0);
+    for (b, vals) in column.chunks(block_size).enumerate() {
+        let (scale, zp) = if symmetric {
+            symmetric_scale(vals)
+        } else {
+            asymmetric_scale(vals)
+        };
         scales[b] = scale;
         zero_points[b / 2] |= zp << (4 * (b % 2));
     }
-    if k_blocks % 2 == 1
+    if column.len().div_ceil(block_size) % 2 == 1
         && let Some(last) = zero_points.last_mut()
     {
         *last |= 8 << 4;
@@ -159,12 +173,12 @@ impl RowProducer for Int4Rows {
         let k = self.k;
         with_buffer(4 * k * rows, |buf| {
             self.wt.read_into(4 * k as u64 * first, buf)?;
-            let (cw, sw, zw) = self.widths();
+            let (_, sw, zw) = self.widths();
             out.par_chunks_mut(width.max(1))
                 .zip(buf.par_chunks(4 * k.max(1)))
                 .for_each_init(
-                    || (vec![0f32; k], vec![0u8; cw], vec![0f32; sw], vec![0u8; zw]),
-                    |(col, codes, scales, zps), (o, src)| {
+                    || (vec![0f32; k], vec![0f32; sw], vec![0u8; zw]),
+                    |(col, scales, zps), (o, src)| {
                         for (v, c) in col.iter_mut().zip(src.as_chunks::<4>().0) {
                             *v = f32::from_le_bytes(*c);
                         }
@@ -178,26 +192,14 @@ impl RowProducer for Int4Rows {
                                 zps,
                             ),
                             Part::Scales => {
-                                quantize_column(
-                                    col,
-                                    self.block_size,
-                                    self.symmetric,
-                                    codes,
-                                    scales,
-                                    zps,
-                                );
+                                column_params(col, self.block_size, self.symmetric, scales, zps);
                                 for (o, s) in o.chunks_exact_mut(4).zip(scales.iter()) {
                                     o.copy_from_slice(&s.to_le_bytes());
                                 }
                             }
-                            Part::ZeroPoints => quantize_column(
-                                col,
-                                self.block_size,
-                                self.symmetric,
-                                codes,
-                                scales,
-                                o,
-                            ),
+                            Part::ZeroPoints => {
+                                column_params(col, self.block_size, self.symmetric, scales, o)
+                            }
                         }
                     },
                 );
