@@ -66,11 +66,13 @@ fn int4(c: &mut Criterion) {
         let p = lazy_int4(w.clone(), k, bs, symmetric);
         let name = format!(
             "codes block {bs} {} 1024x4096",
-            if symmetric { "symmetric" } else { "zero points" }
+            if symmetric {
+                "symmetric"
+            } else {
+                "zero points"
+            }
         );
-        g.bench_function(name, |b| {
-            b.iter(|| p.data.write_to(&mut std::io::sink()))
-        });
+        g.bench_function(name, |b| b.iter(|| p.data.write_to(&mut std::io::sink())));
     }
     g.finish();
 }
