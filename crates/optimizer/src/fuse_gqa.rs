@@ -1102,15 +1102,18 @@ mod tests {
         g
     }
 
+    fn gqa_node(g: &Graph) -> &Node {
+        g.nodes
+            .iter()
+            .find(|n| n.op_type == "GroupQueryAttention")
+            .expect("fused")
+    }
+
     #[test]
     fn decoder_attention_becomes_rotary_embeddings_and_group_query_attention() {
         let mut g = attention_graph(8);
         assert_eq!(fuse_group_query_attention(&mut g), 1);
-        let gqa = g
-            .nodes
-            .iter()
-            .find(|n| n.op_type == "GroupQueryAttention")
-            .expect("fused");
+        let gqa = gqa_node(&g);
         assert_eq!(gqa.domain, crate::MS_DOMAIN);
         assert_eq!(gqa.outputs, ["out", "present_k", "present_v"]);
         assert_eq!(&gqa.inputs[3..5], ["past_k", "past_v"]);
@@ -1212,11 +1215,7 @@ mod tests {
     fn optimum_attention_fuses_as_ferrys() {
         let mut g = optimum_attention_graph(8);
         assert_eq!(fuse_group_query_attention(&mut g), 1);
-        let gqa = g
-            .nodes
-            .iter()
-            .find(|n| n.op_type == "GroupQueryAttention")
-            .expect("fused");
+        let gqa = gqa_node(&g);
         // √s · √s.
         assert!(matches!(gqa.attr("scale"), Some(Attr::Float(s)) if *s == 0.25));
         assert_eq!(gqa.outputs, ["out", "present_k", "present_v"]);
@@ -1226,24 +1225,17 @@ mod tests {
                 .iter()
                 .any(|n| n.op_type == "Shape" && n.inputs == ["q_t"])
         );
-        // Bounds from a shape whose last dim is not the head size's half stay unfused.
-        let mut g = optimum_attention_graph(8);
-        let two = g
-            .initializers
-            .iter_mut()
-            .find(|i| i.name == "two")
-            .expect("two");
-        two.data = TensorData::from_i64(&[4]);
-        assert_eq!(fuse_group_query_attention(&mut g), 0);
-        // A guard that is not `Where(IsNaN(p), 0, p)` stays.
-        let mut g = optimum_attention_graph(8);
-        let z = g
-            .initializers
-            .iter_mut()
-            .find(|i| i.name == "fzero")
-            .expect("zero");
-        z.data = TensorData::from_f32(&[1.0]);
-        assert_eq!(fuse_group_query_attention(&mut g), 0);
+        // Bounds from a shape whose last dim is not the head size's half, and a guard that
+        // is not `Where(IsNaN(p), 0, p)`, stay unfused.
+        for (name, data) in [
+            ("two", TensorData::from_i64(&[4])),
+            ("fzero", TensorData::from_f32(&[1.0])),
+        ] {
+            let mut g = optimum_attention_graph(8);
+            let i = g.initializers.iter_mut().find(|i| i.name == name);
+            i.expect("initializer").data = data;
+            assert_eq!(fuse_group_query_attention(&mut g), 0, "{name}");
+        }
     }
 
     #[test]

@@ -520,6 +520,25 @@ fn bad_decoder_input_fails_cleanly() {
     fails(c.path(), &[], "model-00002-of-00002.safetensors");
 }
 
+/// `target/optvenv/bin/NAME` (optimum-onnx and onnxruntime, made by `cargo xtask verify`
+/// before the tests), or `None` with a skip message (never in CI).
+fn optvenv(name: &str) -> Option<PathBuf> {
+    let path = root().join("target/optvenv/bin").join(name);
+    if path.is_file() {
+        return Some(path);
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "{} missing in CI",
+        path.display()
+    );
+    println!(
+        "skipped: no {} (cargo xtask verify makes it)",
+        path.display()
+    );
+    None
+}
+
 /// optimum's own exports (`optimum-cli export onnx --task text-generation-with-past`, from
 /// target/optvenv, which `cargo xtask verify` makes before the tests) of tiny goldens,
 /// optimized by `ferry optimize`: the fused counts of ferry's own exports ([`LLM_FUSED`]:
@@ -532,19 +551,9 @@ fn bad_decoder_input_fails_cleanly() {
 /// sliced to the key length) fuses as ferry's.
 #[test]
 fn optimum_exports_optimize() {
-    let optimum = root().join("target/optvenv/bin/optimum-cli");
-    if !optimum.is_file() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "{} missing in CI",
-            optimum.display()
-        );
-        println!(
-            "skipped: no {} (cargo xtask verify makes it)",
-            optimum.display()
-        );
+    let Some(optimum) = optvenv("optimum-cli") else {
         return;
-    }
+    };
     for case in ["llama-tiny-gqa-bias", "qwen2-tiny-tied"] {
         let want = LLM_FUSED
             .iter()
@@ -601,23 +610,17 @@ fn optimum_exports_optimize() {
     }
 }
 
-/// Fused counts of `ferry export --dtype fp16 --optimize` (with past) per decoder case, as
-/// [`LLM_FUSED`]: the same as float32 except Gemma's, whose norms scale the float32 norm by
-/// a float32 `1 + w` (all plain SimplifiedLayerNormalization: SkipSimplifiedLayerNormalization
-/// takes one type for input, skip and gamma).
-const LLM_FUSED_FP16: &[(&str, [usize; 5])] = &[
-    ("gemma-tiny-mqa", [5, 0, 2, 2, 4]),
-    ("gemma2-tiny-softcap", [9, 0, 2, 2, 4]),
-    ("llama-tiny-dynamic", [1, 4, 2, 2, 4]),
-    ("llama-tiny-gqa-bias", [1, 4, 2, 2, 4]),
-    ("llama-tiny-llama3", [1, 4, 2, 2, 4]),
-    ("llama-tiny-mqa-linear", [1, 4, 2, 2, 4]),
-    ("llama-tiny-yarn", [1, 4, 2, 2, 4]),
-    ("mistral-tiny-sliding", [1, 4, 2, 0, 4]),
-    ("phi3-tiny-longrope", [1, 4, 2, 2, 4]),
-    ("qwen2-tiny-tied", [1, 4, 2, 2, 4]),
-    ("qwen3-tiny-qknorm-bf16", [5, 4, 2, 2, 4]),
-];
+/// Fused counts of `ferry export --dtype fp16 --optimize` (with past) for a case whose
+/// float32 counts are `fp32` ([`LLM_FUSED`]): the same, except Gemma's norms, which scale
+/// the float32 norm by a float32 `1 + w` and so all stay plain SimplifiedLayerNormalization
+/// (SkipSimplifiedLayerNormalization takes one type for input, skip and gamma).
+fn fp16_counts(case: &str, fp32: [usize; 5]) -> [usize; 5] {
+    if case.starts_with("gemma") {
+        [fp32[0] + fp32[1], 0, fp32[2], fp32[3], fp32[4]]
+    } else {
+        fp32
+    }
+}
 
 /// Runs the unoptimized and optimized float16 models (ONNX Runtime's Python package in
 /// target/optvenv: ferry-verifier feeds float32 caches only) on a golden's left-padded
@@ -649,20 +652,11 @@ for path in sys.argv[2:]:
 /// `fuse_group_query_attention`).
 #[test]
 fn half_precision_optimized_is_close() {
-    let python = root().join("target/optvenv/bin/python");
-    if !python.is_file() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "{} missing in CI",
-            python.display()
-        );
-        println!(
-            "skipped: no {} (cargo xtask verify makes it)",
-            python.display()
-        );
+    let Some(python) = optvenv("python") else {
         return;
-    }
-    for (case, want) in LLM_FUSED_FP16 {
+    };
+    for &(case, fp32) in LLM_FUSED {
+        let want = fp16_counts(case, fp32);
         let src = root().join("testdata").join(case);
         let dir = tempfile::tempdir().expect("tempdir");
         let plain = dir.path().join("model.onnx");
@@ -690,7 +684,7 @@ fn half_precision_optimized_is_close() {
             n("RotaryEmbedding"),
         ];
         println!("{case} fp16: fused {got:?}");
-        assert_eq!(&got, want, "{case} fp16: fused counts");
+        assert_eq!(got, want, "{case} fp16: fused counts");
         let o = std::process::Command::new(&python)
             .arg("-c")
             .arg(HALF_PREFILL)
