@@ -685,31 +685,60 @@ fn half_precision_optimized_is_close() {
         ];
         println!("{case} fp16: fused {got:?}");
         assert_eq!(got, want, "{case} fp16: fused counts");
-        let o = std::process::Command::new(&python)
-            .arg("-c")
-            .arg(HALF_PREFILL)
-            .arg(src.join("steps.safetensors"))
-            .arg(&plain)
-            .arg(&out)
-            .output()
-            .expect("python");
+        // Without a cache (RotaryEmbedding, no GroupQueryAttention): every position.
+        let nocache = dir.path().join("nocache.onnx");
+        let o = export(
+            &src,
+            &nocache,
+            &[
+                "--task",
+                "text-generation",
+                "--dtype",
+                "fp16",
+                "--optimize",
+                "--json",
+            ],
+        );
         assert!(o.status.success(), "{case}: {}", stderr(&o));
-        let text = String::from_utf8_lossy(&o.stdout).into_owned();
-        let rows: Vec<Vec<f32>> = text
-            .lines()
-            .map(|l| {
-                l.split_whitespace()
-                    .map(|x| x.parse().expect("number"))
-                    .collect()
-            })
-            .collect();
-        assert_eq!(rows.len(), 2, "{case}: {text}");
-        for (label, row) in ["export", "optimized"].iter().zip(&rows) {
+        let fused = &super::stdout_json(&o)["optimized"]["fused_operators"];
+        assert_eq!(fused["RotaryEmbedding"], 4, "{case} fp16 without past");
+        let nocache = dir.path().join("nocache-optimized.onnx");
+        let rows = half_prefill(&python, &src, &[&plain, &out, &nocache]);
+        for (label, row) in ["export", "optimized", "optimized without past"]
+            .iter()
+            .zip(&rows)
+        {
             println!(
                 "{case} fp16 {label}: prefill max-abs {:.3e} (padding tokens {:.3e})",
                 row[0], row[1]
             );
             assert!(row[0] <= 2e-2, "{case} fp16 {label}: max-abs {}", row[0]);
         }
+        assert!(rows[2][1] <= 2e-2, "{case} fp16 without past: padding");
     }
+}
+
+/// [`HALF_PREFILL`] on `models`: `[real, padding]` max-abs per model.
+fn half_prefill(python: &Path, case: &Path, models: &[&Path]) -> Vec<[f32; 2]> {
+    let o = std::process::Command::new(python)
+        .arg("-c")
+        .arg(HALF_PREFILL)
+        .arg(case.join("steps.safetensors"))
+        .args(models)
+        .output()
+        .expect("python");
+    assert!(o.status.success(), "{}: {}", case.display(), stderr(&o));
+    let text = String::from_utf8_lossy(&o.stdout).into_owned();
+    let rows: Vec<[f32; 2]> = text
+        .lines()
+        .filter_map(|l| {
+            let v: Vec<f32> = l
+                .split_whitespace()
+                .filter_map(|x| x.parse().ok())
+                .collect();
+            v.try_into().ok()
+        })
+        .collect();
+    assert_eq!(rows.len(), models.len(), "{}: {text}", case.display());
+    rows
 }
