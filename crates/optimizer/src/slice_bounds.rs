@@ -223,3 +223,117 @@ fn remove_unread(graph: &mut Graph, mut values: Vec<String>) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use ferry_ir::{Dim, Value};
+
+    use super::*;
+    use crate::test_util::{graph, node};
+
+    fn ints(name: &str, dims: Vec<i64>, v: &[i64]) -> Initializer {
+        Initializer {
+            name: name.into(),
+            dtype: DType::I64,
+            dims,
+            data: TensorData::from_i64(v),
+        }
+    }
+
+    /// `x[..., : x.shape[3] // 2]` as optimum writes it, with `x` `[b, 2, s, 8]`; and
+    /// torch's `expand(b, -1, b)` shape `Where(Equal(r, -1), 1, r)` over a value `y` of
+    /// unknown (not inferred) shape.
+    fn shape_graph() -> Graph {
+        let mut g = graph(
+            vec![
+                node("Shape", &["x"], &["sh"], vec![]),
+                node("Gather", &["sh", "three"], &["d"], vec![]),
+                node("Div", &["d", "two"], &["h"], vec![]),
+                node("Cast", &["h"], &["hc"], vec![("to", Attr::Int(7))]),
+                node("Unsqueeze", &["hc", "ax0"], &["hv"], vec![]),
+                node("Slice", &["x", "zero", "hv", "last"], &["lo"], vec![]),
+                node("Relu", &["x"], &["y"], vec![]),
+                node("Shape", &["y"], &["ysh"], vec![]),
+                node("Gather", &["ysh", "zero0"], &["b"], vec![]),
+                node("Unsqueeze", &["b", "ax0"], &["bv"], vec![]),
+                node(
+                    "Concat",
+                    &["bv", "minus1", "bv"],
+                    &["r0"],
+                    vec![("axis", Attr::Int(0))],
+                ),
+                node("Reshape", &["r0", "minus1"], &["r"], vec![]),
+                node("Shape", &["r"], &["rsh"], vec![]),
+                node(
+                    "ConstantOfShape",
+                    &["rsh"],
+                    &["ones"],
+                    vec![("value", Attr::Tensor(Box::new(ints("v", vec![1], &[1]))))],
+                ),
+                node("Mul", &["ones", "minus1"], &["neg"], vec![]),
+                node("Equal", &["r", "neg"], &["eq"], vec![]),
+                node("Where", &["eq", "ones", "r"], &["target"], vec![]),
+            ],
+            vec![
+                ints("three", vec![], &[3]),
+                ints("two", vec![], &[2]),
+                ints("zero0", vec![], &[0]),
+                ints("ax0", vec![1], &[0]),
+                ints("zero", vec![1], &[0]),
+                ints("last", vec![1], &[-1]),
+                ints("minus1", vec![1], &[-1]),
+            ],
+            &["lo", "target"],
+        );
+        let (b, s) = (Dim::sym("b"), Dim::sym("s"));
+        g.inputs = vec![Value::new(
+            "x",
+            DType::F32,
+            vec![b, Dim::Fixed(2), s, Dim::Fixed(8)],
+        )];
+        g
+    }
+
+    #[test]
+    fn shape_arithmetic_is_known_where_certain() {
+        let g = shape_graph();
+        let ix = Index::new(&g);
+        assert_eq!(known_ints(&ix, "hv"), Some(vec![Some(4)]));
+        // Batch unknown (never negative, so not -1), the -1 replaced by 1.
+        assert_eq!(known_ints(&ix, "target"), Some(vec![None, Some(1), None]));
+        // A symbolic dim of x.
+        assert_eq!(
+            known_ints(&ix, "sh"),
+            Some(vec![None, Some(2), None, Some(8)])
+        );
+        assert_eq!(known_ints(&ix, "x"), None);
+    }
+
+    #[test]
+    fn slice_bounds_from_fixed_dims_become_constants() {
+        let mut g = shape_graph();
+        assert_eq!(fold_slice_bounds(&mut g), 1);
+        let slice = g
+            .nodes
+            .iter()
+            .find(|n| n.op_type == "Slice")
+            .expect("slice");
+        let end = g
+            .initializers
+            .iter()
+            .find(|i| i.name == slice.inputs[2])
+            .expect("folded");
+        assert_eq!(crate::pattern::i64_values(end), Some(vec![4]));
+        // The Shape/Gather/Div/Cast/Unsqueeze chain is gone; the rest stays.
+        assert!(
+            !g.nodes
+                .iter()
+                .any(|n| n.inputs == ["x"] && n.op_type == "Shape")
+        );
+        assert_eq!(g.nodes.len(), 12);
+        // A bound from a symbolic dim stays.
+        let mut g = shape_graph();
+        g.initializers[0] = ints("three", vec![], &[2]);
+        assert_eq!(fold_slice_bounds(&mut g), 0);
+    }
+}
