@@ -10,8 +10,9 @@ use ferry_ir::{Attr, DType, Graph, Initializer, TensorData};
 use crate::fuse::{Index, input_at, is_onnx_domain, unique_name, value_names};
 use crate::pattern::{i64_values, rank0_i64};
 
-/// How deep [`known_ints`] follows producers.
+/// How deep [`known_ints`] follows producers, and how many values one call may visit.
 const DEPTH: usize = 12;
+const VISITS: usize = 256;
 
 /// The int64 contents of `v` as far as they are known, each element a value or `None` for
 /// an unknown dim (never negative): initializers, `Shape` of a value with inferred dims
@@ -21,10 +22,11 @@ const DEPTH: usize = 12;
 /// certain, and `Where` of a known condition (torch's `expand(…, -1, …)` idiom). `None` when
 /// `v` is not such a value.
 pub(crate) fn known_ints(ix: &Index<'_>, v: &str) -> Option<Vec<Option<i64>>> {
-    known(ix, v, DEPTH)
+    known(ix, v, DEPTH, &mut VISITS.clone())
 }
 
-fn known(ix: &Index<'_>, v: &str, depth: usize) -> Option<Vec<Option<i64>>> {
+fn known(ix: &Index<'_>, v: &str, depth: usize, visits: &mut usize) -> Option<Vec<Option<i64>>> {
+    *visits = visits.checked_sub(1)?;
     if let Some(i) = ix.inits.get(v) {
         let vals = i64_values(i).or_else(|| rank0_i64(i).map(|x| vec![x]))?;
         return Some(vals.into_iter().map(Some).collect());
@@ -34,7 +36,7 @@ fn known(ix: &Index<'_>, v: &str, depth: usize) -> Option<Vec<Option<i64>>> {
     if !is_onnx_domain(n) || n.outputs.len() != 1 {
         return None;
     }
-    let arg = |k: usize| known(ix, input_at(n, k), depth);
+    let arg = |k: usize, visits: &mut usize| known(ix, input_at(n, k), depth, visits);
     match n.op_type.as_str() {
         "Shape" if n.attrs.is_empty() && n.inputs.len() == 1 => {
             let x = input_at(n, 0);
@@ -45,9 +47,9 @@ fn known(ix: &Index<'_>, v: &str, depth: usize) -> Option<Vec<Option<i64>>> {
             let p = &ix.graph.nodes[*ix.producer.get(x)?];
             let one_d = p.op_type == "Concat"
                 || (p.op_type == "Reshape"
-                    && known(ix, input_at(p, 1), depth).is_some_and(|t| t == [Some(-1)]));
+                    && known(ix, input_at(p, 1), depth, visits).is_some_and(|t| t == [Some(-1)]));
             one_d
-                .then(|| known(ix, x, depth).map(|v| vec![Some(v.len() as i64)]))
+                .then(|| known(ix, x, depth, visits).map(|v| vec![Some(v.len() as i64)]))
                 .flatten()
         }
         "Gather" if matches!(n.attr("axis"), None | Some(Attr::Int(0))) => {
@@ -55,14 +57,14 @@ fn known(ix: &Index<'_>, v: &str, depth: usize) -> Option<Vec<Option<i64>>> {
                 .producer
                 .get(input_at(n, 0))
                 .is_some_and(|&p| ix.graph.nodes[p].op_type == "Shape");
-            let Some(data) = arg(0) else {
+            let Some(data) = arg(0, visits) else {
                 // Dims of a value whose shape is not inferred: unknown, never negative.
                 return shape_of_unknown
-                    .then(|| arg(1).map(|k| vec![None; k.len()]))
+                    .then(|| arg(1, visits).map(|k| vec![None; k.len()]))
                     .flatten();
             };
             let len = data.len() as i64;
-            arg(1)?
+            arg(1, visits)?
                 .into_iter()
                 .map(|k| {
                     let k = k?;
@@ -71,18 +73,18 @@ fn known(ix: &Index<'_>, v: &str, depth: usize) -> Option<Vec<Option<i64>>> {
                 })
                 .collect()
         }
-        "Unsqueeze" | "Squeeze" | "Identity" => arg(0),
-        "Cast" if matches!(n.attr("to"), Some(Attr::Int(6 | 7))) => arg(0),
+        "Unsqueeze" | "Squeeze" | "Identity" => arg(0, visits),
+        "Cast" if matches!(n.attr("to"), Some(Attr::Int(6 | 7))) => arg(0, visits),
         "Concat" if matches!(n.attr("axis"), Some(Attr::Int(0 | -1))) => {
             let mut out = Vec::new();
             for k in 0..n.inputs.len() {
-                out.extend(arg(k)?);
+                out.extend(arg(k, visits)?);
             }
             Some(out)
         }
-        "Reshape" if arg(1).is_some_and(|t| t == [Some(-1)]) => arg(0),
+        "Reshape" if arg(1, visits).is_some_and(|t| t == [Some(-1)]) => arg(0, visits),
         "ConstantOfShape" => {
-            let len = match arg(0)?.as_slice() {
+            let len = match arg(0, visits)?.as_slice() {
                 [Some(l)] if (0..=64).contains(l) => *l as usize,
                 _ => return None,
             };
@@ -96,7 +98,7 @@ fn known(ix: &Index<'_>, v: &str, depth: usize) -> Option<Vec<Option<i64>>> {
             }
         }
         "Add" | "Sub" | "Mul" | "Div" | "Equal" => {
-            let (a, b) = (arg(0)?, arg(1)?);
+            let (a, b) = (arg(0, visits)?, arg(1, visits)?);
             let op = n.op_type.as_str();
             elementwise(&[&a, &b], |e| {
                 Some(match (op, e[0], e[1]) {
@@ -120,7 +122,7 @@ fn known(ix: &Index<'_>, v: &str, depth: usize) -> Option<Vec<Option<i64>>> {
             })
         }
         "Where" => {
-            let (c, a, b) = (arg(0)?, arg(1)?, arg(2)?);
+            let (c, a, b) = (arg(0, visits)?, arg(1, visits)?, arg(2, visits)?);
             elementwise(&[&c, &a, &b], |e| match e[0]? {
                 0 => Some(e[2]),
                 _ => Some(e[1]),
