@@ -14,17 +14,8 @@ use super::{BertShape, Result, ferry_release, free_bytes, median, settle, synthe
 
 /// The sizes `--stages` knows: label, shape.
 const SIZES: [(&str, BertShape); 3] = [
-    // 124 M parameters, 0.50 GB.
-    (
-        "0.5",
-        BertShape {
-            vocab: 30522,
-            hidden: 768,
-            layers: 14,
-            heads: 12,
-            inter: 3072,
-        },
-    ),
+    // 124 M parameters, 0.50 GB: `bench --scale`'s smallest.
+    ("0.5", BertShape::SCALES[0].1),
     // 869 M parameters, 3.48 GB.
     (
         "3.5",

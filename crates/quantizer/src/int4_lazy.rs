@@ -246,19 +246,7 @@ pub fn lazy_int4(wt: TensorData, k: usize, block_size: usize, symmetric: bool) -
 mod tests {
     use super::*;
     use crate::int4::quantize_columns;
-
-    fn weights(n: usize, seed: u32) -> Vec<f32> {
-        let mut x = seed | 1;
-        (0..n)
-            .map(|i| {
-                x ^= x << 13;
-                x ^= x >> 17;
-                x ^= x << 5;
-                let v = (x >> 8) as f32 / (1u32 << 24) as f32 - 0.5;
-                if i % 331 == 0 { v * 30.0 } else { v }
-            })
-            .collect()
-    }
+    use crate::int8::tests::weights;
 
     fn streamed(d: &TensorData) -> std::io::Result<Vec<u8>> {
         let mut v = Vec::new();

@@ -850,7 +850,7 @@ impl Names {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use ferry_ir::Value;
 
     use super::*;
@@ -912,7 +912,7 @@ mod tests {
     ];
 
     /// Pseudo-random float32 weights in about ±1 with a few outliers per column.
-    fn weights(n: usize, seed: u32) -> Vec<f32> {
+    pub(crate) fn weights(n: usize, seed: u32) -> Vec<f32> {
         let mut x = seed | 1;
         (0..n)
             .map(|i| {
