@@ -236,12 +236,13 @@ fn bench_size(
     let need = 2 * bytes + 1_000_000_000;
     let free = free_bytes(base)?;
     if free < need {
-        return Err(format!(
-            "bench --stages {label}: needs ~{:.1} GB free under {}, {:.1} GB available",
+        println!(
+            "\nbench --stages {label} GB skipped: needs ~{:.1} GB free under {}, {:.1} GB available",
             need as f64 / 1e9,
             base.display(),
             free as f64 / 1e9
-        ));
+        );
+        return Ok(());
     }
     eprintln!(
         "xtask: {label} GB: writing a {:.2} B-parameter checkpoint",
