@@ -9,6 +9,12 @@
 //! the rotary embedding runs as `RotaryEmbedding` on each token's own `position_ids` (left
 //! padding included) with cos/sin caches computed in the graph from the same inverse
 //! frequencies the export computes (fixed, dynamic or LongRoPE alike).
+//!
+//! Also matched: optimum's sdpa export of the same block (the scale's square root on q and
+//! on kᵀ, `Where(IsNaN)` after the softmax, bounds, head merge and mask slice computed from
+//! shapes — [`fold_slice_bounds`] folds the rotary bounds first), and float16 exports (scores
+//! widened for the float32 mask and softmax, probabilities narrowed back, float16 tables):
+//! the fused ops then run in float16 with a narrowed, clamped mask.
 
 use std::collections::{HashMap, HashSet};
 
