@@ -17,8 +17,6 @@
 //! matched but neither counted nor removed. [`Pattern::at`] returns the bound nodes and values as a
 //! [`Match`].
 
-use std::collections::BTreeMap;
-
 use ferry_ir::{DType, Initializer, Node};
 
 use crate::fuse::{Index, input_at, is_onnx_domain};
@@ -177,9 +175,9 @@ pub(crate) struct Match {
     /// The root node's index.
     pub(crate) root: usize,
     /// Named pattern nodes → node index.
-    pub(crate) nodes: BTreeMap<&'static str, usize>,
+    nodes: Vec<(&'static str, usize)>,
     /// Captured values and initializers → value name.
-    pub(crate) values: BTreeMap<&'static str, String>,
+    values: Vec<(&'static str, String)>,
     /// Every matched node except the root (what a rewrite of the root removes), in match
     /// order, without duplicates.
     pub(crate) interior: Vec<usize>,
@@ -190,12 +188,15 @@ pub(crate) struct Match {
 impl Match {
     /// The captured value `name` (`""` when the pattern has none by that name).
     pub(crate) fn value(&self, name: &str) -> &str {
-        self.values.get(name).map_or("", String::as_str)
+        self.values
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map_or("", |(_, v)| v.as_str())
     }
 
     /// The node bound to `name`.
     pub(crate) fn node(&self, name: &str) -> Option<usize> {
-        self.nodes.get(name).copied()
+        self.nodes.iter().find(|(n, _)| *n == name).map(|&(_, i)| i)
     }
 }
 
@@ -276,10 +277,10 @@ pub(crate) fn shape_readers(ix: &Index<'_>, v: &str) -> Vec<usize> {
 
 /// Binds `name` to `v`, or checks an earlier binding is `v`.
 fn bind(m: &mut Match, name: &'static str, v: &str) -> bool {
-    match m.values.get(name) {
-        Some(old) => old == v,
+    match m.values.iter().find(|(n, _)| *n == name) {
+        Some((_, old)) => old == v,
         None => {
-            m.values.insert(name, v.to_string());
+            m.values.push((name, v.to_string()));
             true
         }
     }
@@ -287,10 +288,14 @@ fn bind(m: &mut Match, name: &'static str, v: &str) -> bool {
 
 /// Runs `f` on `m`, restoring `m` when it fails.
 fn attempt(m: &mut Match, f: impl FnOnce(&mut Match) -> bool) -> bool {
-    let saved = m.clone();
+    // Matching only appends, so a failed branch is undone by truncating.
+    let saved = (m.nodes.len(), m.values.len(), m.interior.len(), m.kept);
     let ok = f(m);
     if !ok {
-        *m = saved;
+        m.nodes.truncate(saved.0);
+        m.values.truncate(saved.1);
+        m.interior.truncate(saved.2);
+        m.kept = saved.3;
     }
     ok
 }
@@ -320,12 +325,10 @@ fn match_node(ix: &Index<'_>, o: &Op, i: usize, m: &mut Match) -> bool {
         return false;
     }
     if !o.name.is_empty() {
-        match m.nodes.get(o.name) {
+        match m.node(o.name) {
             // Reached again through another path: the same node, already matched.
-            Some(&k) => return k == i,
-            None => {
-                m.nodes.insert(o.name, i);
-            }
+            Some(k) => return k == i,
+            None => m.nodes.push((o.name, i)),
         }
     }
     let kept = o.kept || m.kept > 0;
