@@ -60,6 +60,19 @@ fn builder_command(py: &Path, site: &Path, args: &[String]) -> Vec<String> {
     cmd
 }
 
+/// `ferry export --model CK --genai --quantize int4 OUT/model.onnx`.
+fn ferry_int4_command(ferry: &Path, ck: &Path, out: &Path) -> Vec<String> {
+    let mut cmd = vec![
+        ferry.display().to_string(),
+        "export".into(),
+        "--model".into(),
+    ];
+    cmd.push(ck.display().to_string());
+    cmd.extend(["--genai", "--quantize", "int4"].map(String::from));
+    cmd.push(out.join("model.onnx").display().to_string());
+    cmd
+}
+
 /// `generation_config.json` as Qwen2.5-0.5B-Instruct ships it (ids of the Qwen tokenizer).
 const QWEN_GENERATION_CONFIG: &str = r#"{"bos_token_id": 151643, "pad_token_id": 151643, "do_sample": true, "eos_token_id": [151645, 151643], "repetition_penalty": 1.1, "temperature": 0.7, "top_p": 0.8, "top_k": 20}"#;
 
@@ -99,16 +112,7 @@ pub(crate) fn bench_genai(runs: usize, sizes: &[&str]) -> Result<()> {
 
     let ferry_dir = base.join("ferry");
     let builder_dir = base.join("builder");
-    let ferry_cmd: Vec<String> = vec![
-        ferry.display().to_string(),
-        "export".into(),
-        "--model".into(),
-        ck.display().to_string(),
-        "--genai".into(),
-        "--quantize".into(),
-        "int4".into(),
-        ferry_dir.join("model.onnx").display().to_string(),
-    ];
+    let ferry_cmd = ferry_int4_command(&ferry, &ck, &ferry_dir);
     let builder_cmd = builder_command(
         &py,
         &site,
@@ -241,16 +245,7 @@ fn bench_genai_size(ferry: &Path, base: &Path, label: &str) -> Result<()> {
     }
     eprintln!("xtask: writing {}", ck.display());
     let size = super::llm::write_checkpoint(&ck, &shape)?;
-    let cmd: Vec<String> = vec![
-        ferry.display().to_string(),
-        "export".into(),
-        "--model".into(),
-        ck.display().to_string(),
-        "--genai".into(),
-        "--quantize".into(),
-        "int4".into(),
-        out.join("model.onnx").display().to_string(),
-    ];
+    let cmd = ferry_int4_command(ferry, &ck, &out);
     super::settle();
     let result = super::stages::measure_tree(&cmd);
     let bytes = super::llm::dir_size(&out);
