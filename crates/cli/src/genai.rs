@@ -143,8 +143,14 @@ fn stages(
     // traced graph itself: one write instead of three.
     let mut graph = e.graph.clone();
     let pb = stage("optimize");
+    // onnxruntime-genai's GroupQueryAttention form (shared cache buffer) where it fits.
+    let gqa_form = match ferry_pipeline::genai::genai_attention_positions(e.config) {
+        Some(max_positions) => ferry_optimizer::GqaForm::Genai { max_positions },
+        None => ferry_optimizer::GqaForm::Exact,
+    };
     let opts = ferry_optimizer::OptimizeOptions {
         disabled: e.disabled,
+        gqa_form,
         ..Default::default()
     };
     let before = graph.nodes.len();

@@ -91,6 +91,7 @@ pub fn optimize(a: &OptimizeArgs) -> Result<(), String> {
     let opts = ferry_optimizer::OptimizeOptions {
         gelu_approximation: a.gelu_approximation,
         disabled,
+        ..Default::default()
     };
     let o = optimize_file(&a.input, &a.output, &opts, a.external_data)?;
     if a.json {

@@ -20,6 +20,7 @@ use std::collections::{HashMap, HashSet};
 
 use ferry_ir::{Attr, DType, Graph, Initializer, Node, TensorData};
 
+use crate::GqaForm;
 use crate::fuse::{
     Claimed, Index, Rewrite, apply, fused_name, input_at, int_vector, is_onnx_domain, ms_node,
     node_names, unique_name, value_names,
@@ -685,6 +686,132 @@ fn rotary_caches(e: &mut Emit<'_>, caches: &mut Caches, m: &Match) -> (String, S
     c
 }
 
+/// The head size of a matched block (the past key's last dim).
+fn head_size(ix: &Index<'_>, m: &Match) -> i64 {
+    ix.shapes
+        .get(m.value("past_k"))
+        .and_then(|s| s.get(3).and_then(|d| d.fixed()))
+        .unwrap_or(0)
+}
+
+/// What onnxruntime-genai's form of one block needs: constant inverse frequencies and
+/// cos/sin scales, and the packed q/k/v value when there is one.
+struct GenaiBlock {
+    inv: Vec<f32>,
+    scales: [f32; 2],
+    max_positions: i64,
+    packed: Option<String>,
+}
+
+impl GenaiBlock {
+    /// The `[max_positions, r/2]` cos and sin caches as initializers, each entry computed
+    /// as the export computes its tables (`f32(p) · inv[j]`, `cos`/`sin`, times the scale,
+    /// in float32; narrowed to float16 for a float16 block).
+    fn caches(&self, e: &mut Emit<'_>, half: bool) -> (String, String) {
+        let table = |f: fn(f32) -> f32, scale: f32| -> Vec<f32> {
+            let mut t = Vec::with_capacity(self.max_positions as usize * self.inv.len());
+            for p in 0..self.max_positions {
+                t.extend(self.inv.iter().map(|&w| f(p as f32 * w) * scale));
+            }
+            t
+        };
+        let dims = vec![self.max_positions, self.inv.len() as i64];
+        let add = |e: &mut Emit<'_>, name: &str, v: Vec<f32>| {
+            let name = unique_name(e.values, format!("/rotary_emb/{name}"));
+            let data = TensorData::from_f32(&v);
+            let (dtype, data) = match half {
+                true => (
+                    DType::F16,
+                    TensorData::converted(data.clone(), DType::F32, DType::F16).unwrap_or(data),
+                ),
+                false => (DType::F32, data),
+            };
+            e.inits.push(Initializer {
+                name: name.clone(),
+                dtype,
+                dims: dims.clone(),
+                data,
+            });
+            name
+        };
+        let cos = add(e, "cos_cache", table(f32::cos, self.scales[0]));
+        let sin = add(e, "sin_cache", table(f32::sin, self.scales[1]));
+        (cos, sin)
+    }
+}
+
+/// A block's [`GenaiBlock`], when its rotary covers the whole head and its frequencies
+/// and scales are initializers (fixed, linear, llama3 and YaRN rope; not dynamic NTK).
+fn genai_block(ix: &Index<'_>, g: &Gqa, max_positions: i64) -> Option<GenaiBlock> {
+    let m = &g.m;
+    let hd = head_size(ix, m);
+    // ONNX Runtime's kernel rotates inside the attention for head sizes that are multiples
+    // of 16 only.
+    if g.rotary != hd || hd % 16 != 0 {
+        return None;
+    }
+    let inv = ix.inits.get(m.value("inv"))?;
+    if inv.dtype != DType::F32 {
+        return None;
+    }
+    let inv = inv.data.to_f32_vec().ok()?;
+    if inv.len() as i64 != hd / 2 {
+        return None;
+    }
+    let scale = |name: &str| match m.value(name) {
+        "" => Some(1.0),
+        v => single_float(ix.inits.get(v)?),
+    };
+    Some(GenaiBlock {
+        inv,
+        scales: [scale("cos_scale")?, scale("sin_scale")?],
+        max_positions,
+        packed: packed_qkv_input(ix, g, hd),
+    })
+}
+
+/// The packed `[B, S, (N + 2·kv)·hd]` projection the block's q/k/v come from: the input of
+/// a `Split` (last axis, widths `N·hd, kv·hd, kv·hd`) whose three outputs are, in order,
+/// the inputs of the `Reshape`s to the query, key and value heads.
+fn packed_qkv_input(ix: &Index<'_>, g: &Gqa, hd: i64) -> Option<String> {
+    let m = &g.m;
+    let reshaped = |x: &str| {
+        let n = &ix.graph.nodes[*ix.producer.get(m.value(x))?];
+        (n.op_type == "Reshape" && is_onnx_domain(n)).then(|| n.inputs[0].as_str())
+    };
+    let qkv = [reshaped("q4d")?, reshaped("k4d")?, reshaped("v4d")?];
+    let split = &ix.graph.nodes[*ix.producer.get(qkv[0])?];
+    let widths = match split.inputs.get(1) {
+        Some(w) if !w.is_empty() => int_vector(ix, w)?,
+        _ => match split.attr("split") {
+            Some(Attr::Ints(w)) => w.clone(),
+            _ => return None,
+        },
+    };
+    let ok = split.op_type == "Split"
+        && is_onnx_domain(split)
+        && split.outputs == qkv
+        && matches!(split.attr("axis"), Some(Attr::Int(-1 | 2)))
+        && widths == [g.heads * hd, g.kv_heads * hd, g.kv_heads * hd];
+    ok.then(|| split.inputs[0].clone())
+}
+
+/// Removes the `position_ids` graph input when no node reads it (onnxruntime-genai's
+/// GroupQueryAttention form computes positions from `attention_mask`). Returns whether it
+/// was removed.
+pub fn drop_unread_position_ids(graph: &mut Graph) -> bool {
+    let read = graph
+        .nodes
+        .iter()
+        .any(|n| n.inputs.iter().any(|i| i == "position_ids"))
+        || graph.outputs.iter().any(|o| o.name == "position_ids");
+    let before = graph.inputs.len();
+    if !read {
+        graph.inputs.retain(|v| v.name != "position_ids");
+    }
+    graph.inputs.len() != before
+}
+
 /// Fuses each decoder self-attention block with a cache (see the module docs) into
 /// `com.microsoft` `RotaryEmbedding` of the queries and of the keys (3-D, `num_heads`,
 /// `rotary_embedding_dim` for partial rotary; cos/sin caches `[max(position_ids) + 1, r/2]`
@@ -700,6 +827,25 @@ fn rotary_caches(e: &mut Emit<'_>, caches: &mut Caches, m: &Match) -> (String, S
 /// from them, which every real token masks) differ. Needs opset ≥ 13 and an
 /// `attention_mask` graph input. Returns how many blocks were fused.
 pub fn fuse_group_query_attention(graph: &mut Graph) -> usize {
+    fuse_group_query_attention_as(graph, GqaForm::Exact)
+}
+
+/// [`fuse_group_query_attention`] in the given form. [`GqaForm::Genai`] writes what
+/// onnxruntime-genai's model builder writes, when every matched block allows it (else the
+/// exact form): the packed q/k/v projection (a `Split` of one MatMul, from
+/// [`fuse_packed_qkv`](crate::fuse_packed_qkv)) as GroupQueryAttention's packed `query`
+/// with `key`/`value` empty (else the three 3-D projections), the rotary inside the
+/// attention (`do_rotary` 1, `rotary_interleaved` 0) with constant `[max_positions, r/2]`
+/// cos/sin caches computed here from the export's constant inverse frequencies and scaling
+/// (so not for dynamic-NTK or LongRoPE exports, whose frequencies depend on the sequence
+/// length, nor partial rotary, nor head sizes that are not a multiple of 16, which the
+/// kernel's rotary rejects), `seqlens_k = int32(ReduceSum(attention_mask, 1) − 1)`,
+/// `total_sequence_length = int32(Shape(attention_mask)[1])` and no `attention_bias`: the
+/// kernel's own causal limit over keys `[0, seqlens_k]` and its own positions (the prompt
+/// at `0..S`, later tokens after `seqlens_k`). Exact for unpadded and right-padded rows
+/// only, with no sliding window (the caller keeps the exact form for sliding-window
+/// models); `position_ids` is then unread ([`drop_unread_position_ids`]).
+pub fn fuse_group_query_attention_as(graph: &mut Graph, form: GqaForm) -> usize {
     let opset = graph
         .opsets
         .iter()
@@ -723,6 +869,7 @@ pub fn fuse_group_query_attention(graph: &mut Graph) -> usize {
     let mut caches = Caches::new();
     let mut shared: Vec<Node> = Vec::new();
     let mut repoint: Vec<(usize, usize)> = Vec::new();
+    let mut blocks = Vec::new();
     for (i, root) in graph.nodes.iter().enumerate() {
         if root.op_type != "Reshape" {
             continue;
@@ -730,9 +877,22 @@ pub fn fuse_group_query_attention(graph: &mut Graph) -> usize {
         let Some(g) = match_gqa(&ix, &pat, i) else {
             continue;
         };
-        if !taken.claim(i, &g.removed) {
-            continue;
+        if taken.claim(i, &g.removed) {
+            blocks.push((i, g));
         }
+    }
+    // onnxruntime-genai's form for every block or for none (one graph, one kind of lengths).
+    let genai = match form {
+        GqaForm::Genai { max_positions } if max_positions > 0 => blocks
+            .iter()
+            .map(|(_, g)| genai_block(&ix, g, max_positions))
+            .collect::<Option<Vec<_>>>(),
+        _ => None,
+    };
+    let mut constant_caches: HashMap<(String, [String; 2], bool), (String, String)> =
+        HashMap::new();
+    for (n, (i, g)) in blocks.into_iter().enumerate() {
+        let root = &graph.nodes[i];
         repoint.extend(&g.key_length_readers);
         let m = &g.m;
         let scope = root
@@ -740,6 +900,7 @@ pub fn fuse_group_query_attention(graph: &mut Graph) -> usize {
             .rsplit_once('/')
             .map_or("", |(s, _)| s)
             .to_string();
+        let block = genai.as_ref().map(|b| &b[n]);
         let mut e = Emit {
             names: &mut names,
             values: &mut values,
@@ -758,72 +919,115 @@ pub fn fuse_group_query_attention(graph: &mut Graph) -> usize {
                     vec![("axis", Attr::Int(0))],
                 );
                 let total = e.node("Cast", vec![t.clone()], vec![("to", Attr::Int(6))]);
-                let t1 = e.node("Sub", vec![t, one], vec![]);
-                let (z, o) = (e.ints_1d(&[0]), e.ints_1d(&[1]));
-                let batch = e.node("Slice", vec![shape, z.clone(), o, z], vec![]);
-                let rows = e.node("Expand", vec![t1, batch], vec![]);
+                let rows = if genai.is_some() {
+                    // The builder's `ReduceSum(attention_mask, 1) − 1` per row.
+                    let axes = e.ints_1d(&[1]);
+                    let sum = e.node(
+                        "ReduceSum",
+                        vec!["attention_mask".into(), axes],
+                        vec![("keepdims", Attr::Int(0))],
+                    );
+                    e.node("Sub", vec![sum, one], vec![])
+                } else {
+                    let t1 = e.node("Sub", vec![t, one], vec![]);
+                    let (z, o) = (e.ints_1d(&[0]), e.ints_1d(&[1]));
+                    let batch = e.node("Slice", vec![shape, z.clone(), o, z], vec![]);
+                    e.node("Expand", vec![t1, batch], vec![])
+                };
                 let seqlens = e.node("Cast", vec![rows], vec![("to", Attr::Int(6))]);
                 lengths = Some((seqlens.clone(), total.clone()));
                 (seqlens, total)
             }
         };
-        let (cos, sin) = rotary_caches(&mut e, &mut caches, m);
-        shared.append(&mut e.nodes);
-        e.scope = scope.clone();
-        let flat = e.ints_1d(&[0, 0, -1]);
-        let rotated = |e: &mut Emit<'_>, x4d: &str, heads: i64| {
-            let x3 = e.node("Reshape", vec![x4d.to_string(), flat.clone()], vec![]);
-            let name = unique_name(e.names, format!("{}/RotaryEmbedding", e.scope));
-            let out = unique_name(e.values, format!("{name}_output_0"));
-            let mut n = ms_node(
-                name,
-                "RotaryEmbedding",
-                vec![x3, m.value("pos").to_string(), cos.clone(), sin.clone()],
-                vec![out.clone()],
+        let flat = |e: &mut Emit<'_>| e.ints_1d(&[0, 0, -1]);
+        let inputs = if let Some(b) = block {
+            shared.append(&mut e.nodes);
+            let key = (
+                m.value("inv").to_string(),
+                [
+                    m.value("cos_scale").to_string(),
+                    m.value("sin_scale").to_string(),
+                ],
+                g.half,
             );
-            n.attrs.insert("num_heads".into(), Attr::Int(heads));
-            n.attrs.insert("interleaved".into(), Attr::Int(0));
-            if g.rotary
-                != ix
-                    .shapes
-                    .get(m.value("past_k"))
-                    .and_then(|s| s[3].fixed())
-                    .unwrap_or(0)
-            {
-                n.attrs
-                    .insert("rotary_embedding_dim".into(), Attr::Int(g.rotary));
-            }
-            e.nodes.push(n);
-            out
-        };
-        let q = rotated(&mut e, m.value("q4d"), g.heads);
-        let k = rotated(&mut e, m.value("k4d"), g.kv_heads);
-        // attention_bias has the queries' type: a float16 block's float32 mask narrowed,
-        // clamped to float16's lowest first (a plain Cast makes float32's lowest -inf, and
-        // the float16 kernel gives NaN for a row of -inf, which later layers would read
-        // through the padding positions' cache entries).
-        let bias = if g.half {
-            let lowest = unique_name(e.values, format!("{}/half_lowest", e.scope));
-            e.inits.push(Initializer {
-                name: lowest.clone(),
-                dtype: DType::F32,
-                dims: vec![],
-                data: TensorData::from_f32(&[-65504.0]),
-            });
-            let clamped = e.node("Max", vec![m.value("mask").to_string(), lowest], vec![]);
-            e.node("Cast", vec![clamped], vec![("to", Attr::Int(10))])
+            let (cos, sin) = match constant_caches.get(&key) {
+                Some(c) => c.clone(),
+                None => {
+                    let c = b.caches(&mut e, g.half);
+                    constant_caches.insert(key, c.clone());
+                    c
+                }
+            };
+            e.scope = scope.clone();
+            let (q, k, v) = match &b.packed {
+                Some(qkv) => (qkv.clone(), String::new(), String::new()),
+                None => {
+                    let flat = flat(&mut e);
+                    let mut x3 = |x: &str| {
+                        e.node(
+                            "Reshape",
+                            vec![m.value(x).to_string(), flat.clone()],
+                            vec![],
+                        )
+                    };
+                    (x3("q4d"), x3("k4d"), x3("v4d"))
+                }
+            };
+            vec![
+                q,
+                k,
+                v,
+                m.value("past_k").to_string(),
+                m.value("past_v").to_string(),
+                seqlens,
+                total,
+                cos,
+                sin,
+            ]
         } else {
-            m.value("mask").to_string()
-        };
-        let v = e.node(
-            "Reshape",
-            vec![m.value("v4d").to_string(), flat.clone()],
-            vec![],
-        );
-        let name = fused_name(e.names, &root.name, "GroupQueryAttention");
-        let mut node = ms_node(
-            name.clone(),
-            "GroupQueryAttention",
+            let (cos, sin) = rotary_caches(&mut e, &mut caches, m);
+            shared.append(&mut e.nodes);
+            e.scope = scope.clone();
+            let flat = flat(&mut e);
+            let rotated = |e: &mut Emit<'_>, x4d: &str, heads: i64| {
+                let x3 = e.node("Reshape", vec![x4d.to_string(), flat.clone()], vec![]);
+                let name = unique_name(e.names, format!("{}/RotaryEmbedding", e.scope));
+                let out = unique_name(e.values, format!("{name}_output_0"));
+                let mut n = ms_node(
+                    name,
+                    "RotaryEmbedding",
+                    vec![x3, m.value("pos").to_string(), cos.clone(), sin.clone()],
+                    vec![out.clone()],
+                );
+                n.attrs.insert("num_heads".into(), Attr::Int(heads));
+                n.attrs.insert("interleaved".into(), Attr::Int(0));
+                if g.rotary != head_size(&ix, m) {
+                    n.attrs
+                        .insert("rotary_embedding_dim".into(), Attr::Int(g.rotary));
+                }
+                e.nodes.push(n);
+                out
+            };
+            let q = rotated(&mut e, m.value("q4d"), g.heads);
+            let k = rotated(&mut e, m.value("k4d"), g.kv_heads);
+            // attention_bias has the queries' type: a float16 block's float32 mask narrowed,
+            // clamped to float16's lowest first (a plain Cast makes float32's lowest -inf,
+            // and the float16 kernel gives NaN for a row of -inf, which later layers would
+            // read through the padding positions' cache entries).
+            let bias = if g.half {
+                let lowest = unique_name(e.values, format!("{}/half_lowest", e.scope));
+                e.inits.push(Initializer {
+                    name: lowest.clone(),
+                    dtype: DType::F32,
+                    dims: vec![],
+                    data: TensorData::from_f32(&[-65504.0]),
+                });
+                let clamped = e.node("Max", vec![m.value("mask").to_string(), lowest], vec![]);
+                e.node("Cast", vec![clamped], vec![("to", Attr::Int(10))])
+            } else {
+                m.value("mask").to_string()
+            };
+            let v = e.node("Reshape", vec![m.value("v4d").to_string(), flat], vec![]);
             vec![
                 q,
                 k,
@@ -836,7 +1040,13 @@ pub fn fuse_group_query_attention(graph: &mut Graph) -> usize {
                 String::new(),
                 String::new(),
                 bias,
-            ],
+            ]
+        };
+        let name = fused_name(e.names, &root.name, "GroupQueryAttention");
+        let mut node = ms_node(
+            name.clone(),
+            "GroupQueryAttention",
+            inputs,
             vec![
                 root.outputs[0].clone(),
                 g.present[0].clone(),
@@ -849,6 +1059,10 @@ pub fn fuse_group_query_attention(graph: &mut Graph) -> usize {
         node.attrs.insert("scale".into(), Attr::Float(g.scale));
         if let Some(c) = g.softcap {
             node.attrs.insert("softcap".into(), Attr::Float(c));
+        }
+        if block.is_some() {
+            node.attrs.insert("do_rotary".into(), Attr::Int(1));
+            node.attrs.insert("rotary_interleaved".into(), Attr::Int(0));
         }
         new_inits.append(&mut e.inits);
         before.push((name, e.nodes));
@@ -1242,6 +1456,43 @@ mod tests {
             i.expect("initializer").data = data;
             assert_eq!(fuse_group_query_attention(&mut g), 0, "{name}");
         }
+    }
+
+    #[test]
+    fn genai_form_rotates_inside_with_constant_caches() {
+        let genai = GqaForm::Genai { max_positions: 8 };
+        let mut g = attention_graph(16);
+        assert_eq!(fuse_group_query_attention_as(&mut g, genai), 1);
+        let gqa = gqa_node(&g);
+        assert!(matches!(gqa.attr("do_rotary"), Some(Attr::Int(1))));
+        assert!(matches!(gqa.attr("rotary_interleaved"), Some(Attr::Int(0))));
+        assert_eq!(gqa.inputs.len(), 9, "no attention_bias");
+        assert!(!g.nodes.iter().any(|n| n.op_type == "RotaryEmbedding"));
+        // Lengths from the mask's row sums.
+        let seqlens = g.nodes.iter().find(|n| n.outputs[0] == gqa.inputs[5]);
+        let sub = g
+            .nodes
+            .iter()
+            .find(|n| n.outputs[0] == seqlens.expect("cast").inputs[0]);
+        let sum = g
+            .nodes
+            .iter()
+            .find(|n| n.outputs[0] == sub.expect("sub").inputs[0]);
+        assert_eq!(sum.expect("sum").op_type, "ReduceSum");
+        // cos(p · 0.5), p < 8, for each of the 8 frequencies.
+        let cos = g.initializers.iter().find(|i| i.name == gqa.inputs[7]);
+        let cos = cos.expect("constant cache");
+        assert_eq!(cos.dims, [8, 8]);
+        let v = cos.data.to_f32_vec().expect("f32");
+        assert_eq!(v[3 * 8 + 5], (3.0f32 * 0.5).cos());
+        crate::remove_dead_nodes(&mut g);
+        assert!(drop_unread_position_ids(&mut g));
+        assert!(!g.inputs.iter().any(|v| v.name == "position_ids"));
+        // Head size 8 (the kernel's rotary takes multiples of 16): the exact form.
+        let mut g = attention_graph(8);
+        assert_eq!(fuse_group_query_attention_as(&mut g, genai), 1);
+        assert!(gqa_node(&g).attr("do_rotary").is_none());
+        assert_eq!(gqa_node(&g).inputs[10], "mask");
     }
 
     #[test]

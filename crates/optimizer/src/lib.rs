@@ -44,7 +44,10 @@ pub use fuse::{
     fuse_fast_gelu, fuse_gelu, fuse_skip_layer_norm,
 };
 pub use fuse_gpt2::fuse_gpt2_attention;
-pub use fuse_gqa::{fuse_group_query_attention, fuse_rotary_embedding};
+pub use fuse_gqa::{
+    drop_unread_position_ids, fuse_group_query_attention, fuse_group_query_attention_as,
+    fuse_rotary_embedding,
+};
 pub use fuse_layer_norm::fuse_layer_norm;
 pub use fuse_llm::{fuse_packed_qkv, fuse_simplified_layer_norm, fuse_skip_simplified_layer_norm};
 pub use fuse_mha::fuse_multi_head_attention;
@@ -138,6 +141,28 @@ pub struct OptimizeOptions {
     pub gelu_approximation: bool,
     /// Fusions not to run (ONNX Runtime's `--disable_*` options).
     pub disabled: FusionSet,
+    /// The form [`fuse_group_query_attention_as`] writes: exact (the default) or
+    /// onnxruntime-genai's.
+    pub gqa_form: GqaForm,
+}
+
+/// The form of the fused GroupQueryAttention.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum GqaForm {
+    /// `RotaryEmbedding` on `position_ids` outside the attention, the export's additive mask
+    /// as `attention_bias`: exact for left-padded batches (see
+    /// [`fuse_group_query_attention`]).
+    #[default]
+    Exact,
+    /// onnxruntime-genai's model builder's form: packed QKV straight into the attention,
+    /// rotary inside it (`do_rotary`, constant cos/sin caches of `max_positions` rows),
+    /// lengths from `attention_mask`, no bias, no `position_ids`. Exact for unpadded and
+    /// right-padded rows only. See [`fuse_group_query_attention_as`].
+    Genai {
+        /// Rows of the cos/sin caches: the largest position the model will see plus one
+        /// (the config's context length).
+        max_positions: i64,
+    },
 }
 
 /// A fusion pass [`optimize_with`] can skip, named as ONNX Runtime's optimizer options
@@ -391,12 +416,8 @@ pub fn optimize_with(graph: &mut Graph, opts: &OptimizeOptions) -> Result<Stats,
         0
     };
     let packed_qkv_fused = run(Fusion::PackedQkv, fuse_packed_qkv, graph);
-    let group_query_attention_fused = if on(Fusion::Attention) {
-        run(
-            Fusion::GroupQueryAttention,
-            fuse_group_query_attention,
-            graph,
-        )
+    let group_query_attention_fused = if on(Fusion::Attention) && on(Fusion::GroupQueryAttention) {
+        fuse_group_query_attention_as(graph, opts.gqa_form)
     } else {
         0
     };
@@ -408,6 +429,9 @@ pub fn optimize_with(graph: &mut Graph, opts: &OptimizeOptions) -> Result<Stats,
     };
     let computed_folded = fold_computed(graph);
     let dead_nodes_removed = remove_dead_nodes(graph);
+    if matches!(opts.gqa_form, GqaForm::Genai { .. }) {
+        drop_unread_position_ids(graph);
+    }
     let unused_initializers_removed = remove_unused_initializers(graph);
     Ok(Stats {
         constants_folded,

@@ -112,6 +112,27 @@ pub fn shares_cache_buffer(graph: &ferry_ir::Graph) -> bool {
         })
 }
 
+/// The rows of the constant cos/sin caches onnxruntime-genai's GroupQueryAttention form
+/// needs (the context length, `seq_length` else `max_position_embeddings`), or `None` when
+/// that form does not fit the checkpoint: a layer may attend within a sliding window shorter
+/// than the context (the window lives in the export's mask, which that form drops), or the
+/// config has no context length. `layer_types` decides where the config lists them; else a
+/// `sliding_window` counts unless the model is a Qwen one without `use_sliding_window`.
+pub fn genai_attention_positions(config: &ferry_ir::ModelConfig) -> Option<i64> {
+    let raw = &config.raw;
+    let context = uint(raw, "seq_length").or_else(|| uint(raw, "max_position_embeddings"))?;
+    let window = uint(raw, "sliding_window").filter(|w| *w < context);
+    let sliding = match (window, raw.get("layer_types").and_then(Value::as_array)) {
+        (None, _) => false,
+        (Some(_), Some(types)) => types.iter().any(|t| t == "sliding_attention"),
+        (Some(_), None) => {
+            !config.model_type.starts_with("qwen")
+                || raw.get("use_sliding_window").and_then(Value::as_bool) == Some(true)
+        }
+    };
+    (!sliding).then_some(i64::try_from(context).ok()?)
+}
+
 fn read_json(path: &Path) -> Result<Value, GenaiError> {
     let text = std::fs::read_to_string(path).map_err(|source| GenaiError::Io {
         path: path.to_path_buf(),

@@ -742,3 +742,79 @@ fn half_prefill(python: &Path, case: &Path, models: &[&Path]) -> Vec<[f32; 2]> {
     assert_eq!(rows.len(), models.len(), "{}: {text}", case.display());
     rows
 }
+
+/// `ferry export --genai` writes onnxruntime-genai's GroupQueryAttention form where the
+/// head size allows it (qwen3-tiny-qknorm-bf16: 16): the rotary inside the attention
+/// (`do_rotary`) with constant `[context, hd/2]` cos/sin caches, lengths from
+/// `attention_mask`, no `attention_bias`, no `position_ids` input. That form is exact for
+/// unpadded rows: the golden's unpadded row 0 alone (batch 1), through the prefill and
+/// three cached steps (past and present as separate tensors), gives transformers' logits
+/// within 1e-4.
+#[test]
+fn genai_attention_form_matches_transformers_unpadded() {
+    let case = root().join("testdata/qwen3-tiny-qknorm-bf16");
+    let steps = Steps::load(&case);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().join("genai").join("model.onnx");
+    let o = export(&case, &out, &["--genai"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let graph = ferry_onnx::read_graph(&out).expect("read");
+    let gqa: Vec<&ferry_ir::Node> = graph
+        .nodes
+        .iter()
+        .filter(|n| n.op_type == "GroupQueryAttention")
+        .collect();
+    assert_eq!(gqa.len(), 2);
+    for n in &gqa {
+        assert!(matches!(n.attr("do_rotary"), Some(ferry_ir::Attr::Int(1))));
+        assert_eq!(n.inputs.len(), 9, "{}: caches, no attention_bias", n.name);
+        let cos = graph.initializers.iter().find(|i| i.name == n.inputs[7]);
+        assert_eq!(cos.expect("constant cos cache").dims, [64, 8]);
+    }
+    assert!(!graph.nodes.iter().any(|n| n.op_type == "RotaryEmbedding"));
+    assert!(!graph.inputs.iter().any(|v| v.name == "position_ids"));
+
+    let mut m = Model::load(&out, 2).expect("load");
+    let mut cache: BTreeMap<String, F32Tensor> = BTreeMap::new();
+    for info in m.inputs() {
+        if info.name.starts_with("past_key_values.") {
+            let heads = *info.dims[1].as_ref().expect("fixed heads");
+            let hd = *info.dims[3].as_ref().expect("fixed head dim");
+            let empty = F32Tensor {
+                shape: vec![1, heads, 0, hd],
+                data: vec![],
+            };
+            cache.insert(info.name.clone(), empty);
+        }
+    }
+    assert_eq!(cache.len(), 4);
+    for step in 0..4 {
+        let mut inputs: BTreeMap<String, Input> = BTreeMap::new();
+        for name in ["input_ids", "attention_mask"] {
+            let t = steps.i64s(&format!("step{step}.input.{name}"));
+            let w = t.shape[1];
+            let row = t.data[..w as usize].to_vec();
+            assert!(name != "attention_mask" || row.iter().all(|&v| v == 1));
+            let row = I64Tensor {
+                shape: vec![1, w],
+                data: row,
+            };
+            inputs.insert(name.to_string(), Input::I64(row));
+        }
+        for (k, v) in &cache {
+            inputs.insert(k.clone(), Input::F32(v.clone()));
+        }
+        let mut outs = m.run_inputs(&inputs).expect("run");
+        let logits = outs.remove("logits").expect("logits");
+        let want = steps.f32s(&format!("step{step}.output.logits"));
+        let d = max_abs(&logits, &want[..want.len() / 2]);
+        println!("genai form, unpadded row, step {step}: max-abs {d:.3e}");
+        assert!(d <= 1e-4, "step {step}: max-abs {d}");
+        cache = outs
+            .into_iter()
+            .filter(|(k, _)| k.starts_with("present."))
+            .map(|(k, v)| (k.replacen("present.", "past_key_values.", 1), v))
+            .collect();
+        assert_eq!(cache.len(), 4);
+    }
+}
