@@ -429,6 +429,39 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), GenaiError> {
 mod tests {
     use super::*;
 
+    #[test]
+    fn genai_attention_form_only_without_a_shorter_window() {
+        let positions = |json: &str| {
+            let c = ferry_ir::ModelConfig::from_json(json).expect("config");
+            genai_attention_positions(&c)
+        };
+        let qwen = r#"{"model_type":"qwen2","max_position_embeddings":64,"sliding_window":8"#;
+        assert_eq!(positions(&format!("{qwen}}}")), Some(64));
+        assert_eq!(
+            positions(&format!(r#"{qwen},"use_sliding_window":true}}"#)),
+            None
+        );
+        let mistral = r#"{"model_type":"mistral","max_position_embeddings":64"#;
+        assert_eq!(
+            positions(&format!(r#"{mistral},"sliding_window":8}}"#)),
+            None
+        );
+        assert_eq!(
+            positions(&format!(r#"{mistral},"sliding_window":64}}"#)),
+            Some(64)
+        );
+        assert_eq!(
+            positions(&format!(r#"{mistral},"seq_length":32}}"#)),
+            Some(32)
+        );
+        let types = r#""layer_types":["full_attention","sliding_attention"]"#;
+        assert_eq!(
+            positions(&format!(r#"{mistral},"sliding_window":8,{types}}}"#)),
+            None
+        );
+        assert_eq!(positions(r#"{"model_type":"llama"}"#), None);
+    }
+
     fn model(layers: usize, position_ids: bool, gqa: bool) -> DecoderModel {
         let mut inputs = vec!["input_ids".to_string(), "attention_mask".to_string()];
         if position_ids {
