@@ -81,7 +81,7 @@ const QWEN_GENERATION_CONFIG: &str = r#"{"bos_token_id": 151643, "pad_token_id":
 /// int4` against onnxruntime-genai's model builder (`-p int4 -e cpu`), interleaved, each
 /// timed with the peak RSS and peak anonymous memory of its process tree; then both
 /// folders' operator counts and decode latency per token at batch 1 in onnxruntime-genai
-/// (xtask/genai_latency.py, one process, interleaved rounds). The checkpoint stays in
+/// (xtask/genai_latency.py, one process per folder and round, alternating; see [`latency`]). The checkpoint stays in
 /// target/bench/genai for the next run. Then ferry alone on the larger `sizes`
 /// ([`bench_genai_size`]).
 pub(crate) fn bench_genai(runs: usize, sizes: &[&str]) -> Result<()> {
@@ -149,19 +149,7 @@ pub(crate) fn bench_genai(runs: usize, sizes: &[&str]) -> Result<()> {
         }
     }
     let (ft, bt) = (super::median(ft), super::median(bt));
-    let o = Command::new(&py)
-        .arg(root().join("xtask").join("genai_latency.py"))
-        .arg(format!("ferry={}", ferry_dir.display()))
-        .arg(format!("builder={}", builder_dir.display()))
-        .output()
-        .map_err(|e| format!("{}: {e}", py.display()))?;
-    if !o.status.success() {
-        return Err(format!(
-            "genai_latency.py failed: {}",
-            String::from_utf8_lossy(&o.stderr)
-        ));
-    }
-    let lat: serde_json::Value = serde_json::from_slice(&o.stdout).map_err(|e| e.to_string())?;
+    let lat = latency(&py, &[("ferry", &ferry_dir), ("builder", &builder_dir)])?;
     let mib = |kib: u64| kib as f64 / 1024.0;
     println!(
         "\nQwen2.5-0.5B-shaped checkpoint ({:.2} GB bf16) → int4 folder for onnxruntime-genai (CPU), median of {runs}:",
@@ -194,7 +182,7 @@ pub(crate) fn bench_genai(runs: usize, sizes: &[&str]) -> Result<()> {
             .unwrap_or(f64::NAN),
     );
     println!(
-        "  onnxruntime-genai decode at batch 1 (prompt 32, 64 new tokens, interleaved rounds): ferry {fl:.2} ms/token, builder {bl:.2} ms/token, ratio {:.3} (target ≤ 1); prefill ferry {:.1} ms, builder {:.1} ms",
+        "  onnxruntime-genai decode at batch 1 (prompt 32, 64 new tokens, median of 6 processes each): ferry {fl:.2} ms/token, builder {bl:.2} ms/token, ratio {:.3} (target ≤ 1); prefill ferry {:.1} ms, builder {:.1} ms",
         fl / bl,
         lat["ferry"]["prefill_ms"].as_f64().unwrap_or(f64::NAN),
         lat["builder"]["prefill_ms"].as_f64().unwrap_or(f64::NAN),
@@ -210,6 +198,58 @@ pub(crate) fn bench_genai(runs: usize, sizes: &[&str]) -> Result<()> {
         bench_genai_size(&ferry, &base, label)?;
     }
     Ok(())
+}
+
+/// Decode latency and operator counts of each folder in onnxruntime-genai: six rounds, each
+/// running every folder in a fresh process (xtask/genai_latency.py), the order reversed
+/// every other round (ABBA). Two models loaded into one process skewed the ratio by which
+/// one ran first (0.93–1.06 on identical graphs); separate processes do not share thread
+/// pools or caches. Returns `{name: {ops, decode_ms_per_token, prefill_ms}}` with the
+/// medians over rounds.
+fn latency(py: &Path, folders: &[(&str, &Path)]) -> Result<serde_json::Value> {
+    let mut decode: Vec<Vec<f64>> = vec![Vec::new(); folders.len()];
+    let mut prefill: Vec<Vec<f64>> = vec![Vec::new(); folders.len()];
+    let mut ops = vec![serde_json::Value::Null; folders.len()];
+    for round in 0..6 {
+        let order: Vec<usize> = if round % 2 == 0 {
+            (0..folders.len()).collect()
+        } else {
+            (0..folders.len()).rev().collect()
+        };
+        for i in order {
+            let (name, dir) = folders[i];
+            let o = Command::new(py)
+                .arg(root().join("xtask").join("genai_latency.py"))
+                .args(["--rounds", "3"])
+                .arg(format!("{name}={}", dir.display()))
+                .output()
+                .map_err(|e| format!("{}: {e}", py.display()))?;
+            if !o.status.success() {
+                return Err(format!(
+                    "genai_latency.py failed: {}",
+                    String::from_utf8_lossy(&o.stderr)
+                ));
+            }
+            let v: serde_json::Value =
+                serde_json::from_slice(&o.stdout).map_err(|e| e.to_string())?;
+            let field = |k: &str| v[name][k].as_f64().unwrap_or(f64::NAN);
+            decode[i].push(field("decode_ms_per_token"));
+            prefill[i].push(field("prefill_ms"));
+            ops[i] = v[name]["ops"].clone();
+        }
+    }
+    let mut out = serde_json::Map::new();
+    for (i, (name, _)) in folders.iter().enumerate() {
+        out.insert(
+            name.to_string(),
+            serde_json::json!({
+                "ops": ops[i],
+                "decode_ms_per_token": super::median(std::mem::take(&mut decode[i])),
+                "prefill_ms": super::median(std::mem::take(&mut prefill[i])),
+            }),
+        );
+    }
+    Ok(serde_json::Value::Object(out))
 }
 
 /// `--sizes`: Llama-3-8B-shaped checkpoints (bfloat16, untied 128256-token embeddings) cut

@@ -435,7 +435,7 @@ fn align_inline(plans: &mut [Plan], model_head: u64, graph_head: u64) {
                         + varint_len(p.len)
                 };
                 pad = (0..2 * PAGE + 8)
-                    .find(|&t| doc_string_pad(t).is_some() && start(t).is_multiple_of(PAGE))
+                    .find(|&t| start(t).is_multiple_of(PAGE) && doc_string_len(t).is_some())
                     .unwrap_or(0);
             }
             pos += record(p, pad);
@@ -461,16 +461,28 @@ fn doc_string_pad(total: u64) -> Option<Vec<u8>> {
     if total == 0 {
         return Some(Vec::new());
     }
+    doc_string_len(total).map(|p| {
+        let mut f = Vec::with_capacity(total as usize);
+        put_key(&mut f, DOC_STRING_TAG);
+        put_varint(&mut f, p);
+        f.resize(total as usize, b' ');
+        f
+    })
+}
+
+/// The string length `p` of a `doc_string` field exactly `total` bytes long (key, length
+/// prefix and `p` spaces); `Some(0)` for 0 (no field), `None` for the lengths no field has.
+/// Computed from the prefix width rather than searched, because the page alignment asks
+/// for it at every candidate padding of every large tensor.
+fn doc_string_len(total: u64) -> Option<u64> {
+    if total == 0 {
+        return Some(0);
+    }
     let key = key_len(DOC_STRING_TAG);
-    (0..total)
-        .find(|&p| key + varint_len(p) + p == total)
-        .map(|p| {
-            let mut f = Vec::with_capacity(total as usize);
-            put_key(&mut f, DOC_STRING_TAG);
-            put_varint(&mut f, p);
-            f.resize(total as usize, b' ');
-            f
-        })
+    (1..=10u64).find_map(|w| {
+        let p = total.checked_sub(key + w)?;
+        (varint_len(p) == w).then_some(p)
+    })
 }
 
 /// `TensorProto.doc_string`'s field number.
@@ -690,6 +702,22 @@ fn put_key(buf: &mut Vec<u8>, tag: u32) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn doc_string_lengths_are_the_searched_ones() {
+        let key = key_len(DOC_STRING_TAG);
+        for total in 0..20_000u64 {
+            let searched = if total == 0 {
+                Some(0)
+            } else {
+                (0..total).find(|&p| key + varint_len(p) + p == total)
+            };
+            assert_eq!(doc_string_len(total), searched, "total {total}");
+            if let Some(f) = doc_string_pad(total) {
+                assert_eq!(f.len() as u64, total);
+            }
+        }
+    }
 
     #[test]
     fn varints_match_prost() {
