@@ -78,6 +78,10 @@ GENERATION_CASES = [
     ("gemma2-tiny-softcap", Gemma2Config, Gemma2ForCausalLM,
      dict(head_dim=8, sliding_window=4, query_pre_attn_scalar=12, attn_logit_softcapping=5.0,
           final_logit_softcapping=3.0, hidden_activation="gelu_pytorch_tanh"), torch.float32),
+    # head_dim 16 with packed-able q/k/v (biases): the size onnxruntime-genai's in-attention
+    # rotary takes, so `--genai` feeds the packed QKV MatMul straight into GroupQueryAttention.
+    ("qwen2-tiny-hd16", Qwen2Config, Qwen2ForCausalLM,
+     dict(num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=False), torch.float32),
 ]
 
 LENGTHS = (9, 5)

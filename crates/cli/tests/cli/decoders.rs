@@ -370,6 +370,7 @@ const LLM_FUSED: &[(&str, [usize; 5])] = &[
     ("llama-tiny-yarn", [1, 4, 2, 2, 4]),
     ("mistral-tiny-sliding", [1, 4, 2, 0, 4]),
     ("phi3-tiny-longrope", [1, 4, 2, 2, 4]),
+    ("qwen2-tiny-hd16", [1, 4, 2, 2, 4]),
     ("qwen2-tiny-tied", [1, 4, 2, 2, 4]),
     ("qwen3-tiny-qknorm-bf16", [5, 4, 2, 2, 4]),
 ];
@@ -744,7 +745,9 @@ fn half_prefill(python: &Path, case: &Path, models: &[&Path]) -> Vec<[f32; 2]> {
 }
 
 /// `ferry export --genai` writes onnxruntime-genai's GroupQueryAttention form where the
-/// head size allows it (qwen3-tiny-qknorm-bf16: 16): the rotary inside the attention
+/// head size allows it (16: qwen3-tiny-qknorm-bf16, whose q/k norms keep q, k and v apart,
+/// and qwen2-tiny-hd16, whose packed QKV MatMul feeds the attention alone, key and value
+/// inputs empty, as the model builder writes it): the rotary inside the attention
 /// (`do_rotary`) with constant `[context, hd/2]` cos/sin caches, lengths from
 /// `attention_mask`, no `attention_bias`, no `position_ids` input. That form is exact for
 /// unpadded rows: the golden's unpadded row 0 alone (batch 1), through the prefill and
@@ -752,7 +755,13 @@ fn half_prefill(python: &Path, case: &Path, models: &[&Path]) -> Vec<[f32; 2]> {
 /// within 1e-4.
 #[test]
 fn genai_attention_form_matches_transformers_unpadded() {
-    let case = root().join("testdata/qwen3-tiny-qknorm-bf16");
+    for (name, packed) in [("qwen3-tiny-qknorm-bf16", false), ("qwen2-tiny-hd16", true)] {
+        genai_form_case(name, packed);
+    }
+}
+
+fn genai_form_case(name: &str, packed: bool) {
+    let case = root().join("testdata").join(name);
     let steps = Steps::load(&case);
     let dir = tempfile::tempdir().expect("tempdir");
     let out = dir.path().join("genai").join("model.onnx");
@@ -768,6 +777,8 @@ fn genai_attention_form_matches_transformers_unpadded() {
     for n in &gqa {
         assert!(matches!(n.attr("do_rotary"), Some(ferry_ir::Attr::Int(1))));
         assert_eq!(n.inputs.len(), 9, "{}: caches, no attention_bias", n.name);
+        let kv_empty = n.inputs[1].is_empty() && n.inputs[2].is_empty();
+        assert_eq!(kv_empty, packed, "{name} {}: packed QKV input", n.name);
         let cos = graph.initializers.iter().find(|i| i.name == n.inputs[7]);
         assert_eq!(cos.expect("constant cos cache").dims, [64, 8]);
     }
@@ -808,8 +819,8 @@ fn genai_attention_form_matches_transformers_unpadded() {
         let logits = outs.remove("logits").expect("logits");
         let want = steps.f32s(&format!("step{step}.output.logits"));
         let d = max_abs(&logits, &want[..want.len() / 2]);
-        println!("genai form, unpadded row, step {step}: max-abs {d:.3e}");
-        assert!(d <= 1e-4, "step {step}: max-abs {d}");
+        println!("{name} genai form, unpadded row, step {step}: max-abs {d:.3e}");
+        assert!(d <= 1e-4, "{name} step {step}: max-abs {d}");
         cache = outs
             .into_iter()
             .filter(|(k, _)| k.starts_with("present."))
