@@ -26,7 +26,7 @@ import warnings
 import torch
 from safetensors.torch import load_file
 
-from decoder_cases import generate_cases
+from decoder_cases import finish, generate_cases
 
 warnings.filterwarnings("ignore")
 
@@ -89,11 +89,7 @@ def main():
         except Exception as e:  # a load or run failure is a failure, with its reason
             failures += 1
             print(f"FAIL {case}: {type(e).__name__}: {e}")
-    if checked == 0:
-        print("FAIL: no decoder case was checked")
-        failures += 1
-    print(f"{'FAILED' if failures else 'passed'}: {failures} failure(s) in {checked} case(s)")
-    sys.exit(1 if failures else 0)
+    finish(failures, checked)
 
 
 if __name__ == "__main__":

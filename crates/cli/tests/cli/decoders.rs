@@ -402,18 +402,8 @@ fn optimized_decoders_match_transformers() {
         );
         assert!(o.status.success(), "{}: {}", name(&case), stderr(&o));
         let json = super::stdout_json(&o);
-        let fused = &json["optimized"]["fused_operators"];
         let out = dir.path().join("model-optimized.onnx");
-        let packed = packed_qkv(&ferry_onnx::read_graph(&out).expect("read optimized"));
-        let got = [
-            fused["SimplifiedLayerNormalization"].as_u64().unwrap_or(0) as usize,
-            fused["SkipSimplifiedLayerNormalization"]
-                .as_u64()
-                .unwrap_or(0) as usize,
-            packed,
-            fused["GroupQueryAttention"].as_u64().unwrap_or(0) as usize,
-            fused["RotaryEmbedding"].as_u64().unwrap_or(0) as usize,
-        ];
+        let got = llm_fused_counts(&json, &out);
         println!("{}: fused {got:?}", name(&case));
         assert_eq!(&got, want, "{}: fused counts", name(&case));
         let label = format!("{} optimized", name(&case));
@@ -661,47 +651,15 @@ fn half_precision_optimized_is_close() {
         let src = root().join("testdata").join(case);
         let dir = tempfile::tempdir().expect("tempdir");
         let plain = dir.path().join("model.onnx");
-        let o = export(
-            &src,
-            &plain,
-            &[
-                "--task",
-                "text-generation-with-past",
-                "--dtype",
-                "fp16",
-                "--optimize",
-                "--json",
-            ],
-        );
-        assert!(o.status.success(), "{case}: {}", stderr(&o));
-        let fused = &super::stdout_json(&o)["optimized"]["fused_operators"];
+        let json = export_fp16_optimized(&src, &plain, "text-generation-with-past");
         let out = dir.path().join("model-optimized.onnx");
-        let n = |op: &str| fused[op].as_u64().unwrap_or(0) as usize;
-        let got = [
-            n("SimplifiedLayerNormalization"),
-            n("SkipSimplifiedLayerNormalization"),
-            packed_qkv(&ferry_onnx::read_graph(&out).expect("read optimized")),
-            n("GroupQueryAttention"),
-            n("RotaryEmbedding"),
-        ];
+        let got = llm_fused_counts(&json, &out);
         println!("{case} fp16: fused {got:?}");
         assert_eq!(got, want, "{case} fp16: fused counts");
         // Without a cache (RotaryEmbedding, no GroupQueryAttention): every position.
         let nocache = dir.path().join("nocache.onnx");
-        let o = export(
-            &src,
-            &nocache,
-            &[
-                "--task",
-                "text-generation",
-                "--dtype",
-                "fp16",
-                "--optimize",
-                "--json",
-            ],
-        );
-        assert!(o.status.success(), "{case}: {}", stderr(&o));
-        let fused = &super::stdout_json(&o)["optimized"]["fused_operators"];
+        let json = export_fp16_optimized(&src, &nocache, "text-generation");
+        let fused = &json["optimized"]["fused_operators"];
         assert_eq!(fused["RotaryEmbedding"], 4, "{case} fp16 without past");
         let nocache = dir.path().join("nocache-optimized.onnx");
         let rows = half_prefill(&python, &src, &[&plain, &out, &nocache]);
@@ -717,6 +675,32 @@ fn half_precision_optimized_is_close() {
         }
         assert!(rows[2][1] <= 2e-2, "{case} fp16 without past: padding");
     }
+}
+
+/// `ferry export --task TASK --dtype fp16 --optimize --json` of `src` into `out`: the
+/// printed JSON.
+fn export_fp16_optimized(src: &Path, out: &Path, task: &str) -> serde_json::Value {
+    let o = export(
+        src,
+        out,
+        &["--task", task, "--dtype", "fp16", "--optimize", "--json"],
+    );
+    assert!(o.status.success(), "{}: {}", src.display(), stderr(&o));
+    super::stdout_json(&o)
+}
+
+/// The LLM fusions' counts, as [`LLM_FUSED`] lists them, from `ferry export --optimize
+/// --json`'s statistics and the optimized file `optimized` (packed q/k/v MatMuls).
+fn llm_fused_counts(json: &serde_json::Value, optimized: &Path) -> [usize; 5] {
+    let fused = &json["optimized"]["fused_operators"];
+    let n = |op: &str| fused[op].as_u64().unwrap_or(0) as usize;
+    [
+        n("SimplifiedLayerNormalization"),
+        n("SkipSimplifiedLayerNormalization"),
+        packed_qkv(&ferry_onnx::read_graph(optimized).expect("read optimized")),
+        n("GroupQueryAttention"),
+        n("RotaryEmbedding"),
+    ]
 }
 
 /// [`HALF_PREFILL`] on `models`: `[real, padding]` max-abs per model.
