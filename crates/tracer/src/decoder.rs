@@ -161,11 +161,23 @@ enum Freqs {
 
 /// Rotary position embedding of the first `dim` features of each head.
 #[derive(Debug, Clone)]
-struct Rope {
+pub(crate) struct Rope {
     dim: i64,
     freqs: Freqs,
     /// Scale of cos and sin (`attention_scaling`).
     scale: f32,
+}
+
+impl Rope {
+    /// The default rotary embedding (`rope_type` "default") of all `dim` features of a
+    /// head, with base `theta` (also used by ModernBERT's global and local tables).
+    pub(crate) fn default_theta(theta: f64, dim: i64) -> Self {
+        Self {
+            dim,
+            freqs: Freqs::Fixed(default_inv_freq(theta, dim)),
+            scale: 1.0,
+        }
+    }
 }
 
 /// A decoder checkpoint's shapes and switches, read from `config.json`.
@@ -657,7 +669,11 @@ fn inv_freq(t: &mut Tracer, rope: &Rope, positions: &T) -> Result<T, TraceError>
 
 /// cos and sin `[batch, 1, seq, dim]` for `positions` `[batch, seq]`
 /// (`LlamaRotaryEmbedding.forward`, unsqueezed for the heads axis).
-fn rotary_tables(t: &mut Tracer, rope: &Rope, positions: &T) -> Result<(T, T), TraceError> {
+pub(crate) fn rotary_tables(
+    t: &mut Tracer,
+    rope: &Rope,
+    positions: &T,
+) -> Result<(T, T), TraceError> {
     scoped(t, "rotary_emb", |t| {
         let inv = inv_freq(t, rope, positions)?;
         let p = t.cast(positions, DType::F32, 1);
@@ -703,7 +719,12 @@ fn concat_last(t: &mut Tracer, parts: &[&T], width: i64) -> T {
 
 /// `q * cos + rotate_half(q) * sin` over the first `rope.dim` features of each head (the
 /// rest pass through, Phi-3's partial rotary).
-fn apply_rotary(t: &mut Tracer, rope: &Rope, x: &T, (cos, sin): (&T, &T)) -> Result<T, TraceError> {
+pub(crate) fn apply_rotary(
+    t: &mut Tracer,
+    rope: &Rope,
+    x: &T,
+    (cos, sin): (&T, &T),
+) -> Result<T, TraceError> {
     let hd = match x.shape.last() {
         Some(Dim::Fixed(d)) => *d,
         _ => return Err(TraceError::Shape("rotary: head_dim is not fixed".into())),

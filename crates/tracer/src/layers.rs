@@ -147,13 +147,43 @@ pub(crate) fn layer_norm(
     hidden: i64,
     eps: f64,
 ) -> Result<T, TraceError> {
+    layer_norm_with(t, w, scope, x, (hidden, eps), true)
+}
+
+/// [`layer_norm`] with or without its bias (`nn.LayerNorm(…, bias=False)`: the
+/// `LayerNormalization` op without its optional third input, or the decomposed pattern
+/// without the final `Add`).
+pub(crate) fn layer_norm_with(
+    t: &mut Tracer,
+    w: &WeightSource<'_>,
+    scope: &str,
+    x: &T,
+    (hidden, eps): (i64, f64),
+    bias: bool,
+) -> Result<T, TraceError> {
     t.push(scope);
     let path = t.module_path();
     let r = (|| {
         let gamma = w.get(t, &format!("{path}.weight"), &[hidden])?;
-        let beta = w.get(t, &format!("{path}.bias"), &[hidden])?;
+        let beta = if bias {
+            Some(w.get(t, &format!("{path}.bias"), &[hidden])?)
+        } else {
+            None
+        };
         if t.opset() >= 17 {
-            return Ok(t.layer_norm_op(x, &gamma, &beta, eps as f32));
+            return Ok(match &beta {
+                Some(beta) => t.layer_norm_op(x, &gamma, beta, eps as f32),
+                None => t.op(
+                    "LayerNormalization",
+                    &[x, &gamma],
+                    vec![
+                        ("axis", ferry_ir::Attr::Int(-1)),
+                        ("epsilon", ferry_ir::Attr::Float(eps as f32)),
+                    ],
+                    x.dtype,
+                    x.shape.clone(),
+                ),
+            });
         }
         let mean = t.reduce_mean_last(x)?;
         let d = t.sub(x, &mean)?;
@@ -172,7 +202,10 @@ pub(crate) fn layer_norm(
         let std = t.unary("Sqrt", &ve);
         let n = t.div(&d, &std)?;
         let g = t.mul(&n, &gamma)?;
-        t.add(&g, &beta)
+        match &beta {
+            Some(beta) => t.add(&g, beta),
+            None => Ok(g),
+        }
     })();
     t.pop();
     r

@@ -20,6 +20,7 @@ mod embeddings;
 mod gpt2;
 mod heads;
 mod layers;
+mod modernbert;
 mod mpnet;
 mod roberta;
 
@@ -59,6 +60,13 @@ const ARCHITECTURES: &[Arch] = &[
         tasks: heads::ENCODER_TASKS,
         build: albert::build,
         half_compute: true,
+        torchscript: true,
+    },
+    Arch {
+        model_types: &["modernbert"],
+        tasks: heads::ENCODER_TASKS,
+        build: modernbert::build,
+        half_compute: false,
         torchscript: true,
     },
     Arch {
@@ -322,6 +330,7 @@ pub fn model_class_name(model_type: &str, task: &str) -> String {
         "albert" => "Albert".into(),
         "electra" => "Electra".into(),
         "mpnet" => "MPNet".into(),
+        "modernbert" => "ModernBert".into(),
         "gpt2" => "GPT2".into(),
         other => other
             .split(['-', '_'])
