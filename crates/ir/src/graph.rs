@@ -167,3 +167,208 @@ impl Graph {
             .map(|o| o.version)
     }
 }
+
+/// A contiguous run of a graph's nodes, as [`Graph::segments`] splits it: a model that is
+/// run piece by piece, each piece a graph of its own.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Segment {
+    /// Indices of the segment's nodes in [`Graph::nodes`].
+    pub nodes: std::ops::Range<usize>,
+    /// Values the segment's nodes consume that are neither produced inside it nor
+    /// initializers: graph inputs and outputs of earlier segments, in first-use order.
+    pub inputs: Vec<String>,
+    /// Values produced inside the segment that later segments or the graph outputs
+    /// consume, in production order.
+    pub outputs: Vec<String>,
+    /// Names of the initializers the segment's nodes consume, in first-use order.
+    pub initializers: Vec<String>,
+    /// Bytes of those initializers.
+    pub weight_bytes: u64,
+}
+
+impl Graph {
+    /// Splits the nodes (in topological order) into contiguous segments whose consumed
+    /// initializers total at most `max_bytes` each; a node whose own initializers exceed
+    /// the bound forms a segment alone. An initializer consumed by several segments counts
+    /// in each. Running the segments in order, each fed the values its `inputs` name,
+    /// computes the graph's outputs. Initializers referenced only from node attributes
+    /// (`Constant` values) are not counted: they are part of the node.
+    pub fn segments(&self, max_bytes: u64) -> Vec<Segment> {
+        use std::collections::{HashMap, HashSet};
+        let inits: HashMap<&str, u64> = self
+            .initializers
+            .iter()
+            .map(|i| (i.name.as_str(), i.data.len()))
+            .collect();
+        // Ranges first: greedy, by the bytes of distinct initializers in the range.
+        let mut ranges = Vec::new();
+        let (mut start, mut bytes) = (0usize, 0u64);
+        let mut seen: HashSet<&str> = HashSet::new();
+        for (i, node) in self.nodes.iter().enumerate() {
+            let own: HashSet<&str> = node
+                .inputs
+                .iter()
+                .map(String::as_str)
+                .filter(|n| inits.contains_key(n))
+                .collect();
+            let add = |seen: &HashSet<&str>| -> u64 {
+                own.iter()
+                    .filter(|n| !seen.contains(*n))
+                    .map(|n| inits[n])
+                    .sum()
+            };
+            let more = add(&seen);
+            // Nodes that bring no new weight stay with the segment they follow.
+            if i > start && more > 0 && bytes + more > max_bytes {
+                ranges.push(start..i);
+                start = i;
+                bytes = 0;
+                seen.clear();
+            }
+            bytes += add(&seen);
+            seen.extend(own);
+        }
+        if start < self.nodes.len() {
+            ranges.push(start..self.nodes.len());
+        }
+        // Then each range's boundary: the last segment that consumes each value.
+        let mut last_use: HashMap<&str, usize> = HashMap::new();
+        for (s, r) in ranges.iter().enumerate() {
+            for node in &self.nodes[r.clone()] {
+                for name in node.inputs.iter().filter(|n| !n.is_empty()) {
+                    last_use.insert(name.as_str(), s);
+                }
+            }
+        }
+        for o in &self.outputs {
+            last_use.insert(o.name.as_str(), usize::MAX);
+        }
+        ranges
+            .into_iter()
+            .enumerate()
+            .map(|(s, r)| {
+                let mut produced = HashSet::new();
+                let (mut inputs, mut initializers) = (Vec::new(), Vec::new());
+                let mut listed = HashSet::new();
+                let mut outputs = Vec::new();
+                for node in &self.nodes[r.clone()] {
+                    for name in node.inputs.iter().filter(|n| !n.is_empty()) {
+                        if produced.contains(name.as_str()) || !listed.insert(name.as_str()) {
+                            continue;
+                        }
+                        if inits.contains_key(name.as_str()) {
+                            initializers.push(name.clone());
+                        } else {
+                            inputs.push(name.clone());
+                        }
+                    }
+                    for name in node.outputs.iter().filter(|n| !n.is_empty()) {
+                        produced.insert(name.as_str());
+                        if last_use.get(name.as_str()).is_some_and(|&l| l > s) {
+                            outputs.push(name.clone());
+                        }
+                    }
+                }
+                let weight_bytes = initializers.iter().map(|n| inits[n.as_str()]).sum();
+                Segment {
+                    nodes: r,
+                    inputs,
+                    outputs,
+                    initializers,
+                    weight_bytes,
+                }
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::TensorData;
+
+    fn node(op: &str, inputs: &[&str], outputs: &[&str]) -> Node {
+        Node {
+            name: op.to_string(),
+            op_type: op.to_string(),
+            domain: String::new(),
+            inputs: inputs.iter().map(|s| s.to_string()).collect(),
+            outputs: outputs.iter().map(|s| s.to_string()).collect(),
+            attrs: BTreeMap::new(),
+        }
+    }
+
+    fn weight(name: &str, floats: usize) -> Initializer {
+        Initializer {
+            name: name.to_string(),
+            dtype: DType::F32,
+            dims: vec![floats as i64],
+            data: TensorData::from_f32(&vec![0.0; floats]),
+        }
+    }
+
+    /// x → MatMul(w1) → a → MatMul(w2) → b → Add(a) → c → MatMul(w1) → y, plus a mask
+    /// input used only by the last node; w1 (400 B) is shared by the first and last MatMul.
+    fn chain() -> Graph {
+        Graph {
+            inputs: vec![
+                Value::new("x", DType::F32, vec![]),
+                Value::new("m", DType::F32, vec![]),
+            ],
+            outputs: vec![
+                Value::new("y", DType::F32, vec![]),
+                Value::new("a", DType::F32, vec![]),
+            ],
+            nodes: vec![
+                node("MatMul", &["x", "w1"], &["a"]),
+                node("MatMul", &["a", "w2"], &["b"]),
+                node("Add", &["b", "a"], &["c"]),
+                node("Where", &["m", "c", "", "c"], &["d"]),
+                node("MatMul", &["d", "w1"], &["y"]),
+            ],
+            initializers: vec![weight("w1", 100), weight("w2", 100)],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn segments_split_by_weight_bytes_with_their_boundaries() {
+        let g = chain();
+        let s = g.segments(400);
+        assert_eq!(s.len(), 3, "{s:#?}");
+        assert_eq!(s[0].nodes, 0..1);
+        assert_eq!(s[0].inputs, ["x"]);
+        // `a` is consumed by segment 1 and is a graph output.
+        assert_eq!(s[0].outputs, ["a"]);
+        assert_eq!(
+            (s[0].initializers.clone(), s[0].weight_bytes),
+            (vec!["w1".to_string()], 400)
+        );
+        assert_eq!(s[1].nodes, 1..4);
+        assert_eq!(s[1].inputs, ["a", "m"]);
+        assert_eq!(s[1].outputs, ["d"]);
+        assert_eq!(s[1].weight_bytes, 400);
+        // w1 counts again in the last segment, which re-reads it.
+        assert_eq!(s[2].nodes, 4..5);
+        assert_eq!(s[2].inputs, ["d"]);
+        assert_eq!(s[2].outputs, ["y"]);
+        assert_eq!(s[2].initializers, ["w1"]);
+
+        // A shared weight counts once within a segment: w1 + w2 fit 800 bytes, and the
+        // last MatMul's w1 adds nothing. Graph inputs in, graph outputs out.
+        let all = g.segments(800);
+        assert_eq!(all.len(), 1, "{all:#?}");
+        assert_eq!(all[0].nodes, 0..5);
+        assert_eq!(all[0].inputs, ["x", "m"]);
+        assert_eq!(all[0].outputs, ["a", "y"]);
+        assert_eq!(all[0].initializers, ["w1", "w2"]);
+        assert_eq!(all[0].weight_bytes, 800);
+        // A node over the bound stands alone.
+        let tiny = g.segments(1);
+        assert_eq!(
+            tiny.iter().map(|s| s.nodes.len()).collect::<Vec<_>>(),
+            [1, 3, 1]
+        );
+        assert!(Graph::default().segments(1).is_empty());
+    }
+}

@@ -14,7 +14,7 @@ mod tensor;
 
 pub use config::{ConfigError, ModelConfig};
 pub use dtype::DType;
-pub use graph::{Attr, Dim, Graph, Node, OpsetImport, Value};
+pub use graph::{Attr, Dim, Graph, Node, OpsetImport, Segment, Value};
 pub use tensor::{
     BAND_BYTES, Initializer, MappedFile, RowProducer, TensorData, Weights, can_convert,
 };
