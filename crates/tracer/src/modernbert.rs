@@ -550,3 +550,111 @@ pub(crate) fn build(t: &mut Tracer, r: &Request<'_>) -> Result<(), TraceError> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use ferry_ir::Graph;
+
+    use super::*;
+    use crate::TraceOptions;
+
+    fn config(json: &str) -> ModelConfig {
+        ModelConfig::from_json(json).expect("valid test config")
+    }
+
+    const BASE: &str = r#""model_type":"modernbert","vocab_size":10,"hidden_size":8,"num_attention_heads":2,"intermediate_size":12,"num_hidden_layers":4"#;
+
+    fn traced(name: &str, task: &str) -> Graph {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../testdata")
+            .join(name);
+        let c = ferry_loader::load(&dir).expect("load");
+        let opts = TraceOptions {
+            task: task.into(),
+            ..Default::default()
+        };
+        crate::trace(&c.config, &c.weights, &opts).expect("trace")
+    }
+
+    #[test]
+    fn both_config_forms_give_the_same_layers_and_bases() -> Result<(), TraceError> {
+        let legacy = Dims::from_config(&config(&format!(
+            r#"{{{BASE},"global_attn_every_n_layers":2,"global_rope_theta":500.0,"local_rope_theta":50.0,"local_attention":6}}"#
+        )))?;
+        let new = Dims::from_config(&config(&format!(
+            r#"{{{BASE},"layer_types":["full_attention","sliding_attention","full_attention","sliding_attention"],"rope_parameters":{{"full_attention":{{"rope_theta":500.0,"rope_type":"default"}},"sliding_attention":{{"rope_theta":50.0,"rope_type":"default"}}}},"local_attention":6}}"#
+        )))?;
+        for d in [&legacy, &new] {
+            assert_eq!(d.sliding, [false, true, false, true]);
+            assert_eq!(
+                (d.global_theta, d.local_theta, d.half_window),
+                (500.0, 50.0, 3)
+            );
+        }
+        // transformers' defaults: every third layer global, bases 160000 / 10000, window 128.
+        let d = Dims::from_config(&config(&format!("{{{BASE}}}")))?;
+        assert_eq!(d.sliding, [false, true, true, false]);
+        assert_eq!(
+            (d.global_theta, d.local_theta, d.half_window),
+            (160_000.0, 10_000.0, 64)
+        );
+        assert!(!d.norm_bias && !d.attention_bias && !d.mlp_bias && d.decoder_bias);
+        Ok(())
+    }
+
+    #[test]
+    fn config_errors_name_the_problem() {
+        let bad = [
+            (
+                r#""rope_parameters":{"full_attention":{"rope_type":"yarn","factor":2.0}}"#,
+                "rope type `yarn`",
+            ),
+            (
+                r#""layer_types":["full_attention"]"#,
+                "layer_types must list",
+            ),
+            (r#""classifier_pooling":"max""#, "classifier_pooling `max`"),
+            (r#""hidden_activation":"mish""#, "mish"),
+        ];
+        for (extra, needle) in bad {
+            let e = Dims::from_config(&config(&format!("{{{BASE},{extra}}}")))
+                .expect_err(extra)
+                .to_string();
+            assert!(e.contains(needle), "{extra}: {e}");
+        }
+    }
+
+    #[test]
+    fn one_mask_and_one_rotary_table_per_layer_type() {
+        // feature-extraction case: layers G S S G (global_attn_every_n_layers 3).
+        let g = traced("modernbert-tiny-feature-extraction", "feature-extraction");
+        let inputs: Vec<&str> = g.inputs.iter().map(|v| v.name.as_str()).collect();
+        assert_eq!(inputs, ["input_ids", "attention_mask"]);
+        let counts = g.op_counts();
+        assert_eq!(counts.get("Cos"), Some(&2), "a global and a local table");
+        assert_eq!(counts.get("Abs"), Some(&1), "one sliding-window mask");
+        let mask = g
+            .nodes
+            .iter()
+            .find(|n| n.name.starts_with("/sliding_mask/") && n.op_type == "Mul")
+            .map(|_| ())
+            .is_some();
+        assert!(mask, "sliding mask nodes");
+        // No attn_norm in layer 0; norms without bias (norm_bias false).
+        assert!(
+            !g.initializers
+                .iter()
+                .any(|i| i.name.contains("layers.0.attn_norm"))
+        );
+        assert!(!g.initializers.iter().any(|i| i.name.ends_with("norm.bias")));
+        // fill-mask (norm_bias true): the decoder reuses the token embeddings.
+        let g = traced("modernbert-tiny-fill-mask", "fill-mask");
+        let table = "embeddings.tok_embeddings.weight";
+        assert_eq!(g.initializers.iter().filter(|i| i.name == table).count(), 1);
+        assert!(
+            g.initializers
+                .iter()
+                .any(|i| i.name.ends_with("final_norm.bias"))
+        );
+    }
+}
