@@ -13,6 +13,7 @@ mod bert;
 mod builder;
 mod causal;
 mod config;
+mod deberta;
 mod decoder;
 mod distilbert;
 mod electra;
@@ -108,6 +109,13 @@ const ARCHITECTURES: &[Arch] = &[
         model_types: &["roberta", "xlm-roberta", "camembert"],
         tasks: heads::ENCODER_TASKS,
         build: roberta::build,
+        half_compute: true,
+        torchscript: true,
+    },
+    Arch {
+        model_types: &["deberta-v2"],
+        tasks: heads::ENCODER_TASKS,
+        build: deberta::build,
         half_compute: true,
         torchscript: true,
     },

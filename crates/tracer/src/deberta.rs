@@ -1,0 +1,587 @@
+//! DeBERTa-v2 (the architecture of the DeBERTa-v3 checkpoints), as transformers'
+//! `modeling_deberta_v2.py` computes it: disentangled self-attention, whose scores add to
+//! the content-to-content term a content-to-position (`c2p`) and a position-to-content
+//! (`p2c`) term over the shared relative-position embeddings (`encoder.rel_embeddings`,
+//! optionally LayerNorm'ed), with log-bucketed relative positions built from the run-time
+//! sequence length; embeddings with optional absolute positions, token types and
+//! `embed_proj`, masked after their LayerNorm; a `[batch, 1, seq, seq]` pairwise mask
+//! filled in with `finfo.min` as `masked_fill` does.
+
+use ferry_ir::{Attr, DType, Dim, ModelConfig};
+
+use crate::config::{attention_width, encoder_dims, flag};
+use crate::embeddings::arange_rows;
+use crate::heads::{
+    ChoiceHead, ClassificationHead, EncoderHeads, INPUTS, MlmHead, SequenceHead, TYPED_INPUTS,
+};
+use crate::layers::{
+    Activation, EncoderDims, HeadActivation, WeightSource, add_norm, bert_ffn, layer_norm,
+    layer_stack, linear, scoped,
+};
+use crate::{Request, T, TraceError, Tracer};
+
+/// Which relative terms the attention scores add (`pos_att_type`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct PosAttention {
+    /// `c2p`: the query against the position keys.
+    c2p: bool,
+    /// `p2c`: the key against the position queries.
+    p2c: bool,
+}
+
+impl PosAttention {
+    /// Reads `pos_att_type`: a list, or a `|`-separated string, of `c2p` / `p2c` in any
+    /// order (the order does not change what transformers computes).
+    fn from_config(c: &ModelConfig) -> Result<Self, TraceError> {
+        let names: Vec<String> = match c.raw.get("pos_att_type") {
+            None | Some(serde_json::Value::Null) => Vec::new(),
+            Some(serde_json::Value::String(s)) => s
+                .to_lowercase()
+                .split('|')
+                .map(|x| x.trim().to_string())
+                .collect(),
+            Some(serde_json::Value::Array(a)) => a
+                .iter()
+                .map(|v| v.as_str().map(str::to_string))
+                .collect::<Option<_>>()
+                .ok_or_else(|| TraceError::Unsupported("pos_att_type entries".into()))?,
+            Some(other) => {
+                return Err(TraceError::Unsupported(format!("pos_att_type {other}")));
+            }
+        };
+        let mut p = Self::default();
+        for n in &names {
+            match n.as_str() {
+                "c2p" => p.c2p = true,
+                "p2c" => p.p2c = true,
+                "" => {}
+                other => {
+                    return Err(TraceError::Unsupported(format!(
+                        "pos_att_type `{other}` (supported: c2p, p2c)"
+                    )));
+                }
+            }
+        }
+        Ok(p)
+    }
+
+    /// `scale_factor`: 1 plus one per relative term named.
+    fn scale_factor(self) -> i64 {
+        1 + i64::from(self.c2p) + i64::from(self.p2c)
+    }
+}
+
+/// The relative-attention settings, when `relative_attention` is on.
+#[derive(Debug, Clone, Copy)]
+struct Relative {
+    /// `position_buckets` (log-bucketing when > 0).
+    buckets: i64,
+    /// `max_relative_positions`, defaulting to `max_position_embeddings`.
+    max_relative: i64,
+    /// `pos_ebd_size`: the attention span (`buckets`, else `max_relative`); the table has
+    /// twice as many rows.
+    span: i64,
+    /// `norm_rel_ebd` includes `layer_norm`.
+    norm: bool,
+    /// `share_att_key`: the position terms reuse `query_proj` / `key_proj`.
+    share_key: bool,
+}
+
+/// The DeBERTa-v2 hyper-parameters ferry needs, validated.
+#[derive(Debug, Clone)]
+struct DebertaDims {
+    vocab: i64,
+    layers: i64,
+    max_positions: i64,
+    type_vocab: i64,
+    /// `embedding_size` (the word-embedding width; `embed_proj` maps it to `hidden_size`).
+    embedding: i64,
+    /// `position_biased_input`: absolute position embeddings added to the input.
+    position_biased: bool,
+    pos_att: PosAttention,
+    relative: Option<Relative>,
+    /// `legacy` masked-LM head (`cls.predictions`) rather than `lm_predictions.lm_head`.
+    legacy_mlm: bool,
+    /// `pooler_hidden_act` of `ContextPooler`.
+    pooler_act: HeadActivation,
+    enc: EncoderDims,
+}
+
+/// An integer from `config.raw` (any sign: `-1` means unset for the relative-position
+/// fields), `default` when absent or null.
+fn int_or(c: &ModelConfig, key: &str, default: i64) -> Result<i64, TraceError> {
+    match c.raw.get(key) {
+        None | Some(serde_json::Value::Null) => Ok(default),
+        Some(v) => v
+            .as_i64()
+            .ok_or_else(|| TraceError::Unsupported(format!("`{key}` {v} (not an integer)"))),
+    }
+}
+
+impl DebertaDims {
+    fn from_config(c: &ModelConfig) -> Result<Self, TraceError> {
+        let width = attention_width(c)?;
+        let (hidden, heads) = width;
+        let mut enc = encoder_dims(c, width, "gelu")?;
+        enc.eps = c.layer_norm_eps.unwrap_or(1e-7);
+        if let Some(size) = c.raw.get("attention_head_size").and_then(|v| v.as_i64())
+            && size * heads != hidden
+        {
+            return Err(TraceError::Unsupported(format!(
+                "attention_head_size {size} (only hidden_size / num_attention_heads)"
+            )));
+        }
+        if int_or(c, "conv_kernel_size", 0)? > 0 {
+            return Err(TraceError::Unsupported(
+                "conv_kernel_size > 0 (DeBERTa-v2's ConvLayer)".into(),
+            ));
+        }
+        let pooler = int_or(c, "pooler_hidden_size", hidden)?;
+        let type_vocab = int_or(c, "type_vocab_size", 0)?;
+        let embedding = int_or(c, "embedding_size", hidden)?;
+        if type_vocab < 0 || embedding <= 0 {
+            return Err(TraceError::Unsupported(format!(
+                "type_vocab_size {type_vocab} / embedding_size {embedding}"
+            )));
+        }
+        if pooler != hidden {
+            return Err(TraceError::Unsupported(format!(
+                "pooler_hidden_size {pooler} != hidden_size {hidden}"
+            )));
+        }
+        let max_positions = c.max_position_embeddings.unwrap_or(512);
+        let relative = if flag(c, "relative_attention", false) {
+            let buckets = int_or(c, "position_buckets", -1)?;
+            let mut max_relative = int_or(c, "max_relative_positions", -1)?;
+            if max_relative < 1 {
+                max_relative = max_positions;
+            }
+            let norm = c
+                .raw
+                .get("norm_rel_ebd")
+                .and_then(|v| v.as_str())
+                .unwrap_or("none")
+                .to_lowercase()
+                .split('|')
+                .any(|x| x.trim() == "layer_norm");
+            Some(Relative {
+                buckets,
+                max_relative,
+                span: if buckets > 0 { buckets } else { max_relative },
+                norm,
+                share_key: flag(c, "share_att_key", false),
+            })
+        } else {
+            None
+        };
+        let pooler_act = c
+            .raw
+            .get("pooler_hidden_act")
+            .and_then(|v| v.as_str())
+            .unwrap_or("gelu");
+        Ok(Self {
+            vocab: c.require(c.vocab_size, "vocab_size")?,
+            layers: c.require(c.num_hidden_layers, "num_hidden_layers")?,
+            max_positions,
+            type_vocab,
+            embedding,
+            position_biased: flag(c, "position_biased_input", true),
+            pos_att: PosAttention::from_config(c)?,
+            relative,
+            legacy_mlm: flag(c, "legacy", true),
+            pooler_act: match pooler_act {
+                "tanh" => HeadActivation::Tanh,
+                "linear" => HeadActivation::Identity,
+                other => HeadActivation::Act(Activation::parse(other)?),
+            },
+            enc,
+        })
+    }
+}
+
+/// `DebertaV2Embeddings`: word (+ absolute position when `position_biased_input`) (+ token
+/// type) embeddings, `embed_proj` when `embedding_size != hidden_size`, `LayerNorm`, then
+/// multiplied by the attention mask.
+fn embeddings(
+    t: &mut Tracer,
+    w: &WeightSource<'_>,
+    d: &DebertaDims,
+    ids: &T,
+    mask: &T,
+    types: Option<&T>,
+) -> Result<T, TraceError> {
+    let e = d.embedding;
+    scoped(t, "embeddings", |t| {
+        let word = w.get(t, "embeddings.word_embeddings.weight", &[d.vocab, e])?;
+        let mut x = t.gather(&word, ids, 0)?;
+        if d.position_biased {
+            let table = w.get(
+                t,
+                "embeddings.position_embeddings.weight",
+                &[d.max_positions, e],
+            )?;
+            let pe = arange_rows(t, &table, ids, e);
+            x = t.add(&x, &pe)?;
+        }
+        if d.type_vocab > 0 {
+            let table = w.get(
+                t,
+                "embeddings.token_type_embeddings.weight",
+                &[d.type_vocab, e],
+            )?;
+            let te = match types {
+                Some(types) => t.gather(&table, types, 0)?,
+                None => {
+                    let zero = t.scalar_i64(0);
+                    t.gather(&table, &zero, 0)?
+                }
+            };
+            x = t.add(&x, &te)?;
+        }
+        if e != d.enc.hidden {
+            x = scoped(t, "embed_proj", |t| {
+                let path = t.module_path();
+                let wt = w.get(t, &format!("{path}.weight"), &[d.enc.hidden, e])?;
+                let wt = t.transpose(&wt, &[1, 0])?;
+                t.matmul(&x, &wt)
+            })?;
+        }
+        let x = layer_norm(t, w, "LayerNorm", &x, d.enc.hidden, d.enc.eps)?;
+        let m = t.unsqueeze(mask, &[2]);
+        let m = t.cast_to_float(&m);
+        t.mul(&x, &m)
+    })
+}
+
+/// `build_relative_position` over the `[seq, seq]` grid of the run-time length of
+/// `input_ids`: `q - k`, log-bucketed (`make_log_bucket_position`) when `position_buckets`
+/// is set. The bucketing runs in float32 as torch runs it.
+fn relative_positions(t: &mut Tracer, r: &Relative, input_ids: &T) -> Result<T, TraceError> {
+    let s = input_ids.shape[1].clone();
+    let grid = vec![s.clone(), s.clone()];
+    let shape = t.shape_of(input_ids);
+    let one = t.scalar_i64(1);
+    let seq = t.gather(&shape, &one, 0)?;
+    let zero = t.scalar_i64(0);
+    let range = t.op(
+        "Range",
+        &[&zero, &seq, &one],
+        vec![],
+        DType::I64,
+        vec![s.clone()],
+    );
+    let q = t.unsqueeze(&range, &[1]);
+    let k = t.unsqueeze(&range, &[0]);
+    let rel = t.sub(&q, &k)?;
+    if r.buckets <= 0 {
+        return Ok(rel);
+    }
+    let mid = r.buckets / 2;
+    // abs_pos = where(-mid < rel < mid, mid - 1, |rel|)
+    let mid_t = t.scalar_i64(mid);
+    let neg_mid = t.scalar_i64(-mid);
+    let below = t.op("Less", &[&rel, &mid_t], vec![], DType::Bool, grid.clone());
+    let above = t.op(
+        "Greater",
+        &[&rel, &neg_mid],
+        vec![],
+        DType::Bool,
+        grid.clone(),
+    );
+    let inside = t.op("And", &[&below, &above], vec![], DType::Bool, grid.clone());
+    let mid_less = t.scalar_i64(mid - 1);
+    let abs = t.unary("Abs", &rel);
+    let abs_pos = t.op(
+        "Where",
+        &[&inside, &mid_less, &abs],
+        vec![],
+        DType::I64,
+        grid.clone(),
+    );
+    // log_pos = ceil(log(abs_pos / mid) / log((max_position - 1) / mid) * (mid - 1)) + mid
+    let abs_f = t.cast(&abs_pos, DType::F32, 1);
+    let mid_f = t.scalar_f32(mid as f32);
+    let ratio = t.div(&abs_f, &mid_f)?;
+    let log = t.unary("Log", &ratio);
+    let base = t.scalar_f32(((r.max_relative - 1) as f64 / mid as f64) as f32);
+    let log_base = t.unary("Log", &base);
+    let scaled = t.div(&log, &log_base)?;
+    let steps = t.scalar_f32((mid - 1) as f32);
+    let scaled = t.mul(&scaled, &steps)?;
+    let ceil = t.unary("Ceil", &scaled);
+    let log_pos = t.add(&ceil, &mid_f)?;
+    // bucket = where(abs_pos <= mid, rel, log_pos * sign(rel))
+    let sign = t.unary("Sign", &rel);
+    let sign = t.cast(&sign, DType::F32, 1);
+    let signed = t.mul(&log_pos, &sign)?;
+    let mid_next = t.scalar_i64(mid + 1);
+    let near = t.op(
+        "Less",
+        &[&abs_pos, &mid_next],
+        vec![],
+        DType::Bool,
+        grid.clone(),
+    );
+    let rel_f = t.cast(&rel, DType::F32, 1);
+    let bucket = t.op("Where", &[&near, &rel_f, &signed], vec![], DType::F32, grid);
+    Ok(t.cast(&bucket, DType::I64, 7))
+}
+
+/// `clamp(sign * rel + span, 0, 2 span - 1)`: the table rows the c2p (`sign` 1) or p2c
+/// (`sign` -1) term gathers.
+fn table_index(t: &mut Tracer, rel: &T, span: i64, negate: bool) -> Result<T, TraceError> {
+    let r = if negate {
+        t.unary("Neg", rel)
+    } else {
+        rel.clone()
+    };
+    let span_t = t.scalar_i64(span);
+    let shifted = t.add(&r, &span_t)?;
+    let zero = t.scalar_i64(0);
+    let lo = t.op(
+        "Max",
+        &[&shifted, &zero],
+        vec![],
+        DType::I64,
+        shifted.shape.clone(),
+    );
+    let top = t.scalar_i64(2 * span - 1);
+    Ok(t.op("Min", &[&lo, &top], vec![], DType::I64, lo.shape.clone()))
+}
+
+/// What every layer's attention shares: the pairwise mask, the relative-embedding table
+/// and the gather indices of the position terms.
+struct Shared {
+    /// `[batch, 1, seq, seq]` boolean: both tokens attended.
+    mask: T,
+    /// `[2 span, hidden]` relative embeddings (after `encoder.LayerNorm` when configured).
+    rel_embeddings: Option<T>,
+    /// `[seq, seq]` c2p indices.
+    c2p_index: Option<T>,
+    /// `[seq, seq]` p2c indices.
+    p2c_index: Option<T>,
+}
+
+/// Splits `[.., n, heads * dim]` into heads: `[.., heads, n, dim]` (`perm` given).
+fn heads_of(t: &mut Tracer, x: &T, heads: i64, perm: &[usize]) -> Result<T, TraceError> {
+    let head_dim = x.shape.last().and_then(Dim::fixed).unwrap_or(0) / heads;
+    let mut target = vec![0i64; x.rank() - 1];
+    target.extend([heads, head_dim]);
+    let y = t.reshape(x, &target)?;
+    t.transpose(&y, perm)
+}
+
+/// Gathers the `[.., seq, 2 span]` position scores at `index` (`[seq, seq]`, expanded to
+/// `like`'s shape) along the last axis.
+fn gather_positions(t: &mut Tracer, scores: &T, index: &T, like: &T) -> T {
+    let shape = t.shape_of(like);
+    let idx = t.op(
+        "Expand",
+        &[index, &shape],
+        vec![],
+        DType::I64,
+        like.shape.clone(),
+    );
+    t.op(
+        "GatherElements",
+        &[scores, &idx],
+        vec![("axis", Attr::Int(-1))],
+        scores.dtype,
+        like.shape.clone(),
+    )
+}
+
+/// `DisentangledSelfAttention` (`attention.self`): the `[batch, seq, hidden]` context.
+fn disentangled_attention(
+    t: &mut Tracer,
+    w: &WeightSource<'_>,
+    d: &DebertaDims,
+    x: &T,
+    sh: &Shared,
+) -> Result<T, TraceError> {
+    let (hidden, heads) = (d.enc.hidden, d.enc.heads);
+    let head_dim = hidden / heads;
+    let q = linear(t, w, "query_proj", x, hidden, hidden)?;
+    let k = linear(t, w, "key_proj", x, hidden, hidden)?;
+    let v = linear(t, w, "value_proj", x, hidden, hidden)?;
+    let q = heads_of(t, &q, heads, &[0, 2, 1, 3])?;
+    let k = heads_of(t, &k, heads, &[0, 2, 1, 3])?;
+    let v = heads_of(t, &v, heads, &[0, 2, 1, 3])?;
+    // sqrt(head_dim * scale_factor) in float32, as `scaled_size_sqrt`.
+    let scale = ((head_dim as f32) * (d.pos_att.scale_factor() as f32)).sqrt();
+    let scale = t.scalar(scale);
+    let kt = t.transpose(&k, &[0, 1, 3, 2])?;
+    let kt_scaled = t.div(&kt, &scale)?;
+    let mut scores = t.matmul(&q, &kt_scaled)?;
+    if let (Some(r), Some(rel)) = (&d.relative, &sh.rel_embeddings) {
+        let project = |t: &mut Tracer, own: &str, shared: &str| {
+            let name = if r.share_key { shared } else { own };
+            let p = linear(t, w, name, rel, hidden, hidden)?;
+            // [2 span, heads, dim] -> [heads, dim, 2 span]
+            heads_of(t, &p, heads, &[1, 2, 0])
+        };
+        let mut bias: Option<T> = None;
+        if let (true, Some(index)) = (d.pos_att.c2p, &sh.c2p_index) {
+            let pos_key = project(t, "pos_key_proj", "key_proj")?;
+            let c2p = t.matmul(&q, &pos_key)?;
+            let c2p = gather_positions(t, &c2p, index, &scores);
+            bias = Some(t.div(&c2p, &scale)?);
+        }
+        if let (true, Some(index)) = (d.pos_att.p2c, &sh.p2c_index) {
+            let pos_query = project(t, "pos_query_proj", "query_proj")?;
+            let p2c = t.matmul(&k, &pos_query)?;
+            let p2c = gather_positions(t, &p2c, index, &scores);
+            let p2c = t.transpose(&p2c, &[0, 1, 3, 2])?;
+            let p2c = t.div(&p2c, &scale)?;
+            bias = Some(match bias {
+                Some(b) => t.add(&b, &p2c)?,
+                None => p2c,
+            });
+        }
+        if let Some(b) = bias {
+            scores = t.add(&scores, &b)?;
+        }
+    }
+    let min = t.float_min();
+    let scores = t.op(
+        "Where",
+        &[&sh.mask, &scores, &min],
+        vec![],
+        scores.dtype,
+        scores.shape.clone(),
+    );
+    let probs = t.softmax_last(&scores);
+    let ctx = t.matmul(&probs, &v)?;
+    let ctx = t.transpose(&ctx, &[0, 2, 1, 3])?;
+    t.reshape(&ctx, &[0, 0, hidden])
+}
+
+/// `DebertaV2Layer`: disentangled attention, `attention.output` (dense + residual
+/// LayerNorm), then the BERT-style feed-forward block.
+fn deberta_layer(
+    t: &mut Tracer,
+    w: &WeightSource<'_>,
+    d: &DebertaDims,
+    x: &T,
+    sh: &Shared,
+) -> Result<T, TraceError> {
+    let a = scoped(t, "attention", |t| {
+        let ctx = scoped(t, "self", |t| disentangled_attention(t, w, d, x, sh))?;
+        scoped(t, "output", |t| {
+            let o = linear(t, w, "dense", &ctx, d.enc.hidden, d.enc.hidden)?;
+            add_norm(t, w, "LayerNorm", &o, x, &d.enc)
+        })
+    })?;
+    bert_ffn(t, w, &a, &d.enc)
+}
+
+/// `DebertaV2Model` over `[batch, seq]` inputs.
+fn encoder(
+    t: &mut Tracer,
+    w: &WeightSource<'_>,
+    d: &DebertaDims,
+    ids: &T,
+    attention_mask: &T,
+    types: Option<&T>,
+) -> Result<T, TraceError> {
+    let x = embeddings(t, w, d, ids, attention_mask, types)?;
+    scoped(t, "encoder", |t| {
+        // get_attention_mask: mask[:, None, None, :] * mask[:, None, :, None], as booleans.
+        let m = t.cast(attention_mask, DType::Bool, 9);
+        let keys = t.unsqueeze(&m, &[1, 2]);
+        let queries = t.unsqueeze(&m, &[1, 3]);
+        let b = attention_mask.shape[0].clone();
+        let s = attention_mask.shape[1].clone();
+        let mask = t.op(
+            "And",
+            &[&keys, &queries],
+            vec![],
+            DType::Bool,
+            vec![b, Dim::Fixed(1), s.clone(), s],
+        );
+        let mut sh = Shared {
+            mask,
+            rel_embeddings: None,
+            c2p_index: None,
+            p2c_index: None,
+        };
+        if let Some(r) = &d.relative {
+            let table = w.get(
+                t,
+                "encoder.rel_embeddings.weight",
+                &[2 * r.span, d.enc.hidden],
+            )?;
+            sh.rel_embeddings = Some(if r.norm {
+                layer_norm(t, w, "LayerNorm", &table, d.enc.hidden, d.enc.eps)?
+            } else {
+                table
+            });
+            let rel = scoped(t, "rel_pos", |t| relative_positions(t, r, ids))?;
+            if d.pos_att.c2p {
+                sh.c2p_index = Some(table_index(t, &rel, r.span, false)?);
+            }
+            if d.pos_att.p2c {
+                sh.p2c_index = Some(table_index(t, &rel, r.span, true)?);
+            }
+        }
+        layer_stack(t, d.layers, x, |t, x| deberta_layer(t, w, d, x, &sh))
+    })
+}
+
+/// DeBERTa-v2's heads: `ContextPooler` (`pooler.dense` + `pooler_hidden_act` over the first
+/// token, no tanh) then `classifier` for sequence classification and multiple-choice; the
+/// masked-LM head `cls.predictions` (legacy: transform to `embedding_size`, decoder tied to
+/// the word embeddings, `cls.predictions.bias`) or `lm_predictions.lm_head` (dense,
+/// LayerNorm, word embeddings, `bias`); no pooler output for feature-extraction.
+fn heads(d: &DebertaDims) -> EncoderHeads {
+    let h = d.enc.hidden;
+    let pooled = ClassificationHead {
+        scope: None,
+        dense: "pooler.dense",
+        act: d.pooler_act,
+        out: "classifier",
+    };
+    let mlm = if d.legacy_mlm {
+        MlmHead {
+            transform: Some("transform"),
+            ..MlmHead::new(
+                &["cls", "predictions"],
+                d.enc.act,
+                &d.enc,
+                d.embedding,
+                d.vocab,
+            )
+        }
+    } else {
+        MlmHead::new(
+            &["lm_predictions", "lm_head"],
+            d.enc.act,
+            &d.enc,
+            h,
+            d.vocab,
+        )
+    };
+    EncoderHeads {
+        hidden: h,
+        pooler: None,
+        sequence: SequenceHead::FirstToken(pooled),
+        choice: Some(ChoiceHead::FirstToken(pooled)),
+        mlm,
+    }
+}
+
+/// Traces DeBERTa-v2 with the head of `task` (optimum's task names); `token_type_ids` is
+/// an input only when `type_vocab_size > 0`, as in optimum's export.
+pub(crate) fn build(t: &mut Tracer, r: &Request<'_>) -> Result<(), TraceError> {
+    let d = DebertaDims::from_config(r.config)?;
+    let heads = heads(&d);
+    if d.type_vocab > 0 {
+        heads.trace(t, r, "deberta", TYPED_INPUTS, |t, w, [ids, mask, types]| {
+            encoder(t, w, &d, ids, mask, Some(types))
+        })
+    } else {
+        heads.trace(t, r, "deberta", INPUTS, |t, w, [ids, mask]| {
+            encoder(t, w, &d, ids, mask, None)
+        })
+    }
+}
