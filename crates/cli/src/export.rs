@@ -90,6 +90,8 @@ pub fn export(a: &ExportArgs) -> Result<(), String> {
         },
         float_dtype,
         fixed_dims,
+        sentence: ckpt.sentence.clone(),
+        token_embeddings_name: a.sentence_transformers_names,
         ..Default::default()
     };
     let graph =

@@ -248,6 +248,11 @@ struct ExportArgs {
     /// With `--static-shapes`, multiple-choice: also fix the `num_choices` axis.
     #[arg(long, requires = "static_shapes")]
     num_choices: Option<i64>,
+    /// feature-extraction: name the token states `token_embeddings` (as optimum does when
+    /// it exports with the sentence-transformers library) instead of `last_hidden_state`
+    /// (which transformers.js and optimum's ORTModelForFeatureExtraction read).
+    #[arg(long)]
+    sentence_transformers_names: bool,
     /// ONNX: also write `<stem>-optimized.onnx` beside OUTPUT, as `ferry optimize` would
     /// (fusions into ONNX Runtime contrib ops, constant folding), and print its
     /// fused-operator statistics.

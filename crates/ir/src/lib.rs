@@ -10,11 +10,13 @@
 mod config;
 mod dtype;
 mod graph;
+mod sentence;
 mod tensor;
 
 pub use config::{ConfigError, ModelConfig};
 pub use dtype::DType;
 pub use graph::{Attr, Dim, Graph, Node, OpsetImport, Segment, Value};
+pub use sentence::{PoolingMode, SentenceDense, SentenceError, SentenceModules};
 pub use tensor::{
     BAND_BYTES, Initializer, MappedFile, RowProducer, TensorData, Weights, can_convert,
 };

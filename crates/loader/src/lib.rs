@@ -8,6 +8,8 @@
 //! `tf_model.h5` (Keras HDF5, read in pure Rust; TF names mapped to PyTorch's, see `tf`).
 //! Safetensors and HDF5 weights are borrowed from a memory map; `.bin` tensors are read one
 //! at a time when written. [`load_framework`] picks PyTorch or TF weights explicitly.
+//! A sentence-transformers checkpoint's `modules.json` is read into
+//! [`Checkpoint::sentence`], with its `Dense` modules' weights added to the weights.
 
 mod hub;
 mod tf;
@@ -15,8 +17,8 @@ mod weights;
 
 use std::path::{Path, PathBuf};
 
-pub use ferry_ir::ModelConfig;
 use ferry_ir::{ConfigError, Weights};
+pub use ferry_ir::{ModelConfig, SentenceModules};
 pub use hub::{DownloadProgress, ResolveOptions, hub_cache_dir, resolve};
 
 /// The weight file format a checkpoint was read from.
@@ -68,6 +70,9 @@ pub struct Checkpoint {
     pub weights: Weights,
     /// Which weight files were read.
     pub format: WeightFormat,
+    /// The sentence-transformers modules (`modules.json`), when the checkpoint has them;
+    /// their `Dense` weights are in [`Checkpoint::weights`] under each module's folder name.
+    pub sentence: Option<SentenceModules>,
 }
 
 /// Why a checkpoint could not be found or opened.
@@ -113,6 +118,9 @@ pub enum LoadError {
         /// What is wrong.
         reason: String,
     },
+    /// `modules.json` or a module's config is invalid or not supported.
+    #[error(transparent)]
+    Sentence(#[from] ferry_ir::SentenceError),
     /// An I/O error.
     #[error("{path}: {source}")]
     Io {
@@ -143,11 +151,16 @@ pub fn load_framework(dir: &Path, framework: Framework) -> Result<Checkpoint, Lo
         path: config_path.clone(),
         source,
     })?;
-    let (weights, format) = weights::open_weights(dir, framework)?;
+    let (mut weights, format) = weights::open_weights(dir, framework)?;
+    let sentence = SentenceModules::read(dir)?;
+    for d in sentence.iter().flat_map(|s| &s.dense) {
+        weights::add_module_weights(&dir.join(&d.weight_prefix), &d.weight_prefix, &mut weights)?;
+    }
     Ok(Checkpoint {
         dir: dir.to_path_buf(),
         config,
         weights,
         format,
+        sentence,
     })
 }

@@ -209,3 +209,28 @@ fn rename_legacy(weights: Weights) -> Weights {
     }
     out
 }
+
+/// Adds the weights of a sentence-transformers module folder (`2_Dense/model.safetensors`
+/// or `pytorch_model.bin`) under `{prefix}.{name}` (`2_Dense.linear.weight`).
+pub(crate) fn add_module_weights(
+    dir: &Path,
+    prefix: &str,
+    weights: &mut Weights,
+) -> Result<(), LoadError> {
+    let mut module = Weights::new();
+    let single = dir.join("model.safetensors");
+    let bin = dir.join("pytorch_model.bin");
+    if single.is_file() {
+        add_safetensors(&single, &mut module)?;
+    } else if bin.is_file() {
+        add_pytorch(&bin, &mut module)?;
+    } else {
+        return Err(LoadError::MissingWeights(dir.to_path_buf()));
+    }
+    for t in module.iter() {
+        let mut t = t.clone();
+        t.name = format!("{prefix}.{}", t.name);
+        weights.insert(t);
+    }
+    Ok(())
+}

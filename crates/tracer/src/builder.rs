@@ -127,6 +127,27 @@ impl Tracer {
             .push(Value::new(name, t.dtype, t.shape.clone()));
     }
 
+    /// The graph input called `name`, if declared.
+    pub fn input_named(&self, name: &str) -> Option<T> {
+        let v = self.graph.inputs.iter().find(|v| v.name == name)?;
+        Some(T {
+            name: v.name.clone(),
+            dtype: v.dtype,
+            shape: v.shape.clone()?,
+        })
+    }
+
+    /// The value marked as the graph output `name` (by its name while tracing), if any.
+    pub fn output_named(&self, name: &str) -> Option<T> {
+        let v = self.graph.outputs.iter().find(|v| v.name == name)?;
+        let (traced, _) = self.renames.iter().find(|(_, to)| to == name)?;
+        Some(T {
+            name: traced.clone(),
+            dtype: v.dtype,
+            shape: v.shape.clone()?,
+        })
+    }
+
     /// Finishes tracing.
     pub fn finish(mut self) -> Graph {
         let renames: HashMap<String, String> = self.renames.drain(..).collect();

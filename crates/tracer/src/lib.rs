@@ -24,6 +24,7 @@ mod layers;
 mod modernbert;
 mod mpnet;
 mod roberta;
+mod sentence;
 
 pub use builder::{T, Tracer};
 use ferry_ir::{ConfigError, Graph, ModelConfig, Weights};
@@ -240,6 +241,13 @@ pub struct TraceOptions {
     /// model has static shapes and its shape arithmetic folds to constants. Empty: dynamic
     /// axes.
     pub fixed_dims: std::collections::BTreeMap<String, i64>,
+    /// A sentence-transformers checkpoint's modules: feature-extraction then adds the
+    /// `sentence_embedding` output (pooling, dense layers, normalization) computed in the
+    /// graph. `None`: token states only.
+    pub sentence: Option<ferry_ir::SentenceModules>,
+    /// Name feature-extraction's token states `token_embeddings` (optimum's name when it
+    /// exports with the sentence-transformers library) instead of `last_hidden_state`.
+    pub token_embeddings_name: bool,
 }
 
 impl Default for TraceOptions {
@@ -251,6 +259,8 @@ impl Default for TraceOptions {
             sequence_axis: "sequence_length".into(),
             float_dtype: ferry_ir::DType::F32,
             fixed_dims: Default::default(),
+            sentence: None,
+            token_embeddings_name: false,
         }
     }
 }
@@ -404,6 +414,44 @@ fn fix_dims(mut graph: Graph, fixed: &std::collections::BTreeMap<String, i64>) -
     graph
 }
 
+/// Appends the sentence-transformers modules of [`TraceOptions::sentence`] to a
+/// feature-extraction trace.
+fn sentence_outputs(
+    t: &mut Tracer,
+    opts: &TraceOptions,
+    task: &str,
+    weights: &Weights,
+) -> Result<(), TraceError> {
+    if opts.token_embeddings_name && task != "feature-extraction" {
+        return Err(TraceError::Unsupported(format!(
+            "token_embeddings naming applies to feature-extraction, not `{task}`"
+        )));
+    }
+    match &opts.sentence {
+        Some(st) if task == "feature-extraction" => sentence::append(t, st, weights),
+        _ => Ok(()),
+    }
+}
+
+/// Renames the `last_hidden_state` output `token_embeddings` when `rename` is set.
+fn rename_token_states(mut graph: Graph, rename: bool) -> Graph {
+    const FROM: &str = "last_hidden_state";
+    if !rename {
+        return graph;
+    }
+    for v in graph.outputs.iter_mut().filter(|v| v.name == FROM) {
+        v.name = "token_embeddings".into();
+    }
+    for n in &mut graph.nodes {
+        for s in n.inputs.iter_mut().chain(n.outputs.iter_mut()) {
+            if s == FROM {
+                *s = "token_embeddings".into();
+            }
+        }
+    }
+    graph
+}
+
 /// Traces the model described by `config` over `weights` into a graph.
 pub fn trace(
     config: &ModelConfig,
@@ -451,7 +499,10 @@ pub fn trace(
                 opts,
                 task: &task,
             };
-            (a.build)(&mut t, &request).map(|()| fix_dims(t.finish(), &opts.fixed_dims))
+            (a.build)(&mut t, &request)
+                .and_then(|()| sentence_outputs(&mut t, opts, &task, weights))
+                .map(|()| fix_dims(t.finish(), &opts.fixed_dims))
+                .map(|g| rename_token_states(g, opts.token_embeddings_name))
         }
         None => Err(TraceError::UnknownArchitecture {
             model_type: config.model_type.clone(),
