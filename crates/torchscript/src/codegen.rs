@@ -542,6 +542,11 @@ impl<'a> Gen<'a> {
                     _ => return Err(unsupported()),
                 }
             }
+            // DeBERTa-v2's log-bucketed relative positions.
+            "Ceil" | "Sign" => {
+                let x = self.tensor(&ins[0], node)?;
+                Val::Tensor(self.emit(format!("torch.{}({x})", op.to_lowercase())))
+            }
             "Abs" | "Log" => {
                 let x = self.tensor(&ins[0], node)?;
                 let f = if op == "Abs" {

@@ -303,8 +303,9 @@ fn relative_positions(t: &mut Tracer, r: &Relative, input_ids: &T) -> Result<T, 
     let mid_f = t.scalar_f32(mid as f32);
     let ratio = t.div(&abs_f, &mid_f)?;
     let log = t.unary("Log", &ratio);
-    let base = t.scalar_f32(((r.max_relative - 1) as f64 / mid as f64) as f32);
-    let log_base = t.unary("Log", &base);
+    // torch.log(torch.tensor((max_position - 1) / mid)): a float32 log of a float32.
+    let base = ((r.max_relative - 1) as f64 / mid as f64) as f32;
+    let log_base = t.scalar_f32(base.ln());
     let scaled = t.div(&log, &log_base)?;
     let steps = t.scalar_f32((mid - 1) as f32);
     let scaled = t.mul(&scaled, &steps)?;
