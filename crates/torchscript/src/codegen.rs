@@ -216,6 +216,18 @@ impl<'a> Gen<'a> {
                     .map(|c| i64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
                     .collect(),
             ),
+            // A float32 vector (rotary inverse frequencies): written out exactly.
+            (DType::F32, 1) => {
+                let values: Vec<String> = bytes
+                    .chunks_exact(4)
+                    .map(|c| {
+                        fmt_f(f64::from(f32::from_le_bytes(
+                            c.try_into().unwrap_or([0; 4]),
+                        )))
+                    })
+                    .collect();
+                Val::Tensor(self.emit(format!("torch.tensor([{}], dtype=6)", values.join(", "))))
+            }
             (d, r) => {
                 return Err(TsError::Unsupported(format!(
                     "{}: constant of {d} rank {r}",
@@ -334,7 +346,7 @@ impl<'a> Gen<'a> {
             "Add" | "Sub" | "Mul" | "Div" | "Pow" => {
                 self.binary(node, ins[0].clone(), ins[1].clone())?
             }
-            "Erf" | "Tanh" | "Relu" | "Sqrt" | "Sigmoid" | "Neg" | "Exp" => {
+            "Erf" | "Tanh" | "Relu" | "Sqrt" | "Sigmoid" | "Neg" | "Exp" | "Cos" | "Sin" => {
                 let x = self.tensor(&ins[0], node)?;
                 Val::Tensor(self.emit(format!("torch.{}({x})", op.to_lowercase())))
             }
@@ -484,17 +496,21 @@ impl<'a> Gen<'a> {
                     .get(&inputs[1])
                     .and_then(|g| g.dims.first().copied())
                     .ok_or_else(unsupported)?;
+                // The bias is optional (`nn.LayerNorm(…, bias=False)`).
                 let (x, g, b) = (
                     self.tensor(&ins[0], node)?,
                     self.tensor(&ins[1], node)?,
-                    self.tensor(&ins[2], node)?,
+                    match ins.get(2) {
+                        Some(b) => self.tensor(b, node)?,
+                        None => "None".into(),
+                    },
                 );
                 Val::Tensor(self.emit(format!(
                     "torch.layer_norm({x}, [{n}], {g}, {b}, {})",
                     fmt_f(f64::from(eps))
                 )))
             }
-            "ReduceMean" => {
+            "ReduceMean" | "ReduceSum" => {
                 let axes = Self::ints_attr(node, "axes")
                     .or_else(|| match ins.get(1) {
                         Some(Val::Ints(v)) => Some(v.clone()),
@@ -504,7 +520,12 @@ impl<'a> Gen<'a> {
                 let keep = Self::int_attr(node, "keepdims").unwrap_or(1) != 0;
                 let x = self.tensor(&ins[0], node)?;
                 let keep = if keep { "True" } else { "False" };
-                Val::Tensor(self.emit(format!("torch.mean({x}, {}, {keep})", fmt_ints(&axes))))
+                let f = if op == "ReduceSum" {
+                    "torch.sum"
+                } else {
+                    "torch.mean"
+                };
+                Val::Tensor(self.emit(format!("{f}({x}, {}, {keep})", fmt_ints(&axes))))
             }
             "Shape" => {
                 let x = self.tensor(&ins[0], node)?;
