@@ -586,3 +586,111 @@ pub(crate) fn build(t: &mut Tracer, r: &Request<'_>) -> Result<(), TraceError> {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use ferry_ir::{Graph, ModelConfig};
+
+    use super::DebertaDims;
+    use crate::{TraceError, TraceOptions};
+
+    fn traced(name: &str, task: &str) -> Graph {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../testdata")
+            .join(name);
+        let c = ferry_loader::load(&dir).expect("load");
+        let opts = TraceOptions {
+            task: task.into(),
+            ..Default::default()
+        };
+        crate::trace(&c.config, &c.weights, &opts).expect("trace")
+    }
+
+    fn names(v: &[ferry_ir::Value]) -> Vec<&str> {
+        v.iter().map(|v| v.name.as_str()).collect()
+    }
+
+    fn has_init(g: &Graph, part: &str) -> bool {
+        g.initializers.iter().any(|i| i.name.contains(part))
+    }
+
+    #[test]
+    fn shared_keys_and_buckets_built_once() {
+        // share_att_key, c2p and p2c, position_buckets 8, type_vocab_size 0, 2 layers.
+        let g = traced("deberta-v2-tiny-feature-extraction", "feature-extraction");
+        assert_eq!(names(&g.inputs), ["input_ids", "attention_mask"]);
+        assert_eq!(names(&g.outputs), ["last_hidden_state"], "no pooler output");
+        let counts = g.op_counts();
+        assert_eq!(counts.get("Range"), Some(&1), "one relative-position grid");
+        assert_eq!(counts.get("Ceil"), Some(&1), "bucketed once");
+        assert_eq!(
+            counts.get("GatherElements"),
+            Some(&4),
+            "c2p + p2c per layer"
+        );
+        assert!(!has_init(&g, "pos_key_proj") && !has_init(&g, "pos_query_proj"));
+        assert!(has_init(&g, "encoder.LayerNorm.weight"), "norm_rel_ebd");
+        assert!(
+            !has_init(&g, "position_embeddings"),
+            "position_biased_input off"
+        );
+    }
+
+    #[test]
+    fn separate_position_projections_and_context_pooler() {
+        // share_att_key off, p2c|c2p, token types, tanh ContextPooler, 3 layers.
+        let g = traced("deberta-v2-tiny-text-classification", "text-classification");
+        assert_eq!(
+            names(&g.inputs),
+            ["input_ids", "attention_mask", "token_type_ids"]
+        );
+        assert!(has_init(&g, "layer.2.attention.self.pos_key_proj.weight"));
+        assert!(has_init(&g, "layer.2.attention.self.pos_query_proj.weight"));
+        assert!(has_init(&g, "pooler.dense.weight") && has_init(&g, "classifier.weight"));
+        let counts = g.op_counts();
+        assert_eq!(counts.get("Tanh"), Some(&1), "pooler_hidden_act tanh");
+        assert_eq!(counts.get("GatherElements"), Some(&6));
+        // Only p2c: one gather per layer, no c2p projection.
+        let g = traced("deberta-v2-tiny-question-answering", "question-answering");
+        assert_eq!(g.op_counts().get("GatherElements"), Some(&2));
+        assert!(has_init(&g, "pos_query_proj") && !has_init(&g, "pos_key_proj"));
+        // No relative attention: no grid at all.
+        let g = traced(
+            "deberta-v2-tiny-text-classification-absolute",
+            "text-classification",
+        );
+        assert_eq!(g.op_counts().get("Range"), None);
+        assert_eq!(g.op_counts().get("GatherElements"), None);
+    }
+
+    fn dims(extra: &str) -> Result<DebertaDims, TraceError> {
+        let json = format!(
+            r#"{{"model_type":"deberta-v2","vocab_size":10,"hidden_size":8,"num_attention_heads":2,"intermediate_size":16,"num_hidden_layers":1,"relative_attention":true{extra}}}"#
+        );
+        DebertaDims::from_config(&ModelConfig::from_json(&json).expect("config"))
+    }
+
+    #[test]
+    fn config_switches_and_rejections() -> Result<(), TraceError> {
+        let d = dims(r#","pos_att_type":"P2C|c2p","max_relative_positions":-1"#)?;
+        assert!(d.pos_att.c2p && d.pos_att.p2c);
+        let r = d.relative.expect("relative");
+        assert_eq!((r.max_relative, r.span, r.buckets), (512, 512, -1));
+        let d = dims(r#","pos_att_type":["c2p"],"position_buckets":256"#)?;
+        assert_eq!(d.pos_att.scale_factor(), 2);
+        assert_eq!(d.relative.map(|r| r.span), Some(256));
+        for bad in [
+            r#","conv_kernel_size":3"#,
+            r#","pos_att_type":"c2c""#,
+            r#","pooler_hidden_size":4"#,
+            r#","attention_head_size":3"#,
+            r#","pooler_hidden_act":"mish""#,
+        ] {
+            assert!(
+                matches!(dims(bad), Err(TraceError::Unsupported(_))),
+                "{bad}"
+            );
+        }
+        Ok(())
+    }
+}
