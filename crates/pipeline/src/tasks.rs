@@ -5,8 +5,8 @@
 //! calls [`run_task`].
 
 use std::collections::BTreeMap;
-use std::path::Path;
 
+use ferry_ir::{PoolingMode, SentenceModules};
 use ferry_verifier::{F32Tensor, I64Tensor, Input, IoInfo, Model};
 use serde_json::{Value, json};
 use tokenizers::Encoding;
@@ -586,90 +586,76 @@ impl Ctx<'_> {
     }
 
     fn feature_extraction(&mut self, text: &str) -> Result<Answer, String> {
-        let st = SentenceTransformer::read(&self.tok.dir)?;
+        let st = SentenceModules::read(&self.tok.dir).map_err(|e| e.to_string())?;
         let mut enc = self.tok.encode(text)?;
-        if let Some(max) = st.max_seq_length
+        if let Some(max) = st.as_ref().and_then(|s| s.max_seq_length)
             && enc.len() > max
         {
             enc = self.tok.encode_truncated(text, max)?;
         }
         let outs = self.call(&Batch::new(&[&enc], self.tok.pad_id.unwrap_or(0), false))?;
         let declared = self.model.outputs();
-        let name = declared
+        let name = ["last_hidden_state", "token_embeddings"]
             .iter()
-            .find(|o| o.name == "last_hidden_state")
+            .find_map(|n| declared.iter().find(|o| o.name == *n))
             .or(declared.first())
             .map(|o| o.name.clone())
             .ok_or("the model has no outputs")?;
         let hidden = output(&outs, &name, &[Some(1), Some(enc.len()), None])?;
-        let (len, dim) = (hidden.shape[1] as usize, hidden.shape[2] as usize);
-        let mask = enc.get_attention_mask();
-        let rows: Vec<&[f32]> = (0..len)
-            .filter(|&i| mask.get(i) == Some(&1))
-            .map(|i| &hidden.data[i * dim..(i + 1) * dim])
-            .collect();
-        let norm = |v: &[f64]| v.iter().map(|x| x * x).sum::<f64>().sqrt();
-        let mean: Vec<f64> = (0..dim)
-            .map(|j| rows.iter().map(|r| f64::from(r[j])).sum::<f64>() / rows.len().max(1) as f64)
-            .collect();
-        let mut embedding = Vec::new();
-        for mode in &st.pooling {
-            match mode.as_str() {
-                "cls" => embedding.extend(hidden.data[..dim].iter().map(|&v| f64::from(v))),
-                "max" => embedding.extend((0..dim).map(|j| {
-                    rows.iter()
-                        .map(|r| f64::from(r[j]))
-                        .fold(f64::NEG_INFINITY, f64::max)
-                })),
-                "mean" => embedding.extend(&mean),
-                // Sum over tokens divided by the square root of their count.
-                "mean_sqrt_len_tokens" => {
-                    let k = (rows.len() as f64).sqrt();
-                    embedding.extend(mean.iter().map(|v| v * k));
-                }
-                "lasttoken" => {
-                    let last = rows.last().ok_or("no tokens")?;
-                    embedding.extend(last.iter().map(|&v| f64::from(v)));
-                }
-                other => return Err(format!("pooling mode `{other}` is not supported")),
-            }
-        }
-        if st.normalize {
-            let n = norm(&embedding).max(1e-12);
-            embedding.iter_mut().for_each(|v| *v /= n);
-        }
         let total: f64 = hidden
             .data
             .iter()
             .map(|&v| f64::from(v) * f64::from(v))
             .sum::<f64>()
             .sqrt();
+        let norm = |v: &[f64]| v.iter().map(|x| x * x).sum::<f64>().sqrt();
+        let mut json = json!({ "output": name, "shape": hidden.shape, "norm": total });
+        let (embedding, how) = if outs.contains_key(SENTENCE_EMBEDDING) {
+            // The export computes the embedding itself (sentence-transformers' modules).
+            let e = output(&outs, SENTENCE_EMBEDDING, &[Some(1), None])?;
+            json["pooled_by"] = json!("model");
+            let e: Vec<f64> = e.data.iter().map(|&v| f64::from(v)).collect();
+            (e, format!("the model's `{SENTENCE_EMBEDDING}` output"))
+        } else {
+            let modes = st
+                .as_ref()
+                .map_or(vec![PoolingMode::Mean], |s| s.pooling.clone());
+            let normalize = st.as_ref().is_some_and(|s| s.normalize);
+            if st.as_ref().is_some_and(|s| !s.dense.is_empty()) {
+                return Err(format!(
+                    "the checkpoint's modules.json has Dense layers but the model has no `{SENTENCE_EMBEDDING}` output; export it with ferry to compute them"
+                ));
+            }
+            let (e, mean) = pool(hidden, enc.get_attention_mask(), &modes, normalize)?;
+            let names: Vec<&str> = modes.iter().map(|m| m.name()).collect();
+            json["pooled_by"] = json!("ferry");
+            json["pooling"] = json!(names);
+            json["normalize"] = json!(normalize);
+            json["mean_pooled"] = json!(mean);
+            let how = format!(
+                "{} pooling{} by ferry (before normalization {:.4})",
+                names.join("+"),
+                if normalize { ", normalized" } else { "" },
+                norm(&mean)
+            );
+            (e, how)
+        };
         let preview: Vec<String> = embedding
             .iter()
             .take(6)
             .map(|v| format!("{v:.4}"))
             .collect();
         let text_out = format!(
-            "{name} {:?}, norm {:.4}\nsentence embedding ({} pooling{}): {} values, norm {:.4} (before normalization {:.4})\n  [{}, …]\n",
+            "{name} {:?}, norm {:.4}\nsentence embedding ({how}): {} values, norm {:.4}\n  [{}, …]\n",
             hidden.shape,
             total,
-            st.pooling.join("+"),
-            if st.normalize { ", normalized" } else { "" },
             embedding.len(),
             norm(&embedding),
-            norm(&mean),
             preview.join(", ")
         );
+        json["sentence_embedding"] = json!(embedding);
         Ok(Answer {
-            json: json!({
-                "output": name,
-                "shape": hidden.shape,
-                "norm": total,
-                "pooling": st.pooling,
-                "normalize": st.normalize,
-                "mean_pooled": mean,
-                "sentence_embedding": embedding,
-            }),
+            json,
             text: text_out,
         })
     }
@@ -922,62 +908,65 @@ fn group_entities(ctx: &Ctx<'_>, entities: Vec<Entity>) -> Result<Vec<Entity>, S
     Ok(groups)
 }
 
-/// The sentence-transformers modules of a checkpoint (modules.json): pooling modes and
-/// whether embeddings are L2-normalized. Without modules.json: mean pooling, as
-/// sentence-transformers sets up for a plain transformers checkpoint.
-struct SentenceTransformer {
-    pooling: Vec<String>,
-    normalize: bool,
-    max_seq_length: Option<usize>,
-}
+/// The output a sentence-transformers export computes its embedding into.
+const SENTENCE_EMBEDDING: &str = "sentence_embedding";
 
-impl SentenceTransformer {
-    fn read(dir: &Path) -> Result<Self, String> {
-        let json = |p: &Path| -> Result<Option<Value>, String> {
-            match std::fs::read_to_string(p) {
-                Ok(t) => serde_json::from_str(&t)
-                    .map(Some)
-                    .map_err(|e| format!("{} is not valid JSON: {e}", p.display())),
-                Err(_) => Ok(None),
+/// sentence-transformers' pooling of one unpadded sequence's token states `hidden`
+/// (`[1, len, dim]`), for exports without a `sentence_embedding` output: the modes
+/// concatenated, then L2-normalized when `normalize`; with the mean (a diagnostic).
+fn pool(
+    hidden: &F32Tensor,
+    mask: &[u32],
+    modes: &[PoolingMode],
+    normalize: bool,
+) -> Result<(Vec<f64>, Vec<f64>), String> {
+    let (len, dim) = (hidden.shape[1] as usize, hidden.shape[2] as usize);
+    let rows: Vec<&[f32]> = (0..len)
+        .filter(|&i| mask.get(i) == Some(&1))
+        .map(|i| &hidden.data[i * dim..(i + 1) * dim])
+        .collect();
+    let first = rows.first().ok_or("no tokens")?;
+    let last = rows.last().ok_or("no tokens")?;
+    let mean: Vec<f64> = (0..dim)
+        .map(|j| rows.iter().map(|r| f64::from(r[j])).sum::<f64>() / rows.len() as f64)
+        .collect();
+    let mut embedding = Vec::new();
+    for mode in modes {
+        match mode {
+            PoolingMode::Cls => embedding.extend(first.iter().map(|&v| f64::from(v))),
+            PoolingMode::Max => embedding.extend((0..dim).map(|j| {
+                rows.iter()
+                    .map(|r| f64::from(r[j]))
+                    .fold(f64::NEG_INFINITY, f64::max)
+            })),
+            PoolingMode::Mean => embedding.extend(&mean),
+            // Sum over tokens divided by the square root of their count.
+            PoolingMode::MeanSqrtLen => {
+                let k = (rows.len() as f64).sqrt();
+                embedding.extend(mean.iter().map(|v| v * k));
             }
-        };
-        let mut st = SentenceTransformer {
-            pooling: vec!["mean".into()],
-            normalize: false,
-            max_seq_length: json(&dir.join("sentence_bert_config.json"))?
-                .and_then(|v| v.get("max_seq_length")?.as_u64())
-                .map(|n| n as usize),
-        };
-        let Some(Value::Array(modules)) = json(&dir.join("modules.json"))? else {
-            return Ok(st);
-        };
-        for m in &modules {
-            let kind = m.get("type").and_then(Value::as_str).unwrap_or("");
-            let path = m.get("path").and_then(Value::as_str).unwrap_or("");
-            if kind.ends_with(".Normalize") {
-                st.normalize = true;
-            } else if kind.ends_with(".Pooling")
-                && let Some(cfg) = json(&dir.join(path).join("config.json"))?
-            {
-                // In sentence-transformers' concatenation order.
-                let modes = [
-                    ("pooling_mode_cls_token", "cls"),
-                    ("pooling_mode_max_tokens", "max"),
-                    ("pooling_mode_mean_tokens", "mean"),
-                    ("pooling_mode_mean_sqrt_len_tokens", "mean_sqrt_len_tokens"),
-                    ("pooling_mode_weightedmean_tokens", "weightedmean"),
-                    ("pooling_mode_lasttoken", "lasttoken"),
-                ];
-                st.pooling = modes
-                    .iter()
-                    .filter(|(k, _)| cfg.get(*k).and_then(Value::as_bool) == Some(true))
-                    .map(|(_, m)| m.to_string())
-                    .collect();
-                if st.pooling.is_empty() {
-                    st.pooling = vec!["mean".into()];
-                }
+            // Weights 1, 2, … from the first token.
+            PoolingMode::WeightedMean => {
+                let total: f64 = (1..=rows.len()).map(|w| w as f64).sum();
+                embedding.extend((0..dim).map(|j| {
+                    rows.iter()
+                        .enumerate()
+                        .map(|(i, r)| (i + 1) as f64 * f64::from(r[j]))
+                        .sum::<f64>()
+                        / total
+                }));
             }
+            PoolingMode::LastToken => embedding.extend(last.iter().map(|&v| f64::from(v))),
         }
-        Ok(st)
     }
+    if normalize {
+        let n = embedding
+            .iter()
+            .map(|x| x * x)
+            .sum::<f64>()
+            .sqrt()
+            .max(1e-12);
+        embedding.iter_mut().for_each(|v| *v /= n);
+    }
+    Ok((embedding, mean))
 }
