@@ -483,6 +483,10 @@ fn transposed_band(
     transposed_band_serial(source, dims, perm, elem, a0, a1, out)
 }
 
+/// Elements a converted tensor's read converts at a time (1.5 MiB of buffers for
+/// bfloat16 → float32).
+const CONVERT_WINDOW: u64 = 1 << 18;
+
 /// Bands at least this large are transposed on two threads.
 const PARALLEL_BAND: usize = 4 << 20;
 
@@ -888,14 +892,27 @@ impl TensorData {
                 Ok(())
             }
             TensorData::Converted { source, from, to } => {
+                // Converted a window of elements at a time, so a large read (a whole
+                // packed part, a band) needs no source-sized temporaries.
                 let (fs, ts) = (from.size() as u64, to.size() as u64);
                 let (e0, e1) = (offset / ts, (offset + len).div_ceil(ts));
-                let mut src = vec![0u8; to_usize((e1 - e0) * fs)?];
-                source.read_into(e0 * fs, &mut src)?;
-                let mut conv = Vec::with_capacity(to_usize((e1 - e0) * ts)?);
-                convert_into(*from, *to, &src, &mut conv)?;
-                let skip = to_usize(offset - e0 * ts)?;
-                out.copy_from_slice(&conv[skip..skip + out.len()]);
+                let window = CONVERT_WINDOW.min(e1 - e0);
+                let mut src = vec![0u8; to_usize(window * fs)?];
+                let mut conv = Vec::with_capacity(to_usize(window * ts)?);
+                let mut e = e0;
+                let mut done = 0usize;
+                while e < e1 {
+                    let n = window.min(e1 - e);
+                    let src = &mut src[..to_usize(n * fs)?];
+                    source.read_into(e * fs, src)?;
+                    conv.clear();
+                    convert_into(*from, *to, src, &mut conv)?;
+                    let skip = to_usize(offset.saturating_sub(e * ts))?;
+                    let m = (conv.len() - skip).min(out.len() - done);
+                    out[done..done + m].copy_from_slice(&conv[skip..skip + m]);
+                    done += m;
+                    e += n;
+                }
                 Ok(())
             }
             TensorData::Transposed {
@@ -916,6 +933,22 @@ impl TensorData {
                 transposed_band(source, dims, perm, *elem, a0, a1, &mut band)?;
                 let skip = to_usize(offset - a0 * rb)?;
                 out.copy_from_slice(&band[skip..skip + out.len()]);
+                Ok(())
+            }
+            TensorData::Concat { parts, rows: 1 } => {
+                // Parts one after the other: each part's overlap with the range read
+                // straight into `out` (no band buffer as large as a part).
+                let (mut at, mut done) = (0u64, 0usize);
+                for part in parts.iter() {
+                    let plen = part.len();
+                    let (lo, hi) = (offset.max(at), (offset + len).min(at + plen));
+                    if lo < hi {
+                        let m = to_usize(hi - lo)?;
+                        part.read_into(lo - at, &mut out[done..done + m])?;
+                        done += m;
+                    }
+                    at += plen;
+                }
                 Ok(())
             }
             TensorData::Concat { parts, rows } => {
@@ -942,6 +975,8 @@ impl TensorData {
             TensorData::Transposed { dims, perm, .. } if !dims.is_empty() && total > 0 => {
                 total / dims[perm[0]] as u64
             }
+            // Parts one after the other read at any byte range: plain bands.
+            TensorData::Concat { rows: 1, .. } => 1,
             TensorData::Concat { rows, .. } if *rows > 0 && total > 0 => total / rows,
             TensorData::Produced(p) => {
                 let row = p.row_bytes().max(1);
@@ -1510,6 +1545,47 @@ mod tests {
             &*t.bytes()?,
             &naive_transpose(&plain.bytes()?, &[3, 4], &[1, 0], 4)[..]
         );
+        Ok(())
+    }
+
+    /// Parts one after the other (`rows` 1) and converted tensors larger than a conversion
+    /// window read the same bytes at any range, streamed in bands or read whole.
+    #[test]
+    fn stacked_parts_and_windowed_conversions_read_at_any_range() -> io::Result<()> {
+        let n = CONVERT_WINDOW as usize + 1001;
+        let src: Vec<u8> = (0..n as u32)
+            .flat_map(|i| ((i % 3000) as u16 + 0x3c00).to_le_bytes())
+            .collect();
+        let conv = TensorData::converted(TensorData::owned(src.clone()), DType::BF16, DType::F32)
+            .ok_or_else(|| io::Error::other("bf16 → f32 not convertible"))?;
+        let want_conv: Vec<u8> = src
+            .chunks_exact(2)
+            .flat_map(|c| (u32::from(u16::from_le_bytes([c[0], c[1]])) << 16).to_le_bytes())
+            .collect();
+        let a = pattern(4 * 10, 7);
+        let cat = TensorData::Concat {
+            parts: vec![TensorData::owned(a.clone()), conv.clone()].into(),
+            rows: 1,
+        };
+        let want = [a, want_conv.clone()].concat();
+        assert_eq!(&*conv.bytes()?, &want_conv[..]);
+        assert_eq!(&*cat.bytes()?, &want[..]);
+        let mut streamed = Vec::new();
+        cat.write_to(&mut streamed)?;
+        assert!(streamed == want);
+        let edge = 40 + 4 * CONVERT_WINDOW as usize;
+        for (off, len) in [
+            (0, 41),
+            (3, 4000),
+            (38, 9),
+            (edge - 5, 11),
+            (edge + 2, 3),
+            (1, want.len() - 2),
+        ] {
+            let mut part = vec![0u8; len];
+            cat.read_into(off as u64, &mut part)?;
+            assert!(part == want[off..off + len], "offset {off} length {len}");
+        }
         Ok(())
     }
 
