@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::{Golden, Input, Model, VerifyError};
+use crate::{F32Tensor, Golden, Input, Model, VerifyError};
 
 /// How one output of a candidate model agrees with the reference model's.
 #[derive(Debug, Clone, PartialEq)]
@@ -58,8 +58,17 @@ pub fn compare_models(
 ) -> Result<Vec<Agreement>, VerifyError> {
     let want = reference.run_inputs(inputs)?;
     let got = candidate.run_inputs(inputs)?;
+    compare_outputs(&want, &got)
+}
+
+/// Compares every output of a reference run with the candidate's output of the same name
+/// (what [`compare_models`] does once both have run).
+pub fn compare_outputs(
+    want: &BTreeMap<String, F32Tensor>,
+    got: &BTreeMap<String, F32Tensor>,
+) -> Result<Vec<Agreement>, VerifyError> {
     let mut out = Vec::new();
-    for (name, r) in &want {
+    for (name, r) in want {
         let Some(c) = got.get(name) else {
             return Err(VerifyError::Check(format!(
                 "the compared model has no output `{name}`"

@@ -17,10 +17,13 @@ use ort::session::{Session, SessionInputValue};
 use ort::value::{Tensor, ValueType};
 
 mod agreement;
+mod chain;
 
 pub use agreement::{
-    Agreement, argmax, compare_models, cosine, golden_inputs, is_classification_output,
+    Agreement, argmax, compare_models, compare_outputs, cosine, golden_inputs,
+    is_classification_output,
 };
+pub use chain::Values;
 
 /// Why verification could not run or failed.
 #[derive(Debug, thiserror::Error)]
@@ -273,19 +276,7 @@ impl Model {
         let mut result = BTreeMap::new();
         for (name, value) in outs.iter() {
             // float16 outputs (`--dtype fp16` exports) are widened exactly to f32.
-            let t = match value.try_extract_tensor::<half::f16>() {
-                Ok((shape, data)) => F32Tensor {
-                    shape: shape.to_vec(),
-                    data: data.iter().map(|v| v.to_f32()).collect(),
-                },
-                Err(_) => {
-                    let (shape, data) = value.try_extract_tensor::<f32>()?;
-                    F32Tensor {
-                        shape: shape.to_vec(),
-                        data: data.to_vec(),
-                    }
-                }
-            };
+            let t = chain::widen(&value)?;
             result.insert(name.to_string(), t);
         }
         Ok(result)
