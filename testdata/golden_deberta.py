@@ -1,4 +1,5 @@
-"""DeBERTa-v2 golden cases (deberta-v2-tiny-<task>[-variant]).
+"""DeBERTa-v2 golden cases (deberta-v2-tiny-<task>[-variant]) and DeBERTa v1 ones
+(deberta-tiny-<task>, see V1_CASES).
 
 Run by make_golden.py (`--only golden_deberta`). Disentangled attention in the switches
 DeBERTa-v2/v3 checkpoints use: `share_att_key` on and off, `pos_att_type` as c2p|p2c in
@@ -96,5 +97,66 @@ def make(root, g):
             "description": f"{cls.__name__}, {cfg.hidden_act}, {rel}, "
                            f"position_biased_input={cfg.position_biased_input}, "
                            f"type_vocab_size={cfg.type_vocab_size}, legacy={cfg.legacy}, safetensors",
+            "weights": "model.safetensors",
+        }, task=task)
+    make_v1(root, g)
+
+
+# DeBERTa v1 (model_type `deberta`): packed in_proj with q_bias / v_bias, pos_proj /
+# pos_q_proj, no bucketing; max_relative_positions below and above the golden length (the
+# relative table is sliced to min(seq, max_relative_positions) rows either side).
+V1_CASES = [
+    ("feature-extraction", "feature-extraction", "DebertaModel", ["last_hidden_state"],
+     dict(relative_attention=True, pos_att_type="c2p|p2c", max_relative_positions=6,
+          position_biased_input=False, type_vocab_size=0, vocab_size=99, hidden_size=32,
+          num_attention_heads=4, intermediate_size=37, num_hidden_layers=2)),
+    ("fill-mask", "fill-mask", "DebertaForMaskedLM", ["logits"],
+     dict(relative_attention=True, pos_att_type=["p2c", "c2p"], max_relative_positions=-1,
+          type_vocab_size=2, vocab_size=80, hidden_size=24, num_attention_heads=3,
+          intermediate_size=41, num_hidden_layers=2, hidden_act="gelu_new")),
+    ("text-classification", "text-classification", "DebertaForSequenceClassification", ["logits"],
+     dict(relative_attention=True, pos_att_type=["c2p"], max_relative_positions=16,
+          type_vocab_size=0, vocab_size=64, hidden_size=20, num_attention_heads=5,
+          intermediate_size=30, num_hidden_layers=2, hidden_act="relu", num_labels=3)),
+    ("token-classification", "token-classification", "DebertaForTokenClassification", ["logits"],
+     dict(relative_attention=True, pos_att_type="p2c", max_relative_positions=8,
+          position_biased_input=False, vocab_size=70, hidden_size=16, num_attention_heads=2,
+          intermediate_size=28, num_hidden_layers=2, num_labels=5)),
+    ("question-answering", "question-answering", "DebertaForQuestionAnswering",
+     ["start_logits", "end_logits"],
+     dict(relative_attention=True, pos_att_type="c2p|p2c", max_relative_positions=32,
+          vocab_size=90, hidden_size=24, num_attention_heads=4, intermediate_size=33,
+          num_hidden_layers=2)),
+]
+
+
+def make_v1(root, g):
+    import transformers
+    from transformers import DebertaConfig
+    for seed, (name, task, cls_name, names, extra) in enumerate(V1_CASES, start=1500):
+        cls = getattr(transformers, cls_name)
+        cfg = DebertaConfig(max_position_embeddings=40, initializer_range=0.2, **extra)
+        torch.manual_seed(seed)
+        model = cls(cfg).eval()
+        # q_bias / v_bias start at zero: make them count.
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if n.endswith(("q_bias", "v_bias")):
+                    p.normal_(0, 0.2)
+        d = os.path.join(root, f"deberta-tiny-{name}")
+        g.fresh(d)
+        model.save_pretrained(d)
+        gen = torch.Generator().manual_seed(seed + 100)
+        inputs = g.task_inputs(gen, cfg.vocab_size, max(cfg.type_vocab_size, 1), task)
+        if cfg.type_vocab_size == 0:
+            del inputs["token_type_ids"]
+        with torch.no_grad():
+            out = model(**inputs, return_dict=False)
+        outputs = {n: out[i] for i, n in enumerate(names)}
+        g.save_golden(d, inputs, outputs, {
+            "description": f"{cls_name}, {cfg.hidden_act}, pos_att_type={cfg.pos_att_type}, "
+                           f"max_relative_positions={cfg.max_relative_positions}, "
+                           f"position_biased_input={cfg.position_biased_input}, "
+                           f"type_vocab_size={cfg.type_vocab_size}, safetensors",
             "weights": "model.safetensors",
         }, task=task)

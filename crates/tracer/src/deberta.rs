@@ -5,7 +5,8 @@
 //! optionally LayerNorm'ed), with log-bucketed relative positions built from the run-time
 //! sequence length; embeddings with optional absolute positions, token types and
 //! `embed_proj`, masked after their LayerNorm; a `[batch, 1, seq, seq]` pairwise mask
-//! filled in with `finfo.min` as `masked_fill` does.
+//! filled in with `finfo.min` as `masked_fill` does. DeBERTa v1 (`modeling_deberta.py`) is
+//! a switch on the same module: its attention (`v1_attention`) differs, the rest is shared.
 
 use ferry_ir::{Attr, DType, Dim, ModelConfig};
 
@@ -15,10 +16,20 @@ use crate::heads::{
     ChoiceHead, ClassificationHead, EncoderHeads, INPUTS, MlmHead, SequenceHead, TYPED_INPUTS,
 };
 use crate::layers::{
-    Activation, EncoderDims, HeadActivation, WeightSource, add_norm, bert_ffn, layer_norm,
-    layer_stack, linear, scoped,
+    Activation, EncoderDims, HeadActivation, WeightLayout, WeightSource, add_norm, bert_ffn, dense,
+    layer_norm, layer_stack, linear, scoped,
 };
 use crate::{Request, T, TraceError, Tracer};
+
+/// DeBERTa v1's tasks: transformers has no `DebertaForMultipleChoice` (nor optimum a
+/// multiple-choice export of it).
+pub(crate) const V1_TASKS: &[&str] = &[
+    "feature-extraction",
+    "fill-mask",
+    "text-classification",
+    "token-classification",
+    "question-answering",
+];
 
 /// Which relative terms the attention scores add (`pos_att_type`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -27,6 +38,8 @@ struct PosAttention {
     c2p: bool,
     /// `p2c`: the key against the position queries.
     p2c: bool,
+    /// How many entries `pos_att_type` lists (DeBERTa v1's `scale_factor` counts them).
+    listed: i64,
 }
 
 impl PosAttention {
@@ -49,7 +62,10 @@ impl PosAttention {
                 return Err(TraceError::Unsupported(format!("pos_att_type {other}")));
             }
         };
-        let mut p = Self::default();
+        let mut p = Self {
+            listed: names.len() as i64,
+            ..Self::default()
+        };
         for n in &names {
             match n.as_str() {
                 "c2p" => p.c2p = true,
@@ -65,9 +81,13 @@ impl PosAttention {
         Ok(p)
     }
 
-    /// `scale_factor`: 1 plus one per relative term named.
-    fn scale_factor(self) -> i64 {
-        1 + i64::from(self.c2p) + i64::from(self.p2c)
+    /// `scale_factor`: 1 plus one per relative term named (v2), or per entry listed (v1).
+    fn scale_factor(self, v1: bool) -> i64 {
+        if v1 {
+            1 + self.listed
+        } else {
+            1 + i64::from(self.c2p) + i64::from(self.p2c)
+        }
     }
 }
 
@@ -90,6 +110,9 @@ struct Relative {
 /// The DeBERTa-v2 hyper-parameters ferry needs, validated.
 #[derive(Debug, Clone)]
 struct DebertaDims {
+    /// DeBERTa v1 (`deberta`): packed `in_proj` with `q_bias`/`v_bias`, the query scaled
+    /// before the products, `pos_proj`/`pos_q_proj`, no bucketing, no `norm_rel_ebd`.
+    v1: bool,
     vocab: i64,
     layers: i64,
     max_positions: i64,
@@ -149,9 +172,17 @@ impl DebertaDims {
                 "pooler_hidden_size {pooler} != hidden_size {hidden}"
             )));
         }
+        let v1 = c.model_type == "deberta";
+        if v1 && flag(c, "talking_head", false) {
+            return Err(TraceError::Unsupported("talking_head (DeBERTa v1)".into()));
+        }
         let max_positions = c.max_position_embeddings.unwrap_or(512);
         let relative = if flag(c, "relative_attention", false) {
-            let buckets = int_or(c, "position_buckets", -1)?;
+            let buckets = if v1 {
+                -1
+            } else {
+                int_or(c, "position_buckets", -1)?
+            };
             let mut max_relative = int_or(c, "max_relative_positions", -1)?;
             if max_relative < 1 {
                 max_relative = max_positions;
@@ -163,13 +194,14 @@ impl DebertaDims {
                 .unwrap_or("none")
                 .to_lowercase()
                 .split('|')
-                .any(|x| x.trim() == "layer_norm");
+                .any(|x| x.trim() == "layer_norm")
+                && !v1;
             Some(Relative {
                 buckets,
                 max_relative,
                 span: if buckets > 0 { buckets } else { max_relative },
                 norm,
-                share_key: flag(c, "share_att_key", false),
+                share_key: !v1 && flag(c, "share_att_key", false),
             })
         } else {
             None
@@ -180,6 +212,7 @@ impl DebertaDims {
             .and_then(|v| v.as_str())
             .unwrap_or("gelu");
         Ok(Self {
+            v1,
             vocab: c.require(c.vocab_size, "vocab_size")?,
             layers: c.require(c.num_hidden_layers, "num_hidden_layers")?,
             max_positions,
@@ -400,8 +433,10 @@ fn disentangled_attention(
     x: &T,
     sh: &Shared,
 ) -> Result<T, TraceError> {
+    if d.v1 {
+        return v1_attention(t, w, d, x, sh);
+    }
     let (hidden, heads) = (d.enc.hidden, d.enc.heads);
-    let head_dim = hidden / heads;
     let q = linear(t, w, "query_proj", x, hidden, hidden)?;
     let k = linear(t, w, "key_proj", x, hidden, hidden)?;
     let v = linear(t, w, "value_proj", x, hidden, hidden)?;
@@ -409,8 +444,7 @@ fn disentangled_attention(
     let k = heads_of(t, &k, heads, &[0, 2, 1, 3])?;
     let v = heads_of(t, &v, heads, &[0, 2, 1, 3])?;
     // sqrt(head_dim * scale_factor) in float32, as `scaled_size_sqrt`.
-    let scale = ((head_dim as f32) * (d.pos_att.scale_factor() as f32)).sqrt();
-    let scale = t.scalar(scale);
+    let scale = attention_scale(t, d);
     let kt = t.transpose(&k, &[0, 1, 3, 2])?;
     let kt_scaled = t.div(&kt, &scale)?;
     let mut scores = t.matmul(&q, &kt_scaled)?;
@@ -443,18 +477,112 @@ fn disentangled_attention(
             scores = t.add(&scores, &b)?;
         }
     }
+    masked_context(t, &scores, sh, &v, hidden)
+}
+
+/// `sqrt(head_dim * scale_factor)` in float32 (`scaled_size_sqrt`), in the compute dtype.
+fn attention_scale(t: &mut Tracer, d: &DebertaDims) -> T {
+    let head_dim = d.enc.hidden / d.enc.heads;
+    let factor = d.pos_att.scale_factor(d.v1) as f32;
+    t.scalar(((head_dim as f32) * factor).sqrt())
+}
+
+/// `masked_fill(~mask, finfo.min)`, softmax, the weighted values, heads merged.
+fn masked_context(
+    t: &mut Tracer,
+    scores: &T,
+    sh: &Shared,
+    v: &T,
+    hidden: i64,
+) -> Result<T, TraceError> {
     let min = t.float_min();
     let scores = t.op(
         "Where",
-        &[&sh.mask, &scores, &min],
+        &[&sh.mask, scores, &min],
         vec![],
         scores.dtype,
         scores.shape.clone(),
     );
     let probs = t.softmax_last(&scores);
-    let ctx = t.matmul(&probs, &v)?;
+    let ctx = t.matmul(&probs, v)?;
     let ctx = t.transpose(&ctx, &[0, 2, 1, 3])?;
     t.reshape(&ctx, &[0, 0, hidden])
+}
+
+/// DeBERTa v1's `DisentangledSelfAttention`: `in_proj` (no bias) split per head into q, k,
+/// v; `q_bias` and `v_bias` added; the query divided by the scale before both products; c2p
+/// from `pos_proj` (no bias), p2c from `pos_q_proj` divided by the scale. transformers
+/// slices the relative table to `att_span = min(seq, max_relative_positions)` rows either
+/// side of the centre; gathering the whole table at `clamp(±rel + max_relative)` picks the
+/// same rows.
+fn v1_attention(
+    t: &mut Tracer,
+    w: &WeightSource<'_>,
+    d: &DebertaDims,
+    x: &T,
+    sh: &Shared,
+) -> Result<T, TraceError> {
+    let (hidden, heads) = (d.enc.hidden, d.enc.heads);
+    let head_dim = hidden / heads;
+    let qkv = dense(
+        t,
+        w,
+        "in_proj",
+        x,
+        (hidden, 3 * hidden),
+        WeightLayout::OutIn,
+        false,
+    )?;
+    let qkv = heads_of(t, &qkv, heads, &[0, 2, 1, 3])?;
+    let bias = |t: &mut Tracer, name: &str| -> Result<T, TraceError> {
+        let path = t.module_path();
+        let b = w.get(t, &format!("{path}.{name}"), &[hidden])?;
+        t.reshape(&b, &[heads, 1, head_dim])
+    };
+    let q = t.slice_last(&qkv, 0, head_dim);
+    let qb = bias(t, "q_bias")?;
+    let q = t.add(&q, &qb)?;
+    let k = t.slice_last(&qkv, head_dim, 2 * head_dim);
+    let v = t.slice_last(&qkv, 2 * head_dim, 3 * head_dim);
+    let vb = bias(t, "v_bias")?;
+    let v = t.add(&v, &vb)?;
+    let scale = attention_scale(t, d);
+    let q = t.div(&q, &scale)?;
+    let kt = t.transpose(&k, &[0, 1, 3, 2])?;
+    let mut scores = t.matmul(&q, &kt)?;
+    if let (Some(_), Some(rel)) = (&d.relative, &sh.rel_embeddings) {
+        let mut bias: Option<T> = None;
+        if let (true, Some(index)) = (d.pos_att.c2p, &sh.c2p_index) {
+            let p = dense(
+                t,
+                w,
+                "pos_proj",
+                rel,
+                (hidden, hidden),
+                WeightLayout::OutIn,
+                false,
+            )?;
+            let pos_key = heads_of(t, &p, heads, &[1, 2, 0])?;
+            let c2p = t.matmul(&q, &pos_key)?;
+            bias = Some(gather_positions(t, &c2p, index, &scores));
+        }
+        if let (true, Some(index)) = (d.pos_att.p2c, &sh.p2c_index) {
+            let p = linear(t, w, "pos_q_proj", rel, hidden, hidden)?;
+            let pos_query = heads_of(t, &p, heads, &[1, 2, 0])?;
+            let pos_query = t.div(&pos_query, &scale)?;
+            let p2c = t.matmul(&k, &pos_query)?;
+            let p2c = gather_positions(t, &p2c, index, &scores);
+            let p2c = t.transpose(&p2c, &[0, 1, 3, 2])?;
+            bias = Some(match bias {
+                Some(b) => t.add(&b, &p2c)?,
+                None => p2c,
+            });
+        }
+        if let Some(b) = bias {
+            scores = t.add(&scores, &b)?;
+        }
+    }
+    masked_context(t, &scores, sh, &v, hidden)
 }
 
 /// `DebertaV2Layer`: disentangled attention, `attention.output` (dense + residual
@@ -663,6 +791,27 @@ mod tests {
         assert_eq!(g.op_counts().get("GatherElements"), None);
     }
 
+    #[test]
+    fn v1_packed_projection_and_full_table() {
+        // c2p|p2c, max_relative_positions 6: the whole 12-row table, gathered per layer.
+        let g = traced("deberta-tiny-feature-extraction", "feature-extraction");
+        assert!(has_init(&g, "layer.1.attention.self.in_proj.weight"));
+        assert!(has_init(&g, "layer.1.attention.self.q_bias"));
+        assert!(has_init(&g, "layer.1.attention.self.pos_proj.weight"));
+        assert!(has_init(&g, "layer.1.attention.self.pos_q_proj.bias"));
+        assert!(!has_init(&g, "query_proj") && !has_init(&g, "encoder.LayerNorm"));
+        let counts = g.op_counts();
+        assert_eq!(counts.get("Range"), Some(&1));
+        assert_eq!(counts.get("Ceil"), None, "no bucketing in v1");
+        assert_eq!(counts.get("GatherElements"), Some(&4));
+        let table = g
+            .initializers
+            .iter()
+            .find(|i| i.name.ends_with("rel_embeddings.weight"))
+            .expect("table");
+        assert_eq!(table.dims, [12, 32]);
+    }
+
     fn dims(extra: &str) -> Result<DebertaDims, TraceError> {
         let json = format!(
             r#"{{"model_type":"deberta-v2","vocab_size":10,"hidden_size":8,"num_attention_heads":2,"intermediate_size":16,"num_hidden_layers":1,"relative_attention":true{extra}}}"#
@@ -677,7 +826,7 @@ mod tests {
         let r = d.relative.expect("relative");
         assert_eq!((r.max_relative, r.span, r.buckets), (512, 512, -1));
         let d = dims(r#","pos_att_type":["c2p"],"position_buckets":256"#)?;
-        assert_eq!(d.pos_att.scale_factor(), 2);
+        assert_eq!(d.pos_att.scale_factor(false), 2);
         assert_eq!(d.relative.map(|r| r.span), Some(256));
         for bad in [
             r#","conv_kernel_size":3"#,
@@ -685,6 +834,7 @@ mod tests {
             r#","pooler_hidden_size":4"#,
             r#","attention_head_size":3"#,
             r#","pooler_hidden_act":"mish""#,
+            r#","model_type":"deberta","talking_head":true"#,
         ] {
             assert!(
                 matches!(dims(bad), Err(TraceError::Unsupported(_))),

@@ -121,6 +121,13 @@ const ARCHITECTURES: &[Arch] = &[
         torchscript: true,
     },
     Arch {
+        model_types: &["deberta"],
+        tasks: deberta::V1_TASKS,
+        build: deberta::build,
+        half_compute: true,
+        torchscript: true,
+    },
+    Arch {
         model_types: &["electra"],
         tasks: heads::ENCODER_TASKS,
         build: electra::build,
