@@ -513,6 +513,13 @@ fn layer_norm_of(input: P) -> Pattern {
     Pattern::new(op("LayerNormalization", vec![input, gamma, beta]).check(is_plain_layer_norm))
 }
 
+/// [`layer_norm_of`] without the optional beta (`nn.LayerNorm(…, bias=False)`, as in
+/// ModernBERT): `LayerNormalization(input, gamma)`.
+fn layer_norm_without_beta_of(input: P) -> Pattern {
+    let gamma = init("gamma", is_f32_vector);
+    Pattern::new(op("LayerNormalization", vec![input, gamma]).check(is_plain_layer_norm))
+}
+
 /// A [`layer_norm_of`] match's epsilon (ONNX's default 1e-5 when absent).
 fn layer_norm_epsilon(n: &Node) -> f32 {
     match n.attr("epsilon") {
@@ -528,17 +535,21 @@ fn layer_norm_epsilon(n: &Node) -> f32 {
 /// its `epsilon`. When `a` (or `b`) is itself `Add(MatMul(..), bias)` with a 1-D bias
 /// initializer and no other consumer, that Add is absorbed as the 5th input. When the
 /// residual sum is read by other nodes too (pre-LN blocks such as GPT-2's), it stays
-/// available as the fused node's output 3 (`input_skip_bias_sum`). Returns how many were
-/// fused.
+/// available as the fused node's output 3 (`input_skip_bias_sum`). A LayerNormalization
+/// without beta gives a SkipLayerNormalization without it (input 3 left empty when the bias
+/// follows). Returns how many were fused.
 pub fn fuse_skip_layer_norm(graph: &mut Graph) -> usize {
     let ix = Index::new(graph);
     let sum = op("Add", vec![val("a"), val("b")]).uses(None);
+    let without_beta = layer_norm_without_beta_of(sum.clone().p());
     let pat = layer_norm_of(sum.p());
     let mut names = node_names(graph);
     let mut taken = Claimed::default();
     let mut rewrites = Vec::new();
     for (i, ln) in graph.nodes.iter().enumerate() {
-        let Some(m) = pat.at(&ix, i) else { continue };
+        let Some(m) = pat.at(&ix, i).or_else(|| without_beta.at(&ix, i)) else {
+            continue;
+        };
         let (a, b) = (m.value("a"), m.value("b"));
         let (Some(sa), Some(sb)) = (ix.shapes.get(a), ix.shapes.get(b)) else {
             continue;
@@ -546,8 +557,11 @@ pub fn fuse_skip_layer_norm(graph: &mut Graph) -> usize {
         let Some(h) = sa.last().and_then(Dim::fixed) else {
             continue;
         };
-        let (gamma, beta) = (m.value("gamma").to_string(), m.value("beta").to_string());
-        if sa.len() != 3 || sa != sb || !ix.is_vector(&gamma, h) || !ix.is_vector(&beta, h) {
+        let gamma = m.value("gamma").to_string();
+        // Beta is bound only by the first pattern; empty, input 3 is left out.
+        let beta = m.value("beta").to_string();
+        let beta_ok = beta.is_empty() || ix.is_vector(&beta, h);
+        if sa.len() != 3 || sa != sb || !ix.is_vector(&gamma, h) || !beta_ok {
             continue;
         }
         // A bias Add on either side becomes the 5th input.
@@ -561,6 +575,10 @@ pub fn fuse_skip_layer_norm(graph: &mut Graph) -> usize {
             Some(((bi, mm, bias, _), skip)) => (
                 vec![m.interior[0], bi],
                 vec![mm, skip.to_string(), gamma, beta, bias],
+            ),
+            None if beta.is_empty() => (
+                m.interior.clone(),
+                vec![a.to_string(), b.to_string(), gamma],
             ),
             None => (
                 m.interior.clone(),
@@ -1669,6 +1687,22 @@ mod tests {
         let n = &g.nodes[2];
         assert_eq!(n.inputs, ["a", "r", "g", "be"]);
         assert!(matches!(n.attr("epsilon"), Some(Attr::Float(e)) if *e == 1e-5));
+    }
+
+    #[test]
+    fn skip_layer_norm_without_beta() {
+        // nn.LayerNorm(bias=False) (ModernBERT): no beta input, with and without the bias Add.
+        let mut g = skip_ln_graph(vec![]);
+        g.nodes[3].inputs.truncate(2);
+        assert_eq!(fuse_skip_layer_norm(&mut g), 1);
+        assert_eq!(ops(&g), ["MatMul", "SkipLayerNormalization"]);
+        assert_eq!(g.nodes[1].inputs, ["mm", "r", "g", "", "b"]);
+        let mut g = skip_ln_graph(vec![]);
+        g.nodes[3].inputs.truncate(2);
+        g.nodes.push(node("Relu", &["a"], &["z"], vec![]));
+        g.outputs.push(Value::new("z", DType::F32, bsh(2)));
+        assert_eq!(fuse_skip_layer_norm(&mut g), 1);
+        assert_eq!(g.nodes[2].inputs, ["a", "r", "g"]);
     }
 
     #[test]

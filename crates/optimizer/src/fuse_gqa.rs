@@ -1159,6 +1159,12 @@ pub fn fuse_rotary_embedding(graph: &mut Graph) -> usize {
         let Some(r) = rotary_width(&ix, &m, &Q, hd).filter(|_| half_tables(&m).is_some()) else {
             continue;
         };
+        // RotaryEmbedding reads `position_ids` as `[batch, seq]`: positions broadcast over
+        // the batch (a `[1, seq]` row) stay unfused.
+        let pos = ix.shapes.get(m.value("pos")).copied().unwrap_or(&[]);
+        if pos.len() != 2 || dims.first() != pos.first() {
+            continue;
+        }
         // The rotation's nodes go; the heads Transpose is RotaryEmbedding's input.
         let removed: Vec<usize> = m
             .interior
@@ -1507,6 +1513,14 @@ mod tests {
         );
         crate::infer_shapes(&mut g);
         assert_eq!(fuse_rotary_embedding(&mut g), 2);
+        // Positions broadcast over the batch ([1, seq], ModernBERT's `arange(seq)[None]`):
+        // RotaryEmbedding reads [batch, seq] position_ids, so the rotary stays.
+        let mut g = attention_graph(12);
+        for v in g.inputs.iter_mut().filter(|v| v.name == "position_ids") {
+            v.shape = Some(vec![Dim::Fixed(1), Dim::sym("seq")]);
+        }
+        crate::infer_shapes(&mut g);
+        assert_eq!(fuse_rotary_embedding(&mut g), 0);
         // rotate_half with its halves swapped is another function.
         let mut g = attention_graph(8);
         for n in g.nodes.iter_mut().filter(|n| n.op_type == "Concat") {

@@ -37,14 +37,16 @@ pub(crate) fn is_last_axis_mean(ix: &Index<'_>, n: &Node) -> bool {
 struct LayerNormMatch {
     x: String,
     gamma: String,
+    /// Empty for the form without beta.
     beta: String,
     epsilon: f32,
     removed: Vec<usize>,
 }
 
 /// `Add(Mul(Div(Sub(x, ReduceMean(x)), Sqrt(Add(ReduceMean(Pow(Sub(..), 2)), eps))),
-/// gamma), beta)`, the centered value read by the Pow and the Div only.
-fn layer_norm_pattern() -> Pattern {
+/// gamma), beta)`, the centered value read by the Pow and the Div only; without the final
+/// `Add` when `with_beta` is false (`nn.LayerNorm(…, bias=False)`).
+fn layer_norm_pattern(with_beta: bool) -> Pattern {
     let mean = op("ReduceMean", vec![val("x")])
         .min_inputs()
         .check(is_last_axis_mean);
@@ -65,18 +67,22 @@ fn layer_norm_pattern() -> Pattern {
     );
     let normed = op("Div", vec![centered.p(), std.p()]);
     let scaled = op("Mul", vec![normed.p(), init("gamma", is_f32_vector)]).commutative();
+    if !with_beta {
+        return Pattern::new(scaled);
+    }
     Pattern::new(op("Add", vec![scaled.p(), init("beta", is_f32_vector)]).commutative())
 }
 
-/// Checks a [`layer_norm_pattern`] match at node `i`: gamma and beta of one length `h`
-/// (`x`'s last dimension when known) and a finite non-negative epsilon.
+/// Checks a [`layer_norm_pattern`] match at node `i`: gamma and beta (when matched) of one
+/// length `h` (`x`'s last dimension when known) and a finite non-negative epsilon.
 fn match_layer_norm(ix: &Index<'_>, pat: &Pattern, i: usize) -> Option<LayerNormMatch> {
     let m = pat.at(ix, i)?;
     let (x, gamma, beta) = (m.value("x"), m.value("gamma"), m.value("beta"));
-    let h = ix.inits.get(beta)?.dims[0];
+    let h = ix.inits.get(gamma)?.dims[0];
     let epsilon = single_f32(ix.inits.get(m.value("eps"))?)?;
     // A known last dimension other than the hidden size would broadcast differently.
-    let ok = ix.is_vector(gamma, h)
+    let ok = (beta.is_empty() || ix.is_vector(beta, h))
+        && ix.is_vector(gamma, h)
         && epsilon.is_finite()
         && epsilon >= 0.0
         && ix.last_dim(x).is_none_or(|d| d == h);
@@ -98,13 +104,21 @@ fn match_layer_norm(ix: &Index<'_>, pat: &Pattern, i: usize) -> Option<LayerNorm
 /// `LayerNormalization(x, gamma, beta)` with `axis` −1 and the matched `epsilon`. This is
 /// emitted at every opset: ONNX defines it from opset 17, and ONNX Runtime also accepts it
 /// in the default domain at lower opsets (its contrib kernel), so the SkipLayerNormalization
-/// and EmbedLayerNormalization fusions can follow. Returns how many were fused.
+/// and EmbedLayerNormalization fusions can follow. Then, over what is left, the same
+/// without the final beta `Add` (`nn.LayerNorm(…, bias=False)`, ModernBERT) becomes
+/// `LayerNormalization(x, gamma)`; run second, it never splits a layer norm with beta.
+/// Returns how many were fused.
 pub fn fuse_layer_norm(graph: &mut Graph) -> usize {
+    fuse_layer_norm_form(graph, true) + fuse_layer_norm_form(graph, false)
+}
+
+/// [`fuse_layer_norm`] of one form, with or without beta.
+fn fuse_layer_norm_form(graph: &mut Graph, with_beta: bool) -> usize {
     let ix = Index::new(graph);
     let mut names = node_names(graph);
     let mut taken = Claimed::default();
     let mut rewrites = Vec::new();
-    let pat = layer_norm_pattern();
+    let pat = layer_norm_pattern(with_beta);
     for (i, out) in graph.nodes.iter().enumerate() {
         let Some(m) = match_layer_norm(&ix, &pat, i) else {
             continue;
@@ -113,11 +127,13 @@ pub fn fuse_layer_norm(graph: &mut Graph) -> usize {
             continue;
         }
         let name = fused_name(&mut names, &out.name, "LayerNormalization");
+        let mut inputs = vec![m.x, m.gamma, m.beta];
+        inputs.retain(|v| !v.is_empty());
         let node = Node {
             name,
             op_type: "LayerNormalization".to_string(),
             domain: String::new(),
-            inputs: vec![m.x, m.gamma, m.beta],
+            inputs,
             outputs: out.outputs.clone(),
             attrs: [
                 ("axis".to_string(), Attr::Int(-1)),
@@ -208,6 +224,21 @@ mod tests {
         });
         assert_eq!(fuse_layer_norm(&mut g), 1);
         assert_eq!(g.nodes.len(), 1);
+    }
+
+    #[test]
+    fn decomposed_layer_norm_without_beta_fuses() {
+        let mut g = ln_graph(bsh(3), 1e-5, 2.0);
+        g.nodes.pop();
+        g.outputs[0].name = "ng".into();
+        assert_eq!(fuse_layer_norm(&mut g), 1);
+        assert_eq!(g.nodes.len(), 1);
+        assert_eq!(g.nodes[0].inputs, ["x", "gamma"]);
+        assert_eq!(g.nodes[0].outputs, ["ng"]);
+        // With beta, the whole pattern is one node, never the beta-less one plus an Add.
+        let mut g = ln_graph(bsh(3), 1e-5, 2.0);
+        assert_eq!(fuse_layer_norm(&mut g), 1);
+        assert_eq!(g.nodes[0].inputs, ["x", "gamma", "beta"]);
     }
 
     #[test]

@@ -322,9 +322,18 @@ fn encoder(
     } else {
         None
     };
-    // position_ids = arange(seq)[None]: one [1, seq] row broadcast over the batch.
+    // position_ids = arange(seq)[None], expanded to [n, seq] (the position_ids layout
+    // ONNX Runtime's RotaryEmbedding reads, which the optimizer can fuse into).
     let positions = column_range(t, ids)?;
     let positions = t.unsqueeze(&positions, &[0]);
+    let shape = t.shape_of(ids);
+    let positions = t.op(
+        "Expand",
+        &[&positions, &shape],
+        vec![],
+        DType::I64,
+        ids.shape.clone(),
+    );
     let global_rope = Rope::default_theta(d.global_theta, d.head_dim());
     let local_rope = Rope::default_theta(d.local_theta, d.head_dim());
     let global_tables = if d.sliding.contains(&false) {
