@@ -294,3 +294,45 @@ fn torch_exported_bert_fuses_like_ferrys_export() {
         );
     }
 }
+
+/// ModernBERT (pre-norm layers, LayerNorms without bias, rotary q/k, GeGLU): ONNX Runtime's
+/// transformers optimizer (model type bert, onnxruntime 1.31.1) fuses optimum's export of
+/// modernbert-tiny-feature-extraction (4 layers) into Gelu 4, LayerNormalization 1 and
+/// SkipLayerNormalization 8, and of modernbert-tiny-text-classification (3 layers, relu
+/// MLP, biased head dense) into Gelu 1, LayerNormalization 2 and SkipLayerNormalization 6.
+/// ferry's exports reach the same at every opset (the head's bias goes into BiasGelu),
+/// plus one RotaryEmbedding per query and key, within 1e-4 of the golden.
+#[test]
+fn modernbert_fuses_what_onnx_runtime_fuses_on_optimums_export() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cases = [
+        (
+            "modernbert-tiny-feature-extraction",
+            [("Gelu", 4), ("BiasGelu", 0), ("LayerNormalization", 1)],
+            [("SkipLayerNormalization", 8), ("RotaryEmbedding", 8)],
+        ),
+        (
+            "modernbert-tiny-text-classification",
+            [("Gelu", 0), ("BiasGelu", 1), ("LayerNormalization", 2)],
+            [("SkipLayerNormalization", 6), ("RotaryEmbedding", 6)],
+        ),
+    ];
+    for (case, norms, rest) in cases {
+        let task = if case.ends_with("feature-extraction") {
+            "feature-extraction"
+        } else {
+            "text-classification"
+        };
+        for opset in ["14", "17", "21"] {
+            let model = export_case(dir.path(), case, &["--task", task, "--opset", opset]);
+            let out = dir.path().join(format!("{case}-{opset}-opt.onnx"));
+            let golden = testdata(case).join("golden.safetensors");
+            let counts = optimize_and_check(&model, &out, &[], &golden);
+            let what = format!("{case} opset {opset}");
+            assert_counts(&counts, &norms, &what);
+            assert_counts(&counts, &rest, &what);
+            // Nothing of a decomposed norm or the erf GELU is left.
+            assert_counts(&counts, &[("ReduceMean", 0), ("Erf", 0)], &what);
+        }
+    }
+}
