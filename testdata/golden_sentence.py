@@ -82,8 +82,12 @@ def make(root, g):
             del inputs["token_type_ids"]
         with torch.no_grad():
             features = st(dict(inputs))
-        outputs = {"last_hidden_state": features["token_embeddings"],
-                   "sentence_embedding": features["sentence_embedding"]}
+        # In the export's output order; BERT's pooler_output from the same base model.
+        outputs = {"last_hidden_state": features["token_embeddings"]}
+        if kind == "bert":
+            with torch.no_grad():
+                outputs["pooler_output"] = st[0].auto_model(**inputs).pooler_output
+        outputs["sentence_embedding"] = features["sentence_embedding"]
         meta = {
             "description": f"sentence-transformers {kind}: pooling {modes}, dense {denses}, "
                            f"normalize {normalize}, {'left' if left else 'right'} padding",

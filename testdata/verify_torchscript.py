@@ -82,6 +82,14 @@ def reference_model(model_dir, cfg, task):
     return cls.from_pretrained(model_dir, **kwargs).float().eval()
 
 
+def sentence_embedding(model_dir, features):
+    """sentence-transformers' own `sentence_embedding` for a checkpoint with modules.json."""
+    from sentence_transformers import SentenceTransformer
+
+    st = SentenceTransformer(model_dir, device="cpu").eval()
+    return st(dict(features))["sentence_embedding"]
+
+
 class Tally:
     """Counts checks and failures, printing one line per check."""
 
@@ -175,6 +183,8 @@ def check_case(ferry, testdata, out_dir, case, tally):
         x = [by_name[n] for n in in_names]
         with torch.no_grad():
             want = ref(**dict(zip(in_names, x)), return_dict=False, use_cache=False)
+            if "sentence_embedding" in names:
+                want = tuple(want) + (sentence_embedding(model_dir, dict(zip(in_names, x))),)
             got = loaded(*x)
         diffs = [float((got[i] - want[i]).abs().max()) for i in range(len(names))]
         tally.check(max(diffs) <= ATOL, f"{case} dynamic {b}x{s}: "

@@ -41,6 +41,9 @@ const GOLDEN_PACKAGES: &[&str] = &[
     "torch==2.15.0",
     "transformers==5.24.0",
     "safetensors==0.8.0",
+    // The st-* goldens (testdata/golden_sentence.py), the all-MiniLM-L6-v2 reference
+    // embeddings and the TorchScript check's reference for sentence_embedding.
+    "sentence-transformers==6.2.0",
     "numpy",
 ];
 
@@ -389,7 +392,7 @@ fn golden_venv() -> Result<PathBuf> {
     ensure_venv(
         "venv",
         GOLDEN_PACKAGES,
-        "torch, transformers, safetensors, numpy",
+        "torch, transformers, safetensors, numpy, sentence_transformers",
     )
 }
 

@@ -510,7 +510,7 @@ impl<'a> Gen<'a> {
                     fmt_f(f64::from(eps))
                 )))
             }
-            "ReduceMean" | "ReduceSum" => {
+            "ReduceMean" | "ReduceSum" | "ReduceMax" => {
                 let axes = Self::ints_attr(node, "axes")
                     .or_else(|| match ins.get(1) {
                         Some(Val::Ints(v)) => Some(v.clone()),
@@ -520,10 +520,11 @@ impl<'a> Gen<'a> {
                 let keep = Self::int_attr(node, "keepdims").unwrap_or(1) != 0;
                 let x = self.tensor(&ins[0], node)?;
                 let keep = if keep { "True" } else { "False" };
-                let f = if op == "ReduceSum" {
-                    "torch.sum"
-                } else {
-                    "torch.mean"
+                let f = match op {
+                    "ReduceSum" => "torch.sum",
+                    // sentence-transformers' max pooling.
+                    "ReduceMax" => "torch.amax",
+                    _ => "torch.mean",
                 };
                 Val::Tensor(self.emit(format!("{f}({x}, {}, {keep})", fmt_ints(&axes))))
             }

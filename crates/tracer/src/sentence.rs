@@ -159,10 +159,10 @@ fn pooled(
                 weighted_sum(t, &x32, &sel)?
             }
             PoolingMode::Max => {
-                let m3 = t.unsqueeze(&m, &[2]);
-                let z = t.scalar_f32(0.0);
-                let shape = m3.shape.clone();
-                let off = t.op("Equal", &[&m3, &z], vec![], DType::Bool, shape);
+                let z = t.scalar_i64(0);
+                let shape = mask.shape.clone();
+                let off = t.op("Equal", &[mask, &z], vec![], DType::Bool, shape);
+                let off = t.unsqueeze(&off, &[2]);
                 let ninf = t.scalar_f32(f32::NEG_INFINITY);
                 let shape = x32.shape.clone();
                 let filled = t.op("Where", &[&off, &ninf, &x32], vec![], DType::F32, shape);
