@@ -530,7 +530,9 @@ mod fixed_dims_tests {
 
     use super::*;
 
-    fn traced(case: &str, task: &str, fixed: &[(&str, i64)]) -> Graph {
+    /// Traces the testdata case `case` for `task` with the dims in `fixed` fixed (the
+    /// architectures' own tests use it too).
+    pub(crate) fn traced(case: &str, task: &str, fixed: &[(&str, i64)]) -> Graph {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("../../testdata")
             .join(case);

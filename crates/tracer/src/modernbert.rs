@@ -565,7 +565,6 @@ mod tests {
     use ferry_ir::Graph;
 
     use super::*;
-    use crate::TraceOptions;
 
     fn config(json: &str) -> ModelConfig {
         ModelConfig::from_json(json).expect("valid test config")
@@ -574,15 +573,7 @@ mod tests {
     const BASE: &str = r#""model_type":"modernbert","vocab_size":10,"hidden_size":8,"num_attention_heads":2,"intermediate_size":12,"num_hidden_layers":4"#;
 
     fn traced(name: &str, task: &str) -> Graph {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../../testdata")
-            .join(name);
-        let c = ferry_loader::load(&dir).expect("load");
-        let opts = TraceOptions {
-            task: task.into(),
-            ..Default::default()
-        };
-        crate::trace(&c.config, &c.weights, &opts).expect("trace")
+        crate::fixed_dims_tests::traced(name, task, &[])
     }
 
     #[test]
