@@ -126,17 +126,8 @@ fn pooled(
         t.cast(x, DType::F32, 1)
     };
     let m = t.cast(mask, DType::F32, 1);
-    let shape = t.shape_of(mask);
+    let positions = crate::causal::column_range(t, mask)?;
     let one = t.scalar_i64(1);
-    let len = t.gather(&shape, &one, 0)?;
-    let zero = t.scalar_i64(0);
-    let positions = t.op(
-        "Range",
-        &[&zero, &len, &one],
-        vec![],
-        DType::I64,
-        vec![mask.shape[1].clone()],
-    );
     let mut parts = Vec::new();
     // The masked sum and token count, shared by mean and mean_sqrt_len_tokens.
     let mut mean_parts: Option<(T, T)> = None;
