@@ -447,37 +447,70 @@ fn disentangled_attention(
     let scale = attention_scale(t, d);
     let kt = t.transpose(&k, &[0, 1, 3, 2])?;
     let kt_scaled = t.div(&kt, &scale)?;
-    let mut scores = t.matmul(&q, &kt_scaled)?;
-    if let (Some(r), Some(rel)) = (&d.relative, &sh.rel_embeddings) {
-        let project = |t: &mut Tracer, own: &str, shared: &str| {
-            let name = if r.share_key { shared } else { own };
-            let p = linear(t, w, name, rel, hidden, hidden)?;
-            // [2 span, heads, dim] -> [heads, dim, 2 span]
-            heads_of(t, &p, heads, &[1, 2, 0])
-        };
-        let mut bias: Option<T> = None;
-        if let (true, Some(index)) = (d.pos_att.c2p, &sh.c2p_index) {
-            let pos_key = project(t, "pos_key_proj", "key_proj")?;
-            let c2p = t.matmul(&q, &pos_key)?;
-            let c2p = gather_positions(t, &c2p, index, &scores);
-            bias = Some(t.div(&c2p, &scale)?);
-        }
-        if let (true, Some(index)) = (d.pos_att.p2c, &sh.p2c_index) {
-            let pos_query = project(t, "pos_query_proj", "query_proj")?;
-            let p2c = t.matmul(&k, &pos_query)?;
-            let p2c = gather_positions(t, &p2c, index, &scores);
-            let p2c = t.transpose(&p2c, &[0, 1, 3, 2])?;
-            let p2c = t.div(&p2c, &scale)?;
-            bias = Some(match bias {
-                Some(b) => t.add(&b, &p2c)?,
-                None => p2c,
-            });
-        }
-        if let Some(b) = bias {
-            scores = t.add(&scores, &b)?;
-        }
-    }
+    let scores = t.matmul(&q, &kt_scaled)?;
+    let scores = add_position_terms(t, w, d, sh, (&q, &k), &scale, scores)?;
     masked_context(t, &scores, sh, &v, hidden)
+}
+
+/// Adds to `scores` the c2p (`q` against the projected position keys, gathered at the c2p
+/// index) and p2c (`k` against the projected position queries, gathered at the p2c index,
+/// transposed) terms `pos_att_type` names. v2 divides both gathered terms by `scale` and
+/// projects with `pos_key_proj`/`pos_query_proj` (or the layer's `key_proj`/`query_proj`
+/// with `share_att_key`); v1's `q` is already scaled, and it projects with `pos_proj` (no
+/// bias) and `pos_q_proj`, dividing the projected position queries.
+fn add_position_terms(
+    t: &mut Tracer,
+    w: &WeightSource<'_>,
+    d: &DebertaDims,
+    sh: &Shared,
+    (q, k): (&T, &T),
+    scale: &T,
+    scores: T,
+) -> Result<T, TraceError> {
+    let (Some(r), Some(rel)) = (&d.relative, &sh.rel_embeddings) else {
+        return Ok(scores);
+    };
+    let (hidden, heads) = (d.enc.hidden, d.enc.heads);
+    // (module, has bias) of the position-key and position-query projections.
+    let (key_proj, query_proj) = if d.v1 {
+        (("pos_proj", false), ("pos_q_proj", true))
+    } else if r.share_key {
+        (("key_proj", true), ("query_proj", true))
+    } else {
+        (("pos_key_proj", true), ("pos_query_proj", true))
+    };
+    let project = |t: &mut Tracer, (name, bias): (&str, bool)| {
+        let p = dense(t, w, name, rel, (hidden, hidden), WeightLayout::OutIn, bias)?;
+        // [2 span, heads, dim] -> [heads, dim, 2 span]
+        heads_of(t, &p, heads, &[1, 2, 0])
+    };
+    let mut terms: Option<T> = None;
+    if let (true, Some(index)) = (d.pos_att.c2p, &sh.c2p_index) {
+        let pos_key = project(t, key_proj)?;
+        let c2p = t.matmul(q, &pos_key)?;
+        let c2p = gather_positions(t, &c2p, index, &scores);
+        terms = Some(if d.v1 { c2p } else { t.div(&c2p, scale)? });
+    }
+    if let (true, Some(index)) = (d.pos_att.p2c, &sh.p2c_index) {
+        let mut pos_query = project(t, query_proj)?;
+        if d.v1 {
+            pos_query = t.div(&pos_query, scale)?;
+        }
+        let p2c = t.matmul(k, &pos_query)?;
+        let p2c = gather_positions(t, &p2c, index, &scores);
+        let mut p2c = t.transpose(&p2c, &[0, 1, 3, 2])?;
+        if !d.v1 {
+            p2c = t.div(&p2c, scale)?;
+        }
+        terms = Some(match terms {
+            Some(c2p) => t.add(&c2p, &p2c)?,
+            None => p2c,
+        });
+    }
+    match terms {
+        Some(b) => t.add(&scores, &b),
+        None => Ok(scores),
+    }
 }
 
 /// `sqrt(head_dim * scale_factor)` in float32 (`scaled_size_sqrt`), in the compute dtype.
@@ -549,39 +582,8 @@ fn v1_attention(
     let scale = attention_scale(t, d);
     let q = t.div(&q, &scale)?;
     let kt = t.transpose(&k, &[0, 1, 3, 2])?;
-    let mut scores = t.matmul(&q, &kt)?;
-    if let (Some(_), Some(rel)) = (&d.relative, &sh.rel_embeddings) {
-        let mut bias: Option<T> = None;
-        if let (true, Some(index)) = (d.pos_att.c2p, &sh.c2p_index) {
-            let p = dense(
-                t,
-                w,
-                "pos_proj",
-                rel,
-                (hidden, hidden),
-                WeightLayout::OutIn,
-                false,
-            )?;
-            let pos_key = heads_of(t, &p, heads, &[1, 2, 0])?;
-            let c2p = t.matmul(&q, &pos_key)?;
-            bias = Some(gather_positions(t, &c2p, index, &scores));
-        }
-        if let (true, Some(index)) = (d.pos_att.p2c, &sh.p2c_index) {
-            let p = linear(t, w, "pos_q_proj", rel, hidden, hidden)?;
-            let pos_query = heads_of(t, &p, heads, &[1, 2, 0])?;
-            let pos_query = t.div(&pos_query, &scale)?;
-            let p2c = t.matmul(&k, &pos_query)?;
-            let p2c = gather_positions(t, &p2c, index, &scores);
-            let p2c = t.transpose(&p2c, &[0, 1, 3, 2])?;
-            bias = Some(match bias {
-                Some(b) => t.add(&b, &p2c)?,
-                None => p2c,
-            });
-        }
-        if let Some(b) = bias {
-            scores = t.add(&scores, &b)?;
-        }
-    }
+    let scores = t.matmul(&q, &kt)?;
+    let scores = add_position_terms(t, w, d, sh, (&q, &k), &scale, scores)?;
     masked_context(t, &scores, sh, &v, hidden)
 }
 

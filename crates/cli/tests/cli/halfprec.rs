@@ -176,9 +176,15 @@ fn float32_checkpoints_narrow_to_fp16_and_bf16_while_streaming() {
         let golden = dir.join("golden.safetensors");
         let (_a, out) = export_ok(dir, &["--dtype", "fp16", "--task", task]);
         let (consts, outs) = graph_types(&out);
-        // MPNet's relative-position buckets are index arithmetic done in float32, as in
-        // transformers whatever the model's dtype; everything else is float16.
-        let mut want = if name.contains("mpnet") {
+        // MPNet's and DeBERTa-v2's (with `position_buckets`) relative-position buckets are
+        // index arithmetic done in float32, as in transformers whatever the model's dtype;
+        // everything else is float16.
+        let buckets = ferry_loader::load(dir).is_ok_and(|c| {
+            c.config.model_type == "deberta-v2"
+                && c.config.raw["relative_attention"] == true
+                && c.config.raw["position_buckets"].as_i64().unwrap_or(-1) > 0
+        });
+        let mut want = if name.contains("mpnet") || buckets {
             vec![DType::F16, DType::F32]
         } else {
             vec![DType::F16]
