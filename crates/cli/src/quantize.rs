@@ -700,7 +700,9 @@ mod tests {
         ferry_verifier::golden_inputs(&golden)
     }
 
-    fn whole(path: &Path) -> BTreeMap<String, ferry_verifier::F32Tensor> {
+    type Outputs = BTreeMap<String, ferry_verifier::F32Tensor>;
+
+    fn whole(path: &Path) -> Outputs {
         let mut m = ferry_verifier::Model::load_lean(path, 2).expect("ORT loads the model");
         m.run_inputs(&inputs()).expect("run")
     }
@@ -708,13 +710,24 @@ mod tests {
     fn segmented(
         path: &Path,
         edit: impl FnOnce(&mut Vec<ferry_ir::Segment>),
-    ) -> Result<BTreeMap<String, ferry_verifier::F32Tensor>, ferry_verifier::VerifyError> {
+    ) -> Result<Outputs, ferry_verifier::VerifyError> {
         let graph = ferry_onnx::read_model(path).expect("read").graph;
         // Every node with a weight in a segment of its own.
         let mut segments = graph.segments(1);
         assert!(segments.len() > 8, "{} segments", segments.len());
         edit(&mut segments);
         run_segments(&graph, &segments, path, &inputs())
+    }
+
+    /// Outputs of `path` run whole and segmented (the same outputs are checked).
+    fn whole_and_segmented(path: &Path) -> (Outputs, Outputs) {
+        let want = whole(path);
+        let got = segmented(path, |_| {}).expect("segmented run");
+        assert_eq!(
+            want.keys().collect::<Vec<_>>(),
+            got.keys().collect::<Vec<_>>()
+        );
+        (want, got)
     }
 
     fn max_abs(a: &ferry_verifier::F32Tensor, b: &ferry_verifier::F32Tensor) -> f32 {
@@ -743,12 +756,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let (f32_path, f16_path) = models(dir.path());
 
-        let want = whole(&f32_path);
-        let got = segmented(&f32_path, |_| {}).expect("segmented float32 run");
-        assert_eq!(
-            want.keys().collect::<Vec<_>>(),
-            got.keys().collect::<Vec<_>>()
-        );
+        let (want, got) = whole_and_segmented(&f32_path);
         for (name, w) in &want {
             assert_eq!(w.shape, got[name].shape, "{name}");
             assert!(
@@ -762,12 +770,7 @@ mod tests {
         }
 
         let float = want;
-        let want = whole(&f16_path);
-        let got = segmented(&f16_path, |_| {}).expect("segmented float16 run");
-        assert_eq!(
-            want.keys().collect::<Vec<_>>(),
-            got.keys().collect::<Vec<_>>()
-        );
+        let (want, got) = whole_and_segmented(&f16_path);
         for (name, w) in &want {
             let d = max_abs(w, &got[name]);
             let (dw, dg) = (max_abs(&float[name], w), max_abs(&float[name], &got[name]));
