@@ -73,32 +73,40 @@ CASES = [
 ]
 
 
+def _make_case(root, g, dir_name, seed, model, task, names, describe):
+    """Saves `model` (seeded with `seed`) and its outputs on padded inputs (no
+    token_type_ids where type_vocab_size is 0) as the case `dir_name`."""
+    cfg = model.config
+    d = os.path.join(root, dir_name)
+    g.fresh(d)
+    model.save_pretrained(d)
+    gen = torch.Generator().manual_seed(seed + 100)
+    inputs = g.task_inputs(gen, cfg.vocab_size, max(cfg.type_vocab_size, 1), task)
+    if cfg.type_vocab_size == 0:
+        del inputs["token_type_ids"]
+    with torch.no_grad():
+        out = model(**inputs, return_dict=False)
+    outputs = {n: out[i] for i, n in enumerate(names)}
+    g.save_golden(d, inputs, outputs, {"description": describe(cfg), "weights": "model.safetensors"},
+                  task=task)
+
+
 def make(root, g):
     for seed, (name, task, cls, names, extra) in enumerate(CASES, start=1400):
         cfg = DebertaV2Config(max_position_embeddings=40, initializer_range=0.2, **extra)
         torch.manual_seed(seed)
         model = cls(cfg).eval()
-        d = os.path.join(root, f"deberta-v2-tiny-{name}")
-        g.fresh(d)
-        model.save_pretrained(d)
-        gen = torch.Generator().manual_seed(seed + 100)
-        inputs = g.task_inputs(gen, cfg.vocab_size, max(cfg.type_vocab_size, 1), task)
-        if cfg.type_vocab_size == 0:
-            del inputs["token_type_ids"]
-        with torch.no_grad():
-            out = model(**inputs, return_dict=False)
-        outputs = {n: out[i] for i, n in enumerate(names)}
-        rel = (f"share_att_key={cfg.share_att_key}, pos_att_type={cfg.pos_att_type}, "
-               f"position_buckets={getattr(cfg, 'position_buckets', -1)}, "
-               f"max_relative_positions={cfg.max_relative_positions}, "
-               f"norm_rel_ebd={getattr(cfg, 'norm_rel_ebd', 'none')}"
-               if cfg.relative_attention else "no relative attention")
-        g.save_golden(d, inputs, outputs, {
-            "description": f"{cls.__name__}, {cfg.hidden_act}, {rel}, "
-                           f"position_biased_input={cfg.position_biased_input}, "
-                           f"type_vocab_size={cfg.type_vocab_size}, legacy={cfg.legacy}, safetensors",
-            "weights": "model.safetensors",
-        }, task=task)
+
+        def describe(cfg, cls=cls):
+            rel = (f"share_att_key={cfg.share_att_key}, pos_att_type={cfg.pos_att_type}, "
+                   f"position_buckets={getattr(cfg, 'position_buckets', -1)}, "
+                   f"max_relative_positions={cfg.max_relative_positions}, "
+                   f"norm_rel_ebd={getattr(cfg, 'norm_rel_ebd', 'none')}"
+                   if cfg.relative_attention else "no relative attention")
+            return (f"{cls.__name__}, {cfg.hidden_act}, {rel}, "
+                    f"position_biased_input={cfg.position_biased_input}, "
+                    f"type_vocab_size={cfg.type_vocab_size}, legacy={cfg.legacy}, safetensors")
+        _make_case(root, g, f"deberta-v2-tiny-{name}", seed, model, task, names, describe)
     make_v1(root, g)
 
 
@@ -143,20 +151,10 @@ def make_v1(root, g):
             for n, p in model.named_parameters():
                 if n.endswith(("q_bias", "v_bias")):
                     p.normal_(0, 0.2)
-        d = os.path.join(root, f"deberta-tiny-{name}")
-        g.fresh(d)
-        model.save_pretrained(d)
-        gen = torch.Generator().manual_seed(seed + 100)
-        inputs = g.task_inputs(gen, cfg.vocab_size, max(cfg.type_vocab_size, 1), task)
-        if cfg.type_vocab_size == 0:
-            del inputs["token_type_ids"]
-        with torch.no_grad():
-            out = model(**inputs, return_dict=False)
-        outputs = {n: out[i] for i, n in enumerate(names)}
-        g.save_golden(d, inputs, outputs, {
-            "description": f"{cls_name}, {cfg.hidden_act}, pos_att_type={cfg.pos_att_type}, "
-                           f"max_relative_positions={cfg.max_relative_positions}, "
-                           f"position_biased_input={cfg.position_biased_input}, "
-                           f"type_vocab_size={cfg.type_vocab_size}, safetensors",
-            "weights": "model.safetensors",
-        }, task=task)
+
+        def describe(cfg, cls_name=cls_name):
+            return (f"{cls_name}, {cfg.hidden_act}, pos_att_type={cfg.pos_att_type}, "
+                    f"max_relative_positions={cfg.max_relative_positions}, "
+                    f"position_biased_input={cfg.position_biased_input}, "
+                    f"type_vocab_size={cfg.type_vocab_size}, safetensors")
+        _make_case(root, g, f"deberta-tiny-{name}", seed, model, task, names, describe)
