@@ -425,7 +425,8 @@ fn gather_positions(t: &mut Tracer, scores: &T, index: &T, like: &T) -> T {
     )
 }
 
-/// `DisentangledSelfAttention` (`attention.self`): the `[batch, seq, hidden]` context.
+/// `DisentangledSelfAttention` (`attention.self`, v1 or v2): the `[batch, seq, hidden]`
+/// context.
 fn disentangled_attention(
     t: &mut Tracer,
     w: &WeightSource<'_>,
@@ -433,23 +434,34 @@ fn disentangled_attention(
     x: &T,
     sh: &Shared,
 ) -> Result<T, TraceError> {
-    if d.v1 {
-        return v1_attention(t, w, d, x, sh);
-    }
-    let (hidden, heads) = (d.enc.hidden, d.enc.heads);
-    let q = linear(t, w, "query_proj", x, hidden, hidden)?;
-    let k = linear(t, w, "key_proj", x, hidden, hidden)?;
-    let v = linear(t, w, "value_proj", x, hidden, hidden)?;
-    let q = heads_of(t, &q, heads, &[0, 2, 1, 3])?;
-    let k = heads_of(t, &k, heads, &[0, 2, 1, 3])?;
-    let v = heads_of(t, &v, heads, &[0, 2, 1, 3])?;
-    // sqrt(head_dim * scale_factor) in float32, as `scaled_size_sqrt`.
+    let (q, k, v) = if d.v1 {
+        v1_qkv(t, w, d, x)?
+    } else {
+        let (hidden, heads) = (d.enc.hidden, d.enc.heads);
+        let mut heads_of_linear = |name: &str| {
+            let y = linear(t, w, name, x, hidden, hidden)?;
+            heads_of(t, &y, heads, &[0, 2, 1, 3])
+        };
+        (
+            heads_of_linear("query_proj")?,
+            heads_of_linear("key_proj")?,
+            heads_of_linear("value_proj")?,
+        )
+    };
     let scale = attention_scale(t, d);
     let kt = t.transpose(&k, &[0, 1, 3, 2])?;
-    let kt_scaled = t.div(&kt, &scale)?;
-    let scores = t.matmul(&q, &kt_scaled)?;
+    // v1 divides the query (which its c2p term then uses), v2 the transposed key.
+    let (q, scores) = if d.v1 {
+        let q = t.div(&q, &scale)?;
+        let scores = t.matmul(&q, &kt)?;
+        (q, scores)
+    } else {
+        let kt = t.div(&kt, &scale)?;
+        let scores = t.matmul(&q, &kt)?;
+        (q, scores)
+    };
     let scores = add_position_terms(t, w, d, sh, (&q, &k), &scale, scores)?;
-    masked_context(t, &scores, sh, &v, hidden)
+    masked_context(t, &scores, sh, &v, d.enc.hidden)
 }
 
 /// Adds to `scores` the c2p (`q` against the projected position keys, gathered at the c2p
@@ -542,19 +554,16 @@ fn masked_context(
     t.reshape(&ctx, &[0, 0, hidden])
 }
 
-/// DeBERTa v1's `DisentangledSelfAttention`: `in_proj` (no bias) split per head into q, k,
-/// v; `q_bias` and `v_bias` added; the query divided by the scale before both products; c2p
-/// from `pos_proj` (no bias), p2c from `pos_q_proj` divided by the scale. transformers
-/// slices the relative table to `att_span = min(seq, max_relative_positions)` rows either
-/// side of the centre; gathering the whole table at `clamp(±rel + max_relative)` picks the
-/// same rows.
-fn v1_attention(
+/// DeBERTa v1's query, key and value heads: `in_proj` (no bias) split per head into q, k,
+/// v, then `q_bias` and `v_bias` added. (transformers slices the relative table to
+/// `att_span = min(seq, max_relative_positions)` rows either side of the centre; gathering
+/// the whole table at `clamp(±rel + max_relative)` picks the same rows.)
+fn v1_qkv(
     t: &mut Tracer,
     w: &WeightSource<'_>,
     d: &DebertaDims,
     x: &T,
-    sh: &Shared,
-) -> Result<T, TraceError> {
+) -> Result<(T, T, T), TraceError> {
     let (hidden, heads) = (d.enc.hidden, d.enc.heads);
     let head_dim = hidden / heads;
     let qkv = dense(
@@ -579,12 +588,7 @@ fn v1_attention(
     let v = t.slice_last(&qkv, 2 * head_dim, 3 * head_dim);
     let vb = bias(t, "v_bias")?;
     let v = t.add(&v, &vb)?;
-    let scale = attention_scale(t, d);
-    let q = t.div(&q, &scale)?;
-    let kt = t.transpose(&k, &[0, 1, 3, 2])?;
-    let scores = t.matmul(&q, &kt)?;
-    let scores = add_position_terms(t, w, d, sh, (&q, &k), &scale, scores)?;
-    masked_context(t, &scores, sh, &v, hidden)
+    Ok((q, k, v))
 }
 
 /// `DebertaV2Layer`: disentangled attention, `attention.output` (dense + residual
@@ -722,18 +726,10 @@ mod tests {
     use ferry_ir::{Graph, ModelConfig};
 
     use super::DebertaDims;
-    use crate::{TraceError, TraceOptions};
+    use crate::TraceError;
 
     fn traced(name: &str, task: &str) -> Graph {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../../testdata")
-            .join(name);
-        let c = ferry_loader::load(&dir).expect("load");
-        let opts = TraceOptions {
-            task: task.into(),
-            ..Default::default()
-        };
-        crate::trace(&c.config, &c.weights, &opts).expect("trace")
+        crate::fixed_dims_tests::traced(name, task, &[])
     }
 
     fn names(v: &[ferry_ir::Value]) -> Vec<&str> {
