@@ -388,10 +388,16 @@ impl ReportView {
     /// A view of one segment of `graph` (the model `model`, read with its weights mapped):
     /// the segment's nodes and initializers, its inputs typed as `values` holds them, its
     /// outputs untyped (ONNX Runtime infers them, contrib ops included).
+    ///
+    /// When the segment starts with a row lookup in a weight table (`lookup_table`), the
+    /// view holds only the rows the ids in `values` name, and the lookup reads them through
+    /// renumbered ids added to `values`: the same rows, so the same outputs, without ONNX
+    /// Runtime's float32 copy of the whole table (EmbedLayerNormalization has no float16
+    /// CPU kernel).
     fn segment(
         graph: &ferry_ir::Graph,
         segment: &ferry_ir::Segment,
-        values: &ferry_verifier::Values,
+        values: &mut ferry_verifier::Values,
         model: &Path,
         index: usize,
     ) -> Result<Self, String> {
@@ -411,7 +417,7 @@ impl ReportView {
             .collect::<Result<Vec<_>, String>>()?;
         let wanted: std::collections::HashSet<&str> =
             segment.initializers.iter().map(String::as_str).collect();
-        let sub = ferry_ir::Graph {
+        let mut sub = ferry_ir::Graph {
             name: graph.name.clone(),
             inputs,
             // Placeholder types, removed below.
@@ -434,6 +440,31 @@ impl ReportView {
             value_info: Vec::new(),
             opsets: graph.opsets.clone(),
         };
+        if let Some(first) = sub.nodes.first()
+            && let Some((table, slot, ids_slot)) = lookup_table(graph, first, &sub.nodes[1..])
+            && let Some(ids) = first.inputs.get(ids_slot).cloned()
+            && let Some(dtype) = values.dtype(&ids)
+            && let Some((shape, data)) = values.ints(&ids)
+            && let Some((rows, renumbered)) =
+                table_rows(table, &data).map_err(|e| format!("{}: {e}", table.name))?
+        {
+            let new_ids = format!("{ids}.ferry-rows");
+            values
+                .insert_ints(&new_ids, shape, renumbered, dtype)
+                .map_err(|e| e.to_string())?;
+            sub.nodes[0].inputs[ids_slot] = new_ids.clone();
+            sub.nodes[0].inputs[slot] = rows.name.clone();
+            sub.initializers.retain(|t| t.name != table.name);
+            sub.initializers.push(rows);
+            let used: std::collections::HashSet<String> =
+                sub.nodes.iter().flat_map(|n| n.inputs.clone()).collect();
+            sub.inputs.retain(|v| used.contains(&v.name));
+            sub.inputs.push(ferry_ir::Value {
+                name: new_ids,
+                dtype,
+                shape: None,
+            });
+        }
         let view = Self::write(
             &sub,
             model,
@@ -451,6 +482,82 @@ impl ReportView {
             .map_err(|e| format!("{}: {e}", view.path.display()))?;
         Ok(view)
     }
+}
+
+/// The weight table `node` looks rows up in, when it is a row lookup (`Gather` on axis 0,
+/// `EmbedLayerNormalization`'s word embeddings) in an initializer that none of `others`
+/// reads: the table, its input slot and the ids' input slot.
+fn lookup_table<'g>(
+    graph: &'g ferry_ir::Graph,
+    node: &ferry_ir::Node,
+    others: &[ferry_ir::Node],
+) -> Option<(&'g ferry_ir::Initializer, usize, usize)> {
+    let (slot, ids) = match (node.domain.as_str(), node.op_type.as_str()) {
+        ("" | "ai.onnx", "Gather")
+            if matches!(node.attr("axis"), None | Some(ferry_ir::Attr::Int(0))) =>
+        {
+            (0, 1)
+        }
+        ("com.microsoft", "EmbedLayerNormalization") => (2, 0),
+        _ => return None,
+    };
+    let name = node.inputs.get(slot)?;
+    if others.iter().any(|n| n.inputs.contains(name)) {
+        return None;
+    }
+    let table = graph.initializers.iter().find(|t| &t.name == name)?;
+    (table.dims.len() >= 2).then_some((table, slot, ids))
+}
+
+/// The rows of `table` that `ids` name (sorted, each once) as a new initializer, and the
+/// ids renumbered into it; `None` when an id is negative or past the table (ONNX Runtime
+/// then reports it on the whole table).
+#[allow(clippy::type_complexity)]
+fn table_rows(
+    table: &ferry_ir::Initializer,
+    ids: &[i64],
+) -> std::io::Result<Option<(ferry_ir::Initializer, Vec<i64>)>> {
+    let rows = table.dims[0];
+    if ids.iter().any(|&i| i < 0 || i >= rows) {
+        return Ok(None);
+    }
+    let mut unique = ids.to_vec();
+    unique.sort_unstable();
+    unique.dedup();
+    let row_bytes = table.data.len() / rows.max(1) as u64;
+    let mut bytes = vec![0u8; unique.len() * row_bytes as usize];
+    for (row, chunk) in unique
+        .iter()
+        .zip(bytes.chunks_exact_mut(row_bytes.max(1) as usize))
+    {
+        table.data.read_into(*row as u64 * row_bytes, chunk)?;
+    }
+    let renumbered = ids
+        .iter()
+        .map(|i| unique.binary_search(i).unwrap_or_default() as i64)
+        .collect();
+    let mut dims = table.dims.clone();
+    dims[0] = unique.len() as i64;
+    Ok(Some((
+        ferry_ir::Initializer {
+            name: format!("{}.ferry-rows", table.name),
+            dtype: table.dtype,
+            dims,
+            data: ferry_ir::TensorData::owned(bytes),
+        },
+        renumbered,
+    )))
+}
+
+/// Weight bytes ONNX Runtime holds for one segment of a float16 model: its weights, less a
+/// lookup table it starts with (`ReportView::segment` keeps only the rows looked up).
+fn segment_cost(graph: &ferry_ir::Graph, segment: &ferry_ir::Segment) -> u64 {
+    let nodes = &graph.nodes[segment.nodes.clone()];
+    let table = nodes
+        .first()
+        .and_then(|n| lookup_table(graph, n, &nodes[1..]))
+        .map_or(0, |(t, ..)| t.data.len());
+    segment.weight_bytes.saturating_sub(table)
 }
 
 impl Drop for ReportView {
@@ -519,7 +626,11 @@ fn report_models(
             .map_err(|e| e.to_string())?
             .graph;
         let segments = graph.segments(SEGMENT_BYTES);
-        need += 2 * segments.iter().map(|s| s.weight_bytes).max().unwrap_or(0);
+        need += 2 * segments
+            .iter()
+            .map(|s| segment_cost(&graph, s))
+            .max()
+            .unwrap_or(0);
         Candidate::Segments(graph, segments)
     } else {
         let (v, p) = load(quantized);
@@ -544,7 +655,7 @@ fn run_segments(
 > {
     let mut values = ferry_verifier::Values::from_inputs(inputs)?;
     for (k, seg) in segments.iter().enumerate() {
-        let view = ReportView::segment(graph, seg, &values, model, k)
+        let view = ReportView::segment(graph, seg, &mut values, model, k)
             .map_err(|e| ferry_verifier::VerifyError::Runtime(format!("float16 segments: {e}")))?;
         let mut m = ferry_verifier::Model::load_lean(&view.path, 2)?;
         let out = m.run_values(&values)?;
@@ -746,7 +857,8 @@ mod tests {
     /// boundary is the float16 tensor the graph declares, where the whole run keeps float32
     /// between two nodes it computes in float32. Against the float32 model both stay within
     /// the float16 tolerances (max-abs 1e-2, cosine 0.99999; here 3.8e-3 segmented, 3.5e-3
-    /// whole). A boundary value that no segment hands on is an error.
+    /// whole). The embedding lookup reads a table cut to the rows its ids name. A boundary
+    /// value that no segment hands on is an error.
     #[test]
     fn segmented_runs_match_whole_model_runs() {
         if ferry_verifier::find_onnxruntime().is_err() {
@@ -768,6 +880,16 @@ mod tests {
                 max_abs(w, &got[name])
             );
         }
+
+        // The float16 model's embedding segment holds only the rows looked up.
+        let graph = ferry_onnx::read_model(&f16_path).expect("read").graph;
+        let cut = graph
+            .segments(1)
+            .iter()
+            .filter(|s| segment_cost(&graph, s) < s.weight_bytes)
+            .map(|s| graph.nodes[s.nodes.start].op_type.clone())
+            .collect::<Vec<_>>();
+        assert_eq!(cut, ["EmbedLayerNormalization"]);
 
         let float = want;
         let (want, got) = whole_and_segmented(&f16_path);

@@ -79,6 +79,45 @@ impl Values {
         }
     }
 
+    /// An int64 or int32 tensor's shape and values, widened to i64.
+    pub fn ints(&self, name: &str) -> Option<(Vec<i64>, Vec<i64>)> {
+        let v = self.map.get(name)?;
+        if let Ok((shape, data)) = v.try_extract_tensor::<i64>() {
+            return Some((shape.to_vec(), data.to_vec()));
+        }
+        let (shape, data) = v.try_extract_tensor::<i32>().ok()?;
+        Some((shape.to_vec(), data.iter().map(|&x| i64::from(x)).collect()))
+    }
+
+    /// Adds an integer tensor as `dtype` (int64 or int32; values out of int32's range are
+    /// an error).
+    pub fn insert_ints(
+        &mut self,
+        name: &str,
+        shape: Vec<i64>,
+        data: Vec<i64>,
+        dtype: DType,
+    ) -> Result<(), VerifyError> {
+        let v = match dtype {
+            DType::I64 => Tensor::from_array((shape, data))?.into_dyn(),
+            DType::I32 => {
+                let narrow = data
+                    .into_iter()
+                    .map(i32::try_from)
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| VerifyError::Check(format!("`{name}`: {e}")))?;
+                Tensor::from_array((shape, narrow))?.into_dyn()
+            }
+            other => {
+                return Err(VerifyError::Check(format!(
+                    "`{name}`: {other:?} is not an integer type"
+                )));
+            }
+        };
+        self.map.insert(name.to_string(), v);
+        Ok(())
+    }
+
     /// Whether a value is present.
     pub fn contains(&self, name: &str) -> bool {
         self.map.contains_key(name)
