@@ -11,7 +11,7 @@
 use ferry_ir::{Attr, DType, Dim, ModelConfig};
 
 use crate::config::{attention_width, encoder_dims, flag};
-use crate::embeddings::arange_rows;
+use crate::embeddings::{arange_rows, position_grid};
 use crate::heads::{
     ChoiceHead, ClassificationHead, EncoderHeads, INPUTS, MlmHead, SequenceHead, TYPED_INPUTS,
 };
@@ -291,20 +291,8 @@ fn embeddings(
 /// is set. The bucketing runs in float32 as torch runs it.
 fn relative_positions(t: &mut Tracer, r: &Relative, input_ids: &T) -> Result<T, TraceError> {
     let s = input_ids.shape[1].clone();
-    let grid = vec![s.clone(), s.clone()];
-    let shape = t.shape_of(input_ids);
-    let one = t.scalar_i64(1);
-    let seq = t.gather(&shape, &one, 0)?;
-    let zero = t.scalar_i64(0);
-    let range = t.op(
-        "Range",
-        &[&zero, &seq, &one],
-        vec![],
-        DType::I64,
-        vec![s.clone()],
-    );
-    let q = t.unsqueeze(&range, &[1]);
-    let k = t.unsqueeze(&range, &[0]);
+    let grid = vec![s.clone(), s];
+    let (q, k) = position_grid(t, input_ids)?;
     let rel = t.sub(&q, &k)?;
     if r.buckets <= 0 {
         return Ok(rel);

@@ -6,7 +6,7 @@
 use ferry_ir::{DType, ModelConfig};
 
 use crate::config::{attention_width, encoder_dims};
-use crate::embeddings::{EmbeddingSpec, Positions, TokenTypes, embeddings};
+use crate::embeddings::{EmbeddingSpec, Positions, TokenTypes, embeddings, position_grid};
 use crate::heads::{ClassificationHead, EncoderHeads, INPUTS, MlmHead, Pooler, SequenceHead};
 use crate::layers::{
     Activation, AttentionSpec, EncoderDims, HeadActivation, WeightSource, add_norm, additive_mask,
@@ -53,21 +53,10 @@ impl MpnetDims {
 /// `[seq, seq]` grid, built from the run-time sequence length of `input_ids`.
 fn relative_position_bucket(t: &mut Tracer, input_ids: &T) -> Result<T, TraceError> {
     let s = input_ids.shape[1].clone();
-    let grid = vec![s.clone(), s.clone()];
-    let shape = t.shape_of(input_ids);
-    let one = t.scalar_i64(1);
-    let seq = t.gather(&shape, &one, 0)?;
-    let zero = t.scalar_i64(0);
-    let range = t.op(
-        "Range",
-        &[&zero, &seq, &one],
-        vec![],
-        DType::I64,
-        vec![s.clone()],
-    );
-    let context = t.unsqueeze(&range, &[1]);
-    let memory = t.unsqueeze(&range, &[0]);
+    let grid = vec![s.clone(), s];
+    let (context, memory) = position_grid(t, input_ids)?;
     let relative = t.sub(&memory, &context)?;
+    let zero = t.scalar_i64(0);
 
     let half = NUM_BUCKETS / 2;
     let max_exact = half / 2;
