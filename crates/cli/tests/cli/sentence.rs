@@ -192,3 +192,35 @@ fn unsupported_sentence_modules_fail_cleanly() {
         assert_fails_cleanly(&export(&ck, &out, &[]), &out, needle);
     }
 }
+
+/// `--optimize` fuses the encoder under the pooling as it does without it (2 layers:
+/// EmbedLayerNormalization, 2 Attention, 2 BiasGelu, 4 SkipLayerNormalization; on the real
+/// all-MiniLM-L6-v2, ONNX Runtime's optimizer fuses the same per layer on optimum's export)
+/// and the optimized `sentence_embedding` keeps parity with sentence-transformers within 1e-5.
+#[test]
+fn optimized_sentence_exports_fuse_the_encoder_and_keep_parity() {
+    for case in st_cases() {
+        let name = case
+            .file_name()
+            .expect("name")
+            .to_string_lossy()
+            .to_string();
+        let (dir, _out, o) = export_case(&name, "m.onnx", &["--optimize", "--json"]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let fused = &stdout_json(&o)["optimized"]["fused_operators"];
+        for (op, n) in [
+            ("EmbedLayerNormalization", 1),
+            ("Attention", 2),
+            ("BiasGelu", 2),
+            ("SkipLayerNormalization", 4),
+        ] {
+            assert_eq!(fused[op], n, "{name} {op}: {fused}");
+        }
+        golden_parity(
+            &dir.path().join("m-optimized.onnx"),
+            &case.join("golden.safetensors"),
+            1e-5,
+            &format!("{name} optimized"),
+        );
+    }
+}
