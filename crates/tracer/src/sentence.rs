@@ -281,3 +281,78 @@ fn l2_normalize(t: &mut Tracer, x: &T) -> Result<T, TraceError> {
     let norm = t.op("Max", &[&norm, &eps], vec![], norm.dtype, shape);
     t.div(x, &norm)
 }
+
+#[cfg(test)]
+mod tests {
+    use ferry_ir::Graph;
+
+    use crate::{TraceError, TraceOptions, trace};
+
+    fn traced(case: &str, edit: impl FnOnce(&mut TraceOptions)) -> Result<Graph, TraceError> {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../testdata")
+            .join(case);
+        let c = ferry_loader::load(&dir).expect("load");
+        let mut opts = TraceOptions {
+            sentence: c.sentence.clone(),
+            ..Default::default()
+        };
+        edit(&mut opts);
+        trace(&c.config, &c.weights, &opts)
+    }
+
+    fn outputs(g: &Graph) -> Vec<&str> {
+        g.outputs.iter().map(|v| v.name.as_str()).collect()
+    }
+
+    #[test]
+    fn sentence_embedding_only_for_feature_extraction() -> Result<(), TraceError> {
+        let g = traced("st-bert-tiny-cls-dense", |_| {})?;
+        assert_eq!(
+            outputs(&g),
+            ["last_hidden_state", "pooler_output", "sentence_embedding"]
+        );
+        // The Dense weights come from 2_Dense/, under the module's folder name.
+        assert!(
+            g.initializers
+                .iter()
+                .any(|i| i.name == "2_Dense.linear.weight")
+        );
+        let g = traced("st-bert-tiny-cls-dense", |o| o.token_embeddings_name = true)?;
+        assert_eq!(
+            outputs(&g),
+            ["token_embeddings", "pooler_output", "sentence_embedding"]
+        );
+        assert!(
+            g.nodes
+                .iter()
+                .all(|n| !n.outputs.iter().any(|o| o == "last_hidden_state"))
+        );
+        // Without the modules: token states only.
+        let g = traced("st-bert-tiny-cls-dense", |o| o.sentence = None)?;
+        assert_eq!(outputs(&g), ["last_hidden_state", "pooler_output"]);
+        Ok(())
+    }
+
+    #[test]
+    fn dense_modules_ferry_cannot_compute_are_errors() {
+        let unsupported = |edit: fn(&mut ferry_ir::SentenceDense)| {
+            let r = traced("st-bert-tiny-cls-dense", |o| {
+                if let Some(st) = o.sentence.as_mut() {
+                    edit(&mut st.dense[0]);
+                }
+            });
+            match r {
+                Err(TraceError::Unsupported(m)) => m,
+                other => panic!("expected an unsupported-config error, got {other:?}"),
+            }
+        };
+        let m = unsupported(|d| d.activation = "torch.nn.modules.activation.Sigmoid".into());
+        assert!(m.contains("Dense activation_function"), "{m}");
+        let m = unsupported(|d| d.in_features = 7);
+        assert!(
+            m.contains("in_features 7 but the vector before it has 16"),
+            "{m}"
+        );
+    }
+}
