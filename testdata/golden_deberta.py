@@ -9,7 +9,7 @@ buckets occur) and plain clamped ones (`max_relative_positions` < 11), `norm_rel
 layer_norm, `position_biased_input` on and off, token types present or absent
 (`type_vocab_size` 0 drops token_type_ids from the inputs, as optimum's export does),
 `embedding_size` != `hidden_size` (`embed_proj`), both masked-LM heads (`legacy`
-cls.predictions and lm_predictions.lm_head), ContextPooler activations, and one case
+cls.predictions, tied and untied, and lm_predictions.lm_head), ContextPooler activations, and one case
 without relative attention. Padding uses id 0 (DeBERTa-v2's pad_token_id).
 """
 
@@ -70,6 +70,12 @@ CASES = [
      dict(relative_attention=False, pos_att_type=None, position_biased_input=True,
           type_vocab_size=2, vocab_size=50, hidden_size=16, num_attention_heads=2,
           intermediate_size=20, num_hidden_layers=2, num_labels=2)),
+    # Untied legacy head: cls.predictions.decoder keeps its own weight and bias (the head's
+    # `bias` is then unused); the zero-initialized biases are randomized below.
+    ("fill-mask-untied", "fill-mask", DebertaV2ForMaskedLM, ["logits"],
+     dict(relative_attention=True, pos_att_type="c2p|p2c", position_buckets=6,
+          share_att_key=False, tie_word_embeddings=False, type_vocab_size=0, vocab_size=50, hidden_size=16,
+          num_attention_heads=2, intermediate_size=20, num_hidden_layers=1)),
 ]
 
 
@@ -96,6 +102,11 @@ def make(root, g):
         cfg = DebertaV2Config(max_position_embeddings=40, initializer_range=0.2, **extra)
         torch.manual_seed(seed)
         model = cls(cfg).eval()
+        if not cfg.tie_word_embeddings:
+            with torch.no_grad():
+                for n, p in model.named_parameters():
+                    if n.startswith("cls.predictions") and n.endswith("bias"):
+                        p.normal_(0, 0.5)
 
         def describe(cfg, cls=cls):
             rel = (f"share_att_key={cfg.share_att_key}, pos_att_type={cfg.pos_att_type}, "

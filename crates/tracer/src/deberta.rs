@@ -667,6 +667,8 @@ fn heads(d: &DebertaDims) -> EncoderHeads {
     let mlm = if d.legacy_mlm {
         MlmHead {
             transform: Some("transform"),
+            // Untied, `cls.predictions.decoder` is an `nn.Linear` with its own bias.
+            own_bias_when_untied: true,
             ..MlmHead::new(
                 &["cls", "predictions"],
                 d.enc.act,
