@@ -1,4 +1,5 @@
-"""ModernBERT golden cases, one per task head (modernbert-tiny-<task>) plus cls pooling.
+"""ModernBERT golden cases, one per task head (modernbert-tiny-<task>) plus cls pooling
+and an untied, bias-free decoder.
 
 Run by make_golden.py (`--only golden_modernbert`). Eager attention on the padded path.
 Every case has sequences longer than its local window (`local_attention` 2 to 6 against
@@ -61,6 +62,10 @@ CASES = [
      dict(vocab_size=64, hidden_size=16, num_attention_heads=4, intermediate_size=24,
           num_hidden_layers=3, global_attn_every_n_layers=3, local_attention=4,
           classifier_pooling="cls", classifier_bias=True)),
+    ("fill-mask-untied", "fill-mask", ModernBertForMaskedLM, ["logits"],
+     dict(vocab_size=50, hidden_size=16, num_attention_heads=2, intermediate_size=20,
+          num_hidden_layers=2, global_attn_every_n_layers=2, local_attention=2,
+          tie_word_embeddings=False, decoder_bias=False)),
 ]
 
 

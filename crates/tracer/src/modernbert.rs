@@ -656,5 +656,9 @@ mod tests {
                 .iter()
                 .any(|i| i.name.ends_with("final_norm.bias"))
         );
+        // Untied (tie_word_embeddings false), without decoder bias: its own weight, no bias.
+        let g = traced("modernbert-tiny-fill-mask-untied", "fill-mask");
+        assert!(g.initializers.iter().any(|i| i.name == "decoder.weight"));
+        assert!(!g.initializers.iter().any(|i| i.name == "decoder.bias"));
     }
 }
