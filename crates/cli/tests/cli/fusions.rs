@@ -323,16 +323,31 @@ fn modernbert_fuses_what_onnx_runtime_fuses_on_optimums_export() {
         } else {
             "text-classification"
         };
-        for opset in ["14", "17", "21"] {
-            let model = export_case(dir.path(), case, &["--task", task, "--opset", opset]);
-            let out = dir.path().join(format!("{case}-{opset}-opt.onnx"));
-            let golden = testdata(case).join("golden.safetensors");
-            let counts = optimize_and_check(&model, &out, &[], &golden);
-            let what = format!("{case} opset {opset}");
+        for (what, counts) in optimized_at_every_opset(dir.path(), case, task) {
             assert_counts(&counts, &norms, &what);
             assert_counts(&counts, &rest, &what);
             // Nothing of a decomposed norm or the erf GELU is left.
             assert_counts(&counts, &[("ReduceMean", 0), ("Erf", 0)], &what);
         }
     }
+}
+
+/// Exports `case` for `task` at opsets 14, 17 and 21 into `dir`, optimizes each (checked
+/// against the golden as [`optimize_and_check`] does) and returns `("<case> opset <n>",
+/// op counts)` per opset.
+fn optimized_at_every_opset(
+    dir: &Path,
+    case: &str,
+    task: &str,
+) -> Vec<(String, BTreeMap<String, usize>)> {
+    ["14", "17", "21"]
+        .into_iter()
+        .map(|opset| {
+            let model = export_case(dir, case, &["--task", task, "--opset", opset]);
+            let out = dir.join(format!("{case}-{opset}-opt.onnx"));
+            let golden = testdata(case).join("golden.safetensors");
+            let counts = optimize_and_check(&model, &out, &[], &golden);
+            (format!("{case} opset {opset}"), counts)
+        })
+        .collect()
 }
