@@ -351,3 +351,101 @@ fn optimized_at_every_opset(
         })
         .collect()
 }
+
+/// DeBERTa-v2 and v1 (disentangled attention, post-norm layers): ONNX Runtime's transformers
+/// optimizer (model type bert, onnxruntime 1.31.1, opt_level 1) fuses optimum-onnx 0.1.0's
+/// opset-17 exports of the tiny goldens into (fused-operator statistics, nonzero only):
+///
+/// - deberta-v2-tiny-feature-extraction: BiasGelu 2, LayerNormalization 1, SkipLayerNormalization 4
+/// - deberta-v2-tiny-text-classification: SkipLayerNormalization 7
+/// - deberta-v2-tiny-question-answering: FastGelu 2, LayerNormalization 1, SkipLayerNormalization 4
+/// - deberta-v2-tiny-fill-mask: FastGelu 3, LayerNormalization 2, SkipLayerNormalization 4
+/// - deberta-tiny-text-classification: Gelu 1, LayerNormalization 1, SkipLayerNormalization 4
+///
+/// and ferry's exports into the same, except: the LayerNorm of `encoder.rel_embeddings`
+/// (`norm_rel_ebd`), a constant subgraph ONNX Runtime folds away and ferry keeps (one more
+/// LayerNormalization in feature-extraction, one in text-classification); the embedding
+/// LayerNorm becomes EmbedLayerNormalization where the embeddings are word + position only
+/// (question-answering, v1 text-classification), whose head dense + gelu is BiasGelu.
+/// Neither fuses the disentangled attention. Within 1e-4 of the golden at every opset.
+#[test]
+fn deberta_fusions_match_onnx_runtime_on_optimums_export() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cases: [(&str, &str, [(&str, usize); 6]); 5] = [
+        (
+            "deberta-v2-tiny-feature-extraction",
+            "feature-extraction",
+            [
+                ("BiasGelu", 2),
+                ("FastGelu", 0),
+                ("LayerNormalization", 2),
+                ("SkipLayerNormalization", 4),
+                ("EmbedLayerNormalization", 0),
+                ("Gelu", 0),
+            ],
+        ),
+        (
+            "deberta-v2-tiny-text-classification",
+            "text-classification",
+            [
+                ("BiasGelu", 0),
+                ("FastGelu", 0),
+                ("LayerNormalization", 1),
+                ("SkipLayerNormalization", 7),
+                ("EmbedLayerNormalization", 0),
+                ("Gelu", 0),
+            ],
+        ),
+        (
+            "deberta-v2-tiny-question-answering",
+            "question-answering",
+            [
+                ("BiasGelu", 0),
+                ("FastGelu", 2),
+                ("LayerNormalization", 0),
+                ("SkipLayerNormalization", 4),
+                ("EmbedLayerNormalization", 1),
+                ("Gelu", 0),
+            ],
+        ),
+        (
+            "deberta-v2-tiny-fill-mask",
+            "fill-mask",
+            [
+                ("BiasGelu", 0),
+                ("FastGelu", 3),
+                ("LayerNormalization", 2),
+                ("SkipLayerNormalization", 4),
+                ("EmbedLayerNormalization", 0),
+                ("Gelu", 0),
+            ],
+        ),
+        (
+            "deberta-tiny-text-classification",
+            "text-classification",
+            [
+                ("BiasGelu", 1),
+                ("FastGelu", 0),
+                ("LayerNormalization", 0),
+                ("SkipLayerNormalization", 4),
+                ("EmbedLayerNormalization", 1),
+                ("Gelu", 0),
+            ],
+        ),
+    ];
+    for (case, task, want) in cases {
+        for opset in ["14", "17", "21"] {
+            let model = export_case(dir.path(), case, &["--task", task, "--opset", opset]);
+            let out = dir.path().join(format!("{case}-{opset}-opt.onnx"));
+            let golden = testdata(case).join("golden.safetensors");
+            let counts = optimize_and_check(&model, &out, &[], &golden);
+            let what = format!("{case} opset {opset}");
+            assert_counts(&counts, &want, &what);
+            assert_counts(
+                &counts,
+                &[("ReduceMean", 0), ("Erf", 0), ("Attention", 0)],
+                &what,
+            );
+        }
+    }
+}
