@@ -371,7 +371,7 @@ fn optimized_at_every_opset(
 #[test]
 fn deberta_fusions_match_onnx_runtime_on_optimums_export() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let cases: [(&str, &str, [(&str, usize); 6]); 5] = [
+    let cases = [
         (
             "deberta-v2-tiny-feature-extraction",
             "feature-extraction",
