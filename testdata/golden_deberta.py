@@ -9,8 +9,9 @@ buckets occur) and plain clamped ones (`max_relative_positions` < 11), `norm_rel
 layer_norm, `position_biased_input` on and off, token types present or absent
 (`type_vocab_size` 0 drops token_type_ids from the inputs, as optimum's export does),
 `embedding_size` != `hidden_size` (`embed_proj`), both masked-LM heads (`legacy`
-cls.predictions, tied and untied, and lm_predictions.lm_head), ContextPooler activations, and one case
-without relative attention. Padding uses id 0 (DeBERTa-v2's pad_token_id).
+cls.predictions, tied and untied, and lm_predictions.lm_head), ContextPooler activations, the
+ConvLayer (`conv_kernel_size`), and one case without relative attention. Padding uses id 0
+(DeBERTa-v2's pad_token_id).
 """
 
 import os
@@ -76,6 +77,12 @@ CASES = [
      dict(relative_attention=True, pos_att_type="c2p|p2c", position_buckets=6,
           share_att_key=False, tie_word_embeddings=False, type_vocab_size=0, vocab_size=50, hidden_size=16,
           num_attention_heads=2, intermediate_size=20, num_hidden_layers=1)),
+    # DeBERTa-v2-xlarge's ConvLayer after the first layer (grouped, gelu).
+    ("token-classification-conv", "token-classification", DebertaV2ForTokenClassification,
+     ["logits"],
+     dict(V3, pos_att_type="p2c|c2p", position_buckets=8, max_relative_positions=32,
+          conv_kernel_size=3, conv_groups=2, conv_act="gelu", vocab_size=60, hidden_size=16,
+          num_attention_heads=2, intermediate_size=24, num_hidden_layers=2, num_labels=4)),
 ]
 
 

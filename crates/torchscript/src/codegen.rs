@@ -564,6 +564,36 @@ impl<'a> Gen<'a> {
                     _ => return Err(unsupported()),
                 }
             }
+            // DeBERTa-v2's ConvLayer: a 1-D convolution with symmetric padding.
+            "Conv" => {
+                let kernel = Self::ints_attr(node, "kernel_shape").unwrap_or_default();
+                let pads = Self::ints_attr(node, "pads").unwrap_or_else(|| vec![0, 0]);
+                let ones = |name: &str| {
+                    Self::ints_attr(node, name).is_none_or(|v| v.iter().all(|&x| x == 1))
+                };
+                let auto_pad =
+                    matches!(node.attr("auto_pad"), Some(Attr::String(p)) if p != "NOTSET");
+                if kernel.len() != 1
+                    || pads.len() != 2
+                    || pads[0] != pads[1]
+                    || !ones("strides")
+                    || !ones("dilations")
+                    || auto_pad
+                    || ins.len() != 3
+                {
+                    return Err(unsupported());
+                }
+                let group = Self::int_attr(node, "group").unwrap_or(1);
+                let (x, w, b) = (
+                    self.tensor(&ins[0], node)?,
+                    self.tensor(&ins[1], node)?,
+                    self.tensor(&ins[2], node)?,
+                );
+                Val::Tensor(self.emit(format!(
+                    "torch.conv1d({x}, {w}, {b}, [1], [{}], [1], {group})",
+                    pads[0]
+                )))
+            }
             // DeBERTa-v2's log-bucketed relative positions.
             "Ceil" | "Sign" => {
                 let x = self.tensor(&ins[0], node)?;

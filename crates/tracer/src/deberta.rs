@@ -17,7 +17,7 @@ use crate::heads::{
 };
 use crate::layers::{
     Activation, EncoderDims, HeadActivation, WeightLayout, WeightSource, add_norm, bert_ffn, dense,
-    layer_norm, layer_stack, linear, scoped,
+    layer_norm, linear, scoped,
 };
 use crate::{Request, T, TraceError, Tracer};
 
@@ -107,6 +107,27 @@ struct Relative {
     share_key: bool,
 }
 
+/// `ACT2FN[name]` for the pooler and the conv layer: `tanh`, `linear` or an [`Activation`].
+fn head_activation(name: &str) -> Result<HeadActivation, TraceError> {
+    Ok(match name {
+        "tanh" => HeadActivation::Tanh,
+        "linear" => HeadActivation::Identity,
+        other => HeadActivation::Act(Activation::parse(other)?),
+    })
+}
+
+/// `ConvLayer`: a `Conv1d(hidden, hidden, kernel, padding=(kernel - 1) / 2, groups)` over the
+/// sequence, `conv_act`, then LayerNorm with the residual.
+#[derive(Debug, Clone, Copy)]
+struct Conv {
+    /// `conv_kernel_size`.
+    kernel: i64,
+    /// `conv_groups`.
+    groups: i64,
+    /// `conv_act`.
+    act: HeadActivation,
+}
+
 /// The DeBERTa-v2 hyper-parameters ferry needs, validated.
 #[derive(Debug, Clone)]
 struct DebertaDims {
@@ -127,6 +148,8 @@ struct DebertaDims {
     legacy_mlm: bool,
     /// `pooler_hidden_act` of `ContextPooler`.
     pooler_act: HeadActivation,
+    /// DeBERTa-v2's `ConvLayer` after the first layer (`conv_kernel_size > 0`).
+    conv: Option<Conv>,
     enc: EncoderDims,
 }
 
@@ -154,11 +177,33 @@ impl DebertaDims {
                 "attention_head_size {size} (only hidden_size / num_attention_heads)"
             )));
         }
-        if int_or(c, "conv_kernel_size", 0)? > 0 {
-            return Err(TraceError::Unsupported(
-                "conv_kernel_size > 0 (DeBERTa-v2's ConvLayer)".into(),
-            ));
-        }
+        let conv = match int_or(c, "conv_kernel_size", 0)? {
+            k if k <= 0 => None,
+            kernel => {
+                if kernel % 2 == 0 {
+                    // padding (k - 1) / 2 shortens the sequence: transformers fails too.
+                    return Err(TraceError::Unsupported(format!(
+                        "conv_kernel_size {kernel} (even: the output is shorter than the input)"
+                    )));
+                }
+                let groups = int_or(c, "conv_groups", 1)?;
+                if groups <= 0 || hidden % groups != 0 {
+                    return Err(TraceError::Unsupported(format!(
+                        "conv_groups {groups} (must divide hidden_size {hidden})"
+                    )));
+                }
+                let act = c
+                    .raw
+                    .get("conv_act")
+                    .and_then(|v| v.as_str())
+                    .unwrap_or("tanh");
+                Some(Conv {
+                    kernel,
+                    groups,
+                    act: head_activation(act)?,
+                })
+            }
+        };
         let pooler = int_or(c, "pooler_hidden_size", hidden)?;
         let type_vocab = int_or(c, "type_vocab_size", 0)?;
         let embedding = int_or(c, "embedding_size", hidden)?;
@@ -222,11 +267,8 @@ impl DebertaDims {
             pos_att: PosAttention::from_config(c)?,
             relative,
             legacy_mlm: flag(c, "legacy", true),
-            pooler_act: match pooler_act {
-                "tanh" => HeadActivation::Tanh,
-                "linear" => HeadActivation::Identity,
-                other => HeadActivation::Act(Activation::parse(other)?),
-            },
+            pooler_act: head_activation(pooler_act)?,
+            conv,
             enc,
         })
     }
@@ -647,8 +689,66 @@ fn encoder(
                 sh.p2c_index = Some(table_index(t, &rel, r.span, true)?);
             }
         }
-        layer_stack(t, d.layers, x, |t, x| deberta_layer(t, w, d, x, &sh))
+        let mut y = x.clone();
+        for i in 0..d.layers {
+            y = scoped(t, &format!("layer.{i}"), |t| {
+                deberta_layer(t, w, d, &y, &sh)
+            })?;
+            if let (0, Some(conv)) = (i, &d.conv) {
+                y = scoped(t, "conv", |t| {
+                    conv_layer(t, w, d, conv, &x, &y, attention_mask)
+                })?;
+            }
+        }
+        Ok(y)
     })
+}
+
+/// `ConvLayer(embeddings, layer_0_output, mask)`: the convolution of the embeddings over the
+/// sequence (`[batch, hidden, seq]`), zeroed at padding, `conv_act`, `LayerNorm(residual +
+/// out)`, times the mask.
+fn conv_layer(
+    t: &mut Tracer,
+    w: &WeightSource<'_>,
+    d: &DebertaDims,
+    conv: &Conv,
+    x: &T,
+    residual: &T,
+    attention_mask: &T,
+) -> Result<T, TraceError> {
+    let h = d.enc.hidden;
+    let (weight, bias) = scoped(t, "conv", |t| {
+        let path = t.module_path();
+        let weight = w.get(
+            t,
+            &format!("{path}.weight"),
+            &[h, h / conv.groups, conv.kernel],
+        )?;
+        let bias = w.get(t, &format!("{path}.bias"), &[h])?;
+        Ok((weight, bias))
+    })?;
+    let channels = t.transpose(x, &[0, 2, 1])?;
+    let pad = (conv.kernel - 1) / 2;
+    let len = channels.shape[2].clone();
+    let y = t.op(
+        "Conv",
+        &[&channels, &weight, &bias],
+        vec![
+            ("group", Attr::Int(conv.groups)),
+            ("kernel_shape", Attr::Ints(vec![conv.kernel])),
+            ("pads", Attr::Ints(vec![pad, pad])),
+        ],
+        x.dtype,
+        vec![channels.shape[0].clone(), Dim::Fixed(h), len],
+    );
+    let y = t.transpose(&y, &[0, 2, 1])?;
+    let m = t.unsqueeze(attention_mask, &[2]);
+    let m = t.cast_to_float(&m);
+    let y = t.mul(&y, &m)?;
+    let y = conv.act.apply(t, y)?;
+    let s = t.add(residual, &y)?;
+    let y = layer_norm(t, w, "LayerNorm", &s, h, d.enc.eps)?;
+    t.mul(&y, &m)
 }
 
 /// DeBERTa-v2's heads: `ContextPooler` (`pooler.dense` + `pooler_hidden_act` over the first
@@ -817,7 +917,8 @@ mod tests {
         assert_eq!(d.pos_att.scale_factor(false), 2);
         assert_eq!(d.relative.map(|r| r.span), Some(256));
         for bad in [
-            r#","conv_kernel_size":3"#,
+            r#","conv_kernel_size":4"#,
+            r#","conv_kernel_size":3,"conv_groups":3"#,
             r#","pos_att_type":"c2c""#,
             r#","pooler_hidden_size":4"#,
             r#","attention_head_size":3"#,
