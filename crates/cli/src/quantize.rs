@@ -472,14 +472,7 @@ impl ReportView {
             String::new(),
             Vec::new(),
         )?;
-        let mut proto = ferry_onnx::read_model_proto(&view.path).map_err(|e| e.to_string())?;
-        if let Some(g) = proto.graph.as_mut() {
-            for o in &mut g.output {
-                o.r#type = None;
-            }
-        }
-        std::fs::write(&view.path, prost::Message::encode_to_vec(&proto))
-            .map_err(|e| format!("{}: {e}", view.path.display()))?;
+        ferry_onnx::strip_output_types(&view.path).map_err(|e| e.to_string())?;
         Ok(view)
     }
 }
