@@ -6,7 +6,7 @@ use std::sync::Arc;
 use crate::LoadError;
 
 /// Receives hub download progress, so a UI (the CLI's progress bar) can show it while the
-/// loader itself stays UI-free. Calls come from hf-hub's runtime thread.
+/// loader itself stays UI-free. Calls come from the thread that called [`resolve`].
 pub trait DownloadProgress: Send + Sync {
     /// `file` starts downloading; `bytes` is its size as the hub reports it (0: unknown).
     fn start(&self, file: &str, bytes: u64);
@@ -25,8 +25,7 @@ pub struct ResolveOptions {
     pub offline: bool,
     /// Cache directory override (default: the standard Hugging Face cache).
     pub cache_dir: Option<PathBuf>,
-    /// Hub endpoint override (default: hf-hub's, i.e. `$HF_ENDPOINT` else
-    /// `https://huggingface.co`).
+    /// Hub endpoint override (default: `$HF_ENDPOINT`, else `https://huggingface.co`).
     pub endpoint: Option<String>,
     /// Where download progress goes (none: silent).
     pub progress: Option<Arc<dyn DownloadProgress>>,
@@ -41,38 +40,6 @@ impl std::fmt::Debug for ResolveOptions {
             .field("endpoint", &self.endpoint)
             .field("progress", &self.progress.is_some())
             .finish()
-    }
-}
-
-/// Forwards one file's hf-hub download events to a [`DownloadProgress`].
-struct ProgressAdapter {
-    sink: Arc<dyn DownloadProgress>,
-    file: String,
-}
-
-impl hf_hub::progress::ProgressHandler for ProgressAdapter {
-    fn on_progress(&self, event: &hf_hub::progress::ProgressEvent) {
-        use hf_hub::progress::{DownloadEvent, ProgressEvent};
-        let ProgressEvent::Download(e) = event else {
-            return;
-        };
-        match e {
-            DownloadEvent::Start { total_bytes, .. } => self.sink.start(&self.file, *total_bytes),
-            DownloadEvent::Progress { files } => {
-                for f in files {
-                    self.sink
-                        .advance(&self.file, f.bytes_completed, f.total_bytes);
-                }
-            }
-            DownloadEvent::AggregateProgress {
-                bytes_completed,
-                total_bytes,
-                ..
-            } => self
-                .sink
-                .advance(&self.file, *bytes_completed, *total_bytes),
-            DownloadEvent::Complete => self.sink.finish(&self.file),
-        }
     }
 }
 
@@ -139,7 +106,7 @@ fn looks_like_repo_id(s: &str) -> bool {
 /// Turns `--model` into a checkpoint directory: a local directory as is; else a snapshot
 /// in the Hugging Face cache (`refs/<revision>` or a commit; used without asking the hub
 /// whether the branch moved); else (unless offline: `opts.offline` or `HF_HUB_OFFLINE`) a
-/// download through hf-hub into that cache, reporting to `opts.progress`. The error lists
+/// download into that cache, reporting to `opts.progress`. The error lists
 /// everything that was tried.
 pub fn resolve(model: &str, opts: &ResolveOptions) -> Result<PathBuf, LoadError> {
     let p = Path::new(model);
@@ -184,78 +151,371 @@ pub fn resolve(model: &str, opts: &ResolveOptions) -> Result<PathBuf, LoadError>
     }
 }
 
-/// Downloads config, weights (safetensors preferred) and tokenizer files into the cache
-/// (`models--org--name/{blobs,refs,snapshots}`, the layout transformers reads). hf-hub
-/// takes the endpoint from `HF_ENDPOINT` and the token from `HF_TOKEN` (or the token
-/// file `huggingface-cli login` writes) unless `opts` overrides the endpoint.
+/// The hub's base address: `opts.endpoint`, else `$HF_ENDPOINT`, else `https://huggingface.co`.
+fn endpoint(opts: &ResolveOptions) -> String {
+    let env = std::env::var("HF_ENDPOINT")
+        .ok()
+        .filter(|v| !v.trim().is_empty());
+    let e = opts
+        .endpoint
+        .clone()
+        .or(env)
+        .unwrap_or_else(|| "https://huggingface.co".into());
+    e.trim().trim_end_matches('/').to_string()
+}
+
+/// The user's hub token: `$HF_TOKEN`, else the file `huggingface-cli login` writes
+/// (`$HF_TOKEN_PATH`, else `$HF_HOME/token`, else `~/.cache/huggingface/token`).
+fn token() -> Option<String> {
+    let env = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty());
+    if let Some(t) = std::env::var("HF_TOKEN")
+        .ok()
+        .filter(|t| !t.trim().is_empty())
+    {
+        return Some(t.trim().to_string());
+    }
+    let path = env("HF_TOKEN_PATH").map(PathBuf::from).unwrap_or_else(|| {
+        env("HF_HOME")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| {
+                env("HOME")
+                    .map(PathBuf::from)
+                    .unwrap_or_else(|| PathBuf::from("/"))
+                    .join(".cache")
+                    .join("huggingface")
+            })
+            .join("token")
+    });
+    std::fs::read_to_string(path)
+        .ok()
+        .map(|t| t.trim().to_string())
+        .filter(|t| !t.is_empty())
+}
+
+/// Percent-encodes `s` for one URL path segment (a revision such as `refs/pr/1` included).
+fn encode_segment(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// What the hub reports about one file of a revision.
+#[derive(Debug, Clone)]
+struct FileMeta {
+    /// The commit the revision resolves to (`X-Repo-Commit`).
+    commit: String,
+    /// The blob name in the cache: the LFS object's `X-Linked-Etag`, else the `ETag`.
+    etag: String,
+    /// The file's size (`X-Linked-Size`, else `Content-Length`; 0: unknown).
+    size: u64,
+}
+
+/// Why one file could not be fetched.
+#[derive(Debug)]
+enum FetchError {
+    /// The hub has no such file in the revision (404 `EntryNotFound`).
+    Missing,
+    /// Anything else, as a message.
+    Failed(String),
+}
+
+impl From<String> for FetchError {
+    fn from(m: String) -> Self {
+        FetchError::Failed(m)
+    }
+}
+
+/// A header's value as text, if present and ASCII.
+fn header<'a>(r: &'a ureq::http::Response<ureq::Body>, name: &str) -> Option<&'a str> {
+    r.headers().get(name).and_then(|v| v.to_str().ok())
+}
+
+/// A synchronous client for the hub's `resolve` endpoint, the protocol huggingface_hub
+/// speaks: `HEAD {endpoint}/{id}/resolve/{revision}/{file}` without following an
+/// absolute redirect gives the commit, blob name and size; `GET` follows the redirect to
+/// the LFS/xet CDN (without the token) for the bytes.
+struct Hub<'a> {
+    /// Redirects are handled by hand (HEAD must not leave the hub).
+    head: ureq::Agent,
+    /// Follows redirects, never forwarding `Authorization`.
+    get: ureq::Agent,
+    endpoint: String,
+    id: &'a str,
+    revision: &'a str,
+    token: Option<String>,
+    progress: Option<Arc<dyn DownloadProgress>>,
+}
+
+impl<'a> Hub<'a> {
+    fn new(id: &'a str, revision: &'a str, opts: &ResolveOptions) -> Self {
+        let agent = |redirects: u32| -> ureq::Agent {
+            ureq::Agent::config_builder()
+                .http_status_as_error(false)
+                .max_redirects(redirects)
+                .timeout_connect(Some(std::time::Duration::from_secs(30)))
+                .user_agent(concat!("ferry/", env!("CARGO_PKG_VERSION")))
+                .build()
+                .into()
+        };
+        Self {
+            head: agent(0),
+            get: agent(10),
+            endpoint: endpoint(opts),
+            id,
+            revision,
+            token: token(),
+            progress: opts.progress.clone(),
+        }
+    }
+
+    fn url(&self, file: &str) -> String {
+        let file: Vec<String> = file.split('/').map(encode_segment).collect();
+        format!(
+            "{}/{}/resolve/{}/{}",
+            self.endpoint,
+            self.id,
+            encode_segment(self.revision),
+            file.join("/")
+        )
+    }
+
+    fn auth<B>(&self, req: ureq::RequestBuilder<B>) -> ureq::RequestBuilder<B> {
+        match &self.token {
+            Some(t) => req.header("Authorization", format!("Bearer {t}")),
+            None => req,
+        }
+    }
+
+    /// The hub's metadata for `file`; follows relative redirects (renamed repos) only.
+    fn meta(&self, file: &str) -> Result<FileMeta, FetchError> {
+        let mut url = self.url(file);
+        for _ in 0..5 {
+            let r = self
+                .auth(self.head.head(&url))
+                .call()
+                .map_err(|e| format!("{file}: {e}"))?;
+            let status = r.status().as_u16();
+            if (300..400).contains(&status) {
+                let loc = header(&r, "location").unwrap_or_default();
+                if loc.starts_with('/') {
+                    url = format!("{}{loc}", self.endpoint);
+                    continue;
+                }
+            } else if matches!(status, 401 | 403 | 404) {
+                // huggingface.co answers 401 `RepoNotFound` for a repo that is absent or
+                // private to an anonymous user, and 404 `EntryNotFound` for a missing file.
+                let code = header(&r, "x-error-code").unwrap_or_default();
+                let token = if self.token.is_some() {
+                    ""
+                } else {
+                    " (a private or gated one needs HF_TOKEN)"
+                };
+                return Err(match code {
+                    "RepoNotFound" => FetchError::Failed(format!(
+                        "repository {} not found on {}{token}",
+                        self.id, self.endpoint
+                    )),
+                    "RevisionNotFound" => FetchError::Failed(format!(
+                        "revision `{}` of {} not found",
+                        self.revision, self.id
+                    )),
+                    _ if status == 404 => FetchError::Missing,
+                    _ => FetchError::Failed(format!(
+                        "{}: access denied (HTTP {status}){token}",
+                        self.id
+                    )),
+                });
+            } else if !(200..300).contains(&status) {
+                return Err(FetchError::Failed(format!(
+                    "{file}: HTTP {status} from {url}"
+                )));
+            }
+            let revision_is_commit =
+                self.revision.len() == 40 && self.revision.chars().all(|c| c.is_ascii_hexdigit());
+            let commit = header(&r, "x-repo-commit")
+                .map(str::to_string)
+                .or_else(|| revision_is_commit.then(|| self.revision.to_string()))
+                .ok_or_else(|| format!("{file}: the hub sent no X-Repo-Commit"))?;
+            let etag = header(&r, "x-linked-etag")
+                .or_else(|| header(&r, "etag"))
+                .map(|e| e.trim_start_matches("W/").trim_matches('"').to_string())
+                .ok_or_else(|| format!("{file}: the hub sent no ETag"))?;
+            let safe = |s: &str| !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric());
+            if !safe(&commit) || !safe(&etag) {
+                return Err(FetchError::Failed(format!(
+                    "{file}: unexpected commit `{commit}` or ETag `{etag}` from the hub"
+                )));
+            }
+            let size = header(&r, "x-linked-size")
+                .or_else(|| header(&r, "content-length"))
+                .and_then(|s| s.trim().parse().ok())
+                .unwrap_or(0);
+            return Ok(FileMeta { commit, etag, size });
+        }
+        Err(FetchError::Failed(format!("{file}: too many redirects")))
+    }
+
+    /// Makes sure `file`'s blob is in `blobs` (downloading it through a temporary file
+    /// that is removed on failure) and returns the hub's metadata for it.
+    fn fetch(&self, file: &str, blobs: &Path) -> Result<FileMeta, FetchError> {
+        let meta = self.meta(file)?;
+        let blob = blobs.join(&meta.etag);
+        if !blob.is_file() {
+            let tmp = blobs.join(format!("{}.{}.incomplete", meta.etag, std::process::id()));
+            let got = self.download_to(file, &meta, &tmp);
+            let got = got.and_then(|()| {
+                std::fs::rename(&tmp, &blob).map_err(|e| format!("{}: {e}", blob.display()))
+            });
+            if let Err(e) = got {
+                let _ = std::fs::remove_file(&tmp);
+                return Err(FetchError::Failed(e));
+            }
+        }
+        if let Some(p) = &self.progress {
+            p.finish(file);
+        }
+        Ok(meta)
+    }
+
+    fn download_to(&self, file: &str, meta: &FileMeta, tmp: &Path) -> Result<(), String> {
+        use std::io::{Read, Write};
+        let r = self
+            .auth(self.get.get(&self.url(file)))
+            .call()
+            .map_err(|e| format!("{file}: {e}"))?;
+        let status = r.status().as_u16();
+        if status != 200 {
+            return Err(format!("{file}: HTTP {status} while downloading"));
+        }
+        let total = if meta.size > 0 {
+            meta.size
+        } else {
+            header(&r, "content-length")
+                .and_then(|s| s.trim().parse().ok())
+                .unwrap_or(0)
+        };
+        if let Some(p) = &self.progress {
+            p.start(file, total);
+        }
+        let mut body = r.into_body().into_reader();
+        let mut out = std::io::BufWriter::new(
+            std::fs::File::create(tmp).map_err(|e| format!("{}: {e}", tmp.display()))?,
+        );
+        let mut buf = vec![0u8; 1 << 16];
+        let mut done = 0u64;
+        loop {
+            let n = body
+                .read(&mut buf)
+                .map_err(|e| format!("{file}: download interrupted after {done} bytes: {e}"))?;
+            if n == 0 {
+                break;
+            }
+            out.write_all(&buf[..n])
+                .map_err(|e| format!("{}: {e}", tmp.display()))?;
+            done += n as u64;
+            if let Some(p) = &self.progress {
+                p.advance(file, done, total);
+            }
+        }
+        out.flush().map_err(|e| format!("{}: {e}", tmp.display()))?;
+        if meta.size > 0 && done != meta.size {
+            return Err(format!(
+                "{file}: download ended after {done} of {} bytes",
+                meta.size
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Points `snapshot/<file>` at `blobs/<etag>` (a relative symlink, as huggingface_hub
+/// makes; a copy where symlinks are unavailable).
+fn link_into_snapshot(snapshot: &Path, file: &str, etag: &str) -> Result<(), String> {
+    let link = snapshot.join(file);
+    let depth = file.matches('/').count() + 2;
+    let target = PathBuf::from("../".repeat(depth)).join("blobs").join(etag);
+    if let Some(parent) = link.parent() {
+        std::fs::create_dir_all(parent).map_err(|e| format!("{}: {e}", parent.display()))?;
+    }
+    if std::fs::symlink_metadata(&link).is_ok() {
+        std::fs::remove_file(&link).map_err(|e| format!("{}: {e}", link.display()))?;
+    }
+    #[cfg(unix)]
+    let made = std::os::unix::fs::symlink(&target, &link);
+    #[cfg(not(unix))]
+    let made = std::fs::copy(snapshot.join(&target), &link).map(|_| ());
+    made.map_err(|e| format!("{}: {e}", link.display()))
+}
+
+/// Downloads config, weights (safetensors preferred, then shards, `pytorch_model.bin`,
+/// `tf_model.h5`) and tokenizer files into the cache's standard layout
+/// (`models--org--name/{blobs,snapshots/<commit>,refs/<revision>}`, which transformers
+/// reads too). The snapshot links and the ref are written only once every required file
+/// is in `blobs`, so a failed download never leaves a snapshot that looks complete.
 fn download(
     id: &str,
     revision: &str,
     cache: &Path,
     opts: &ResolveOptions,
 ) -> Result<PathBuf, String> {
-    let mut builder = hf_hub::HFClient::builder().cache_dir(cache.to_path_buf());
-    if let Some(e) = &opts.endpoint {
-        builder = builder.endpoint(e.clone());
-    }
-    let client = builder.build_sync().map_err(|e| e.to_string())?;
-    let (owner, name) = hf_hub::split_id(id);
-    let repo = client.model(owner, name);
-    let fetch = |file: &str| {
-        let req = repo.download_file().filename(file).revision(revision);
-        match &opts.progress {
-            Some(sink) => req
-                .progress(ProgressAdapter {
-                    sink: sink.clone(),
-                    file: file.to_string(),
-                })
-                .send(),
-            None => req.send(),
-        }
-    };
-    let config = fetch("config.json").map_err(|e| e.to_string())?;
-    let dir = config
-        .parent()
-        .map(Path::to_path_buf)
-        .ok_or_else(|| "download returned no directory".to_string())?;
-    let mut got_weights = false;
-    for candidates in [
-        &["model.safetensors"][..],
-        &["model.safetensors.index.json"],
-        &["pytorch_model.bin"],
-        &["pytorch_model.bin.index.json"],
-        &["tf_model.h5"],
-    ] {
-        let file = candidates[0];
-        let got = match fetch(file) {
-            Ok(_) => true,
-            Err(hf_hub::HFError::EntryNotFound { .. }) => false,
-            Err(e) => return Err(format!("{file}: {e}")),
-        };
-        if got {
-            if file.ends_with(".index.json") {
-                let text = std::fs::read_to_string(dir.join(file)).map_err(|e| e.to_string())?;
-                let v: serde_json::Value =
-                    serde_json::from_str(&text).map_err(|e| e.to_string())?;
-                let mut shards: Vec<String> = v["weight_map"]
-                    .as_object()
-                    .map(|m| {
-                        m.values()
-                            .filter_map(|s| s.as_str().map(String::from))
-                            .collect()
-                    })
-                    .unwrap_or_default();
-                shards.sort();
-                shards.dedup();
-                for s in shards {
-                    fetch(&s).map_err(|e| format!("{s}: {e}"))?;
-                }
+    let hub = Hub::new(id, revision, opts);
+    let repo = cache.join(format!("models--{}", id.replace('/', "--")));
+    let blobs = repo.join("blobs");
+    std::fs::create_dir_all(&blobs).map_err(|e| format!("{}: {e}", blobs.display()))?;
+    let required = |file: &str| -> Result<FileMeta, String> {
+        hub.fetch(file, &blobs).map_err(|e| match e {
+            FetchError::Missing => {
+                format!("{file} not found in {id} at revision `{revision}`")
             }
-            got_weights = true;
-            break;
+            FetchError::Failed(m) => m,
+        })
+    };
+    let config = required("config.json")?;
+    let mut got: Vec<(String, FileMeta)> = vec![("config.json".into(), config.clone())];
+    for file in [
+        "model.safetensors",
+        "model.safetensors.index.json",
+        "pytorch_model.bin",
+        "pytorch_model.bin.index.json",
+        "tf_model.h5",
+    ] {
+        let meta = match hub.fetch(file, &blobs) {
+            Ok(m) => m,
+            Err(FetchError::Missing) => continue,
+            Err(FetchError::Failed(m)) => return Err(m),
+        };
+        if file.ends_with(".index.json") {
+            let index = blobs.join(&meta.etag);
+            let text = std::fs::read_to_string(&index).map_err(|e| format!("{file}: {e}"))?;
+            let v: serde_json::Value =
+                serde_json::from_str(&text).map_err(|e| format!("{file}: {e}"))?;
+            let mut shards: Vec<String> = v["weight_map"]
+                .as_object()
+                .map(|m| {
+                    m.values()
+                        .filter_map(|s| s.as_str().map(String::from))
+                        .collect()
+                })
+                .unwrap_or_default();
+            shards.sort();
+            shards.dedup();
+            for s in shards {
+                if s.split('/').any(|p| p.is_empty() || p == "." || p == "..") {
+                    return Err(format!("{file}: unsafe shard name `{s}`"));
+                }
+                let m = required(&s)?;
+                got.push((s, m));
+            }
         }
+        got.push((file.to_string(), meta));
+        break;
     }
-    if !got_weights {
+    if got.len() == 1 {
         return Err(format!(
             "{id} has no safetensors, pytorch_model.bin or tf_model.h5 weights"
         ));
@@ -266,9 +526,24 @@ fn download(
         "vocab.txt",
         "special_tokens_map.json",
     ] {
-        let _ = fetch(optional);
+        match hub.fetch(optional, &blobs) {
+            Ok(m) => got.push((optional.to_string(), m)),
+            Err(FetchError::Missing) => {}
+            Err(FetchError::Failed(m)) => return Err(m),
+        }
     }
-    Ok(dir)
+    let snapshot = repo.join("snapshots").join(&config.commit);
+    for (file, meta) in &got {
+        link_into_snapshot(&snapshot, file, &meta.etag)?;
+    }
+    if revision != config.commit {
+        let r = repo.join("refs").join(revision);
+        if let Some(parent) = r.parent() {
+            std::fs::create_dir_all(parent).map_err(|e| format!("{}: {e}", parent.display()))?;
+        }
+        std::fs::write(&r, &config.commit).map_err(|e| format!("{}: {e}", r.display()))?;
+    }
+    Ok(snapshot)
 }
 
 #[cfg(test)]
@@ -299,42 +574,160 @@ mod tests {
         }
     }
 
-    #[test]
-    fn hf_hub_download_events_reach_the_progress_sink() {
-        use hf_hub::progress::{
-            DownloadEvent, FileProgress, FileStatus, ProgressEvent, ProgressHandler,
-        };
-        let rec = Arc::new(Record::default());
-        let adapter = ProgressAdapter {
-            sink: rec.clone(),
-            file: "model.safetensors".into(),
-        };
-        for e in [
-            DownloadEvent::Start {
-                total_files: 1,
-                total_bytes: 100,
-            },
-            DownloadEvent::Progress {
-                files: vec![FileProgress {
-                    filename: "model.safetensors".into(),
-                    bytes_completed: 40,
-                    total_bytes: 100,
-                    status: FileStatus::InProgress,
-                }],
-            },
-            DownloadEvent::Complete,
-        ] {
-            adapter.on_progress(&ProgressEvent::Download(e));
+    const COMMIT: &str = "0123456789abcdef0123456789abcdef01234567";
+    const CONFIG: &[u8] = br#"{"model_type": "bert"}"#;
+    const WEIGHTS_ETAG: &str = "5eed5eed5eed5eed5eed5eed5eed5eed5eed5eed5eed5eed5eed5eed5eed5eed";
+
+    fn weights() -> Vec<u8> {
+        (0..100_000u32).map(|i| (i % 251) as u8).collect()
+    }
+
+    /// A one-repo hub on 127.0.0.1 (`org/tiny` at `main`): `config.json` served directly,
+    /// `model.safetensors` as a 302 to `/cdn/` with `X-Linked-Etag`/`X-Linked-Size` like
+    /// huggingface.co; with `truncate`, the CDN closes the connection after 1000 bytes.
+    /// Returns the endpoint; the server thread lives until the test process ends.
+    fn tiny_hub(truncate: bool) -> std::io::Result<String> {
+        use std::io::{BufRead, BufReader, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+        let port = listener.local_addr()?.port();
+        std::thread::spawn(move || {
+            for mut c in listener.incoming().flatten() {
+                let Ok(read) = c.try_clone() else { continue };
+                let mut reader = BufReader::new(read);
+                let mut line = String::new();
+                let _ = reader.read_line(&mut line);
+                loop {
+                    let mut h = String::new();
+                    if reader.read_line(&mut h).map_or(true, |n| n == 0) || h.trim().is_empty() {
+                        break;
+                    }
+                }
+                let mut parts = line.split_whitespace();
+                let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+                let head = |status: &str, extra: String, len: usize| {
+                    format!(
+                        "HTTP/1.1 {status}\r\n{extra}Content-Length: {len}\r\nConnection: close\r\n\r\n"
+                    )
+                };
+                let w = weights();
+                let (out, body): (String, &[u8]) = match path {
+                    "/org/tiny/resolve/main/config.json" => (
+                        head(
+                            "200 OK",
+                            format!("ETag: \"c0ff1e\"\r\nX-Repo-Commit: {COMMIT}\r\n"),
+                            CONFIG.len(),
+                        ),
+                        CONFIG,
+                    ),
+                    "/org/tiny/resolve/main/model.safetensors" => (
+                        head(
+                            "302 Found",
+                            format!(
+                                "Location: http://127.0.0.1:{port}/cdn/w\r\nETag: \"1f\"\r\nX-Linked-Etag: \"{WEIGHTS_ETAG}\"\r\nX-Linked-Size: {}\r\nX-Repo-Commit: {COMMIT}\r\n",
+                                w.len()
+                            ),
+                            0,
+                        ),
+                        &[],
+                    ),
+                    "/cdn/w" if truncate => (head("200 OK", String::new(), w.len()), &w[..1000]),
+                    "/cdn/w" => (head("200 OK", String::new(), w.len()), &w[..]),
+                    _ => (
+                        head(
+                            "404 Not Found",
+                            format!("X-Error-Code: EntryNotFound\r\nX-Repo-Commit: {COMMIT}\r\n"),
+                            0,
+                        ),
+                        &[],
+                    ),
+                };
+                if method == "GET" {
+                    let _ = c.write_all(out.as_bytes()).and_then(|()| c.write_all(body));
+                } else {
+                    let _ = c.write_all(out.as_bytes());
+                }
+            }
+        });
+        Ok(format!("http://127.0.0.1:{port}"))
+    }
+
+    fn online(endpoint: String, cache: &Path, rec: &Arc<Record>) -> ResolveOptions {
+        ResolveOptions {
+            cache_dir: Some(cache.to_path_buf()),
+            endpoint: Some(endpoint),
+            progress: Some(rec.clone()),
+            ..Default::default()
         }
-        let got = rec.0.lock().map(|v| v.clone()).unwrap_or_default();
+    }
+
+    #[test]
+    fn downloads_into_the_standard_cache_layout_with_progress() -> std::io::Result<()> {
+        let tmp = tempfile::tempdir()?;
+        let rec = Arc::new(Record::default());
+        let snap = resolve("org/tiny", &online(tiny_hub(false)?, tmp.path(), &rec))
+            .map_err(std::io::Error::other)?;
+        let repo = tmp.path().join("models--org--tiny");
+        assert_eq!(snap, repo.join("snapshots").join(COMMIT));
         assert_eq!(
-            got,
-            [
-                "start model.safetensors 100",
-                "advance model.safetensors 40/100",
-                "finish model.safetensors"
-            ]
+            std::fs::read_to_string(repo.join("refs").join("main"))?,
+            COMMIT
         );
+        assert_eq!(
+            std::fs::read_link(snap.join("model.safetensors"))?,
+            Path::new("../../blobs").join(WEIGHTS_ETAG)
+        );
+        assert_eq!(std::fs::read(snap.join("model.safetensors"))?, weights());
+        assert_eq!(std::fs::read(snap.join("config.json"))?, CONFIG);
+        assert!(!snap.join("tokenizer.json").exists());
+        let events = rec.0.lock().map(|v| v.clone()).unwrap_or_default();
+        let total = weights().len();
+        for want in [
+            format!("start model.safetensors {total}"),
+            format!("advance model.safetensors {total}/{total}"),
+            "finish model.safetensors".to_string(),
+            "finish config.json".to_string(),
+        ] {
+            assert!(events.contains(&want), "{want} not in {events:#?}");
+        }
+        // Offline, the snapshot is found in the cache.
+        let offline = ResolveOptions {
+            offline: true,
+            cache_dir: Some(tmp.path().to_path_buf()),
+            ..Default::default()
+        };
+        assert_eq!(resolve("org/tiny", &offline).ok(), Some(snap));
+        Ok(())
+    }
+
+    #[test]
+    fn truncated_download_is_one_line_and_leaves_no_snapshot() -> std::io::Result<()> {
+        let tmp = tempfile::tempdir()?;
+        let rec = Arc::new(Record::default());
+        let err = resolve("org/tiny", &online(tiny_hub(true)?, tmp.path(), &rec))
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            err.contains("hub download failed: model.safetensors: download interrupted"),
+            "{err}"
+        );
+        assert_eq!(err.lines().count(), 1, "{err}");
+        let repo = tmp.path().join("models--org--tiny");
+        assert!(!repo.join("snapshots").exists());
+        assert!(!repo.join("refs").exists());
+        let blobs: Vec<String> = std::fs::read_dir(repo.join("blobs"))?
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(blobs, ["c0ff1e"], "only the complete config blob stays");
+        // Offline afterwards, nothing half-downloaded is mistaken for a checkpoint.
+        let offline = ResolveOptions {
+            offline: true,
+            cache_dir: Some(tmp.path().to_path_buf()),
+            ..Default::default()
+        };
+        assert!(resolve("org/tiny", &offline).is_err());
+        Ok(())
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! ferry-loader: finds a Hugging Face checkpoint and opens it without copying its weights.
 //!
 //! [`resolve`] turns `--model` into a directory: a local checkpoint directory, a model id in
-//! the Hugging Face cache, or (online) a download through hf-hub into that cache.
+//! the Hugging Face cache, or (online) a download into that cache (`hub.rs`'s small
+//! synchronous client).
 //! [`load`] reads `config.json` into a typed [`ModelConfig`] and indexes the weights of
 //! `model.safetensors`, a sharded `model.safetensors.index.json`, or `pytorch_model.bin`
 //! (read by pytorch-reader, which never executes pickle code), or a TensorFlow
