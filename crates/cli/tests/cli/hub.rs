@@ -1,5 +1,6 @@
 //! Hub downloads end to end against a fake hub: a small HTTP/1.1 server on 127.0.0.1 that
-//! serves testdata/bert-tiny-text-classification the way huggingface.co answers hf-hub
+//! serves testdata/bert-tiny-text-classification the way huggingface.co answers huggingface_hub's `resolve`
+//! requests
 //! (`HEAD`/`GET /{repo}/resolve/{revision}/{file}` with `ETag`, `X-Repo-Commit` and
 //! `Content-Length`; 404 for unknown repos and files). The network is never used.
 
@@ -20,6 +21,8 @@ const MORE_REPOS: &[(&str, &str)] = &[
     ("ferry-test/tiny-bin", "bert-tiny-tanh-bin"),
     ("ferry-test/tiny-tf", "tf-bert-tiny-feature-extraction"),
 ];
+/// A repo whose weights' CDN drops the connection halfway through the file.
+const BROKEN_REPO: &str = "ferry-test/tiny-broken";
 const COMMIT_MAIN: &str = "1111111111111111111111111111111111111111";
 const COMMIT_V1: &str = "2222222222222222222222222222222222222222";
 
@@ -109,7 +112,7 @@ fn is_lfs(file: &str) -> bool {
 
 /// Answers one connection (one request; `Connection: close`). Like huggingface.co, weight
 /// files answer with a 302 to an absolute CDN address (`/cdn/…` on this server) carrying
-/// `X-Linked-Etag` / `X-Linked-Size` (the `ETag` is the LFS pointer's), so hf-hub must
+/// `X-Linked-Etag` / `X-Linked-Size` (the `ETag` is the LFS pointer's), so the client must
 /// take the blob name from the linked headers and follow the redirect for the bytes.
 fn serve(mut c: TcpStream, log: &Mutex<Vec<Request>>, port: u16) {
     let mut reader = BufReader::new(match c.try_clone() {
@@ -139,8 +142,12 @@ fn serve(mut c: TcpStream, log: &Mutex<Vec<Request>>, port: u16) {
         headers,
     });
 
-    let repos =
-        std::iter::once((REPO, "bert-tiny-text-classification")).chain(MORE_REPOS.iter().copied());
+    let repos = [
+        (REPO, "bert-tiny-text-classification"),
+        (BROKEN_REPO, "bert-tiny-text-classification"),
+    ]
+    .into_iter()
+    .chain(MORE_REPOS.iter().copied());
     let found = repos
         .filter_map(|(id, case)| {
             path.strip_prefix(&format!("/{id}/resolve/"))
@@ -156,6 +163,19 @@ fn serve(mut c: TcpStream, log: &Mutex<Vec<Request>>, port: u16) {
             };
             Some((case, commit, file.to_string()))
         });
+    if let Some(rest) = path.strip_prefix("/cdn-broken/") {
+        let bytes =
+            std::fs::read(testdata("bert-tiny-text-classification").join(rest)).unwrap_or_default();
+        let mut r = format!(
+            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            bytes.len()
+        )
+        .into_bytes();
+        r.extend_from_slice(&bytes[..bytes.len() / 2]);
+        let _ = c.write_all(&r);
+        let _ = c.flush();
+        return;
+    }
     if let Some(rest) = path.strip_prefix("/cdn/") {
         let response = match rest.split_once('/') {
             Some((case, file)) if !rest.contains("..") => {
@@ -188,8 +208,13 @@ fn serve(mut c: TcpStream, log: &Mutex<Vec<Request>>, port: u16) {
     let response = match found {
         Some((case, commit, file)) if is_lfs(&file) && testdata(case).join(&file).is_file() && !file.contains("..") => {
             let bytes = std::fs::read(testdata(case).join(&file)).unwrap_or_default();
+            let cdn = if path.starts_with(&format!("/{BROKEN_REPO}/")) {
+                "cdn-broken".to_string()
+            } else {
+                format!("cdn/{case}")
+            };
             format!(
-                "HTTP/1.1 302 Found\r\nLocation: http://127.0.0.1:{port}/cdn/{case}/{file}\r\nETag: \"pointer-{}\"\r\nX-Linked-Etag: \"{}\"\r\nX-Linked-Size: {}\r\nX-Repo-Commit: {commit}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                "HTTP/1.1 302 Found\r\nLocation: http://127.0.0.1:{port}/{cdn}/{file}\r\nETag: \"pointer-{}\"\r\nX-Linked-Etag: \"{}\"\r\nX-Linked-Size: {}\r\nX-Repo-Commit: {commit}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
                 etag(file.as_bytes()),
                 etag(&bytes),
                 bytes.len()
@@ -275,7 +300,7 @@ fn hub_download_exports_fills_the_cache_and_works_offline() {
         &testdata("bert-tiny-text-classification").join("golden.safetensors"),
     );
 
-    // The requests: hf-hub's HEAD + GET per file, on revision main, without a token.
+    // The requests: HEAD + GET per file, on revision main, without a token.
     let reqs = hub.requests();
     let paths: Vec<String> = reqs
         .iter()
@@ -488,4 +513,27 @@ fn hub_downloads_sharded_pytorch_bin_and_tf_checkpoints() {
     let paths: Vec<String> = hub.requests().iter().map(|r| r.path.clone()).collect();
     assert!(paths.contains(&"/ferry-test/tiny-bin/resolve/main/model.safetensors".to_string()));
     assert!(paths.contains(&"/ferry-test/tiny-bin/resolve/main/pytorch_model.bin".to_string()));
+}
+
+#[test]
+fn hub_interrupted_download_is_a_one_line_error_and_leaves_no_snapshot() {
+    let hub = FakeHub::start();
+    let home = tempfile::tempdir().expect("tempdir");
+    let out = home.path().join("model.onnx");
+    let o = hub_export(&mut hub_ferry(&hub, home.path()), BROKEN_REPO, &out, &[]);
+    assert_fails_cleanly(&o, &out, "model.safetensors: download interrupted");
+    println!("interrupted: {}", stderr(&o));
+    let repo = home
+        .path()
+        .join("hub")
+        .join("models--ferry-test--tiny-broken");
+    assert!(!repo.join("snapshots").exists(), "no snapshot on failure");
+    assert!(!repo.join("refs").exists(), "no ref on failure");
+    let left: Vec<String> = std::fs::read_dir(repo.join("blobs"))
+        .expect("blobs")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".incomplete"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
 }
