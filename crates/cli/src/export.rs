@@ -307,7 +307,9 @@ fn export_torchscript(
     let class = ferry_tracer::model_class_name(&ckpt.config.model_type, task);
     let pb = stage("write");
     pb.set_message(output.display().to_string());
-    let report = ferry_torchscript::export(graph, &class, &shapes, a.torchscript, output)
+    let names =
+        ferry_torchscript::state_dict_names(graph, &ckpt.weights, task != "feature-extraction");
+    let report = ferry_torchscript::export(graph, &class, &shapes, a.torchscript, &names, output)
         .map_err(|e| e.to_string())?;
     done(pb, human_bytes(report.bytes));
     let shape_note = if a.dynamic_axes {

@@ -1,6 +1,6 @@
 //! Translates a ferry IR graph into the TorchScript source of one module class.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt::Write as _;
 
 use ferry_ir::{Attr, DType, Dim, Graph, Initializer, Node};
@@ -25,9 +25,16 @@ pub struct Module {
     pub class_name: String,
     /// Qualified name (`__torch__.ferry.BertModel`).
     pub qualified_name: String,
-    /// Parameters in declaration order: attribute name and tensor.
+    /// Parameters with their own storage (record `data/<index>`), in first-use order:
+    /// dotted state-dict key and tensor.
     pub params: Vec<(String, Initializer)>,
-    /// The `code/__torch__/ferry.py` source.
+    /// Tied names sharing another parameter's storage: dotted key and index into
+    /// `params`.
+    pub aliases: Vec<(String, usize)>,
+    /// The module tree the keys make (the root is this class).
+    pub tree: Tree,
+    /// The `code/__torch__/ferry.py` source: the root class with `forward`, then one
+    /// class per submodule.
     pub source: String,
 }
 
@@ -59,10 +66,17 @@ struct Gen<'a> {
     next: usize,
     shapes: &'a Shapes,
     dims: HashMap<String, Vec<Dim>>,
+    /// Parameters with their own storage: local variable and tensor.
     params: Vec<(String, Initializer)>,
+    /// State-dict key of each of `params`.
+    keys: Vec<String>,
+    /// Tied aliases: state-dict key, index into `params` whose storage it shares, local.
+    aliases: Vec<(String, usize, String)>,
     param_of: HashMap<String, String>,
+    alias_of: HashMap<String, String>,
+    locals: HashSet<String>,
+    names: &'a StateDictNames,
     inits: HashMap<String, &'a Initializer>,
-    uses: HashMap<String, usize>,
     untie: bool,
 }
 
@@ -130,37 +144,84 @@ impl<'a> Gen<'a> {
         })
     }
 
-    /// The attribute holding initializer `name` (a fresh clone per extra use when untying).
-    fn param(&mut self, name: &str) -> Option<String> {
+    /// The local variable holding initializer `name` as used by `node`. A use inside
+    /// another module's scope (a tied decoder reading the word embeddings or the head's
+    /// bias) reads it under that module's name too: an alias sharing the storage, or with
+    /// `untie` a separate clone, as transformers' `torchscript` flag makes.
+    fn param(&mut self, name: &str, node: &Node) -> Option<String> {
         let init = *self.inits.get(name)?;
-        let uses = self.uses.entry(name.to_string()).or_insert(0);
-        *uses += 1;
-        if let Some(attr) = self.param_of.get(name)
-            && !(self.untie && *uses > 1)
-        {
-            return Some(attr.clone());
+        let primary = match self.param_of.get(name) {
+            Some(local) => local.clone(),
+            None => {
+                let key = self.key_of(name);
+                self.add_param(name, key, init.clone())
+            }
+        };
+        let scope = node_scope(&node.name);
+        let (own, leaf) = name.rsplit_once('.').unwrap_or(("", name));
+        let tied = !scope.is_empty()
+            && scope != own
+            && scope != name
+            && !own.starts_with(&format!("{scope}."));
+        if !tied {
+            return Some(primary);
         }
-        let mut attr = ident(name);
-        if self.untie && *uses > 1 {
-            attr = format!("{attr}_{}", *uses - 1);
+        let alias_name = format!("{scope}.{leaf}");
+        let alias = self.key_of(&alias_name);
+        if let Some(local) = self.alias_of.get(&alias) {
+            return Some(local.clone());
         }
-        while self.params.iter().any(|(a, _)| *a == attr) {
-            attr.push('_');
+        if self.keys.contains(&alias) || self.inits.contains_key(&alias_name) {
+            return Some(primary);
         }
-        self.params.push((attr.clone(), init.clone()));
+        let local = if self.untie {
+            self.add_param(&alias, alias.clone(), init.clone())
+        } else {
+            let local = self.fresh_local(&alias);
+            let idx = self.params.iter().position(|(l, _)| *l == primary)?;
+            self.aliases.push((alias.clone(), idx, local.clone()));
+            local
+        };
+        self.alias_of.insert(alias, local.clone());
+        Some(local)
+    }
+
+    /// The state-dict key of initializer `name` (its own name unless renamed).
+    fn key_of(&self, name: &str) -> String {
+        self.names
+            .get(name)
+            .cloned()
+            .unwrap_or_else(|| name.to_string())
+    }
+
+    /// A local variable name for `name` used by no parameter, alias or input yet.
+    fn fresh_local(&mut self, name: &str) -> String {
+        let mut local = ident(name);
+        while self.locals.contains(&local) {
+            local.push('_');
+        }
+        self.locals.insert(local.clone());
+        local
+    }
+
+    /// A new parameter (its own storage) at state-dict `key`; returns its local.
+    fn add_param(&mut self, name: &str, key: String, init: Initializer) -> String {
+        let local = self.fresh_local(name);
+        self.params.push((local.clone(), init));
+        self.keys.push(key);
         self.param_of
             .entry(name.to_string())
-            .or_insert(attr.clone());
-        Some(attr)
+            .or_insert(local.clone());
+        local
     }
 
     /// A tensor-valued expression for `v`.
     fn tensor(&mut self, v: &Val, node: &Node) -> Result<String, TsError> {
         Ok(match v {
             Val::Tensor(s) => s.clone(),
-            Val::Param(a) => format!("self.{a}"),
-            Val::ParamT(a) => format!("torch.t(self.{a})"),
-            Val::MatMulT { x, w } => self.emit(format!("torch.matmul({x}, torch.t(self.{w}))")),
+            Val::Param(a) => a.clone(),
+            Val::ParamT(a) => format!("torch.t({a})"),
+            Val::MatMulT { x, w } => self.emit(format!("torch.matmul({x}, torch.t({w}))")),
             other => {
                 return Err(TsError::Unsupported(format!(
                     "{}: expected a tensor, got {other:?}",
@@ -173,7 +234,7 @@ impl<'a> Gen<'a> {
     fn input_val(&mut self, name: &str, node: &Node) -> Result<Val, TsError> {
         if self.inits.contains_key(name) {
             let attr = self
-                .param(name)
+                .param(name, node)
                 .ok_or_else(|| TsError::Unsupported(format!("initializer {name}")))?;
             return Ok(Val::Param(attr));
         }
@@ -269,7 +330,7 @@ impl<'a> Gen<'a> {
                 .iter()
                 .any(|(a, i)| a == bias && i.dims.len() == 1)
         {
-            let e = format!("torch.linear({x}, self.{w}, self.{bias})");
+            let e = format!("torch.linear({x}, {w}, {bias})");
             return Ok(Val::Tensor(self.emit(e)));
         }
         // Arithmetic on run-time int scalars (sizes) stays int arithmetic.
@@ -812,14 +873,43 @@ fn torch_binary(op: &str) -> &'static str {
     }
 }
 
-/// Generates the module class for `graph`. With `untie`, a parameter used more than once
-/// (tied weights) gets its own cloned attribute per use, as transformers' `torchscript`
-/// flag does.
+/// Where each weight sits in the archive's module tree: graph initializer name → dotted
+/// state-dict key (`bert.encoder.layer.0.attention.self.query.weight`). Names not listed
+/// keep their own.
+pub type StateDictNames = HashMap<String, String>;
+
+/// The module scope a node was traced in (`/cls/predictions/decoder/MatMul` →
+/// `cls.predictions.decoder`).
+fn node_scope(node_name: &str) -> String {
+    node_name
+        .trim_start_matches('/')
+        .rsplit_once('/')
+        .map(|(s, _)| s.replace('/', "."))
+        .unwrap_or_default()
+}
+
+/// Defaults of the optional inputs, as transformers fills them in from `input_ids`.
+fn input_default(name: &str, ids: &str) -> Option<String> {
+    Some(match name {
+        "attention_mask" => format!("torch.ones_like({ids})"),
+        "token_type_ids" => format!("torch.zeros_like({ids})"),
+        "position_ids" => format!("torch.expand_as(torch.arange(torch.size({ids}, -1)), {ids})"),
+        _ => return None,
+    })
+}
+
+/// Generates the module for `graph`: the root class `class_name` with `forward`, and one
+/// class per submodule of the state-dict keys `names` gives the weights. With `untie`, a
+/// weight a second module reads (tied weights) is a separate clone under that module's
+/// name, as transformers' `torchscript` flag makes; without, the two names share storage.
+/// `attention_mask`, `token_type_ids` and `position_ids` trailing the inputs are optional
+/// with transformers' defaults.
 pub fn generate(
     graph: &Graph,
     class_name: &str,
     shapes: &Shapes,
     untie: bool,
+    names: &StateDictNames,
 ) -> Result<Module, TsError> {
     let package = "ferry";
     let qualified = format!("__torch__.{package}.{class_name}");
@@ -841,17 +931,47 @@ pub fn generate(
         shapes,
         dims,
         params: Vec::new(),
+        keys: Vec::new(),
+        aliases: Vec::new(),
         param_of: HashMap::new(),
+        alias_of: HashMap::new(),
+        locals: HashSet::new(),
+        names,
         inits: graph
             .initializers
             .iter()
             .map(|i| (i.name.clone(), i))
             .collect(),
-        uses: HashMap::new(),
         untie,
     };
-    for i in &graph.inputs {
-        g.env.insert(i.name.clone(), Val::Tensor(ident(&i.name)));
+    // Inputs: the trailing run with a default is optional.
+    let first = graph.inputs.first().map(|i| ident(&i.name));
+    let optional_from = graph
+        .inputs
+        .iter()
+        .rposition(|i| first.is_none() || input_default(&i.name, "").is_none())
+        .map_or(0, |p| p + 1)
+        .max(1);
+    let mut prologue = String::new();
+    let mut args = String::new();
+    for (k, i) in graph.inputs.iter().enumerate() {
+        let arg = g.fresh_local(&i.name);
+        match (k >= optional_from, &first) {
+            (true, Some(ids)) => {
+                let default = input_default(&i.name, ids).unwrap_or_default();
+                let local = g.fresh_local(&format!("{arg}0"));
+                let _ = write!(args, ",\n    {arg}: Optional[Tensor]=None");
+                let _ = write!(
+                    prologue,
+                    "    if torch.__is__({arg}, None):\n      {local} = {default}\n    else:\n      {local} = unchecked_cast(Tensor, {arg})\n"
+                );
+                g.env.insert(i.name.clone(), Val::Tensor(local));
+            }
+            _ => {
+                let _ = write!(args, ",\n    {arg}: Tensor");
+                g.env.insert(i.name.clone(), Val::Tensor(arg));
+            }
+        }
     }
     for n in &graph.nodes {
         g.node(n)?;
@@ -876,31 +996,183 @@ pub fn generate(
     };
     let ret_ty = format!("Tuple[{}]", vec!["Tensor"; outs.len()].join(", "));
 
-    let mut src = String::new();
-    let _ = writeln!(src, "class {class_name}(Module):");
-    let names: Vec<String> = g.params.iter().map(|(a, _)| format!("\"{a}\", ")).collect();
-    let _ = writeln!(src, "  __parameters__ = [{}]", names.join(""));
-    let _ = writeln!(src, "  __buffers__ = []");
-    let _ = writeln!(src, "  training : bool");
-    for (a, _) in &g.params {
-        let _ = writeln!(src, "  {a} : Tensor");
-    }
-    let args: Vec<String> = graph
-        .inputs
+    // The module tree: every parameter and alias under its dotted key.
+    let entries: Vec<(String, usize)> = g
+        .keys
         .iter()
-        .map(|i| format!(",\n    {}: Tensor", ident(&i.name)))
+        .enumerate()
+        .map(|(i, k)| (k.clone(), i))
+        .chain(g.aliases.iter().map(|(k, i, _)| (k.clone(), *i)))
         .collect();
-    let _ = writeln!(
-        src,
-        "  def forward(self: {qualified}{}) -> {ret_ty}:",
-        args.join("")
-    );
-    src.push_str(&g.body);
-    let _ = writeln!(src, "    return {ret}");
+    let tree = Tree::build(class_name, &entries)?;
+    let mut src = String::new();
+    tree.write_classes(package, &mut src, &mut |src| {
+        let _ = writeln!(src, "  def forward(self: {qualified}{args}) -> {ret_ty}:");
+        src.push_str(&prologue);
+        let locals = g
+            .params
+            .iter()
+            .map(|(l, _)| l)
+            .zip(&g.keys)
+            .chain(g.aliases.iter().map(|(k, _, l)| (l, k)));
+        for (local, key) in locals {
+            let _ = writeln!(src, "    {local} = {}", attribute_chain(key));
+        }
+        src.push_str(&g.body);
+        let _ = writeln!(src, "    return {ret}");
+    });
+    let params = g
+        .keys
+        .into_iter()
+        .zip(g.params.into_iter().map(|(_, t)| t))
+        .collect();
     Ok(Module {
         class_name: class_name.to_string(),
         qualified_name: qualified,
-        params: g.params,
+        params,
+        aliases: g.aliases.into_iter().map(|(k, i, _)| (k, i)).collect(),
+        tree,
         source: src,
     })
+}
+
+/// TorchScript keywords and names an attribute cannot be written as after a dot.
+const RESERVED: &[&str] = &[
+    "and", "as", "assert", "break", "class", "continue", "def", "del", "elif", "else", "except",
+    "finally", "for", "from", "global", "if", "import", "in", "is", "lambda", "nonlocal", "not",
+    "or", "pass", "raise", "return", "try", "while", "with", "yield", "None", "True", "False",
+];
+
+/// Whether `s` can be written as `x.s` (else `getattr(x, "s")`).
+fn plain_attr(s: &str) -> bool {
+    s.chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+        && !RESERVED.contains(&s)
+}
+
+/// `self.a.b` / `getattr(self.a, "0").c` for the dotted key `a.b` / `a.0.c`.
+fn attribute_chain(key: &str) -> String {
+    key.split('.').fold("self".to_string(), |e, seg| {
+        if plain_attr(seg) {
+            format!("{e}.{seg}")
+        } else {
+            format!("getattr({e}, \"{seg}\")")
+        }
+    })
+}
+
+/// One module of the archive's tree: its class, parameters and submodules.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tree {
+    /// Class name (`BertForMaskedLM`, `BertForMaskedLM_bert_embeddings`).
+    pub class: String,
+    /// Parameters directly on this module: attribute name and index of the storage
+    /// (into [`Module::params`]).
+    pub params: Vec<(String, usize)>,
+    /// Submodules in first-use order: attribute name and module.
+    pub children: Vec<(String, Tree)>,
+}
+
+impl Tree {
+    /// The tree of dotted keys `entries` (key, storage index) under a root class `root`.
+    /// A key that is also another key's module (`a.b` and `a.b.c`) or twice present is an
+    /// error.
+    pub fn build(root: &str, entries: &[(String, usize)]) -> Result<Tree, TsError> {
+        let mut tree = Tree {
+            class: root.to_string(),
+            params: Vec::new(),
+            children: Vec::new(),
+        };
+        let clash = |key: &str| {
+            TsError::Unsupported(format!(
+                "weight name `{key}` clashes with a module or another weight"
+            ))
+        };
+        for (key, idx) in entries {
+            let segs: Vec<&str> = key.split('.').collect();
+            let (leaf, path) = segs.split_last().ok_or_else(|| clash(key))?;
+            let mut node = &mut tree;
+            for (depth, seg) in path.iter().enumerate() {
+                if node.params.iter().any(|(n, _)| n == seg) {
+                    return Err(clash(key));
+                }
+                let pos = match node.children.iter().position(|(n, _)| n == seg) {
+                    Some(p) => p,
+                    None => {
+                        let class = format!("{root}_{}", ident(&path[..=depth].join("_")));
+                        node.children.push((
+                            seg.to_string(),
+                            Tree {
+                                class,
+                                params: Vec::new(),
+                                children: Vec::new(),
+                            },
+                        ));
+                        node.children.len() - 1
+                    }
+                };
+                node = &mut node.children[pos].1;
+            }
+            if leaf.is_empty()
+                || node.params.iter().any(|(n, _)| n == leaf)
+                || node.children.iter().any(|(n, _)| n == leaf)
+            {
+                return Err(clash(key));
+            }
+            node.params.push((leaf.to_string(), *idx));
+        }
+        tree.unique_classes(&mut HashSet::new());
+        Ok(tree)
+    }
+
+    /// Makes class names unique (`a_b.c` and `a.b_c` both mangle to `…_a_b_c`).
+    fn unique_classes(&mut self, seen: &mut HashSet<String>) {
+        while !seen.insert(self.class.clone()) {
+            self.class.push('_');
+        }
+        for (_, c) in &mut self.children {
+            c.unique_classes(seen);
+        }
+    }
+
+    /// Every module in the tree, depth first (the root first).
+    pub fn modules(&self) -> Vec<&Tree> {
+        let mut out = vec![self];
+        for (_, c) in &self.children {
+            out.extend(c.modules());
+        }
+        out
+    }
+
+    /// Writes every class of the tree; `methods` adds the root's methods.
+    fn write_classes(&self, package: &str, src: &mut String, methods: &mut dyn FnMut(&mut String)) {
+        for (i, m) in self.modules().into_iter().enumerate() {
+            let _ = writeln!(src, "class {}(Module):", m.class);
+            let names: Vec<String> = m.params.iter().map(|(a, _)| format!("{a:?}, ")).collect();
+            let _ = writeln!(src, "  __parameters__ = [{}]", names.join(""));
+            let _ = writeln!(src, "  __buffers__ = []");
+            let _ = writeln!(src, "  training : bool");
+            let attrs = m
+                .params
+                .iter()
+                .map(|(a, _)| (a, "Tensor".to_string()))
+                .chain(
+                    m.children
+                        .iter()
+                        .map(|(a, c)| (a, format!("__torch__.{package}.{}", c.class))),
+                );
+            for (a, ty) in attrs {
+                if plain_attr(a) {
+                    let _ = writeln!(src, "  {a} : {ty}");
+                } else {
+                    let _ = writeln!(src, "  __annotations__[{a:?}] = {ty}");
+                }
+            }
+            if i == 0 {
+                methods(src);
+            }
+        }
+    }
 }

@@ -11,14 +11,15 @@
 pub mod codegen;
 pub mod pickle;
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
-use ferry_ir::{DType, Graph, Initializer};
+use ferry_ir::{DType, Graph, Initializer, Weights};
 use zip::write::SimpleFileOptions;
 
-pub use codegen::{Module, Shapes, generate};
+pub use codegen::{Module, Shapes, StateDictNames, Tree, generate};
 use pickle::{Pickler, op};
 
 /// File format version written to `.data/version` (10: operators at their current
@@ -104,27 +105,54 @@ fn pickle_tensor(p: &mut Pickler, t: &Initializer, key: &str) {
     p.op(op::REDUCE);
 }
 
-/// The `data.pkl` of a module object with its parameters as attributes.
+/// The `data.pkl` of the module tree: nested module objects, each with its parameters
+/// (tied aliases pickled against the same storage record) and submodules as attributes.
 pub fn module_pickle(m: &Module) -> Vec<u8> {
     let mut p = Pickler::new();
-    let (module, class) = m
+    let package = m
         .qualified_name
         .rsplit_once('.')
-        .unwrap_or(("__torch__", m.qualified_name.as_str()));
-    p.global(module, class);
+        .map_or("__torch__", |(p, _)| p);
+    pickle_module(&mut p, &m.tree, package, &m.params, &mut HashMap::new());
+    p.finish()
+}
+
+/// Pickles one module of the tree; `memo` maps a storage index to the memo slot of its
+/// tensor, so a tied name is the same tensor object (as `torch.jit.save` writes it).
+fn pickle_module(
+    p: &mut Pickler,
+    tree: &Tree,
+    package: &str,
+    params: &[(String, Initializer)],
+    memo: &mut HashMap<usize, u32>,
+) {
+    p.global(package, &tree.class);
     p.op(op::EMPTY_TUPLE);
     p.op(op::NEWOBJ);
     p.op(op::EMPTY_DICT);
     p.op(op::MARK);
     p.str("training");
     p.bool(false);
-    for (i, (attr, t)) in m.params.iter().enumerate() {
+    for (attr, i) in &tree.params {
+        let Some((_, t)) = params.get(*i) else {
+            continue;
+        };
         p.str(attr);
-        pickle_tensor(&mut p, t, &i.to_string());
+        if let Some(slot) = memo.get(i) {
+            p.get(*slot);
+        } else {
+            pickle_tensor(p, t, &i.to_string());
+            let slot = u32::try_from(memo.len()).unwrap_or(u32::MAX);
+            p.put(slot);
+            memo.insert(*i, slot);
+        }
+    }
+    for (attr, child) in &tree.children {
+        p.str(attr);
+        pickle_module(p, child, package, params, memo);
     }
     p.op(op::SETITEMS);
     p.op(op::BUILD);
-    p.finish()
 }
 
 /// Writes `module` as a TorchScript archive at `path` (top folder named after the file
@@ -233,14 +261,43 @@ fn write_zip(module: &Module, top: &str, out: BufWriter<File>) -> Result<(), TsE
     Ok(())
 }
 
-/// Traces nothing itself: generates the module for `graph` and writes it at `path`.
+/// Traces nothing itself: generates the module for `graph` (weights at the state-dict
+/// keys `names` gives) and writes it at `path`.
 pub fn export(
     graph: &Graph,
     class_name: &str,
     shapes: &Shapes,
     untie: bool,
+    names: &StateDictNames,
     path: &Path,
 ) -> Result<ArchiveReport, TsError> {
-    let module = generate(graph, class_name, shapes, untie)?;
+    let module = generate(graph, class_name, shapes, untie, names)?;
     write_archive(&module, path)
+}
+
+/// The state-dict key of each of `graph`'s weights in the transformers model it was
+/// traced from, found in the checkpoint `weights` the graph was traced from. The tracer
+/// names a base-model weight without the task model's prefix (`embeddings.…` for
+/// `bert.embeddings.…`); in a task model (`task_model`) such a weight takes the prefix the
+/// checkpoint stores it under, while a base model's (feature extraction) keys have none.
+/// A weight the checkpoint holds under the graph's own name keeps it.
+pub fn state_dict_names(graph: &Graph, weights: &Weights, task_model: bool) -> StateDictNames {
+    let mut names = StateDictNames::new();
+    if !task_model {
+        return names;
+    }
+    for init in &graph.initializers {
+        if weights.get(&init.name).is_some() {
+            continue;
+        }
+        let suffix = format!(".{}", init.name);
+        let prefixed = weights.iter().map(|t| &t.name).find(|k| {
+            k.strip_suffix(&suffix)
+                .is_some_and(|p| !p.is_empty() && !p.contains('.'))
+        });
+        if let Some(k) = prefixed {
+            names.insert(init.name.clone(), k.clone());
+        }
+    }
+    names
 }

@@ -48,6 +48,14 @@ pub mod op {
     pub const BINPERSID: u8 = b'Q';
     /// End of pickle.
     pub const STOP: u8 = b'.';
+    /// Store the top of the stack in memo slot (1-byte index).
+    pub const BINPUT: u8 = b'q';
+    /// Store the top of the stack in memo slot (4-byte index).
+    pub const LONG_BINPUT: u8 = b'r';
+    /// Push memo slot (1-byte index).
+    pub const BINGET: u8 = b'h';
+    /// Push memo slot (4-byte index).
+    pub const LONG_BINGET: u8 = b'j';
 
     /// Every opcode above, for checking archives.
     pub const ALL: &[u8] = &[
@@ -74,6 +82,10 @@ pub mod op {
         REDUCE,
         BINPERSID,
         STOP,
+        BINPUT,
+        LONG_BINPUT,
+        BINGET,
+        LONG_BINGET,
     ];
 }
 
@@ -158,6 +170,28 @@ impl Pickler {
         self.op(op::TUPLE)
     }
 
+    /// Stores the top of the stack in memo slot `slot` (`BINPUT`), so [`Pickler::get`]
+    /// pushes the same object again (tied tensors).
+    pub fn put(&mut self, slot: u32) -> &mut Self {
+        self.memo(op::BINPUT, op::LONG_BINPUT, slot)
+    }
+
+    /// Pushes the object stored in memo slot `slot` (`BINGET`).
+    pub fn get(&mut self, slot: u32) -> &mut Self {
+        self.memo(op::BINGET, op::LONG_BINGET, slot)
+    }
+
+    fn memo(&mut self, short: u8, long: u8, slot: u32) -> &mut Self {
+        match u8::try_from(slot) {
+            Ok(b) => self.out.extend([short, b]),
+            Err(_) => {
+                self.out.push(long);
+                self.out.extend(slot.to_le_bytes());
+            }
+        }
+        self
+    }
+
     /// Ends the pickle and returns its bytes.
     pub fn finish(mut self) -> Vec<u8> {
         self.out.push(op::STOP);
@@ -182,9 +216,9 @@ pub fn opcodes(bytes: &[u8]) -> Result<Vec<u8>, String> {
         i += 1;
         ops.push(code);
         match code {
-            op::PROTO | op::BININT1 => take(&mut i, 1)?,
+            op::PROTO | op::BININT1 | op::BINPUT | op::BINGET => take(&mut i, 1)?,
             op::BININT2 => take(&mut i, 2)?,
-            op::BININT => take(&mut i, 4)?,
+            op::BININT | op::LONG_BINPUT | op::LONG_BINGET => take(&mut i, 4)?,
             op::BINFLOAT => take(&mut i, 8)?,
             op::LONG1 => {
                 let n = *bytes.get(i).ok_or("truncated LONG1")? as usize;

@@ -16,7 +16,14 @@ fn mpnet() -> ferry_ir::Graph {
 #[test]
 fn bucket_ops_translate() {
     let g = mpnet();
-    let m = generate(&g, "MPNetModel", &Shapes::Dynamic, false).expect("generate");
+    let m = generate(
+        &g,
+        "MPNetModel",
+        &Shapes::Dynamic,
+        false,
+        &Default::default(),
+    )
+    .expect("generate");
     let src = &m.source;
     for needle in [
         "torch.arange(0, _",
@@ -36,6 +43,6 @@ fn bucket_ops_translate() {
         ]
         .into(),
     );
-    let m = generate(&g, "MPNetModel", &fixed, false).expect("generate");
+    let m = generate(&g, "MPNetModel", &fixed, false, &Default::default()).expect("generate");
     assert!(m.source.contains("torch.arange(0, 7, 1)"), "{}", m.source);
 }
