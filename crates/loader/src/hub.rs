@@ -192,6 +192,15 @@ fn token() -> Option<String> {
         .filter(|t| !t.is_empty())
 }
 
+/// `scheme://host[:port]` of `url`: what a host-relative `Location` is resolved against.
+fn origin(url: &str) -> &str {
+    let host_start = url.find("://").map_or(0, |i| i + 3);
+    match url[host_start..].find('/') {
+        Some(i) => &url[..host_start + i],
+        None => url,
+    }
+}
+
 /// Percent-encodes `s` for one URL path segment (a revision such as `refs/pr/1` included).
 fn encode_segment(s: &str) -> String {
     s.bytes()
@@ -303,7 +312,7 @@ impl<'a> Hub<'a> {
             if (300..400).contains(&status) {
                 let loc = header(&r, "location").unwrap_or_default();
                 if loc.starts_with('/') {
-                    url = format!("{}{loc}", self.endpoint);
+                    url = format!("{}{loc}", origin(&self.endpoint));
                     continue;
                 }
             } else if matches!(status, 401 | 403 | 404) {
@@ -582,7 +591,7 @@ mod tests {
         (0..100_000u32).map(|i| (i % 251) as u8).collect()
     }
 
-    /// A one-repo hub on 127.0.0.1 (`org/tiny` at `main`): `config.json` served directly,
+    /// A one-repo hub on 127.0.0.1 (`org/tiny` at `main`; `org/renamed` 307s to it): `config.json` served directly,
     /// `model.safetensors` as a 302 to `/cdn/` with `X-Linked-Etag`/`X-Linked-Size` like
     /// huggingface.co; with `truncate`, the CDN closes the connection after 1000 bytes.
     /// Returns the endpoint; the server thread lives until the test process ends.
@@ -632,6 +641,14 @@ mod tests {
                     ),
                     "/cdn/w" if truncate => (head("200 OK", String::new(), w.len()), &w[..1000]),
                     "/cdn/w" => (head("200 OK", String::new(), w.len()), &w[..]),
+                    p if p.starts_with("/org/renamed/") => (
+                        head(
+                            "307 Temporary Redirect",
+                            format!("Location: {}\r\n", p.replacen("renamed", "tiny", 1)),
+                            0,
+                        ),
+                        &[],
+                    ),
                     _ => (
                         head(
                             "404 Not Found",
@@ -700,6 +717,23 @@ mod tests {
     }
 
     #[test]
+    fn a_renamed_repo_is_followed_on_the_hub() -> std::io::Result<()> {
+        let tmp = tempfile::tempdir()?;
+        let rec = Arc::new(Record::default());
+        let snap = resolve("org/renamed", &online(tiny_hub(false)?, tmp.path(), &rec))
+            .map_err(std::io::Error::other)?;
+        assert_eq!(
+            snap,
+            tmp.path()
+                .join("models--org--renamed")
+                .join("snapshots")
+                .join(COMMIT)
+        );
+        assert_eq!(std::fs::read(snap.join("model.safetensors"))?, weights());
+        Ok(())
+    }
+
+    #[test]
     fn truncated_download_is_one_line_and_leaves_no_snapshot() -> std::io::Result<()> {
         let tmp = tempfile::tempdir()?;
         let rec = Arc::new(Record::default());
@@ -728,6 +762,13 @@ mod tests {
         };
         assert!(resolve("org/tiny", &offline).is_err());
         Ok(())
+    }
+
+    #[test]
+    fn relative_redirects_resolve_against_the_host() {
+        assert_eq!(origin("https://hf.example/mirror"), "https://hf.example");
+        assert_eq!(origin("http://127.0.0.1:8080"), "http://127.0.0.1:8080");
+        assert_eq!(encode_segment("refs/pr/1"), "refs%2Fpr%2F1");
     }
 
     #[test]
