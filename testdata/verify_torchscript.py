@@ -141,6 +141,8 @@ def main():
         except Exception as e:
             tally.fail(f"{case}: {error_line(e)}")
     with_past(ferry, testdata, out_dir, tally)
+    for stale in sorted(set(KNOWN_KEY_GAPS) - set(cases)):
+        tally.fail(f"KNOWN_KEY_GAPS names {stale}, which is no golden case")
     if tally.checks == 0:
         tally.fail(f"no case checked under {testdata}")
     print(f"{'FAILED' if tally.failures else 'passed'}: {tally.failures} failure(s) "
@@ -199,14 +201,15 @@ def check_case(ferry, testdata, out_dir, case, tally):
                    "position_ids": pos_}
         x = [by_name[n] for n in in_names]
         with torch.no_grad():
-            want = ref(**dict(zip(in_names, x)), return_dict=False, use_cache=False)
+            ref_out = ref(**dict(zip(in_names, x)), return_dict=False, use_cache=False)
+            want = ref_out
             if "sentence_embedding" in names:
                 want = tuple(want) + (sentence_embedding(model_dir, dict(zip(in_names, x))),)
             got = loaded(*x)
         diffs = [float((got[i] - want[i]).abs().max()) for i in range(len(names))]
         tally.check(max(diffs) <= ATOL, f"{case} dynamic {b}x{s}: "
                     + ", ".join(f"{n} {d:.2e}" for n, d in zip(names, diffs)))
-    tree_checks(case, loaded, ref, in_names, x, names, tally)
+    tree_checks(case, loaded, ref, ref_out, x, names, tally)
     if "sentence_embedding" not in names:
         seed_calls(case, loaded, ref, in_names, x, names, tally)
     if task == "fill-mask":
@@ -214,7 +217,7 @@ def check_case(ferry, testdata, out_dir, case, tally):
         export(ferry, model_dir, untied, "--task", task, "--dynamic-axes", "--torchscript")
         sd = torch.jit.load(untied).state_dict()
         pairs = tied_pairs(ref.state_dict())
-        keys_ok = case in KNOWN_KEY_GAPS or set(sd) == set(ref.state_dict())
+        keys_ok = key_gap(sd, ref.state_dict(), names) == KNOWN_KEY_GAPS.get(case, ([], []))
         if not pairs:
             # An untied checkpoint's decoder has its own weight: nothing to copy.
             tally.check(not tied_pairs(sd) and keys_ok,
@@ -239,25 +242,26 @@ def tied_pairs(state_dict):
     return sorted((ks[0], k) for ks in map(sorted, by_ptr.values()) for k in ks[1:])
 
 
-def tree_checks(case, loaded, ref, in_names, x, names, tally):
-    """state_dict keys, tied storage, load_state_dict and named_modules against transformers."""
-    ours, theirs = loaded.state_dict(), ref.state_dict()
+def key_gap(ours, theirs, names):
+    """(keys only transformers has, keys only the archive has), sorted; sentence-transformers'
+    Dense weights are no part of the transformers model."""
     missing = sorted(set(theirs) - set(ours))
-    extra = sorted(set(ours) - set(theirs))
-    if "sentence_embedding" in names:
-        # sentence-transformers' Dense weights are no part of the transformers model.
-        extra = [k for k in extra if "_Dense." not in k]
-    line = (f"{case} state_dict keys equal transformers' ({len(theirs)})"
-            + (f": missing {missing[:4]}, extra {extra[:4]}" if missing or extra else ""))
-    if case in KNOWN_KEY_GAPS:
-        # Still a failure if the gap changes or closes, so this entry cannot go stale.
-        want_missing, want_extra = KNOWN_KEY_GAPS[case]
-        tally.check(missing == want_missing and extra == want_extra,
-                    f"{case} state_dict keys: the known gap ({want_missing} missing, "
-                    f"{want_extra} extra) and nothing else" + (f"; now {line}" if (
-                        missing, extra) != (want_missing, want_extra) else ""))
-    else:
-        tally.check(not missing and not extra, line)
+    extra = sorted(k for k in set(ours) - set(theirs)
+                   if "sentence_embedding" not in names or "_Dense." not in k)
+    return missing, extra
+
+
+def tree_checks(case, loaded, ref, ref_out, x, names, tally):
+    """state_dict keys, tied storage, load_state_dict and named_modules against transformers
+    (`ref_out`: transformers' outputs on `x`)."""
+    ours, theirs = loaded.state_dict(), ref.state_dict()
+    # A known gap is still a failure if it changes or closes, so its entry cannot go stale.
+    gap = key_gap(ours, theirs, names)
+    want = KNOWN_KEY_GAPS.get(case, ([], []))
+    tally.check(gap == want,
+                f"{case} state_dict keys equal transformers' ({len(theirs)})"
+                + (f" but the known gap {want}" if case in KNOWN_KEY_GAPS else "")
+                + (f": missing {gap[0][:4]}, extra {gap[1][:4]}" if gap != want else ""))
     # A known gap's keys are loaded where both sides have them.
     strict = "sentence_embedding" not in names and case not in KNOWN_KEY_GAPS
     common = set(ours) & set(theirs)  # all keys, but for a known gap
@@ -277,9 +281,8 @@ def tree_checks(case, loaded, ref, in_names, x, names, tally):
         loaded.load_state_dict({k: v for k, v in theirs.items() if strict or k in ours},
                                strict=strict)
         got = loaded(*x)
-        want = ref(**dict(zip(in_names, x)), return_dict=False, use_cache=False)
-    d = max(float((got[i] - want[i]).abs().max())
-            for i in range(min(len(names), len(want))))
+    d = max(float((got[i] - ref_out[i]).abs().max())
+            for i in range(min(len(names), len(ref_out))))
     tally.check(d <= ATOL, f"{case} zeroed archive + load_state_dict(transformers' "
                 f"state_dict()) matches transformers: {d:.2e}")
 
