@@ -407,7 +407,9 @@ impl<'a> Gen<'a> {
             "Add" | "Sub" | "Mul" | "Div" | "Pow" => {
                 self.binary(node, ins[0].clone(), ins[1].clone())?
             }
-            "Erf" | "Tanh" | "Relu" | "Sqrt" | "Sigmoid" | "Neg" | "Exp" | "Cos" | "Sin" => {
+            // Ceil and Sign: DeBERTa-v2's log-bucketed relative positions.
+            "Erf" | "Tanh" | "Relu" | "Sqrt" | "Sigmoid" | "Neg" | "Exp" | "Cos" | "Sin"
+            | "Ceil" | "Sign" => {
                 let x = self.tensor(&ins[0], node)?;
                 Val::Tensor(self.emit(format!("torch.{}({x})", op.to_lowercase())))
             }
@@ -654,11 +656,6 @@ impl<'a> Gen<'a> {
                     "torch.conv1d({x}, {w}, {b}, [1], [{}], [1], {group})",
                     pads[0]
                 )))
-            }
-            // DeBERTa-v2's log-bucketed relative positions.
-            "Ceil" | "Sign" => {
-                let x = self.tensor(&ins[0], node)?;
-                Val::Tensor(self.emit(format!("torch.{}({x})", op.to_lowercase())))
             }
             "Abs" | "Log" => {
                 let x = self.tensor(&ins[0], node)?;
@@ -949,7 +946,7 @@ pub fn generate(
     let optional_from = graph
         .inputs
         .iter()
-        .rposition(|i| first.is_none() || input_default(&i.name, "").is_none())
+        .rposition(|i| input_default(&i.name, "").is_none())
         .map_or(0, |p| p + 1)
         .max(1);
     let mut prologue = String::new();

@@ -134,9 +134,8 @@ fn pickle_module(
     p.str("training");
     p.bool(false);
     for (attr, i) in &tree.params {
-        let Some((_, t)) = params.get(*i) else {
-            continue;
-        };
+        // `Tree::build` indexes `params` itself.
+        let t = &params[*i].1;
         p.str(attr);
         if let Some(slot) = memo.get(i) {
             p.get(*slot);
