@@ -43,20 +43,38 @@ impl std::fmt::Debug for ResolveOptions {
     }
 }
 
+/// A non-empty environment variable.
+fn env(k: &str) -> Option<std::ffi::OsString> {
+    std::env::var_os(k).filter(|v| !v.is_empty())
+}
+
+/// `$HF_HOME`, else `~/.cache/huggingface`.
+fn hf_home() -> PathBuf {
+    env("HF_HOME").map(PathBuf::from).unwrap_or_else(|| {
+        env("HOME")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("/"))
+            .join(".cache")
+            .join("huggingface")
+    })
+}
+
 /// The Hugging Face hub cache: `$HF_HUB_CACHE`, else `$HF_HOME/hub`, else
 /// `~/.cache/huggingface/hub`.
 pub fn hub_cache_dir() -> PathBuf {
-    let env = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty());
-    if let Some(p) = env("HF_HUB_CACHE") {
-        return PathBuf::from(p);
-    }
-    if let Some(p) = env("HF_HOME") {
-        return PathBuf::from(p).join("hub");
-    }
-    let home = env("HOME")
+    env("HF_HUB_CACHE")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/"));
-    home.join(".cache").join("huggingface").join("hub")
+        .unwrap_or_else(|| hf_home().join("hub"))
+}
+
+/// A repository's folder in the cache at `cache` (`models--owner--name`).
+fn repo_dir(cache: &Path, id: &str) -> PathBuf {
+    cache.join(format!("models--{}", id.replace('/', "--")))
+}
+
+/// Whether `revision` is a full commit hash.
+fn is_commit(revision: &str) -> bool {
+    revision.len() == 40 && revision.chars().all(|c| c.is_ascii_hexdigit())
 }
 
 fn offline_from_env() -> bool {
@@ -67,13 +85,12 @@ fn offline_from_env() -> bool {
 
 /// Finds a snapshot of `id` in the cache at `cache`, if one is there.
 fn find_in_cache(cache: &Path, id: &str, revision: &str) -> Result<PathBuf, String> {
-    let repo = cache.join(format!("models--{}", id.replace('/', "--")));
+    let repo = repo_dir(cache, id);
     if !repo.is_dir() {
         return Err(format!("{} (absent)", repo.display()));
     }
     let snapshots = repo.join("snapshots");
-    let is_commit = revision.len() == 40 && revision.chars().all(|c| c.is_ascii_hexdigit());
-    let commit = if is_commit {
+    let commit = if is_commit(revision) {
         revision.to_string()
     } else {
         let r = repo.join("refs").join(revision);
@@ -167,25 +184,15 @@ fn endpoint(opts: &ResolveOptions) -> String {
 /// The user's hub token: `$HF_TOKEN`, else the file `huggingface-cli login` writes
 /// (`$HF_TOKEN_PATH`, else `$HF_HOME/token`, else `~/.cache/huggingface/token`).
 fn token() -> Option<String> {
-    let env = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty());
     if let Some(t) = std::env::var("HF_TOKEN")
         .ok()
         .filter(|t| !t.trim().is_empty())
     {
         return Some(t.trim().to_string());
     }
-    let path = env("HF_TOKEN_PATH").map(PathBuf::from).unwrap_or_else(|| {
-        env("HF_HOME")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| {
-                env("HOME")
-                    .map(PathBuf::from)
-                    .unwrap_or_else(|| PathBuf::from("/"))
-                    .join(".cache")
-                    .join("huggingface")
-            })
-            .join("token")
-    });
+    let path = env("HF_TOKEN_PATH")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| hf_home().join("token"));
     std::fs::read_to_string(path)
         .ok()
         .map(|t| t.trim().to_string())
@@ -344,11 +351,9 @@ impl<'a> Hub<'a> {
                     "{file}: HTTP {status} from {url}"
                 )));
             }
-            let revision_is_commit =
-                self.revision.len() == 40 && self.revision.chars().all(|c| c.is_ascii_hexdigit());
             let commit = header(&r, "x-repo-commit")
                 .map(str::to_string)
-                .or_else(|| revision_is_commit.then(|| self.revision.to_string()))
+                .or_else(|| is_commit(&self.revision).then(|| self.revision.to_string()))
                 .ok_or_else(|| format!("{file}: the hub sent no X-Repo-Commit"))?;
             let etag = header(&r, "x-linked-etag")
                 .or_else(|| header(&r, "etag"))
@@ -473,7 +478,7 @@ fn download(
     opts: &ResolveOptions,
 ) -> Result<PathBuf, String> {
     let hub = Hub::new(id, revision, opts);
-    let repo = cache.join(format!("models--{}", id.replace('/', "--")));
+    let repo = repo_dir(cache, id);
     let blobs = repo.join("blobs");
     std::fs::create_dir_all(&blobs).map_err(|e| format!("{}: {e}", blobs.display()))?;
     let required = |file: &str| -> Result<FileMeta, String> {
