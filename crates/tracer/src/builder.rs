@@ -540,11 +540,12 @@ impl Tracer {
         }
     }
 
-    /// `LayerNormalization` over the last axis (opset 17+).
-    pub fn layer_norm_op(&mut self, x: &T, gamma: &T, beta: &T, eps: f32) -> T {
+    /// `LayerNormalization` over the last axis (opset 17+), without bias when `beta` is `None`.
+    pub fn layer_norm_op(&mut self, x: &T, gamma: &T, beta: Option<&T>, eps: f32) -> T {
+        let inputs: Vec<&T> = [Some(x), Some(gamma), beta].into_iter().flatten().collect();
         self.op(
             "LayerNormalization",
-            &[x, gamma, beta],
+            &inputs,
             vec![("axis", Attr::Int(-1)), ("epsilon", Attr::Float(eps))],
             x.dtype,
             x.shape.clone(),

@@ -314,12 +314,15 @@ fn embeddings(
             x = t.add(&x, &te)?;
         }
         if e != d.enc.hidden {
-            x = scoped(t, "embed_proj", |t| {
-                let path = t.module_path();
-                let wt = w.get(t, &format!("{path}.weight"), &[d.enc.hidden, e])?;
-                let wt = t.transpose(&wt, &[1, 0])?;
-                t.matmul(&x, &wt)
-            })?;
+            x = dense(
+                t,
+                w,
+                "embed_proj",
+                &x,
+                (e, d.enc.hidden),
+                WeightLayout::OutIn,
+                false,
+            )?;
         }
         let x = layer_norm(t, w, "LayerNorm", &x, d.enc.hidden, d.enc.eps)?;
         let m = t.unsqueeze(mask, &[2]);

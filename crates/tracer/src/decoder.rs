@@ -974,7 +974,7 @@ fn layer(
 
 /// `arange(seq)` per row, `[batch, seq]`: the positions transformers uses when it is given
 /// none (`cache_position`).
-fn arange_positions(t: &mut Tracer, ids: &T) -> Result<T, TraceError> {
+pub(crate) fn arange_positions(t: &mut Tracer, ids: &T) -> Result<T, TraceError> {
     let r = column_range(t, ids)?;
     let r = t.unsqueeze(&r, &[0]);
     let shape = t.shape_of(ids);

@@ -138,11 +138,6 @@ pub(crate) fn position_ids(t: &mut Tracer, ids: &T, pad: i64) -> Result<T, Trace
 /// (`[seq, 1]`) and a row (`[1, seq]`): the two sides of a relative-position grid
 /// (MPNet's `memory - context`, DeBERTa's `q - k`).
 pub(crate) fn position_grid(t: &mut Tracer, ids: &T) -> Result<(T, T), TraceError> {
-    let s = ids.shape[1].clone();
-    let shape = t.shape_of(ids);
-    let one = t.scalar_i64(1);
-    let seq = t.gather(&shape, &one, 0)?;
-    let zero = t.scalar_i64(0);
-    let range = t.op("Range", &[&zero, &seq, &one], vec![], DType::I64, vec![s]);
+    let range = crate::causal::column_range(t, ids)?;
     Ok((t.unsqueeze(&range, &[1]), t.unsqueeze(&range, &[0])))
 }

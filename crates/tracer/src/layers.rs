@@ -171,19 +171,7 @@ pub(crate) fn layer_norm_with(
             None
         };
         if t.opset() >= 17 {
-            return Ok(match &beta {
-                Some(beta) => t.layer_norm_op(x, &gamma, beta, eps as f32),
-                None => t.op(
-                    "LayerNormalization",
-                    &[x, &gamma],
-                    vec![
-                        ("axis", ferry_ir::Attr::Int(-1)),
-                        ("epsilon", ferry_ir::Attr::Float(eps as f32)),
-                    ],
-                    x.dtype,
-                    x.shape.clone(),
-                ),
-            });
+            return Ok(t.layer_norm_op(x, &gamma, beta.as_ref(), eps as f32));
         }
         let mean = t.reduce_mean_last(x)?;
         let d = t.sub(x, &mean)?;

@@ -279,9 +279,7 @@ fn mlp(t: &mut Tracer, w: &WeightSource<'_>, d: &Dims, x: &T) -> Result<T, Trace
 fn sliding_mask(t: &mut Tracer, ids: &T, mask: &T, half_window: i64) -> Result<T, TraceError> {
     scoped(t, "sliding_mask", |t| {
         let s = ids.shape[1].clone();
-        let r = column_range(t, ids)?;
-        let rows = t.unsqueeze(&r, &[1]);
-        let cols = t.unsqueeze(&r, &[0]);
+        let (rows, cols) = crate::embeddings::position_grid(t, ids)?;
         let diff = t.sub(&rows, &cols)?;
         let dist = t.unary("Abs", &diff);
         let limit = t.scalar_i64(half_window + 1);
@@ -324,16 +322,7 @@ fn encoder(
     };
     // position_ids = arange(seq)[None], expanded to [n, seq] (the position_ids layout
     // ONNX Runtime's RotaryEmbedding reads, which the optimizer can fuse into).
-    let positions = column_range(t, ids)?;
-    let positions = t.unsqueeze(&positions, &[0]);
-    let shape = t.shape_of(ids);
-    let positions = t.op(
-        "Expand",
-        &[&positions, &shape],
-        vec![],
-        DType::I64,
-        ids.shape.clone(),
-    );
+    let positions = crate::decoder::arange_positions(t, ids)?;
     let global_rope = Rope::default_theta(d.global_theta, d.head_dim());
     let local_rope = Rope::default_theta(d.local_theta, d.head_dim());
     let global_tables = if d.sliding.contains(&false) {
