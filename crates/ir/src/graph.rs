@@ -211,21 +211,21 @@ impl Graph {
                 .map(String::as_str)
                 .filter(|n| inits.contains_key(n))
                 .collect();
-            let add = |seen: &HashSet<&str>| -> u64 {
-                own.iter()
-                    .filter(|n| !seen.contains(*n))
-                    .map(|n| inits[n])
-                    .sum()
-            };
-            let more = add(&seen);
+            let more: u64 = own
+                .iter()
+                .filter(|n| !seen.contains(*n))
+                .map(|n| inits[n])
+                .sum();
             // Nodes that bring no new weight stay with the segment they follow.
             if i > start && more > 0 && bytes + more > max_bytes {
                 ranges.push(start..i);
                 start = i;
-                bytes = 0;
+                // A new segment counts all of the node's own weights.
+                bytes = own.iter().map(|n| inits[n]).sum();
                 seen.clear();
+            } else {
+                bytes += more;
             }
-            bytes += add(&seen);
             seen.extend(own);
         }
         if start < self.nodes.len() {

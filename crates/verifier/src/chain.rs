@@ -12,7 +12,6 @@ use ort::value::{DynValue, Tensor, ValueType};
 use crate::{F32Tensor, Input, Model, VerifyError};
 
 /// Named tensors of any element type, as ONNX Runtime holds them.
-#[derive(Default)]
 pub struct Values {
     map: BTreeMap<String, DynValue>,
 }
@@ -71,6 +70,14 @@ impl Values {
         Ok(Self { map })
     }
 
+    /// Every value as a session feed, by name.
+    pub(crate) fn into_feed(self) -> Vec<(String, SessionInputValue<'static>)> {
+        self.map
+            .into_iter()
+            .map(|(k, v)| (k, SessionInputValue::from(v)))
+            .collect()
+    }
+
     /// Element type of a value, if present and a tensor of a type ferry has.
     pub fn dtype(&self, name: &str) -> Option<DType> {
         match self.map.get(name)?.dtype() {
@@ -118,16 +125,6 @@ impl Values {
         Ok(())
     }
 
-    /// Whether a value is present.
-    pub fn contains(&self, name: &str) -> bool {
-        self.map.contains_key(name)
-    }
-
-    /// Names of the values present, sorted.
-    pub fn names(&self) -> impl Iterator<Item = &str> {
-        self.map.keys().map(String::as_str)
-    }
-
     /// Adds (or replaces) every value of `other`.
     pub fn extend(&mut self, other: Values) {
         self.map.extend(other.map);
@@ -136,11 +133,6 @@ impl Values {
     /// Drops every value `keep` says no to.
     pub fn retain(&mut self, keep: impl Fn(&str) -> bool) {
         self.map.retain(|k, _| keep(k));
-    }
-
-    /// Removes a value, returning whether it was present.
-    pub fn remove(&mut self, name: &str) -> bool {
-        self.map.remove(name).is_some()
     }
 
     /// The named float values widened exactly to float32; an error names a missing or

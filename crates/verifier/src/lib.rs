@@ -160,19 +160,7 @@ impl Model {
         &mut self,
         inputs: &BTreeMap<String, Input>,
     ) -> Result<BTreeMap<String, F32Tensor>, VerifyError> {
-        let mut feed: Vec<(String, SessionInputValue<'_>)> = Vec::new();
-        for (name, t) in inputs {
-            let v = match t {
-                Input::I64(t) => {
-                    SessionInputValue::from(Tensor::from_array((t.shape.clone(), t.data.clone()))?)
-                }
-                Input::F32(t) => {
-                    SessionInputValue::from(Tensor::from_array((t.shape.clone(), t.data.clone()))?)
-                }
-            };
-            feed.push((name.clone(), v));
-        }
-        self.run_feed(feed)
+        self.run_feed(Values::from_inputs(inputs)?.into_feed())
     }
 
     /// Loads `path` with basic graph optimizations (as optimum validates) on `threads`
