@@ -434,12 +434,7 @@ fn deberta_fusions_match_onnx_runtime_on_optimums_export() {
         ),
     ];
     for (case, task, want) in cases {
-        for opset in ["14", "17", "21"] {
-            let model = export_case(dir.path(), case, &["--task", task, "--opset", opset]);
-            let out = dir.path().join(format!("{case}-{opset}-opt.onnx"));
-            let golden = testdata(case).join("golden.safetensors");
-            let counts = optimize_and_check(&model, &out, &[], &golden);
-            let what = format!("{case} opset {opset}");
+        for (what, counts) in optimized_at_every_opset(dir.path(), case, task) {
             assert_counts(&counts, &want, &what);
             assert_counts(
                 &counts,
