@@ -507,17 +507,14 @@ pub(crate) fn is_plain_layer_norm(_: &Index<'_>, n: &Node) -> bool {
 }
 
 /// A plain `LayerNormalization(input, gamma, beta)` ([`is_plain_layer_norm`]), gamma and
-/// beta 1-D float32 initializers bound as `gamma` and `beta`.
-fn layer_norm_of(input: P) -> Pattern {
-    let (gamma, beta) = (init("gamma", is_f32_vector), init("beta", is_f32_vector));
-    Pattern::new(op("LayerNormalization", vec![input, gamma, beta]).check(is_plain_layer_norm))
-}
-
-/// [`layer_norm_of`] without the optional beta (`nn.LayerNorm(…, bias=False)`, as in
-/// ModernBERT): `LayerNormalization(input, gamma)`.
-fn layer_norm_without_beta_of(input: P) -> Pattern {
-    let gamma = init("gamma", is_f32_vector);
-    Pattern::new(op("LayerNormalization", vec![input, gamma]).check(is_plain_layer_norm))
+/// beta 1-D float32 initializers bound as `gamma` and `beta`; without `with_beta`, the
+/// form without the optional beta (`nn.LayerNorm(…, bias=False)`, as in ModernBERT).
+fn layer_norm_of(input: P, with_beta: bool) -> Pattern {
+    let mut inputs = vec![input, init("gamma", is_f32_vector)];
+    if with_beta {
+        inputs.push(init("beta", is_f32_vector));
+    }
+    Pattern::new(op("LayerNormalization", inputs).check(is_plain_layer_norm))
 }
 
 /// A [`layer_norm_of`] match's epsilon (ONNX's default 1e-5 when absent).
@@ -541,8 +538,8 @@ fn layer_norm_epsilon(n: &Node) -> f32 {
 pub fn fuse_skip_layer_norm(graph: &mut Graph) -> usize {
     let ix = Index::new(graph);
     let sum = op("Add", vec![val("a"), val("b")]).uses(None);
-    let without_beta = layer_norm_without_beta_of(sum.clone().p());
-    let pat = layer_norm_of(sum.p());
+    let without_beta = layer_norm_of(sum.clone().p(), false);
+    let pat = layer_norm_of(sum.p(), true);
     let mut names = node_names(graph);
     let mut taken = Claimed::default();
     let mut rewrites = Vec::new();
@@ -576,13 +573,13 @@ pub fn fuse_skip_layer_norm(graph: &mut Graph) -> usize {
                 vec![m.interior[0], bi],
                 vec![mm, skip.to_string(), gamma, beta, bias],
             ),
-            None if beta.is_empty() => (
-                m.interior.clone(),
-                vec![a.to_string(), b.to_string(), gamma],
-            ),
+            // Without beta its input is left out.
             None => (
                 m.interior.clone(),
-                vec![a.to_string(), b.to_string(), gamma, beta],
+                [a.to_string(), b.to_string(), gamma, beta]
+                    .into_iter()
+                    .filter(|v| !v.is_empty())
+                    .collect(),
             ),
         };
         if !taken.claim(i, &removed) {
@@ -1135,7 +1132,10 @@ fn embed_pattern() -> Pattern {
     let word = lookup(["word", "ids"]);
     let words_and_types = op("Add", vec![word.clone(), lookup(["types", "type_ids"])]);
     let sum = P::Either(vec![word, words_and_types.commutative().p()]);
-    layer_norm_of(op("Add", vec![position_rows(), sum]).commutative().p())
+    layer_norm_of(
+        op("Add", vec![position_rows(), sum]).commutative().p(),
+        true,
+    )
 }
 
 /// Checks an [`embed_pattern`] match at node `i`: every table as wide as gamma (the
