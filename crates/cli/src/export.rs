@@ -127,6 +127,7 @@ pub fn export(a: &ExportArgs) -> Result<(), String> {
         external_data: crate::common::external_data(a.external_data),
         doc_string: format!("exported by ferry from {model}"),
         metadata: metadata::for_export(&dir, &ckpt.config, &task),
+        ..Default::default()
     };
     let report = ferry_onnx::write_model(&graph, output, &wopts).map_err(|e| e.to_string())?;
     done(pb, human_bytes(report.model_bytes + report.data_bytes));

@@ -190,6 +190,7 @@ fn stages(
         external_data: crate::common::external_data(a.external_data),
         doc_string: format!("exported by ferry from {}", e.model),
         metadata: metadata::for_export(e.dir, e.config, e.task),
+        ..Default::default()
     };
     let report = ferry_onnx::write_model(&graph, output, &wopts).map_err(|e| e.to_string())?;
     done(pb, human_bytes(report.model_bytes + report.data_bytes));

@@ -57,6 +57,7 @@ pub fn optimize_file(
         external_data: crate::common::external_data(external_data),
         doc_string: model.info.doc_string,
         metadata: model.info.metadata,
+        ..Default::default()
     };
     let report = ferry_onnx::write_model(&graph, output, &wopts).map_err(|e| e.to_string())?;
     done(

@@ -193,6 +193,7 @@ pub fn quantize_file(
         external_data: crate::common::external_data(a.external_data),
         doc_string: model.info.doc_string,
         metadata: model.info.metadata,
+        ..Default::default()
     };
     let report = ferry_onnx::write_model(&graph, output, &wopts).map_err(|e| e.to_string())?;
     let in_bytes = file_bytes(input);
@@ -347,19 +348,21 @@ impl ReportView {
             &m.graph,
             model,
             "report",
-            m.info.doc_string,
-            m.info.metadata,
+            ferry_onnx::WriteOptions {
+                doc_string: m.info.doc_string,
+                metadata: m.info.metadata,
+                ..Default::default()
+            },
         )
     }
 
     /// Writes `graph` (weights mapped from `model`) beside `model` as a view named after
-    /// `model` and `tag`.
+    /// `model` and `tag`, with `opts`' doc string, metadata and output typing.
     fn write(
         graph: &ferry_ir::Graph,
         model: &Path,
         tag: &str,
-        doc_string: String,
-        metadata: Vec<(String, String)>,
+        opts: ferry_onnx::WriteOptions,
     ) -> Result<Self, String> {
         let name = model
             .file_name()
@@ -368,8 +371,7 @@ impl ReportView {
         let path = model.with_file_name(format!(".{name}.ferry-{tag}-{}.onnx", std::process::id()));
         let opts = ferry_onnx::WriteOptions {
             external_data: ferry_onnx::ExternalData::InPlace,
-            doc_string,
-            metadata,
+            ..opts
         };
         let mut view = Self {
             path: path.clone(),
@@ -465,15 +467,15 @@ impl ReportView {
                 shape: None,
             });
         }
-        let view = Self::write(
+        Self::write(
             &sub,
             model,
             &format!("segment{index}"),
-            String::new(),
-            Vec::new(),
-        )?;
-        ferry_onnx::strip_output_types(&view.path).map_err(|e| e.to_string())?;
-        Ok(view)
+            ferry_onnx::WriteOptions {
+                untyped_outputs: true,
+                ..Default::default()
+            },
+        )
     }
 }
 

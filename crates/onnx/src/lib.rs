@@ -12,7 +12,7 @@ mod read;
 mod to_ir;
 mod write;
 
-pub use read::{ReadError, read_metadata, read_model_proto, strip_output_types};
+pub use read::{ReadError, read_metadata, read_model_proto};
 pub use to_ir::{ModelInfo, OnnxModel, read_graph, read_model};
 pub use write::{
     ExternalData, MIN_WRITE_OPSET, OnnxError, WriteOptions, WriteReport, ir_version_for_opset,

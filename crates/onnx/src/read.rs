@@ -56,22 +56,6 @@ pub fn read_model_proto(path: &Path) -> Result<ModelProto, ReadError> {
     })
 }
 
-/// Rewrites an `.onnx` file (a small one: it is decoded whole) with its graph outputs'
-/// types removed, so that ONNX Runtime infers them from the nodes producing them (contrib
-/// ops included); used for views whose outputs are intermediate values of unknown type.
-pub fn strip_output_types(path: &Path) -> Result<(), ReadError> {
-    let mut proto = read_model_proto(path)?;
-    if let Some(g) = proto.graph.as_mut() {
-        for o in &mut g.output {
-            o.r#type = None;
-        }
-    }
-    std::fs::write(path, proto.encode_to_vec()).map_err(|source| ReadError::Io {
-        path: path.to_path_buf(),
-        source,
-    })
-}
-
 /// Reads only `ModelProto.metadata_props` of an `.onnx` file, in file order, without decoding
 /// the graph: top-level fields other than `metadata_props` are skipped by seeking, so this
 /// costs a few reads even for a multi-gigabyte model.

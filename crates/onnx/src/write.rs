@@ -60,6 +60,9 @@ pub struct WriteOptions {
     pub doc_string: String,
     /// `metadata_props` of the model: key/value pairs, in order (e.g. the task, labels).
     pub metadata: Vec<(String, String)>,
+    /// Graph outputs written without a type, for ONNX Runtime to infer from the nodes
+    /// producing them (views of part of a graph, whose outputs are intermediate values).
+    pub untyped_outputs: bool,
 }
 
 /// What [`write_model`] produced.
@@ -166,7 +169,7 @@ pub fn write_model(
     }
 
     // Decide where weights go.
-    let graph_head = graph_without_initializers(graph).encode_to_vec();
+    let graph_head = graph_without_initializers(graph, opts.untyped_outputs).encode_to_vec();
     let limit = match opts.external_data {
         ExternalData::Past(n) => n.min(PROTOBUF_LIMIT),
         _ => PROTOBUF_LIMIT,
@@ -661,14 +664,24 @@ pub(crate) fn node_proto(n: &Node) -> NodeProto {
     }
 }
 
-fn graph_without_initializers(g: &Graph) -> GraphProto {
+fn graph_without_initializers(g: &Graph, untyped_outputs: bool) -> GraphProto {
     GraphProto {
         node: g.nodes.iter().map(node_proto).collect(),
         name: g.name.clone(),
         initializer: Vec::new(),
         doc_string: String::new(),
         input: g.inputs.iter().map(value_info).collect(),
-        output: g.outputs.iter().map(value_info).collect(),
+        output: g
+            .outputs
+            .iter()
+            .map(|v| {
+                let mut info = value_info(v);
+                if untyped_outputs {
+                    info.r#type = None;
+                }
+                info
+            })
+            .collect(),
         value_info: g.value_info.iter().map(value_info).collect(),
     }
 }
@@ -759,6 +772,33 @@ mod tests {
                 version: 17,
             }],
         }
+    }
+
+    #[test]
+    fn untyped_outputs_leave_only_the_outputs_types_out() -> Result<(), Box<dyn std::error::Error>>
+    {
+        use ferry_ir::{DType, TensorData};
+        let g = graph_of(vec![Initializer {
+            name: "w".into(),
+            dtype: DType::F32,
+            dims: vec![2],
+            data: TensorData::from_f32(&[1.0, 2.0]),
+        }]);
+        let dir = tempfile::tempdir()?;
+        for untyped in [false, true] {
+            let out = dir.path().join(format!("m{untyped}.onnx"));
+            let opts = WriteOptions {
+                untyped_outputs: untyped,
+                ..Default::default()
+            };
+            write_model(&g, &out, &opts)?;
+            let p = crate::read_model_proto(&out)?;
+            let graph = p.graph.ok_or("no graph")?;
+            assert_eq!(graph.output.len(), 1);
+            assert_eq!(graph.output[0].name, "w_out");
+            assert_eq!(graph.output[0].r#type.is_none(), untyped);
+        }
+        Ok(())
     }
 
     #[test]

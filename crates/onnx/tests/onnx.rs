@@ -284,6 +284,7 @@ fn read_graph_round_trips_golden_exports() {
                 external_data: external,
                 doc_string: format!("exported from {case}"),
                 metadata: vec![("ferry.task".into(), "x".into()), ("k".into(), "v".into())],
+                ..Default::default()
             };
             write_model(&g, &a, &opts).expect("write a");
             let m = read_model(&a).expect("read_model");
@@ -308,6 +309,7 @@ fn read_graph_round_trips_golden_exports() {
                 external_data: external,
                 doc_string: m.info.doc_string.clone(),
                 metadata: m.info.metadata.clone(),
+                ..Default::default()
             };
             write_model(&m.graph, &b, &again).expect("write b");
             let (pa, pb) = (
