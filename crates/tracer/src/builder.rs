@@ -127,6 +127,16 @@ impl Tracer {
             .push(Value::new(name, t.dtype, t.shape.clone()));
     }
 
+    /// Renames the graph output `from` to `to` (the value it marks is unchanged).
+    pub fn rename_output(&mut self, from: &str, to: &str) {
+        for (_, name) in self.renames.iter_mut().filter(|(_, n)| n == from) {
+            *name = to.to_string();
+        }
+        for v in self.graph.outputs.iter_mut().filter(|v| v.name == from) {
+            v.name = to.to_string();
+        }
+    }
+
     /// The graph input called `name`, if declared.
     pub fn input_named(&self, name: &str) -> Option<T> {
         let v = self.graph.inputs.iter().find(|v| v.name == name)?;

@@ -422,7 +422,8 @@ fn fix_dims(mut graph: Graph, fixed: &std::collections::BTreeMap<String, i64>) -
 }
 
 /// Appends the sentence-transformers modules of [`TraceOptions::sentence`] to a
-/// feature-extraction trace.
+/// feature-extraction trace, and names its token states `token_embeddings` when
+/// [`TraceOptions::token_embeddings_name`] asks.
 fn sentence_outputs(
     t: &mut Tracer,
     opts: &TraceOptions,
@@ -434,29 +435,17 @@ fn sentence_outputs(
             "token_embeddings naming applies to feature-extraction, not `{task}`"
         )));
     }
-    match &opts.sentence {
-        Some(st) if task == "feature-extraction" => sentence::append(t, st, weights),
-        _ => Ok(()),
+    if let Some(st) = opts
+        .sentence
+        .as_ref()
+        .filter(|_| task == "feature-extraction")
+    {
+        sentence::append(t, st, weights)?;
     }
-}
-
-/// Renames the `last_hidden_state` output `token_embeddings` when `rename` is set.
-fn rename_token_states(mut graph: Graph, rename: bool) -> Graph {
-    const FROM: &str = "last_hidden_state";
-    if !rename {
-        return graph;
+    if opts.token_embeddings_name {
+        t.rename_output("last_hidden_state", "token_embeddings");
     }
-    for v in graph.outputs.iter_mut().filter(|v| v.name == FROM) {
-        v.name = "token_embeddings".into();
-    }
-    for n in &mut graph.nodes {
-        for s in n.inputs.iter_mut().chain(n.outputs.iter_mut()) {
-            if s == FROM {
-                *s = "token_embeddings".into();
-            }
-        }
-    }
-    graph
+    Ok(())
 }
 
 /// Traces the model described by `config` over `weights` into a graph.
@@ -509,7 +498,6 @@ pub fn trace(
             (a.build)(&mut t, &request)
                 .and_then(|()| sentence_outputs(&mut t, opts, &task, weights))
                 .map(|()| fix_dims(t.finish(), &opts.fixed_dims))
-                .map(|g| rename_token_states(g, opts.token_embeddings_name))
         }
         None => Err(TraceError::UnknownArchitecture {
             model_type: config.model_type.clone(),
