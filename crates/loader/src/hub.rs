@@ -353,7 +353,7 @@ impl<'a> Hub<'a> {
             }
             let commit = header(&r, "x-repo-commit")
                 .map(str::to_string)
-                .or_else(|| is_commit(&self.revision).then(|| self.revision.to_string()))
+                .or_else(|| is_commit(self.revision).then(|| self.revision.to_string()))
                 .ok_or_else(|| format!("{file}: the hub sent no X-Repo-Commit"))?;
             let etag = header(&r, "x-linked-etag")
                 .or_else(|| header(&r, "etag"))
