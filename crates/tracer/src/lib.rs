@@ -9,6 +9,7 @@
 //! Weights are referenced, never copied: initializers borrow the loader's tensor bytes.
 
 mod albert;
+mod bart;
 mod bert;
 mod builder;
 mod causal;
@@ -25,9 +26,11 @@ mod modernbert;
 mod mpnet;
 mod roberta;
 mod sentence;
+mod seq2seq;
 
 pub use builder::{T, Tracer};
 use ferry_ir::{ConfigError, Graph, ModelConfig, Weights};
+pub use seq2seq::{Seq2SeqPart, is_encoder_decoder, trace_seq2seq};
 
 /// Traces one architecture for one (canonical) task into the tracer.
 type BuildFn = fn(&mut Tracer, &Request<'_>) -> Result<(), TraceError>;
@@ -128,6 +131,13 @@ const ARCHITECTURES: &[Arch] = &[
         torchscript: true,
     },
     Arch {
+        model_types: seq2seq::MODEL_TYPES,
+        tasks: seq2seq::SEQ2SEQ_TASKS,
+        build: seq2seq::build,
+        half_compute: false,
+        torchscript: false,
+    },
+    Arch {
         model_types: &["electra"],
         tasks: heads::ENCODER_TASKS,
         build: electra::build,
@@ -182,6 +192,8 @@ pub const ALL_TASKS: &[&str] = &[
     "multiple-choice",
     "text-generation",
     "text-generation-with-past",
+    "text2text-generation",
+    "text2text-generation-with-past",
 ];
 
 /// The supported architecture × task table, as `ferry export --list` prints it.
@@ -218,6 +230,8 @@ pub fn infer_task(config: &ModelConfig) -> String {
         ("ForQuestionAnswering", "question-answering"),
         ("ForMultipleChoice", "multiple-choice"),
         ("ForCausalLM", "text-generation"),
+        ("ForConditionalGeneration", "text2text-generation"),
+        ("MTModel", "text2text-generation"),
         ("LMHeadModel", "text-generation"),
     ]
     .iter()
@@ -339,6 +353,16 @@ pub enum TraceError {
         /// The graph's compute dtype.
         compute: ferry_ir::DType,
     },
+    /// An encoder-decoder checkpoint without its decoder (an encoder-only save).
+    #[error(
+        "checkpoint has no decoder weights (`{missing}` is missing): it holds only an encoder; export `{model_type}` with --task feature-extraction"
+    )]
+    NoDecoderWeights {
+        /// Architecture.
+        model_type: String,
+        /// The first decoder weight looked for.
+        missing: String,
+    },
     /// Internal shape inference failed (a bug or an inconsistent config).
     #[error("shape inference: {0}")]
     Shape(String),
@@ -357,6 +381,9 @@ pub fn model_class_name(model_type: &str, task: &str) -> String {
         "mpnet" => "MPNet".into(),
         "modernbert" => "ModernBert".into(),
         "gpt2" => "GPT2".into(),
+        "t5" => "T5".into(),
+        "mt5" => "MT5".into(),
+        "mbart" => "MBart".into(),
         other => other
             .split(['-', '_'])
             .map(|p| {
@@ -375,6 +402,10 @@ pub fn model_class_name(model_type: &str, task: &str) -> String {
         "multiple-choice" => "ForMultipleChoice",
         "text-generation" | "text-generation-with-past" if model_type == "gpt2" => "LMHeadModel",
         "text-generation" | "text-generation-with-past" => "ForCausalLM",
+        "text2text-generation" | "text2text-generation-with-past" if model_type == "marian" => {
+            "MTModel"
+        }
+        "text2text-generation" | "text2text-generation-with-past" => "ForConditionalGeneration",
         _ => "Model",
     };
     format!("{base}{suffix}")
@@ -388,6 +419,12 @@ pub fn canonical_task(task: &str) -> String {
         "ner" => "token-classification",
         "masked-lm" => "fill-mask",
         "causal-lm" => "text-generation",
+        // The seed's encoder-decoder pipelines: the folder with the decoder's cache.
+        "translation_en_to_fr"
+        | "translation_en_to_de"
+        | "translation_en_to_ro"
+        | "translation"
+        | "summarization" => "text2text-generation-with-past",
         other => other,
     }
     .to_string()
@@ -395,7 +432,7 @@ pub fn canonical_task(task: &str) -> String {
 
 /// Replaces the symbolic dims named in `fixed` (and products of them, `a*b`) by their
 /// sizes in the graph's inputs, outputs and value_info.
-fn fix_dims(mut graph: Graph, fixed: &std::collections::BTreeMap<String, i64>) -> Graph {
+pub(crate) fn fix_dims(mut graph: Graph, fixed: &std::collections::BTreeMap<String, i64>) -> Graph {
     if fixed.is_empty() {
         return graph;
     }
