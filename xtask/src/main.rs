@@ -9,6 +9,9 @@
 //!   which it creates from PyPI (`GOLDEN_PACKAGES`) when missing. `--no-torch` skips that
 //!   check for developers; when the `CI` environment variable is set it is refused, and a
 //!   venv that cannot be made or cannot import torch is an error, never a skip.
+//!   The same run builds xtask/cpp/ts_check.cpp against the torch wheel's libtorch and
+//!   runs every TorchScript golden archive from C++ (`torch_cpp.rs`; `verify-cpp` runs
+//!   that check alone).
 //!   The same run checks ferry's `--genai` folders with onnxruntime-genai
 //!   (testdata/verify_genai.py in `target/genaivenv`, `fetch-genai` makes it).
 //! - `golden`: regenerate testdata goldens with transformers (the same `target/venv`).
@@ -28,9 +31,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 use std::time::Instant;
 
+mod burn;
 mod genai;
 mod llm;
 mod stages;
+mod torch_cpp;
 
 /// Pinned ONNX Runtime (PyPI wheel) whose shared library the tests load.
 const ORT_VERSION: &str = "1.31.1";
@@ -62,6 +67,7 @@ fn main() -> ExitCode {
     let result = match args.first().map(String::as_str) {
         Some("export") => export(&args[1..]),
         Some("verify") => verify(&args[1..]),
+        Some("verify-cpp") => verify_cpp(),
         Some("golden") => golden(),
         Some("bench") => bench(&args[1..]),
         Some("fetch-ort") => fetch_ort().map(|p| println!("{}", p.display())),
@@ -72,7 +78,7 @@ fn main() -> ExitCode {
         Some("rss") => rss(&args[1..]),
         Some("fuzz") => fuzz(&args[1..]),
         _ => Err(
-            "usage: cargo xtask <export [MODEL] [-- ARGS]|verify|golden|bench|fetch-ort|fetch-minilm|fuzz [CASES]>"
+            "usage: cargo xtask <export [MODEL] [-- ARGS]|verify|verify-cpp|golden|bench|fetch-ort|fetch-minilm|fuzz [CASES]>"
                 .into(),
         ),
     };
@@ -502,7 +508,17 @@ fn verify_torch(py: &Path, ferry: &Path) -> Result<()> {
     result.map_err(|e| format!("TorchScript check failed: {e}"))
 }
 
+/// `verify-cpp`: the libtorch C++ check of `verify` alone, with the debug `ferry` a
+/// previous `cargo build`/`cargo test` made.
+fn verify_cpp() -> Result<()> {
+    torch_cpp::verify_cpp(&golden_venv()?, &target().join("debug").join("ferry"))
+}
+
 fn verify(args: &[String]) -> Result<()> {
+    // `--burn` is its own check (burn-onnx's generated Rust on the goldens; slow cold build).
+    if args.iter().any(|a| a == "--burn") {
+        return burn::verify_burn(args);
+    }
     let mut torch = true;
     for a in args {
         match a.as_str() {
@@ -628,10 +644,11 @@ fn verify(args: &[String]) -> Result<()> {
     let torch_result = match &torch_py {
         Some((py, consumer, js, genai)) => {
             let ts = verify_torch(py, &ferry);
+            let cpp = torch_cpp::verify_cpp(py, &ferry);
             let optimum = verify_consumers(consumer, &ferry);
             let tjs = verify_transformersjs(js, &ferry);
             let og = genai::verify_genai(genai, &ferry);
-            ts.and(optimum).and(tjs).and(og)
+            ts.and(cpp).and(optimum).and(tjs).and(og)
         }
         None => Ok(()),
     };
@@ -644,7 +661,11 @@ fn verify(args: &[String]) -> Result<()> {
 fn golden() -> Result<()> {
     let py = golden_venv()?;
     let minilm = fetch_minilm()?;
+    // transformers 5 dropped the translation and summarization pipelines: the seq2seq
+    // `ferry run` reference is recorded in transformers 4.57 (the consumer check's venv).
+    let pipelines = consumer_venv()?;
     run(Command::new(&py)
+        .env("FERRY_PIPELINES_PYTHON", &pipelines)
         .arg(root().join("testdata").join("make_golden.py"))
         .arg(root().join("testdata"))
         .arg("--minilm")
