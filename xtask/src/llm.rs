@@ -124,7 +124,22 @@ impl DecoderShape {
 /// Writes one bfloat16 safetensors file of `tensors` with values uniform in ±0.05
 /// (norm weights near 1, so that activations stay in range).
 fn write_bf16(path: &Path, tensors: &[(String, Vec<u64>)], seed: u64) -> Result<()> {
-    let (header, _) = safetensors_header(tensors, "BF16", 2);
+    write_random(path, tensors, seed, false)
+}
+
+/// Writes one safetensors file of `tensors` (float32 when `f32`, else bfloat16) with
+/// values uniform in ±0.05 (weights named `…norm.weight` near 1).
+pub(crate) fn write_random(
+    path: &Path,
+    tensors: &[(String, Vec<u64>)],
+    seed: u64,
+    f32: bool,
+) -> Result<()> {
+    let (header, _) = if f32 {
+        safetensors_header(tensors, "F32", 4)
+    } else {
+        safetensors_header(tensors, "BF16", 2)
+    };
     let tmp = path.with_extension("part");
     let file = std::fs::File::create(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
     let mut out = std::io::BufWriter::with_capacity(1 << 22, file);
@@ -146,7 +161,11 @@ fn write_bf16(path: &Path, tensors: &[(String, Vec<u64>)], seed: u64) -> Result<
                 state ^= state << 17;
                 let u = (state >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
                 let v = if norm { 1.0 + 0.2 * u } else { 0.1 * u };
-                buf.extend_from_slice(&((v.to_bits() >> 16) as u16).to_le_bytes());
+                if f32 {
+                    buf.extend_from_slice(&v.to_le_bytes());
+                } else {
+                    buf.extend_from_slice(&((v.to_bits() >> 16) as u16).to_le_bytes());
+                }
             }
             out.write_all(&buf).map_err(err)?;
             left -= n;
@@ -203,7 +222,7 @@ pub(crate) fn write_checkpoint(dir: &Path, shape: &DecoderShape) -> Result<u64> 
 
 /// A command's wall time, peak RSS (VmHWM) and the largest anonymous memory (RssAnon) seen
 /// while it ran, in seconds and KiB.
-fn measure_proc(cmd: &[&str]) -> Result<(f64, u64, u64)> {
+pub(crate) fn measure_proc(cmd: &[&str]) -> Result<(f64, u64, u64)> {
     let (prog, args) = cmd.split_first().ok_or("no command")?;
     let start = Instant::now();
     let mut child = Command::new(prog)
@@ -241,7 +260,7 @@ fn measure_proc(cmd: &[&str]) -> Result<(f64, u64, u64)> {
 }
 
 /// Median wall time and largest memory of `runs` runs of `cmd` (after a `sync` each).
-fn timed(cmd: &[&str], runs: usize) -> Result<(f64, u64, u64)> {
+pub(crate) fn timed(cmd: &[&str], runs: usize) -> Result<(f64, u64, u64)> {
     let (mut t, mut hwm, mut anon) = (Vec::new(), 0, 0);
     for _ in 0..runs {
         settle();
@@ -253,7 +272,7 @@ fn timed(cmd: &[&str], runs: usize) -> Result<(f64, u64, u64)> {
     Ok((median(t), hwm, anon))
 }
 
-fn mib(kib: u64) -> f64 {
+pub(crate) fn mib(kib: u64) -> f64 {
     kib as f64 / 1024.0
 }
 
@@ -271,7 +290,7 @@ pub(crate) fn dir_size(dir: &Path) -> u64 {
 
 /// `cat` of `files` into one fresh file in `out_dir` (removed first, as ferry's writer
 /// removes its output: ext4 flushes a file replaced by truncation).
-fn cat_command(files: &[PathBuf], copy: &Path) -> String {
+pub(crate) fn cat_command(files: &[PathBuf], copy: &Path) -> String {
     let list: Vec<String> = files.iter().map(|f| format!("'{}'", f.display())).collect();
     format!(
         "rm -f '{0}' && cat {1} > '{0}'",

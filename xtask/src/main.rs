@@ -34,6 +34,7 @@ use std::time::Instant;
 mod burn;
 mod genai;
 mod llm;
+mod seq2seq;
 mod stages;
 mod torch_cpp;
 
@@ -946,6 +947,12 @@ fn bench(args: &[String]) -> Result<()> {
             .map(|v| v.split(',').collect())
             .unwrap_or_default();
         return genai::bench_genai(runs.unwrap_or(1), &sizes);
+    }
+    if args.iter().any(|a| a == "--seq2seq") {
+        return seq2seq::bench_seq2seq(
+            runs.unwrap_or(3),
+            !args.iter().any(|a| a == "--no-optimum"),
+        );
     }
     if args.iter().any(|a| a == "--llm") {
         return llm::bench_llm(runs.unwrap_or(3), args.iter().any(|a| a == "--skip-8b"));

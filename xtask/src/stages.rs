@@ -121,7 +121,7 @@ pub(crate) fn measure_tree(cmd: &[String]) -> Result<Sample> {
 
 /// Median time and largest peaks of `runs` runs (each after a `sync`), running `before`
 /// (untimed) ahead of each.
-fn timed(cmd: &[String], runs: usize, before: &dyn Fn()) -> Result<Sample> {
+pub(crate) fn timed(cmd: &[String], runs: usize, before: &dyn Fn()) -> Result<Sample> {
     let mut times = Vec::new();
     let mut peak = Sample::default();
     for _ in 0..runs {
