@@ -97,7 +97,10 @@ fn i64s(rows: &[Vec<i64>], from: usize) -> Input {
 
 /// An empty cache for a batch of `batch` rows: `[batch, heads, 0, head_dim]` per
 /// `past_key_values.*` input.
-fn empty_cache(model: &Model, batch: i64) -> Result<BTreeMap<String, F32Tensor>, GenerateError> {
+pub(crate) fn empty_cache(
+    model: &Model,
+    batch: i64,
+) -> Result<BTreeMap<String, F32Tensor>, GenerateError> {
     let mut cache = BTreeMap::new();
     for info in model
         .inputs()
@@ -223,7 +226,7 @@ pub fn greedy(
 }
 
 /// Index of the largest value, the first on ties (as `torch.argmax`).
-fn argmax(x: &[f32]) -> usize {
+pub(crate) fn argmax(x: &[f32]) -> usize {
     let mut best = 0;
     for (i, &v) in x.iter().enumerate() {
         if v > x[best] {

@@ -96,8 +96,8 @@ impl Values {
         Some((shape.to_vec(), data.iter().map(|&x| i64::from(x)).collect()))
     }
 
-    /// Adds an integer tensor as `dtype` (int64 or int32; values out of int32's range are
-    /// an error).
+    /// Adds an integer tensor as `dtype` (int64, int32, or bool: non-zero is true; values
+    /// out of int32's range are an error).
     pub fn insert_ints(
         &mut self,
         name: &str,
@@ -114,6 +114,10 @@ impl Values {
                     .collect::<Result<Vec<_>, _>>()
                     .map_err(|e| VerifyError::Check(format!("`{name}`: {e}")))?;
                 Tensor::from_array((shape, narrow))?.into_dyn()
+            }
+            DType::Bool => {
+                let flags: Vec<bool> = data.into_iter().map(|v| v != 0).collect();
+                Tensor::from_array((shape, flags))?.into_dyn()
             }
             other => {
                 return Err(VerifyError::Check(format!(
