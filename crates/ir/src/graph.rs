@@ -1,6 +1,6 @@
 //! Values, nodes and graphs.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
 use crate::{DType, Initializer};
@@ -83,6 +83,10 @@ pub enum Attr {
     Strings(Vec<String>),
     /// A tensor (the `value` of a `Constant` node).
     Tensor(Box<Initializer>),
+    /// A subgraph (`If`'s `then_branch` / `else_branch`). Its nodes may read values of the
+    /// enclosing graph (initializers, inputs, node outputs) by name; it has no inputs of its
+    /// own, and its initializers, if any, are small constants written inline.
+    Graph(Box<Graph>),
 }
 
 /// One operation: an ONNX-style op type over named inputs and outputs.
@@ -108,6 +112,39 @@ impl Node {
     /// An attribute by name.
     pub fn attr(&self, name: &str) -> Option<&Attr> {
         self.attrs.get(name)
+    }
+
+    /// The node's subgraph attributes (`If` branches), in attribute-name order.
+    pub fn subgraphs(&self) -> impl Iterator<Item = &Graph> {
+        self.attrs.values().filter_map(|a| match a {
+            Attr::Graph(g) => Some(g.as_ref()),
+            _ => None,
+        })
+    }
+
+    /// Names of enclosing-scope values the node's subgraphs read (its implicit inputs,
+    /// as ONNX Runtime calls them), sorted; empty for a node without subgraphs.
+    pub fn implicit_inputs(&self) -> BTreeSet<String> {
+        let mut out = BTreeSet::new();
+        for g in self.subgraphs() {
+            out.extend(g.outer_reads());
+        }
+        out
+    }
+
+    /// Every value the node reads: its inputs (omitted optional ones skipped) and its
+    /// [`Node::implicit_inputs`].
+    pub fn reads(&self) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .inputs
+            .iter()
+            .filter(|s| !s.is_empty())
+            .cloned()
+            .collect();
+        if self.attrs.values().any(|a| matches!(a, Attr::Graph(_))) {
+            v.extend(self.implicit_inputs());
+        }
+        v
     }
 }
 
@@ -157,6 +194,40 @@ impl Graph {
     /// Total initializer bytes.
     pub fn weight_bytes(&self) -> u64 {
         self.initializers.iter().map(|i| i.data.len()).sum()
+    }
+
+    /// Names this graph's nodes (and, recursively, their subgraphs) read that are defined
+    /// neither by its inputs, its initializers nor its nodes: for a subgraph, the values
+    /// it takes from the enclosing scope. Sorted.
+    pub fn outer_reads(&self) -> BTreeSet<String> {
+        let mut defined: BTreeSet<&str> = self
+            .inputs
+            .iter()
+            .map(|v| v.name.as_str())
+            .chain(self.initializers.iter().map(|i| i.name.as_str()))
+            .collect();
+        let mut out = BTreeSet::new();
+        for n in &self.nodes {
+            for r in n.reads() {
+                if !defined.contains(r.as_str()) {
+                    out.insert(r);
+                }
+            }
+            defined.extend(n.outputs.iter().map(String::as_str));
+        }
+        for o in &self.outputs {
+            if !defined.contains(o.name.as_str()) {
+                out.insert(o.name.clone());
+            }
+        }
+        out
+    }
+
+    /// Whether any node has a subgraph attribute (an `If`).
+    pub fn has_subgraphs(&self) -> bool {
+        self.nodes
+            .iter()
+            .any(|n| n.attrs.values().any(|a| matches!(a, Attr::Graph(_))))
     }
 
     /// The version of the default ONNX opset, if imported.

@@ -10,12 +10,14 @@
 mod config;
 mod dtype;
 mod graph;
+mod merge;
 mod sentence;
 mod tensor;
 
 pub use config::{ConfigError, ModelConfig};
 pub use dtype::DType;
 pub use graph::{Attr, Dim, Graph, Node, OpsetImport, Segment, Value};
+pub use merge::{MergeError, USE_CACHE_BRANCH, map_merged, merge_decoders, split_merged};
 pub use sentence::{PoolingMode, SentenceDense, SentenceError, SentenceModules};
 pub use tensor::{
     BAND_BYTES, Initializer, MappedFile, RowProducer, TensorData, Weights, can_convert,

@@ -64,8 +64,9 @@ pub fn read_graph(path: &Path) -> Result<Graph, ReadError> {
 /// and the model-level fields.
 ///
 /// Graph inputs that name an initializer (old exporters list weights as inputs) are left
-/// out of [`Graph::inputs`]: ferry treats them as constants. Node attributes of kinds
-/// ferry's [`Attr`] cannot hold (graphs, sparse tensors, type protos) are refused with an
+/// out of [`Graph::inputs`]: ferry treats them as constants. Graph attributes (`If`
+/// branches) become [`Attr::Graph`], their own small initializers decoded; node attributes
+/// of kinds ferry's [`Attr`] cannot hold (sparse tensors, type protos) are refused with an
 /// error naming the node.
 pub fn read_model(path: &Path) -> Result<OnnxModel, ReadError> {
     let file = Arc::new(MappedFile::open(path).map_err(|source| ReadError::Io {
@@ -285,7 +286,13 @@ impl Context {
                     other => other.to_string(),
                 })?))
             }
-            at::GRAPH => return Err("is a graph (subgraphs are not supported)".into()),
+            at::GRAPH => {
+                let g = a.g.as_ref().ok_or("is a graph attribute without a graph")?;
+                Attr::Graph(Box::new(self.subgraph(g).map_err(|e| match e {
+                    ReadError::Invalid { reason, .. } => reason,
+                    other => other.to_string(),
+                })?))
+            }
             0 if !a.ref_attr_name.is_empty() => {
                 return Err(format!(
                     "refers to function attribute `{}` (functions are not supported)",
@@ -297,6 +304,45 @@ impl Context {
                     "has attribute type {other}, which ferry does not handle"
                 ));
             }
+        })
+    }
+
+    /// A subgraph (an `If` branch): nodes, outputs, value infos and its own (decoded, small)
+    /// initializers; what it reads from the enclosing graph stays a name.
+    fn subgraph(&mut self, gp: &GraphProto) -> Result<Graph, ReadError> {
+        let initializers = gp
+            .initializer
+            .iter()
+            .map(|t| self.tensor(t, None))
+            .collect::<Result<Vec<_>, _>>()?;
+        let inputs = gp
+            .input
+            .iter()
+            .map(|v| self.value(v, "subgraph input"))
+            .collect::<Result<Vec<_>, _>>()?;
+        let outputs = gp
+            .output
+            .iter()
+            .map(|v| self.value(v, "subgraph output"))
+            .collect::<Result<Vec<_>, _>>()?;
+        let value_info = gp
+            .value_info
+            .iter()
+            .filter_map(|v| self.value(v, "value_info").ok())
+            .collect();
+        let nodes = gp
+            .node
+            .iter()
+            .map(|n| self.node(n))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Graph {
+            name: gp.name.clone(),
+            inputs,
+            outputs,
+            nodes,
+            initializers,
+            value_info,
+            opsets: Vec::new(),
         })
     }
 

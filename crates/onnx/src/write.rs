@@ -647,7 +647,24 @@ fn attribute(name: &str, a: &Attr) -> AttributeProto {
             // empty, which ONNX Runtime then rejects loudly rather than silently.
             p.t = tensor_inline(t).ok();
         }
+        Attr::Graph(g) => {
+            p.r#type = at::GRAPH;
+            p.g = Some(Box::new(subgraph_proto(g)));
+        }
     }
+    p
+}
+
+/// A subgraph (an `If` branch) as a `GraphProto`: its own initializers are small constants
+/// written inline (the weights it reads live in the outer graph and stream with it).
+fn subgraph_proto(g: &Graph) -> GraphProto {
+    let mut p = graph_without_initializers(g, false);
+    // A read failure leaves the tensor empty, which ONNX Runtime rejects loudly.
+    p.initializer = g
+        .initializers
+        .iter()
+        .map(|i| tensor_inline(i).unwrap_or_else(|_| tensor_header(i)))
+        .collect();
     p
 }
 

@@ -75,6 +75,9 @@ pub enum OptimizeError {
         /// What is wrong.
         reason: String,
     },
+    /// The two parts of a merged decoder could not be merged again.
+    #[error(transparent)]
+    Merge(#[from] ferry_ir::MergeError),
 }
 
 /// What [`optimize`] changed, per pass.
@@ -131,6 +134,42 @@ pub struct Stats {
     pub identities_bypassed: usize,
     /// Shapes added to `value_info` before the fusions ([`infer_shapes`]).
     pub shapes_inferred: usize,
+}
+
+impl std::ops::Add for Stats {
+    type Output = Stats;
+
+    /// Sums two runs' counts (the two parts of a merged decoder).
+    fn add(self, o: Stats) -> Stats {
+        Stats {
+            constants_folded: self.constants_folded + o.constants_folded,
+            transposes_folded: self.transposes_folded + o.transposes_folded,
+            dead_nodes_removed: self.dead_nodes_removed + o.dead_nodes_removed,
+            unused_initializers_removed: self.unused_initializers_removed
+                + o.unused_initializers_removed,
+            gelu_fused: self.gelu_fused + o.gelu_fused,
+            bias_gelu_fused: self.bias_gelu_fused + o.bias_gelu_fused,
+            fast_gelu_fused: self.fast_gelu_fused + o.fast_gelu_fused,
+            layer_norm_fused: self.layer_norm_fused + o.layer_norm_fused,
+            skip_layer_norm_fused: self.skip_layer_norm_fused + o.skip_layer_norm_fused,
+            attention_fused: self.attention_fused + o.attention_fused,
+            multi_head_attention_fused: self.multi_head_attention_fused
+                + o.multi_head_attention_fused,
+            embed_layer_norm_fused: self.embed_layer_norm_fused + o.embed_layer_norm_fused,
+            simplified_layer_norm_fused: self.simplified_layer_norm_fused
+                + o.simplified_layer_norm_fused,
+            skip_simplified_layer_norm_fused: self.skip_simplified_layer_norm_fused
+                + o.skip_simplified_layer_norm_fused,
+            packed_qkv_fused: self.packed_qkv_fused + o.packed_qkv_fused,
+            group_query_attention_fused: self.group_query_attention_fused
+                + o.group_query_attention_fused,
+            rotary_embedding_fused: self.rotary_embedding_fused + o.rotary_embedding_fused,
+            gelu_approximated: self.gelu_approximated + o.gelu_approximated,
+            computed_folded: self.computed_folded + o.computed_folded,
+            identities_bypassed: self.identities_bypassed + o.identities_bypassed,
+            shapes_inferred: self.shapes_inferred + o.shapes_inferred,
+        }
+    }
 }
 
 /// Options of [`optimize_with`]; the default is exact rewrites only, every fusion enabled.
@@ -377,8 +416,23 @@ pub fn optimize(graph: &mut Graph) -> Result<Stats, OptimizeError> {
 /// is set, [`approximate_gelu`] runs after the fusions. [`fold_computed`] runs after the
 /// fusions (which match the shape arithmetic of dynamic-axis exports, e.g. the position
 /// slice EmbedLayerNormalization absorbs) and folds what constant paths remain.
+///
+/// A merged decoder ([`ferry_ir::split_merged`]) is optimized as its two decoders, merged
+/// again (stats summed); any other graph with subgraphs is only pruned (its `If` branches
+/// are opaque to the fusions, and every outer value a branch reads stays).
 pub fn optimize_with(graph: &mut Graph, opts: &OptimizeOptions) -> Result<Stats, OptimizeError> {
+    if let Some(parts) = ferry_ir::map_merged(graph, |g| optimize_with(g, opts)) {
+        let (a, b) = parts?;
+        return Ok(a + b);
+    }
     check_nodes(graph)?;
+    if graph.has_subgraphs() {
+        return Ok(Stats {
+            dead_nodes_removed: remove_dead_nodes(graph),
+            unused_initializers_removed: remove_unused_initializers(graph),
+            ..Stats::default()
+        });
+    }
     let on = |f: Fusion| !opts.disabled.contains(f);
     let run = |f: Fusion, pass: fn(&mut Graph) -> usize, g: &mut Graph| {
         if on(f) { pass(g) } else { 0 }

@@ -6,6 +6,7 @@ use ferry_ir::Graph;
 
 /// Removes nodes none of whose outputs reaches a graph output (directly or through other
 /// nodes), and the `value_info` of the values they produced. Returns how many were removed.
+/// Values an `If` branch reads from the graph count as read by the `If`.
 ///
 /// Relies on the nodes being in topological order, as in every ONNX graph.
 pub fn remove_dead_nodes(graph: &mut Graph) -> usize {
@@ -14,7 +15,8 @@ pub fn remove_dead_nodes(graph: &mut Graph) -> usize {
     for (i, n) in graph.nodes.iter().enumerate().rev() {
         if n.outputs.iter().any(|o| !o.is_empty() && live.contains(o)) {
             keep[i] = true;
-            live.extend(n.inputs.iter().filter(|s| !s.is_empty()).cloned());
+            // An `If` also keeps alive every outer value its branches read.
+            live.extend(n.reads());
         }
     }
     let before = graph.nodes.len();
@@ -37,10 +39,17 @@ pub fn remove_dead_nodes(graph: &mut Graph) -> usize {
 /// Removes initializers that no node reads and that are not graph outputs. Returns how
 /// many were removed.
 pub fn remove_unused_initializers(graph: &mut Graph) -> usize {
+    // Weights only an `If` branch reads count as used.
+    let implicit: Vec<String> = graph
+        .nodes
+        .iter()
+        .flat_map(|n| n.implicit_inputs())
+        .collect();
     let used: HashSet<&str> = graph
         .nodes
         .iter()
         .flat_map(|n| n.inputs.iter().map(String::as_str))
+        .chain(implicit.iter().map(String::as_str))
         .chain(graph.outputs.iter().map(|v| v.name.as_str()))
         .collect();
     let before = graph.initializers.len();
@@ -110,5 +119,46 @@ mod tests {
         let names: Vec<&str> = g.initializers.iter().map(|i| i.name.as_str()).collect();
         assert_eq!(names, ["w", "out"]);
         assert_eq!(remove_unused_initializers(&mut g), 0);
+    }
+
+    #[test]
+    fn values_only_a_branch_reads_stay() {
+        // y = If(cond) { then: Mul(a, w_then) } else { Identity(w_else) }; `a` comes from
+        // an outer node only the then-branch reads.
+        let branch = |n: ferry_ir::Node, out: &str| ferry_ir::Graph {
+            name: out.into(),
+            outputs: vec![Value::new(out, DType::F32, vec![])],
+            nodes: vec![n],
+            ..Default::default()
+        };
+        let mut iff = node("If", &["cond"], &["y"], vec![]);
+        iff.attrs.insert(
+            "then_branch".into(),
+            ferry_ir::Attr::Graph(Box::new(branch(
+                node("Mul", &["a", "w_then"], &["t"], vec![]),
+                "t",
+            ))),
+        );
+        iff.attrs.insert(
+            "else_branch".into(),
+            ferry_ir::Attr::Graph(Box::new(branch(
+                node("Identity", &["w_else"], &["e"], vec![]),
+                "e",
+            ))),
+        );
+        let mut g = graph(
+            vec![node("Relu", &["x"], &["a"], vec![]), iff],
+            vec![
+                init("w_then", vec![1], &[1.0]),
+                init("w_else", vec![1], &[2.0]),
+                init("unused", vec![1], &[3.0]),
+            ],
+            &["y"],
+        );
+        assert_eq!(remove_dead_nodes(&mut g), 0);
+        assert_eq!(g.nodes.len(), 2);
+        assert_eq!(remove_unused_initializers(&mut g), 1);
+        let names: Vec<&str> = g.initializers.iter().map(|i| i.name.as_str()).collect();
+        assert_eq!(names, ["w_then", "w_else"]);
     }
 }

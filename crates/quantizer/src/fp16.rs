@@ -112,6 +112,21 @@ pub struct Fp16Stats {
     pub casts_inserted: usize,
 }
 
+impl std::ops::Add for Fp16Stats {
+    type Output = Fp16Stats;
+
+    /// Sums the counts of two runs (the two parts of a merged decoder: a weight both read counts twice).
+    fn add(self, o: Fp16Stats) -> Fp16Stats {
+        Fp16Stats {
+            initializers_converted: self.initializers_converted + o.initializers_converted,
+            initializers_kept: self.initializers_kept + o.initializers_kept,
+            constants_converted: self.constants_converted + o.constants_converted,
+            nodes_kept_fp32: self.nodes_kept_fp32 + o.nodes_kept_fp32,
+            casts_inserted: self.casts_inserted + o.casts_inserted,
+        }
+    }
+}
+
 impl fmt::Display for Fp16Stats {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
@@ -151,7 +166,14 @@ impl Prec {
 }
 
 /// Converts a float32 graph to float16.
+///
+/// A merged decoder ([`ferry_ir::split_merged`]) is rewritten as its two decoders, merged
+/// again (stats summed).
 pub fn convert_fp16(graph: &mut Graph, opts: &Fp16Options) -> Result<Fp16Stats, QuantizeError> {
+    if let Some(parts) = ferry_ir::map_merged(graph, |g| convert_fp16(g, opts)) {
+        let (a, b) = parts?;
+        return Ok(a + b);
+    }
     let mut stats = Fp16Stats::default();
     let types = infer_dtypes(graph);
     let is_f32 = |name: &str| !name.is_empty() && types.get(name) == Some(&DType::F32);

@@ -71,6 +71,23 @@ pub struct Int4Stats {
     pub symmetric: bool,
 }
 
+impl std::ops::Add for Int4Stats {
+    type Output = Int4Stats;
+
+    /// Sums the counts of two runs (the two parts of a merged decoder: a weight both read counts twice).
+    fn add(self, o: Int4Stats) -> Int4Stats {
+        Int4Stats {
+            matmuls_quantized: self.matmuls_quantized + o.matmuls_quantized,
+            excluded: self.excluded + o.excluded,
+            skipped: self.skipped + o.skipped,
+            float_bytes: self.float_bytes + o.float_bytes,
+            quantized_bytes: self.quantized_bytes + o.quantized_bytes,
+            block_size: self.block_size + o.block_size,
+            symmetric: self.symmetric,
+        }
+    }
+}
+
 impl fmt::Display for Int4Stats {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
@@ -187,7 +204,14 @@ struct WeightRef {
 /// ferry export). The `MatMulNBits` node keeps the MatMul's name and output; a bias `Add`
 /// after it stays as it is. Transposes and float weights nothing else uses are removed. A
 /// weight shared by several MatMuls is quantized once.
+///
+/// A merged decoder ([`ferry_ir::split_merged`]) is rewritten as its two decoders, merged
+/// again (stats summed).
 pub fn quantize_int4(graph: &mut Graph, opts: &Int4Options) -> Result<Int4Stats, QuantizeError> {
+    if let Some(parts) = ferry_ir::map_merged(graph, |g| quantize_int4(g, opts)) {
+        let (a, b) = parts?;
+        return Ok(a + b);
+    }
     let bs = opts.block_size;
     if bs < 16 || !bs.is_power_of_two() {
         return Err(QuantizeError::Invalid(format!(

@@ -72,6 +72,24 @@ pub struct Int8Stats {
     pub quantized_bytes: u64,
 }
 
+impl std::ops::Add for Int8Stats {
+    type Output = Int8Stats;
+
+    /// Sums the counts of two runs (the two parts of a merged decoder: a weight both read counts twice).
+    fn add(self, o: Int8Stats) -> Int8Stats {
+        Int8Stats {
+            matmuls: self.matmuls + o.matmuls,
+            gemms: self.gemms + o.gemms,
+            attentions: self.attentions + o.attentions,
+            embed_layer_norms: self.embed_layer_norms + o.embed_layer_norms,
+            gathers: self.gathers + o.gathers,
+            tensors: self.tensors + o.tensors,
+            float_bytes: self.float_bytes + o.float_bytes,
+            quantized_bytes: self.quantized_bytes + o.quantized_bytes,
+        }
+    }
+}
+
 impl Int8Stats {
     /// Nodes rewritten in total.
     pub fn nodes(&self) -> usize {
@@ -146,7 +164,14 @@ const QATTENTION_ATTRS: [&str; 6] = [
 /// Rewrites a float32 graph for int8 dynamic quantization (see the module docs). Fails when
 /// the graph has nothing to quantize, its ONNX opset is below 11 (`DynamicQuantizeLinear`),
 /// or a weight's bytes cannot be read.
+///
+/// A merged decoder ([`ferry_ir::split_merged`]) is rewritten as its two decoders, merged
+/// again (stats summed).
 pub fn quantize_int8(graph: &mut Graph, opts: &Int8Options) -> Result<Int8Stats, QuantizeError> {
+    if let Some(parts) = ferry_ir::map_merged(graph, |g| quantize_int8(g, opts)) {
+        let (a, b) = parts?;
+        return Ok(a + b);
+    }
     let opset = graph.onnx_opset().unwrap_or(0);
     if opset < 11 {
         return Err(QuantizeError::Invalid(format!(

@@ -27,4 +27,7 @@ pub enum QuantizeError {
     /// A node or option is inconsistent (e.g. a block size that is not a power of two).
     #[error("{0}")]
     Invalid(String),
+    /// The two parts of a merged decoder could not be merged again.
+    #[error(transparent)]
+    Merge(#[from] ferry_ir::MergeError),
 }
