@@ -753,7 +753,7 @@ pub(crate) fn apply_rotary(
 /// RMSNorm over the last axis: `x * rsqrt(mean(x²) + eps)` scaled by `weight` (or by
 /// `1 + weight`, Gemma's form). In a float16 graph the normalization runs in float32, as
 /// transformers computes it: Llama's form casts back before the weight, Gemma's after.
-fn rms_norm(
+pub(crate) fn rms_norm(
     t: &mut Tracer,
     w: &WeightSource<'_>,
     scope: &str,

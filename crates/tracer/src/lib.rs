@@ -27,6 +27,7 @@ mod mpnet;
 mod roberta;
 mod sentence;
 mod seq2seq;
+mod t5;
 
 pub use builder::{T, Tracer};
 use ferry_ir::{ConfigError, Graph, ModelConfig, Weights};

@@ -81,6 +81,7 @@ type PartFn = fn(&mut Tracer, &Request<'_>, Seq2SeqPart) -> Result<(), TraceErro
 /// The part tracer of an encoder-decoder `model_type`.
 fn part_tracer(model_type: &str) -> Option<PartFn> {
     match model_type {
+        "t5" | "mt5" => Some(crate::t5::trace_part),
         m if crate::bart::MODEL_TYPES.contains(&m) => Some(crate::bart::build),
         _ => None,
     }

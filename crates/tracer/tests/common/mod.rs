@@ -1,0 +1,3 @@
+//! Helpers shared by the tracer's integration tests.
+
+pub mod seq2seq;
