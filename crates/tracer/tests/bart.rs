@@ -1,0 +1,176 @@
+//! BART, mBART and Marian against transformers: every `"kind": "seq2seq"` testdata case of
+//! those model types traced part by part, written by ferry-onnx at opsets 14, 17 and 21,
+//! run in ONNX Runtime (encoder on the right-padded batch, uncached decoder on the 4-token
+//! prefix, three cached steps fed the presents) and compared with transformers' outputs;
+//! optimum's input/output names, order and axes; the missing-decoder error.
+
+mod common;
+
+use common::seq2seq::{cases, run_case, testdata};
+use ferry_ir::{Dim, Graph, Weights};
+use ferry_tracer::{Seq2SeqPart, TraceOptions, trace_seq2seq};
+
+const TOLERANCE: f32 = 1e-5;
+
+#[test]
+fn bart_family_matches_transformers_step_by_step() {
+    let cases = cases(&["bart", "mbart", "marian"]);
+    assert!(
+        cases.len() >= 3,
+        "bart/mbart/marian cases missing: {cases:?}"
+    );
+    let mut bad = Vec::new();
+    for case in &cases {
+        for opset in [14, 17, 21] {
+            let opts = TraceOptions {
+                opset,
+                ..Default::default()
+            };
+            let diffs = run_case(case, &opts);
+            eprintln!("{} opset {opset}: {diffs:?}", case.display());
+            assert_eq!(diffs.len(), 5, "encoder and 4 decoder steps");
+            for (what, d) in diffs {
+                if d > TOLERANCE {
+                    bad.push(format!("{} opset {opset}: {what} diff {d}", case.display()));
+                }
+            }
+        }
+    }
+    assert!(bad.is_empty(), "{}", bad.join("\n"));
+}
+
+fn marian() -> ferry_loader::Checkpoint {
+    ferry_loader::load(&testdata().join("marian-tiny")).expect("load")
+}
+
+/// `(name, dims)` of each of a graph's inputs or outputs, dims as optimum prints them.
+fn io(values: &[ferry_ir::Value]) -> Vec<(String, Vec<String>)> {
+    values
+        .iter()
+        .map(|v| {
+            let dims = v.shape.iter().flatten().map(Dim::to_string).collect();
+            (v.name.clone(), dims)
+        })
+        .collect()
+}
+
+fn part(c: &ferry_loader::Checkpoint, weights: &Weights, p: Seq2SeqPart) -> Graph {
+    trace_seq2seq(&c.config, weights, &TraceOptions::default(), p).expect("trace")
+}
+
+/// The names, order and axes optimum-onnx 0.1.0 gave `optimum-cli export onnx --task
+/// text2text-generation-with-past` of testdata/marian-tiny (2 layers, 4 heads of 8).
+#[test]
+fn marian_parts_have_optimums_inputs_and_outputs() {
+    let c = marian();
+    let s = |v: &[&str]| v.iter().map(|d| d.to_string()).collect::<Vec<_>>();
+    let enc_ids = s(&["batch_size", "encoder_sequence_length"]);
+    let g = part(&c, &c.weights, Seq2SeqPart::Encoder);
+    assert_eq!(
+        io(&g.inputs),
+        [
+            ("input_ids".to_string(), enc_ids.clone()),
+            ("attention_mask".to_string(), enc_ids.clone()),
+        ]
+    );
+    assert_eq!(
+        io(&g.outputs),
+        [(
+            "last_hidden_state".to_string(),
+            s(&["batch_size", "encoder_sequence_length", "32"])
+        )]
+    );
+    let past = s(&["batch_size", "4", "past_decoder_sequence_length", "8"]);
+    let total = s(&[
+        "batch_size",
+        "4",
+        "past_decoder_sequence_length + decoder_sequence_length",
+        "8",
+    ]);
+    let cross = s(&["batch_size", "4", "encoder_sequence_length", "8"]);
+    let dec_ids = s(&["batch_size", "decoder_sequence_length"]);
+
+    let g = part(&c, &c.weights, Seq2SeqPart::Decoder);
+    let inputs = io(&g.inputs);
+    assert_eq!(
+        inputs,
+        [
+            ("encoder_attention_mask".to_string(), enc_ids.clone()),
+            ("input_ids".to_string(), dec_ids.clone()),
+            (
+                "encoder_hidden_states".to_string(),
+                s(&["batch_size", "encoder_sequence_length", "32"])
+            ),
+        ]
+    );
+    let mut outputs = vec![(
+        "logits".to_string(),
+        s(&["batch_size", "decoder_sequence_length", "96"]),
+    )];
+    for i in 0..2 {
+        for kv in ["key", "value"] {
+            outputs.push((format!("present.{i}.decoder.{kv}"), total.clone()));
+        }
+        for kv in ["key", "value"] {
+            outputs.push((format!("present.{i}.encoder.{kv}"), cross.clone()));
+        }
+    }
+    assert_eq!(io(&g.outputs), outputs);
+
+    let g = part(&c, &c.weights, Seq2SeqPart::DecoderWithPast);
+    let mut inputs = vec![
+        ("encoder_attention_mask".to_string(), enc_ids),
+        ("input_ids".to_string(), dec_ids),
+    ];
+    for i in 0..2 {
+        for kv in ["key", "value"] {
+            inputs.push((format!("past_key_values.{i}.decoder.{kv}"), past.clone()));
+        }
+        for kv in ["key", "value"] {
+            inputs.push((format!("past_key_values.{i}.encoder.{kv}"), cross.clone()));
+        }
+    }
+    assert_eq!(io(&g.inputs), inputs);
+    let names: Vec<&str> = g.outputs.iter().map(|v| v.name.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "logits",
+            "present.0.decoder.key",
+            "present.0.decoder.value",
+            "present.1.decoder.key",
+            "present.1.decoder.value"
+        ]
+    );
+    // The shared table is one initializer, used by the embedding and the tied LM head;
+    // Marian's sinusoidal positions are computed, not read from the checkpoint.
+    for name in ["shared.weight", "decoder.embed_positions.weight"] {
+        assert_eq!(
+            g.initializers.iter().filter(|i| i.name == name).count(),
+            1,
+            "{name}"
+        );
+    }
+    assert!(
+        c.weights
+            .get("model.decoder.embed_positions.weight")
+            .is_none()
+    );
+}
+
+#[test]
+fn checkpoint_without_decoder_weights_exports_only_the_encoder() {
+    let c = marian();
+    let mut encoder_only = Weights::new();
+    for w in c.weights.iter().filter(|w| !w.name.contains("decoder.")) {
+        encoder_only.insert(w.clone());
+    }
+    part(&c, &encoder_only, Seq2SeqPart::Encoder);
+    for p in [Seq2SeqPart::Decoder, Seq2SeqPart::DecoderWithPast] {
+        let e = trace_seq2seq(&c.config, &encoder_only, &TraceOptions::default(), p)
+            .expect_err("no decoder");
+        let msg = e.to_string();
+        assert!(msg.contains("no decoder weights"), "{msg}");
+        assert!(!msg.contains('\n'), "one line: {msg}");
+    }
+}
