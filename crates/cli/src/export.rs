@@ -27,7 +27,8 @@ pub fn export(a: &ExportArgs) -> Result<(), String> {
     }
     if a.genai {
         crate::genai::check_args(a, output, quantize)?;
-    } else {
+    } else if !output.is_dir() {
+        // An existing folder is checked once the task is known (encoder-decoders write one).
         check_output_path(output)?;
     }
     let disabled = crate::optimize::disabled_fusions(&a.disable)?;
@@ -94,6 +95,22 @@ pub fn export(a: &ExportArgs) -> Result<(), String> {
         token_embeddings_name: a.sentence_transformers_names,
         ..Default::default()
     };
+    if let Some(parts) = crate::seq2seq::folder_parts(&ckpt.config.model_type, &task) {
+        let export = crate::seq2seq::Export {
+            model,
+            dir: &dir,
+            config: &ckpt.config,
+            weights: &weights,
+            trace: &trace_opts,
+            parts,
+            quantize,
+            disabled,
+            start,
+            note: format!("{}, {dtype_note}", ckpt.format),
+        };
+        return crate::seq2seq::write(a, output, &export);
+    }
+    check_output_path(output)?;
     let graph =
         ferry_tracer::trace(&ckpt.config, &weights, &trace_opts).map_err(|e| e.to_string())?;
     done(pb, format!("{} nodes", graph.nodes.len()));
@@ -424,7 +441,7 @@ fn export_weights(
     Ok((weights.floats_as(target), compute, note))
 }
 
-fn run_check(path: &Path, config: &ferry_ir::ModelConfig) -> Result<String, String> {
+pub fn run_check(path: &Path, config: &ferry_ir::ModelConfig) -> Result<String, String> {
     let mut model = ferry_verifier::Model::load(path, 2).map_err(|e| e.to_string())?;
     let spec = ferry_verifier::DummySpec {
         batch: 2,

@@ -15,6 +15,7 @@ mod metadata;
 mod optimize;
 mod quantize;
 mod run;
+mod seq2seq;
 mod verify;
 
 /// Export Hugging Face transformers models to ONNX, without Python.

@@ -819,4 +819,5 @@ mod optimize;
 mod optimize_cli;
 mod quantize;
 mod sentence;
+mod seq2seq;
 mod tf;
