@@ -14,7 +14,11 @@
 // One line per job on stdout: "ok ARCHIVE" or "error ARCHIVE: what"; exit status 1 when
 // any job failed, 2 on a usage or JOBS error.
 
-#include <torch/script.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/grad_mode.h>
+#include <ATen/ops/empty.h>
+#include <torch/csrc/jit/api/module.h>
+#include <torch/csrc/jit/serialization/import.h>
 
 #include <cstdint>
 #include <fstream>
@@ -41,7 +45,7 @@ T read_pod(std::istream& in, const std::string& path) {
   return v;
 }
 
-std::vector<torch::Tensor> read_tensors(const std::string& path) {
+std::vector<at::Tensor> read_tensors(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
   if (!in) throw std::runtime_error(path + ": cannot open");
   char magic[4];
@@ -49,7 +53,7 @@ std::vector<torch::Tensor> read_tensors(const std::string& path) {
     throw std::runtime_error(path + ": not a tensor file");
   }
   const auto count = read_pod<uint32_t>(in, path);
-  std::vector<torch::Tensor> out;
+  std::vector<at::Tensor> out;
   for (uint32_t i = 0; i < count; ++i) {
     const auto dtype = read_pod<uint32_t>(in, path);
     const auto rank = read_pod<uint32_t>(in, path);
@@ -60,15 +64,15 @@ std::vector<torch::Tensor> read_tensors(const std::string& path) {
       if (dims.back() < 0) throw std::runtime_error(path + ": negative dimension");
       numel *= dims.back();
     }
-    torch::ScalarType type;
+    at::ScalarType type;
     if (dtype == kFloat32) {
-      type = torch::kFloat32;
+      type = at::kFloat;
     } else if (dtype == kInt64) {
-      type = torch::kInt64;
+      type = at::kLong;
     } else {
       throw std::runtime_error(path + ": unknown dtype " + std::to_string(dtype));
     }
-    auto t = torch::empty(dims, torch::TensorOptions().dtype(type));
+    auto t = at::empty(dims, at::TensorOptions().dtype(type));
     const auto bytes = static_cast<std::streamsize>(numel * t.element_size());
     if (!in.read(static_cast<char*>(t.data_ptr()), bytes)) {
       throw std::runtime_error(path + ": truncated tensor data");
@@ -78,20 +82,20 @@ std::vector<torch::Tensor> read_tensors(const std::string& path) {
   return out;
 }
 
-void write_tensors(const std::string& path, const std::vector<torch::Tensor>& tensors) {
+void write_tensors(const std::string& path, const std::vector<at::Tensor>& tensors) {
   std::ofstream out(path, std::ios::binary | std::ios::trunc);
   if (!out) throw std::runtime_error(path + ": cannot create");
   out.write(kMagic, 4);
   const auto count = static_cast<uint32_t>(tensors.size());
   out.write(reinterpret_cast<const char*>(&count), sizeof count);
   for (const auto& tensor : tensors) {
-    torch::Tensor t;
+    at::Tensor t;
     uint32_t dtype;
     if (tensor.is_floating_point()) {
-      t = tensor.to(torch::kFloat32).contiguous();
+      t = tensor.to(at::kFloat).contiguous();
       dtype = kFloat32;
     } else {
-      t = tensor.to(torch::kInt64).contiguous();
+      t = tensor.to(at::kLong).contiguous();
       dtype = kInt64;
     }
     const auto rank = static_cast<uint32_t>(t.dim());
@@ -108,7 +112,7 @@ void write_tensors(const std::string& path, const std::vector<torch::Tensor>& te
 }
 
 // The forward result as a flat list of tensors (tuples and lists in order).
-void flatten(const c10::IValue& v, std::vector<torch::Tensor>& out) {
+void flatten(const c10::IValue& v, std::vector<at::Tensor>& out) {
   if (v.isTensor()) {
     out.push_back(v.toTensor());
   } else if (v.isTuple()) {
@@ -120,10 +124,10 @@ void flatten(const c10::IValue& v, std::vector<torch::Tensor>& out) {
   }
 }
 
-std::vector<torch::Tensor> forward(torch::jit::script::Module& module,
-                                   const std::vector<torch::Tensor>& inputs) {
+std::vector<at::Tensor> forward(torch::jit::Module& module,
+                                   const std::vector<at::Tensor>& inputs) {
   std::vector<c10::IValue> args(inputs.begin(), inputs.end());
-  std::vector<torch::Tensor> out;
+  std::vector<at::Tensor> out;
   flatten(module.forward(args), out);
   return out;
 }
@@ -136,8 +140,8 @@ void run_job(const std::vector<std::string>& f) {
   }
   auto module = torch::jit::load(f[1]);
   module.eval();
-  torch::NoGradGuard no_grad;
-  std::vector<torch::Tensor> past;
+  at::NoGradGuard no_grad;
+  std::vector<at::Tensor> past;
   for (size_t i = 2; i < f.size(); i += 2) {
     auto inputs = read_tensors(f[i]);
     inputs.insert(inputs.end(), past.begin(), past.end());
@@ -168,6 +172,9 @@ int main(int argc, char** argv) {
     std::cerr << "ts_check: cannot open " << argv[1] << "\n";
     return 2;
   }
+  // One intra-op thread: the golden models are tiny, and OpenMP's spinning workers cost
+  // more than they save (5x slower with two on a busy 2-core machine).
+  at::set_num_threads(1);
   int failed = 0;
   std::string line;
   while (std::getline(jobs, line)) {

@@ -111,7 +111,7 @@ fn toolchain(py: &Path) -> std::result::Result<Toolchain, String> {
     };
     let torch = PathBuf::from(dir);
     for need in [
-        "include/torch/script.h",
+        "include/torch/csrc/jit/serialization/import.h",
         "lib/libtorch_cpu.so",
         "lib/libc10.so",
     ] {
@@ -149,7 +149,6 @@ fn build(t: &Toolchain) -> Result<(PathBuf, bool)> {
         "-O1".into(),
         format!("-D_GLIBCXX_USE_CXX11_ABI={}", t.abi),
         format!("-I{}", include.display()),
-        format!("-I{}", include.join("torch/csrc/api/include").display()),
         source_path.display().to_string(),
         "-o".into(),
         exe.with_extension("tmp").display().to_string(),
