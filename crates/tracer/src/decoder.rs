@@ -796,7 +796,7 @@ pub(crate) fn rms_norm(
 }
 
 /// `nn.Linear` of the decoder: `[out, in]` weight, bias as `bias` says.
-fn linear(
+pub(crate) fn linear(
     t: &mut Tracer,
     w: &WeightSource<'_>,
     scope: &str,

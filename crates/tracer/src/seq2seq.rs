@@ -6,8 +6,9 @@
 //! attention core. Each architecture traces its layers with these pieces behind
 //! [`trace_seq2seq`].
 
-use ferry_ir::{Attr, DType, Dim, Graph, ModelConfig, Weights};
+use ferry_ir::{DType, Dim, Graph, ModelConfig, Weights};
 
+use crate::causal::element;
 use crate::layers::{additive_mask, sym};
 use crate::{Request, T, TraceError, TraceOptions, Tracer};
 
@@ -275,8 +276,7 @@ impl DecoderInputs {
         match self.past.first() {
             Some(c) => {
                 let ks = t.shape_of(&c.self_kv.0);
-                let i = t.scalar_i64(2);
-                t.gather(&ks, &i, 0)
+                element(t, &ks, 2)
             }
             None => Ok(t.scalar_i64(0)),
         }
@@ -317,24 +317,10 @@ pub(crate) fn split_heads(
 }
 
 /// Self-attention `(key, value)` appended to the layer's cache along the sequence axis
-/// (`past_decoder_sequence_length + decoder_sequence_length`); without a cache the
-/// decoder's first keys are named that way too, as optimum's presents are.
+/// (the decoder-only models' cache update); returned unchanged without a cache. The
+/// presents get optimum's axis name in [`decoder_outputs`].
 pub(crate) fn append_self_cache(t: &mut Tracer, past: Option<(&T, &T)>, k: T, v: T) -> (T, T) {
-    let Some((pk, pv)) = past else {
-        return (k, v);
-    };
-    let mut shape = k.shape.clone();
-    shape[2] = sym(TOTAL_DECODER);
-    let mut cat = |a: &T, b: &T| {
-        t.op(
-            "Concat",
-            &[a, b],
-            vec![("axis", Attr::Int(2))],
-            b.dtype,
-            shape.clone(),
-        )
-    };
-    (cat(pk, &k), cat(pv, &v))
+    crate::causal::append_cache(t, past, k, v)
 }
 
 /// The additive causal mask `[1, 1, dec, past + dec]` of the decoder's self-attention
@@ -342,8 +328,8 @@ pub(crate) fn append_self_cache(t: &mut Tracer, past: Option<(&T, &T)>, k: T, v:
 /// `finfo(dtype).min` elsewhere, in the compute dtype.
 pub(crate) fn causal_mask(t: &mut Tracer, ids: &T, past_len: &T) -> Result<T, TraceError> {
     let shape = t.shape_of(ids);
+    let seq = element(t, &shape, 1)?;
     let one_i = t.scalar_i64(1);
-    let seq = t.gather(&shape, &one_i, 0)?;
     let total = t.add(past_len, &seq)?;
     let zero = t.scalar_i64(0);
     let (dec, tot) = (sym(DECODER_SEQ), sym(TOTAL_DECODER));

@@ -8,8 +8,9 @@
 
 use ferry_ir::{DType, Dim, ModelConfig};
 
-use crate::decoder::rms_norm;
-use crate::layers::{Activation, WeightLayout, WeightSource, dense, scoped};
+use crate::causal::element;
+use crate::decoder::{linear, rms_norm};
+use crate::layers::{Activation, WeightSource, scoped};
 use crate::seq2seq::{
     CacheDims, DecoderInputs, EncoderInputs, LayerCache, Seq2SeqPart, append_self_cache, attend,
     causal_mask, decoder_outputs, padding_mask, split_heads,
@@ -109,17 +110,6 @@ impl T5Dims {
     }
 }
 
-/// `nn.Linear(…, bias=False)`.
-fn linear(
-    t: &mut Tracer,
-    w: &WeightSource<'_>,
-    scope: &str,
-    x: &T,
-    features: (i64, i64),
-) -> Result<T, TraceError> {
-    dense(t, w, scope, x, features, WeightLayout::OutIn, false)
-}
-
 /// The shared embedding table (`shared.weight`; a checkpoint that stores only the stacks'
 /// tied copies is read from `encoder.embed_tokens.weight` / `decoder.embed_tokens.weight`),
 /// under one initializer name wherever it is used.
@@ -210,8 +200,7 @@ fn position_bias(
 /// `x.shape[axis]` as a scalar int64.
 fn length(t: &mut Tracer, x: &T, axis: i64) -> Result<T, TraceError> {
     let s = t.shape_of(x);
-    let i = t.scalar_i64(axis);
-    t.gather(&s, &i, 0)
+    element(t, &s, axis)
 }
 
 /// `T5LayerFF`: pre-norm feed-forward with its residual.
@@ -224,15 +213,15 @@ fn feed_forward_layer(
     let n = rms_norm(t, w, "layer_norm", x, (d.d_model, d.eps), false)?;
     let h = scoped(t, "DenseReluDense", |t| {
         let h = if d.gated {
-            let g = linear(t, w, "wi_0", &n, (d.d_model, d.d_ff))?;
+            let g = linear(t, w, "wi_0", &n, (d.d_model, d.d_ff), false)?;
             let g = d.act.apply(t, &g)?;
-            let l = linear(t, w, "wi_1", &n, (d.d_model, d.d_ff))?;
+            let l = linear(t, w, "wi_1", &n, (d.d_model, d.d_ff), false)?;
             t.mul(&g, &l)?
         } else {
-            let h = linear(t, w, "wi", &n, (d.d_model, d.d_ff))?;
+            let h = linear(t, w, "wi", &n, (d.d_model, d.d_ff), false)?;
             d.act.apply(t, &h)?
         };
-        linear(t, w, "wo", &h, (d.d_ff, d.d_model))
+        linear(t, w, "wo", &h, (d.d_ff, d.d_model), false)
     })?;
     t.add(x, &h)
 }
@@ -246,7 +235,7 @@ fn project(
     name: &str,
     x: &T,
 ) -> Result<T, TraceError> {
-    let p = linear(t, w, name, x, (d.d_model, d.inner()))?;
+    let p = linear(t, w, name, x, (d.d_model, d.inner()), false)?;
     split_heads(t, &p, d.heads, d.d_kv)
 }
 
@@ -280,7 +269,7 @@ fn encoder(
                         let k = project(t, w, d, "k", &n)?;
                         let v = project(t, w, d, "v", &n)?;
                         let ctx = attend(t, (&q, &k, &v), None, bias.as_ref(), &mask)?;
-                        linear(t, w, "o", &ctx, (d.inner(), d.d_model))
+                        linear(t, w, "o", &ctx, (d.inner(), d.d_model), false)
                     })?;
                     t.add(&x, &o)
                 })?;
@@ -345,7 +334,7 @@ fn decoder(
                         let v = project(t, w, d, "v", &n)?;
                         let (k, v) = append_self_cache(t, inputs.self_past(i), k, v);
                         let ctx = attend(t, (&q, &k, &v), None, bias.as_ref(), &causal)?;
-                        let o = linear(t, w, "o", &ctx, (d.inner(), d.d_model))?;
+                        let o = linear(t, w, "o", &ctx, (d.inner(), d.d_model), false)?;
                         Ok((o, (k, v)))
                     })?;
                     Ok((t.add(&x, &o)?, kv))
@@ -361,7 +350,7 @@ fn decoder(
                             ))
                         })?;
                         let ctx = attend(t, (&q, &k, &v), None, None, &cross_mask)?;
-                        let o = linear(t, w, "o", &ctx, (d.inner(), d.d_model))?;
+                        let o = linear(t, w, "o", &ctx, (d.inner(), d.d_model), false)?;
                         Ok((o, (k, v)))
                     })?;
                     Ok((t.add(&a, &o)?, kv))
@@ -381,7 +370,7 @@ fn decoder(
     // transformers ties the LM head to the shared embedding unless the checkpoint stores
     // its own `lm_head.weight`.
     let logits = if w.contains("lm_head.weight") {
-        linear(t, w, "lm_head", &x, (d.d_model, d.vocab))?
+        linear(t, w, "lm_head", &x, (d.d_model, d.vocab), false)?
     } else {
         scoped(t, "lm_head", |t| {
             let wt = t.transpose(&embed, &[1, 0])?;
