@@ -159,7 +159,8 @@ struct OptimizeArgs {
 
 #[derive(Debug, Args)]
 struct RunArgs {
-    /// The ONNX model (from `ferry export`, which records its task, labels and checkpoint).
+    /// The ONNX model (from `ferry export`, which records its task, labels and checkpoint),
+    /// or an encoder-decoder export folder (optimum's layout: translation, summarization).
     model: PathBuf,
     /// Input text: the sentence (fill-mask: with the mask token), the question
     /// (question-answering), the prompt (text-generation, multiple-choice).
@@ -176,10 +177,23 @@ struct RunArgs {
     /// Print the answer as JSON.
     #[arg(long)]
     json: bool,
-    /// text-generation: most tokens to generate (greedy).
-    #[arg(long, default_value_t = 20)]
-    max_new_tokens: usize,
-    /// Task, for models without ferry's metadata (optimum's names).
+    /// Most tokens to generate (text-generation: default 20; an encoder-decoder folder:
+    /// default from its generation config and the task's `task_specific_params`).
+    #[arg(long)]
+    max_new_tokens: Option<usize>,
+    /// Encoder-decoder folder: beams of beam search (1: greedy; default from the generation
+    /// config and the task's `task_specific_params`).
+    #[arg(long)]
+    num_beams: Option<usize>,
+    /// Encoder-decoder folder: `generate`'s `max_length` (the decoder start token included).
+    #[arg(long)]
+    max_length: Option<usize>,
+    /// Encoder-decoder folder: `generate`'s `min_length`.
+    #[arg(long)]
+    min_length: Option<usize>,
+    /// Task, for models without ferry's metadata (optimum's names); for an encoder-decoder
+    /// folder the pipeline (`translation_en_to_fr`, `summarization`, … or
+    /// `text2text-generation`, the default), whose `task_specific_params` apply.
     #[arg(long)]
     task: Option<String>,
     /// token-classification: how tokens are grouped into entities (the pipeline's

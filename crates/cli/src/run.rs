@@ -3,11 +3,15 @@
 //! from ferry-pipeline's `run_task`; this module reads the arguments and the export's
 //! metadata, and prints).
 //!
+//! An encoder-decoder export folder runs the translation / summarization pipeline
+//! (`--task`, default text2text-generation) with the folder's `tokenizer.json`.
+//!
 //! The task, labels and tokenizer directory come from the metadata `ferry export` records
 //! (see [`crate::metadata`]); `--task` and `--tokenizer` override them (e.g. for models
 //! exported by other tools).
 
 use ferry_pipeline::TextTokenizer;
+use ferry_pipeline::seq2seq::{self, Seq2Seq};
 use ferry_pipeline::tasks::{self, Request, TaskInfo};
 use ferry_verifier::Model;
 use serde_json::Value;
@@ -45,6 +49,9 @@ impl From<Aggregation> for tasks::Aggregation {
 
 /// Runs `ferry run`.
 pub(crate) fn run(a: &RunArgs) -> Result<(), String> {
+    if a.model.is_dir() {
+        return run_seq2seq(a);
+    }
     if !a.model.is_file() {
         return Err(format!("model {} does not exist", a.model.display()));
     }
@@ -81,10 +88,7 @@ pub(crate) fn run(a: &RunArgs) -> Result<(), String> {
         }
     };
     let tok = TextTokenizer::load(&tok_dir)?;
-    let threads = std::thread::available_parallelism()
-        .map(|n| n.get().min(8))
-        .unwrap_or(1);
-    let mut model = Model::load(&a.model, threads).map_err(|e| e.to_string())?;
+    let mut model = Model::load(&a.model, threads()).map_err(|e| e.to_string())?;
     let info = TaskInfo {
         id2label: meta.id2label.clone(),
         problem_type: meta.problem_type.clone(),
@@ -96,7 +100,7 @@ pub(crate) fn run(a: &RunArgs) -> Result<(), String> {
         text: &a.text,
         text_pair: &a.text_pair,
         aggregation: a.aggregation.into(),
-        max_new_tokens: a.max_new_tokens,
+        max_new_tokens: a.max_new_tokens.unwrap_or(20),
     };
     // Generated text is printed as it is decoded (not with --json).
     let mut print = |text: &str| emit(text);
@@ -113,6 +117,81 @@ pub(crate) fn run(a: &RunArgs) -> Result<(), String> {
     } else {
         emit(&answer.text)
     }
+}
+
+/// `ferry run` on an encoder-decoder export folder: the translation, summarization or
+/// text2text-generation pipeline (ferry-pipeline's `run_text2text`).
+fn run_seq2seq(a: &RunArgs) -> Result<(), String> {
+    let dir = &a.model;
+    if !Seq2Seq::is_folder(dir) {
+        return Err(format!(
+            "{} is a folder without {} (only encoder-decoder exports are folders)",
+            dir.display(),
+            seq2seq::ENCODER_FILE
+        ));
+    }
+    let task = match a.task.as_deref() {
+        None | Some("text2text-generation" | "text2text-generation-with-past") => {
+            "text2text-generation"
+        }
+        Some(t) if t == "summarization" || t.starts_with("translation") => t,
+        Some(t) => {
+            return Err(format!(
+                "an encoder-decoder folder runs text2text-generation, summarization or \
+                 translation_xx_to_yy, not `{t}`"
+            ));
+        }
+    };
+    if !a.text_pair.is_empty() {
+        return Err(format!("{task} takes no --text-pair"));
+    }
+    let tok_dir = a.tokenizer.as_deref().unwrap_or(dir);
+    if !tok_dir.join("tokenizer.json").is_file() {
+        let spm = ["source.spm", "target.spm"]
+            .iter()
+            .any(|f| tok_dir.join(f).is_file());
+        return Err(if spm {
+            format!(
+                "{} has SentencePiece source.spm/target.spm (Marian) but no tokenizer.json, \
+                 the only tokenizer `ferry run` reads for encoder-decoders; pass --tokenizer DIR \
+                 with a tokenizer.json",
+                tok_dir.display()
+            )
+        } else {
+            format!(
+                "{} has no tokenizer.json; pass --tokenizer DIR with one",
+                tok_dir.display()
+            )
+        });
+    }
+    let tok = TextTokenizer::load(tok_dir)?;
+    let mut model = Seq2Seq::load(dir, threads()).map_err(|e| e.to_string())?;
+    let mut overrides = serde_json::Map::new();
+    for (key, v) in [
+        ("num_beams", a.num_beams),
+        ("max_new_tokens", a.max_new_tokens),
+        ("max_length", a.max_length),
+        ("min_length", a.min_length),
+    ] {
+        if let Some(v) = v {
+            overrides.insert(key.into(), v.into());
+        }
+    }
+    let answer = seq2seq::run_text2text(&mut model, &tok, task, &a.text, &overrides)
+        .map_err(|e| e.to_string())?;
+    if a.json {
+        let text = serde_json::to_string_pretty(&answer.json).map_err(|e| e.to_string())?;
+        emit(&format!("{text}\n"))
+    } else {
+        emit(&answer.text)
+    }
+}
+
+/// Intra-op threads for ONNX Runtime: the machine's cores, at most 8.
+fn threads() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get().min(8))
+        .unwrap_or(1)
 }
 
 /// Writes to stdout; a closed pipe (`ferry run … | head`) is not an error.

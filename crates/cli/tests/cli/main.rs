@@ -812,6 +812,7 @@ fn run_bad_input_is_one_line() {
 mod decoders;
 mod fusions;
 mod genai;
+mod generate_seq2seq;
 mod halfprec;
 mod hub;
 mod lowbit;
