@@ -569,7 +569,16 @@ fn verify(args: &[String]) -> Result<()> {
         .env("FERRY_MINILM_DIR", &minilm)
         .env("FERRY_TOKENIZERS_DIR", &tokenizers)
         .env("FERRY_REQUIRE_REAL_MODEL", "1")
-        .args(["test", "--workspace"]))?;
+        .args(["test", "--workspace", "--", "--skip", "tract_parity::"]))?;
+    // tract beside ONNX Runtime on every golden (crates/cli/tests/cli/tract_parity.rs),
+    // run apart with --nocapture so its table (case, task, export, ORT and tract max-abs)
+    // is printed.
+    run(cargo()
+        .env("ORT_DYLIB_PATH", &lib)
+        .env("FERRY_MINILM_DIR", &minilm)
+        .env("FERRY_REQUIRE_REAL_MODEL", "1")
+        .args(["test", "-p", "ferry-cli", "--test", "cli", "tract_parity::"])
+        .args(["--", "--nocapture", "--test-threads=1"]))?;
 
     // Parity report: every golden case at opsets 14 and 17, plus external data, with the
     // debug binary `cargo test` just built (no second, release, build in CI).

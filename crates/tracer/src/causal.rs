@@ -215,8 +215,11 @@ pub(crate) fn last_token(
             let p = t.scalar_i64(pad);
             let is_pad = t.op("Equal", &[ids, &p], vec![], DType::Bool, ids.shape.clone());
             let not_pad = t.op("Not", &[&is_pad], vec![], DType::Bool, ids.shape.clone());
-            let np = t.cast(&not_pad, DType::I64, 7);
+            // transformers' dtypes: the non-padding mask and the token indices int32
+            // (tract's ArgMax cannot take the int64 range it derives from a shape).
+            let np = t.cast(&not_pad, DType::I32, 6);
             let idx = column_range(t, ids)?;
+            let idx = t.cast(&idx, DType::I32, 6);
             let weighted = t.mul(&np, &idx)?;
             t.op(
                 "ArgMax",

@@ -116,21 +116,25 @@ pub(crate) fn arange_rows(t: &mut Tracer, table: &T, ids: &T, width: i64) -> T {
 }
 
 /// `create_position_ids_from_input_ids`: `cumsum(ids != pad) * (ids != pad) + pad`, i.e.
-/// non-padding tokens numbered from `pad + 1`, padding tokens at `pad`.
+/// non-padding tokens numbered from `pad + 1`, padding tokens at `pad`. In transformers'
+/// dtypes: the mask, its CumSum and the product are int32 (`.int()`, `.type_as(mask)`),
+/// widened to int64 (`.long()`) before `pad` is added (tract evaluates no int64 CumSum of
+/// a value derived from the ids).
 pub(crate) fn position_ids(t: &mut Tracer, ids: &T, pad: i64) -> Result<T, TraceError> {
     let p = t.scalar_i64(pad);
     let eq = t.op("Equal", &[ids, &p], vec![], DType::Bool, ids.shape.clone());
     let ne = t.op("Not", &[&eq], vec![], DType::Bool, ids.shape.clone());
-    let mask = t.cast(&ne, DType::I64, 7);
+    let mask = t.cast(&ne, DType::I32, 6);
     let axis = t.scalar_i64(1);
     let count = t.op(
         "CumSum",
         &[&mask, &axis],
         vec![],
-        DType::I64,
+        DType::I32,
         ids.shape.clone(),
     );
     let numbered = t.mul(&count, &mask)?;
+    let numbered = t.cast(&numbered, DType::I64, 7);
     t.add(&numbered, &p)
 }
 

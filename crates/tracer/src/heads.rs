@@ -36,8 +36,9 @@ pub(crate) struct TaskInputs {
 }
 
 /// Declares the int64 graph inputs `names` (`input_ids` first). For multiple-choice they
-/// are `[batch, num_choices, seq]` and are flattened to `[batch * num_choices, seq]` as
-/// transformers' `view(-1, seq)` does; otherwise `[batch, seq]`.
+/// are `[batch, num_choices, seq]` and are reshaped to `[batch * num_choices, seq]` as
+/// transformers' `view(-1, input_ids.size(-1))` does (a `Reshape` to `[-1, seq]`: tract
+/// cannot infer a `Flatten` of two symbolic dims); otherwise `[batch, seq]`.
 pub(crate) fn task_inputs(
     t: &mut Tracer,
     opts: &TraceOptions,
@@ -52,9 +53,19 @@ pub(crate) fn task_inputs(
             .map(|n| t.input(n, DType::I64, shape.clone()))
             .collect();
         let flat = vec![sym("batch_size*num_choices"), s];
+        let shape = t.shape_of(&declared[0]);
+        let seq = t.slice_last(&shape, 2, 3);
+        let rest = t.ints(&[-1]);
+        let target = t.op(
+            "Concat",
+            &[&rest, &seq],
+            vec![("axis", Attr::Int(0))],
+            DType::I64,
+            vec![Dim::Fixed(2)],
+        );
         let inputs = declared
             .iter()
-            .map(|x| t.flatten(x, 2, flat.clone()))
+            .map(|x| t.reshape_to(x, &target, flat.clone()))
             .collect();
         TaskInputs {
             inputs,

@@ -91,6 +91,7 @@ mod tests {
 
     use super::*;
     use crate::TraceOptions;
+    use ferry_ir::DType;
 
     fn load(case: &str) -> ferry_loader::Checkpoint {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -133,6 +134,29 @@ mod tests {
                 "{op} under /embeddings"
             );
         }
+        // transformers' dtypes: the mask, its CumSum and their product int32, widened
+        // to int64 after (tract cannot run an int64 CumSum of the ids' mask).
+        let dtype = |node: &str| {
+            let out = &g.nodes.iter().find(|n| n.name == node).expect(node).outputs[0];
+            g.value_info
+                .iter()
+                .find(|v| &v.name == out)
+                .map(|v| v.dtype)
+        };
+        assert_eq!(dtype("/embeddings/CumSum"), Some(DType::I32));
+        let mul = g
+            .nodes
+            .iter()
+            .find(|n| n.op_type == "Mul" && n.name.starts_with("/embeddings/"))
+            .expect("position Mul");
+        assert_eq!(dtype(&mul.name), Some(DType::I32));
+        let widen = g
+            .nodes
+            .iter()
+            .find(|n| n.inputs.first() == mul.outputs.first())
+            .expect("position ids widened");
+        assert_eq!(widen.op_type, "Cast");
+        assert_eq!(dtype(&widen.name), Some(DType::I64));
         Ok(())
     }
 

@@ -350,7 +350,15 @@ pub struct OutputReport {
 
 /// Runs `model` on the golden inputs and reports max-abs per expected output.
 pub fn compare(model: &mut Model, golden: &Golden) -> Result<Vec<OutputReport>, VerifyError> {
-    let got = model.run(&golden.inputs)?;
+    compare_with_golden(&model.run(&golden.inputs)?, golden)
+}
+
+/// Reports max-abs per expected output of `golden` for outputs `got` of any engine (ONNX
+/// Runtime's or another's run on the golden inputs); an expected output missing is an error.
+pub fn compare_with_golden(
+    got: &BTreeMap<String, F32Tensor>,
+    golden: &Golden,
+) -> Result<Vec<OutputReport>, VerifyError> {
     let mut reports = Vec::new();
     for (name, want) in &golden.outputs {
         let Some(have) = got.get(name) else {

@@ -11,25 +11,33 @@ use ferry_verifier::{F32Tensor, I64Tensor, Input, Model};
 
 use super::{export, root, stderr};
 
-/// Every case with a steps golden.
-fn step_cases() -> Vec<PathBuf> {
+/// Every decoder-only case with a steps golden (the seq2seq cases, `"kind": "seq2seq"` in
+/// case.json, have their own).
+pub(super) fn step_cases() -> Vec<PathBuf> {
+    let seq2seq = |p: &Path| {
+        std::fs::read_to_string(p.join("case.json"))
+            .ok()
+            .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
+            .is_some_and(|c| c["kind"] == "seq2seq")
+    };
     let mut v: Vec<PathBuf> = std::fs::read_dir(root().join("testdata"))
         .expect("testdata")
         .flatten()
         .map(|e| e.path())
-        .filter(|p| p.join("steps.safetensors").is_file())
+        .filter(|p| p.join("steps.safetensors").is_file() && !seq2seq(p))
         .collect();
     v.sort();
     assert!(v.len() >= 12, "steps goldens missing: {v:?}");
     v
 }
 
-struct Steps {
+/// A case's `steps.safetensors` golden.
+pub(super) struct Steps {
     bytes: Vec<u8>,
 }
 
 impl Steps {
-    fn load(case: &Path) -> Self {
+    pub(super) fn load(case: &Path) -> Self {
         Self {
             bytes: std::fs::read(case.join("steps.safetensors")).expect("steps golden"),
         }
@@ -56,7 +64,7 @@ impl Steps {
         }
     }
 
-    fn f32s(&self, name: &str) -> Vec<f32> {
+    pub(super) fn f32s(&self, name: &str) -> Vec<f32> {
         let st = self.view();
         let v = st.tensor(name).expect(name);
         v.data()
@@ -65,7 +73,7 @@ impl Steps {
             .collect()
     }
 
-    fn inputs(&self, step: usize) -> BTreeMap<String, Input> {
+    pub(super) fn inputs(&self, step: usize) -> BTreeMap<String, Input> {
         ["input_ids", "attention_mask", "position_ids"]
             .iter()
             .map(|n| {
@@ -76,7 +84,7 @@ impl Steps {
     }
 }
 
-fn max_abs(got: &F32Tensor, want: &[f32]) -> f32 {
+pub(super) fn max_abs(got: &F32Tensor, want: &[f32]) -> f32 {
     assert_eq!(got.data.len(), want.len(), "logits size");
     got.data
         .iter()
@@ -115,7 +123,7 @@ fn exported(case: &Path, dir: &Path, task: &str, opset: &str) -> PathBuf {
     out
 }
 
-fn name(case: &Path) -> String {
+pub(super) fn name(case: &Path) -> String {
     case.file_name()
         .expect("case name")
         .to_string_lossy()
@@ -163,22 +171,46 @@ fn cached_steps_match(out: &Path, steps: &Steps, tol: f32, label: &str, real_tok
 /// The logits of the model at `out` at the golden's prefill and three cached steps.
 fn cached_steps(out: &Path, steps: &Steps, label: &str) -> Vec<F32Tensor> {
     let mut m = Model::load(out, 2).expect("load");
+    let cache = cache_inputs(&m);
+    cached_steps_with(steps, &cache, label, |inputs| {
+        m.run_inputs(inputs).map_err(|e| e.to_string())
+    })
+    .expect("run")
+}
+
+/// `(name, heads, head dim)` of every `past_key_values.*` input of `m`.
+pub(super) fn cache_inputs(m: &Model) -> Vec<(String, i64, i64)> {
+    m.inputs()
+        .into_iter()
+        .filter(|info| info.name.starts_with("past_key_values."))
+        .map(|info| {
+            let heads = *info.dims[1].as_ref().expect("fixed heads");
+            let hd = *info.dims[3].as_ref().expect("fixed head dim");
+            (info.name, heads, hd)
+        })
+        .collect()
+}
+
+/// The logits that `run` (one engine's session) gives at the golden's prefill and three
+/// cached steps, starting from empty caches for the `(name, heads, head dim)` cache
+/// inputs and feeding each step the previous `present.*`; `run`'s first error ends it.
+pub(super) fn cached_steps_with(
+    steps: &Steps,
+    cache_inputs: &[(String, i64, i64)],
+    label: &str,
+    mut run: impl FnMut(&BTreeMap<String, Input>) -> Result<BTreeMap<String, F32Tensor>, String>,
+) -> Result<Vec<F32Tensor>, String> {
     let batch = steps.i64s("step0.input.input_ids").shape[0];
-    let mut cache: BTreeMap<String, F32Tensor> = BTreeMap::new();
-    for info in m.inputs() {
-        if !info.name.starts_with("past_key_values.") {
-            continue;
-        }
-        let heads = *info.dims[1].as_ref().expect("fixed heads");
-        let hd = *info.dims[3].as_ref().expect("fixed head dim");
-        cache.insert(
-            info.name.clone(),
-            F32Tensor {
-                shape: vec![batch, heads, 0, hd],
+    let mut cache: BTreeMap<String, F32Tensor> = cache_inputs
+        .iter()
+        .map(|(name, heads, hd)| {
+            let empty = F32Tensor {
+                shape: vec![batch, *heads, 0, *hd],
                 data: vec![],
-            },
-        );
-    }
+            };
+            (name.clone(), empty)
+        })
+        .collect();
     let layers = cache.len();
     assert!(layers >= 4, "{label}: cache inputs {layers}");
     let mut all = Vec::new();
@@ -187,7 +219,7 @@ fn cached_steps(out: &Path, steps: &Steps, label: &str) -> Vec<F32Tensor> {
         for (k, v) in &cache {
             inputs.insert(k.clone(), Input::F32(v.clone()));
         }
-        let mut outs = m.run_inputs(&inputs).expect("run");
+        let mut outs = run(&inputs).map_err(|e| format!("{label} step {step}: {e}"))?;
         all.push(outs.remove("logits").expect("logits"));
         cache = outs
             .into_iter()
@@ -196,7 +228,7 @@ fn cached_steps(out: &Path, steps: &Steps, label: &str) -> Vec<F32Tensor> {
             .collect();
         assert_eq!(cache.len(), layers);
     }
-    all
+    Ok(all)
 }
 
 /// The export without a cache gives transformers' prefill logits.

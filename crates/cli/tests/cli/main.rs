@@ -822,3 +822,4 @@ mod quantize;
 mod sentence;
 mod seq2seq;
 mod tf;
+mod tract_parity;
