@@ -323,33 +323,40 @@ pub(crate) fn append_self_cache(t: &mut Tracer, past: Option<(&T, &T)>, k: T, v:
     crate::causal::append_cache(t, past, k, v)
 }
 
+/// The query positions `past + arange(len)` of `ids` (`[batch, len]`) as a `[len, 1]`
+/// column and the key positions `arange(past + len)` `[keys]`, `keys` naming the key axis.
+pub(crate) fn positions(
+    t: &mut Tracer,
+    ids: &T,
+    past_len: &T,
+    keys: Dim,
+) -> Result<(T, T), TraceError> {
+    let shape = t.shape_of(ids);
+    let seq = element(t, &shape, 1)?;
+    let total = t.add(past_len, &seq)?;
+    let zero = t.scalar_i64(0);
+    let one = t.scalar_i64(1);
+    let range = |t: &mut Tracer, start: &T, dim: Dim| {
+        t.op(
+            "Range",
+            &[start, &total, &one],
+            vec![],
+            DType::I64,
+            vec![dim],
+        )
+    };
+    let q = range(t, past_len, ids.shape[1].clone());
+    let k = range(t, &zero, keys);
+    Ok((t.unsqueeze(&q, &[1]), k))
+}
+
 /// The additive causal mask `[1, 1, dec, past + dec]` of the decoder's self-attention
 /// (optimum's decoders take no decoder attention mask): 0 where key `j <= past + i`,
 /// `finfo(dtype).min` elsewhere, in the compute dtype.
 pub(crate) fn causal_mask(t: &mut Tracer, ids: &T, past_len: &T) -> Result<T, TraceError> {
-    let shape = t.shape_of(ids);
-    let seq = element(t, &shape, 1)?;
-    let one_i = t.scalar_i64(1);
-    let total = t.add(past_len, &seq)?;
-    let zero = t.scalar_i64(0);
-    let (dec, tot) = (sym(DECODER_SEQ), sym(TOTAL_DECODER));
-    let kv = t.op(
-        "Range",
-        &[&zero, &total, &one_i],
-        vec![],
-        DType::I64,
-        vec![tot.clone()],
-    );
-    let q = t.op(
-        "Range",
-        &[past_len, &total, &one_i],
-        vec![],
-        DType::I64,
-        vec![dec.clone()],
-    );
-    let qc = t.unsqueeze(&q, &[1]);
-    let grid = vec![dec.clone(), tot.clone()];
-    let later = t.op("Greater", &[&kv, &qc], vec![], DType::Bool, grid.clone());
+    let (q, k) = positions(t, ids, past_len, sym(TOTAL_DECODER))?;
+    let grid = vec![q.shape[0].clone(), k.shape[0].clone()];
+    let later = t.op("Greater", &[&k, &q], vec![], DType::Bool, grid.clone());
     let zf = t.scalar(0.0);
     let min = t.float_min();
     let m = t.op("Where", &[&later, &min, &zf], vec![], t.float_dtype(), grid);

@@ -6,14 +6,13 @@
 //! (v1.1, Flan, mT5) feed-forward as `feed_forward_proj` says, and the LM head with its
 //! `d_model ** -0.5` rescale when the config asks for it.
 
-use ferry_ir::{DType, Dim, ModelConfig};
+use ferry_ir::{DType, ModelConfig};
 
-use crate::causal::element;
 use crate::decoder::{linear, rms_norm};
 use crate::layers::{Activation, WeightSource, scoped};
 use crate::seq2seq::{
     CacheDims, DecoderInputs, EncoderInputs, LayerCache, Seq2SeqPart, append_self_cache, attend,
-    causal_mask, decoder_outputs, padding_mask, split_heads,
+    causal_mask, decoder_outputs, padding_mask, positions, split_heads,
 };
 use crate::{Request, T, TraceError, Tracer};
 
@@ -127,37 +126,20 @@ fn shared_embedding(t: &mut Tracer, w: &WeightSource<'_>, d: &T5Dims) -> Result<
 }
 
 /// The relative position bias `[1, heads, q, k]` of a stack's first self-attention
-/// (`compute_bias`): query positions `past + arange(q)`, key positions `arange(k)`, each
-/// pair's bucket (`_relative_position_bucket`) looked up in `relative_attention_bias`.
+/// (`compute_bias`) for query positions `q` (`[q, 1]`, from the cache length on) and key
+/// positions `k` (`[k]`, see [`positions`]): each pair's bucket
+/// (`_relative_position_bucket`) looked up in `relative_attention_bias`.
 fn position_bias(
     t: &mut Tracer,
     w: &WeightSource<'_>,
     d: &T5Dims,
-    (q_len, k_len, past): (&T, &T, &T),
-    (q_dim, k_dim): (Dim, Dim),
+    (q, k): (&T, &T),
     bidirectional: bool,
 ) -> Result<T, TraceError> {
     let path = format!("{}.relative_attention_bias.weight", t.module_path());
     let table = w.get(t, &path, &[d.buckets, d.heads])?;
     let zero = t.scalar_i64(0);
-    let one = t.scalar_i64(1);
-    let q = t.op(
-        "Range",
-        &[&zero, q_len, &one],
-        vec![],
-        DType::I64,
-        vec![q_dim.clone()],
-    );
-    let q = t.add(&q, past)?;
-    let q = t.unsqueeze(&q, &[1]);
-    let k = t.op(
-        "Range",
-        &[&zero, k_len, &one],
-        vec![],
-        DType::I64,
-        vec![k_dim.clone()],
-    );
-    let rel = t.sub(&k, &q)?;
+    let rel = t.sub(k, q)?;
     let grid = rel.shape.clone();
     let (mut buckets, mut base, rel) = if bidirectional {
         let half = d.buckets / 2;
@@ -195,12 +177,6 @@ fn position_bias(
     let values = t.gather(&table, &bucket, 0)?;
     let values = t.transpose(&values, &[2, 0, 1])?;
     Ok(t.unsqueeze(&values, &[0]))
-}
-
-/// `x.shape[axis]` as a scalar int64.
-fn length(t: &mut Tracer, x: &T, axis: i64) -> Result<T, TraceError> {
-    let s = t.shape_of(x);
-    element(t, &s, axis)
 }
 
 /// `T5LayerFF`: pre-norm feed-forward with its residual.
@@ -250,9 +226,8 @@ fn encoder(
     let embed = shared_embedding(t, w, d)?;
     let mut x = t.gather(&embed, &inputs.ids, 0)?;
     let mask = padding_mask(t, &inputs.attention_mask)?;
-    let seq = length(t, &inputs.ids, 1)?;
     let zero = t.scalar_i64(0);
-    let seq_dim = inputs.ids.shape[1].clone();
+    let (q_pos, k_pos) = positions(t, &inputs.ids, &zero, inputs.ids.shape[1].clone())?;
     let mut bias: Option<T> = None;
     t.push("encoder");
     let r = (|| {
@@ -262,8 +237,7 @@ fn encoder(
                     let n = rms_norm(t, w, "layer_norm", &x, (d.d_model, d.eps), false)?;
                     let o = scoped(t, "SelfAttention", |t| {
                         if bias.is_none() {
-                            let dims = (seq_dim.clone(), seq_dim.clone());
-                            bias = Some(position_bias(t, w, d, (&seq, &seq, &zero), dims, true)?);
+                            bias = Some(position_bias(t, w, d, (&q_pos, &k_pos), true)?);
                         }
                         let q = project(t, w, d, "q", &n)?;
                         let k = project(t, w, d, "k", &n)?;
@@ -311,10 +285,7 @@ fn decoder(
     let past = inputs.past_length(t)?;
     let causal = causal_mask(t, &inputs.ids, &past)?;
     let cross_mask = padding_mask(t, &inputs.encoder_mask)?;
-    let seq = length(t, &inputs.ids, 1)?;
-    let total = t.add(&past, &seq)?;
-    let seq_dim = inputs.ids.shape[1].clone();
-    let total_dim = causal.shape[3].clone();
+    let (q_pos, k_pos) = positions(t, &inputs.ids, &past, causal.shape[3].clone())?;
     let mut bias: Option<T> = None;
     let mut presents = Vec::new();
     t.push("decoder");
@@ -325,9 +296,7 @@ fn decoder(
                     let n = rms_norm(t, w, "layer_norm", &x, (d.d_model, d.eps), false)?;
                     let (o, kv) = scoped(t, "SelfAttention", |t| {
                         if bias.is_none() {
-                            let dims = (seq_dim.clone(), total_dim.clone());
-                            let lens = (&seq, &total, &past);
-                            bias = Some(position_bias(t, w, d, lens, dims, false)?);
+                            bias = Some(position_bias(t, w, d, (&q_pos, &k_pos), false)?);
                         }
                         let q = project(t, w, d, "q", &n)?;
                         let k = project(t, w, d, "k", &n)?;
