@@ -375,11 +375,18 @@ pub const FUSED_OP_TYPES: [&str; 13] = [
 pub fn fused_operator_statistics(graph: &Graph) -> BTreeMap<&'static str, usize> {
     let mut counts: BTreeMap<&'static str, usize> =
         FUSED_OP_TYPES.iter().map(|&op| (op, 0)).collect();
-    for n in &graph.nodes {
-        if let Some(c) = counts.get_mut(n.op_type.as_str()) {
-            *c += 1;
+    fn count(graph: &Graph, counts: &mut BTreeMap<&'static str, usize>) {
+        for n in &graph.nodes {
+            if let Some(c) = counts.get_mut(n.op_type.as_str()) {
+                *c += 1;
+            }
+            // `If` branches (a merged decoder's two decoders) count too.
+            for g in n.subgraphs() {
+                count(g, counts);
+            }
         }
     }
+    count(graph, &mut counts);
     counts
 }
 

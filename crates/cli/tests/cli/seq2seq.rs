@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use ferry_ir::DType;
 use ferry_verifier::{F32Tensor, I64Tensor, Input, Model, Values};
 
-use super::{assert_fails_cleanly, export, root, stderr, testdata};
+use super::{assert_fails_cleanly, export, ferry, root, stderr, testdata};
 
 const ATOL: f32 = 1e-5;
 
@@ -301,13 +301,14 @@ fn merged_decoder_stores_shared_weights_once() {
 
 /// `--optimize` and `--quantize` write `-optimized` / `-quantized` siblings of every file
 /// in the folder; the optimized merged decoder (merged from the optimized decoders) still
-/// matches transformers.
+/// matches transformers, and so does `ferry optimize` run on the plain merged file (its two
+/// decoders optimized and merged again).
 #[test]
 fn optimized_folder_keeps_parity() {
-    let case = testdata("t5-tiny-v1_0");
+    let case = testdata("bart-tiny");
     let g = Golden::load(&case);
     let dir = tempfile::tempdir().expect("tempdir");
-    let out = dir.path().join("t5");
+    let out = dir.path().join("bart");
     let o = export(
         &case,
         &out,
@@ -337,7 +338,31 @@ fn optimized_folder_keeps_parity() {
         )
         .expect("copy");
     }
-    folder_matches(&opt, &g, "t5-tiny-v1_0 optimized");
+    let fused = |f: &Path| {
+        let graph = ferry_onnx::read_graph(f).expect("reads");
+        ferry_optimizer::fused_operator_statistics(&graph)["SkipLayerNormalization"]
+    };
+    let merged_fused = fused(&opt.join("decoder_model_merged.onnx"));
+    assert!(
+        merged_fused > 0,
+        "no fusion inside the merged decoder's branches"
+    );
+    assert_eq!(
+        merged_fused,
+        fused(&opt.join("decoder_model.onnx")) + fused(&opt.join("decoder_with_past_model.onnx"))
+    );
+    folder_matches(&opt, &g, "bart-tiny optimized");
+
+    // `ferry optimize` on the plain merged file.
+    let o = super::run(
+        ferry()
+            .arg("optimize")
+            .arg(out.join("decoder_model_merged.onnx"))
+            .arg(opt.join("decoder_model_merged.onnx")),
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(fused(&opt.join("decoder_model_merged.onnx")), merged_fused);
+    folder_matches(&opt, &g, "bart-tiny ferry optimize merged");
 }
 
 #[test]
