@@ -57,6 +57,7 @@ struct Toolchain {
 /// that is an error.
 pub(crate) fn verify_cpp(py: &Path, ferry: &Path) -> Result<()> {
     println!("\nferry's TorchScript archives run by libtorch from C++ (torch::jit::load):");
+    let start = Instant::now();
     let toolchain = match toolchain(py) {
         Ok(t) => t,
         Err(why) if in_ci() => {
@@ -69,13 +70,12 @@ pub(crate) fn verify_cpp(py: &Path, ferry: &Path) -> Result<()> {
             return Ok(());
         }
     };
-    let start = Instant::now();
     let (exe, built) = build(&toolchain)?;
     let build_secs = start.elapsed().as_secs_f64();
     let start = Instant::now();
     let failures = run_cases(&exe, ferry)?;
     println!(
-        "C++ libtorch check: build {build_secs:.1} s ({}), exports + run + compare {:.1} s",
+        "C++ libtorch check: torch lookup + build {build_secs:.1} s ({}), exports + run + compare {:.1} s",
         if built { "compiled" } else { "up to date" },
         start.elapsed().as_secs_f64()
     );
@@ -217,8 +217,7 @@ fn run_cases(exe: &Path, ferry: &Path) -> Result<usize> {
     let mut jobs = Vec::new();
     let mut failures = 0;
     for case in golden_cases()? {
-        let made = case_jobs(&case, ferry, &out_dir);
-        match made {
+        match case_jobs(&case, ferry, &out_dir, &mut failures) {
             Ok(Some(mut j)) => jobs.append(&mut j),
             Ok(None) => {}
             Err(e) => {
@@ -391,8 +390,14 @@ fn export(ferry: &Path, case: &Path, args: &[&str], out: &Path) -> Result<()> {
 }
 
 /// The fixed-shape and dynamic archives of one golden case, exported with their inputs
-/// written; `None` for an ONNX-only model type (said on stdout).
-fn case_jobs(case: &Path, ferry: &Path, out_dir: &Path) -> Result<Option<Vec<Job>>> {
+/// written; `None` for an ONNX-only model type (said on stdout). A failed export is
+/// printed as that archive's FAIL line and counted in `failures`.
+fn case_jobs(
+    case: &Path,
+    ferry: &Path,
+    out_dir: &Path,
+    failures: &mut usize,
+) -> Result<Option<Vec<Job>>> {
     let name = name_of(case);
     if let Some(ty) = onnx_only(case)? {
         println!("  skip {name}: {ty} exports to ONNX only");
@@ -412,7 +417,7 @@ fn case_jobs(case: &Path, ferry: &Path, out_dir: &Path) -> Result<Option<Vec<Job
         .iter()
         .filter_map(|n| golden.inputs.get(*n).cloned().map(Input::I64))
         .collect();
-    let want = expected(&meta, &golden.outputs, "")?;
+    let want = expected(&meta, &golden.outputs)?;
     let ids = &golden
         .inputs
         .get("input_ids")
@@ -435,9 +440,15 @@ fn case_jobs(case: &Path, ferry: &Path, out_dir: &Path) -> Result<Option<Vec<Job
     ] {
         let tag = kind.split(' ').next().unwrap_or("fixed");
         let archive = out_dir.join(format!("{name}-{tag}.pt"));
-        export(ferry, case, &args, &archive)?;
+        let label = format!("{name} {kind}");
+        // A failed export is that archive's failure; the case's other archive still runs.
+        if let Err(e) = export(ferry, case, &args, &archive) {
+            *failures += 1;
+            println!("  FAIL {label:<58} {e}");
+            continue;
+        }
         jobs.push(Job {
-            label: format!("{name} {kind}"),
+            label,
             archive,
             calls: vec![Call {
                 inputs: in_file.clone(),
@@ -450,11 +461,10 @@ fn case_jobs(case: &Path, ferry: &Path, out_dir: &Path) -> Result<Option<Vec<Job
 }
 
 /// The expected outputs in forward's order: case.json's `outputs` names looked up in
-/// `outputs` under `prefix`.
+/// `outputs`.
 fn expected(
     meta: &serde_json::Value,
     outputs: &BTreeMap<String, F32Tensor>,
-    prefix: &str,
 ) -> Result<Vec<(String, F32Tensor)>> {
     let names = meta["outputs"]
         .as_array()
@@ -463,9 +473,7 @@ fn expected(
         .iter()
         .map(|n| {
             let n = n.as_str().ok_or("case.json outputs are not names")?;
-            let t = outputs
-                .get(&format!("{prefix}{n}"))
-                .ok_or(format!("golden has no output {prefix}{n}"))?;
+            let t = outputs.get(n).ok_or(format!("golden has no output {n}"))?;
             Ok((n.to_string(), t.clone()))
         })
         .collect()
