@@ -210,8 +210,8 @@ fn write_parts(a: &ExportArgs, dir: &Path, e: &Export) -> Result<Vec<(String, u6
             pb,
             format!("{} ({} nodes)", part.file_name(), graph.nodes.len()),
         );
-        let v = variants(a, e, graph)?;
         let stem = part.file_name().trim_end_matches(".onnx");
+        let v = variants(a, e, stem, graph)?;
         write_variants(a, e, dir, stem, &v, &mut files)?;
         if part != Seq2SeqPart::Encoder {
             decoders.push(v);
@@ -247,7 +247,12 @@ fn write_parts(a: &ExportArgs, dir: &Path, e: &Export) -> Result<Vec<(String, u6
 /// The plain graph and, with `--optimize` / `--quantize`, its optimized and quantized forms
 /// (the passes `ferry optimize` / `ferry quantize` run, in memory; weights stay borrowed or
 /// are computed as they are written).
-fn variants(a: &ExportArgs, e: &Export, plain: ferry_ir::Graph) -> Result<Variants, String> {
+fn variants(
+    a: &ExportArgs,
+    e: &Export,
+    stem: &str,
+    plain: ferry_ir::Graph,
+) -> Result<Variants, String> {
     if !a.optimize && e.quantize.is_none() {
         return Ok(Variants {
             plain,
@@ -264,6 +269,11 @@ fn variants(a: &ExportArgs, e: &Export, plain: ferry_ir::Graph) -> Result<Varian
     let stats =
         ferry_optimizer::optimize_with(&mut optimized, &opts).map_err(|err| err.to_string())?;
     done(pb, stats.to_string());
+    eprintln!("optimized {stem}-optimized.onnx: {stats}");
+    eprintln!(
+        "{}",
+        crate::optimize::fused_line(&ferry_optimizer::fused_operator_statistics(&optimized))
+    );
     let quantized = match e.quantize {
         None => None,
         Some(mode) => {
@@ -288,7 +298,8 @@ fn variants(a: &ExportArgs, e: &Export, plain: ferry_ir::Graph) -> Result<Varian
                     .map_err(|err| err.to_string())?
                     .to_string(),
             };
-            done(pb, summary);
+            done(pb, summary.clone());
+            eprintln!("quantized {stem}-quantized.onnx: {summary}");
             Some(q)
         }
     };
