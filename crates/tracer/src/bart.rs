@@ -14,7 +14,9 @@
 
 use ferry_ir::{DType, Initializer, ModelConfig, TensorData};
 
-use crate::layers::{Activation, WeightSource, layer_norm, linear, scoped};
+use crate::layers::{
+    Activation, AttentionSpec, WeightSource, layer_norm, linear, multi_head_attention, scoped,
+};
 use crate::seq2seq::{
     CacheDims, DecoderInputs, EncoderInputs, LayerCache, Seq2SeqPart, append_self_cache, attend,
     causal_mask, decoder_outputs, padding_mask, split_heads,
@@ -442,12 +444,21 @@ fn encoder(
     let mut x = embed(t, w, f, d, ids, &zero)?;
     let m = padding_mask(t, mask)?;
     let s = d.encoder;
+    let spec = AttentionSpec {
+        q: "q_proj",
+        k: "k_proj",
+        v: "v_proj",
+        hidden: d.hidden,
+        heads: s.heads,
+    };
     for i in 0..s.layers {
         x = scoped(t, &format!("layers.{i}"), |t| {
             let (x, ()) = residual(t, (w, f, d), "self_attn_layer_norm", &x, |t, h| {
+                // BERT's attention ops (shared with the encoders), so that the optimizer's
+                // Attention fusion applies to the encoder as ONNX Runtime's BART fusion does.
                 scoped(t, "self_attn", |t| {
-                    let (k, v) = key_value(t, w, h, d.hidden, s.heads)?;
-                    Ok((attention(t, w, h, (&k, &v), &m, (d.hidden, s.heads))?, ()))
+                    let ctx = multi_head_attention(t, w, h, &m, None, &spec)?;
+                    Ok((linear(t, w, "out_proj", &ctx, d.hidden, d.hidden)?, ()))
                 })
             })?;
             ffn_block(t, (w, f, d), &x, s.ffn)

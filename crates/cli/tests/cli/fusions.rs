@@ -444,3 +444,61 @@ fn deberta_fusions_match_onnx_runtime_on_optimums_export() {
         }
     }
 }
+
+/// The BART family's encoders use BERT's attention ops, so `ferry optimize` fuses each
+/// encoder layer's self-attention into `Attention` (ONNX Runtime's optimizer, model_type
+/// `bart`, fuses none on optimum's export of the same checkpoints); the optimized encoder
+/// (`feature-extraction`: the encoder alone) still matches transformers within 1e-5.
+#[test]
+fn bart_family_encoder_attention_fuses() {
+    use ferry_verifier::{I64Tensor, Input, Model};
+    let dir = tempfile::tempdir().expect("tempdir");
+    for case in ["bart-tiny", "mbart-tiny", "marian-tiny"] {
+        let model = dir.path().join(format!("{case}.onnx"));
+        let o = export(&testdata(case), &model, &["--task", "feature-extraction"]);
+        assert!(o.status.success(), "export {case}: {}", stderr(&o));
+        let out = dir.path().join(format!("{case}-opt.onnx"));
+        let o = run(ferry().arg("optimize").arg(&model).arg(&out));
+        assert!(o.status.success(), "optimize {case}: {}", stderr(&o));
+        let counts = ferry_onnx::read_graph(&out).expect("read").op_counts();
+        assert_counts(&counts, &[("Attention", 2), ("Softmax", 0)], case);
+
+        let bytes = std::fs::read(testdata(case).join("steps.safetensors")).expect("steps");
+        let st = safetensors::SafeTensors::deserialize(&bytes).expect("safetensors");
+        let tensor = |name: &str| {
+            let v = st.tensor(name).expect(name);
+            let shape: Vec<i64> = v.shape().iter().map(|&d| d as i64).collect();
+            (shape, v.data().to_vec())
+        };
+        let ints = |name: &str| {
+            let (shape, data) = tensor(name);
+            let data = data
+                .chunks_exact(8)
+                .map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes")))
+                .collect();
+            Input::I64(I64Tensor { shape, data })
+        };
+        let feed = BTreeMap::from([
+            ("input_ids".to_string(), ints("encoder.input.input_ids")),
+            (
+                "attention_mask".to_string(),
+                ints("encoder.input.attention_mask"),
+            ),
+        ]);
+        let got = Model::load(&out, 1)
+            .expect("load")
+            .run_inputs(&feed)
+            .expect("run")
+            .remove("last_hidden_state")
+            .expect("last_hidden_state");
+        let (shape, want) = tensor("encoder.output.last_hidden_state");
+        assert_eq!(got.shape, shape, "{case}");
+        let d = got
+            .data
+            .iter()
+            .zip(want.chunks_exact(4))
+            .map(|(a, b)| (a - f32::from_le_bytes(b.try_into().expect("4 bytes"))).abs())
+            .fold(0.0f32, f32::max);
+        assert!(d <= 1e-5, "{case}: optimized encoder max abs {d}");
+    }
+}
