@@ -5,12 +5,13 @@
 //! writes the golden inputs as tensor files, reads back what the program wrote and
 //! compares it with the goldens (max-abs ≤ [`ATOL`]).
 //!
-//! Every golden case that testdata/verify_torchscript.py exports is run twice: the
-//! fixed-shape archive (`--batch-size`/`--sequence-length` of the golden) and the
-//! `--dynamic-axes` one, on the golden's inputs; each TorchScript decoder's steps golden
-//! runs as a with-past archive fed its own `present.*` back (in C++). No Python runs in this
-//! path: the venv's Python is asked only where torch lives and which C++ ABI its wheel
-//! was built with.
+//! Every golden case that testdata/verify_torchscript.py exports is run as its fixed-shape
+//! archive (`--batch-size`/`--sequence-length` of the golden) and its `--dynamic-axes` one
+//! (fill-mask cases also with `--torchscript`'s untied weights) on the golden's inputs;
+//! each TorchScript decoder's steps golden runs as a with-past archive fed its own
+//! `present.*` back (in C++). Model types ferry exports to ONNX only, and seq2seq steps
+//! goldens, are skipped saying so. No Python runs in this path: the venv's Python is asked
+//! only where torch lives, its version and the C++ ABI its wheel was built with.
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -428,7 +429,7 @@ fn case_jobs(
     write_tensors(&in_file, &inputs)?;
     let mut jobs = Vec::new();
     let (b, s) = (batch.to_string(), seq.to_string());
-    for (kind, args) in [
+    let mut archives = vec![
         (
             format!("fixed {batch}x{seq}"),
             vec!["--task", task, "--batch-size", &b, "--sequence-length", &s],
@@ -437,11 +438,19 @@ fn case_jobs(
             "dynamic".to_string(),
             vec!["--task", task, "--dynamic-axes"],
         ),
-    ] {
+    ];
+    if task == "fill-mask" {
+        // Tied weights untied into separate cloned parameters (`--torchscript`).
+        archives.push((
+            "untied (--torchscript)".to_string(),
+            vec!["--task", task, "--dynamic-axes", "--torchscript"],
+        ));
+    }
+    for (kind, args) in archives {
         let tag = kind.split(' ').next().unwrap_or("fixed");
         let archive = out_dir.join(format!("{name}-{tag}.pt"));
         let label = format!("{name} {kind}");
-        // A failed export is that archive's failure; the case's other archive still runs.
+        // A failed export is that archive's failure; the case's other archives still run.
         if let Err(e) = export(ferry, case, &args, &archive) {
             *failures += 1;
             println!("  FAIL {label:<58} {e}");
