@@ -64,7 +64,7 @@ pub fn export(a: &ExportArgs) -> Result<(), String> {
         && ferry_tracer::supported_architectures().contains(&ckpt.config.model_type.as_str())
     {
         return Err(format!(
-            "TorchScript export is not available for `{}` (decoder LLMs export to ONNX only); drop --format torchscript",
+            "TorchScript export is not available for `{}` (decoder LLMs and encoder-decoders export to ONNX only); drop --format torchscript",
             ckpt.config.model_type
         ));
     }
