@@ -330,10 +330,15 @@ fn export(args: &[String]) -> Result<()> {
 
 /// The golden cases under testdata (directories with a golden.safetensors and a checkpoint).
 fn golden_cases() -> Result<Vec<PathBuf>> {
+    testdata_dirs_with(&["golden.safetensors", "config.json"])
+}
+
+/// The directories under testdata holding every one of `files`, sorted.
+fn testdata_dirs_with(files: &[&str]) -> Result<Vec<PathBuf>> {
     let mut v: Vec<PathBuf> = std::fs::read_dir(root().join("testdata"))
         .map_err(|e| e.to_string())?
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.join("golden.safetensors").is_file() && p.join("config.json").is_file())
+        .filter(|p| files.iter().all(|f| p.join(f).is_file()))
         .collect();
     v.sort();
     Ok(v)

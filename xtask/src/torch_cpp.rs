@@ -21,7 +21,7 @@ use std::time::Instant;
 
 use ferry_verifier::{F32Tensor, Golden, I64Tensor, Input};
 
-use crate::{Result, golden_cases, in_ci, root, target};
+use crate::{Result, golden_cases, in_ci, root, target, testdata_dirs_with};
 
 /// Largest absolute difference allowed from the fp32 goldens.
 const ATOL: f64 = 1e-5;
@@ -227,7 +227,7 @@ fn run_cases(exe: &Path, ferry: &Path) -> Result<usize> {
             }
         }
     }
-    for case in steps_cases()? {
+    for case in testdata_dirs_with(&["steps.safetensors", "case.json"])? {
         match steps_job(&case, ferry, &out_dir) {
             Ok(Some(j)) => jobs.push(j),
             Ok(None) => {}
@@ -488,17 +488,6 @@ fn expected(
         .collect()
 }
 
-/// Golden directories with a steps golden (decoders fed their cache back).
-fn steps_cases() -> Result<Vec<PathBuf>> {
-    let mut v: Vec<PathBuf> = std::fs::read_dir(root().join("testdata"))
-        .map_err(|e| e.to_string())?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.join("steps.safetensors").is_file() && p.join("case.json").is_file())
-        .collect();
-    v.sort();
-    Ok(v)
-}
-
 /// A decoder case's with-past archive and its steps: step 0 gets an empty cache, each
 /// later step the previous step's `present.*` (fed back inside ts_check); logits are
 /// compared at every step. `None` (said on stdout) for an ONNX-only model type or a steps
@@ -581,25 +570,25 @@ fn read_safetensors(path: &Path) -> Result<BTreeMap<String, Input>> {
         let t = match view.dtype() {
             safetensors::Dtype::I64 => Input::I64(I64Tensor {
                 shape,
-                data: view
-                    .data()
-                    .chunks_exact(8)
-                    .map(|c| i64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
-                    .collect(),
+                data: from_le(view.data(), i64::from_le_bytes),
             }),
             safetensors::Dtype::F32 => Input::F32(F32Tensor {
                 shape,
-                data: view
-                    .data()
-                    .chunks_exact(4)
-                    .map(|c| f32::from_le_bytes(c.try_into().unwrap_or([0; 4])))
-                    .collect(),
+                data: from_le(view.data(), f32::from_le_bytes),
             }),
             _ => continue,
         };
         out.insert(name, t);
     }
     Ok(out)
+}
+
+/// Little-endian values of `N` bytes each.
+fn from_le<const N: usize, T>(bytes: &[u8], value: fn([u8; N]) -> T) -> Vec<T> {
+    bytes
+        .chunks_exact(N)
+        .map(|c| value(c.try_into().unwrap_or([0; N])))
+        .collect()
 }
 
 /// Writes tensors in ts_check's tensor file format (see xtask/cpp/ts_check.cpp).
