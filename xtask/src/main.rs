@@ -565,7 +565,7 @@ fn verify(args: &[String]) -> Result<()> {
         Some((golden, consumer, js, genai))
     } else {
         println!(
-            "xtask: --no-torch: the TorchScript, consumer and onnxruntime-genai checks will not run"
+            "xtask: --no-torch: the TorchScript (torch.jit.load and libtorch C++), consumer and onnxruntime-genai checks will not run"
         );
         None
     };
