@@ -70,3 +70,18 @@ pub(crate) fn encoder_dims(
         act: Activation::parse(c.hidden_act.as_deref().unwrap_or(default_act))?,
     })
 }
+
+/// The entry of a per-`model_type` description table (`name` reads an entry's
+/// `model_type`), or the unknown-architecture error.
+pub(crate) fn family<'a, F>(
+    families: &'a [F],
+    model_type: &str,
+    name: impl Fn(&F) -> &str,
+) -> Result<&'a F, TraceError> {
+    families
+        .iter()
+        .find(|f| name(f) == model_type)
+        .ok_or_else(|| TraceError::UnknownArchitecture {
+            model_type: model_type.to_string(),
+        })
+}

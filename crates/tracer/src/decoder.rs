@@ -990,12 +990,7 @@ pub(crate) fn arange_positions(t: &mut Tracer, ids: &T) -> Result<T, TraceError>
 /// Traces a Llama-family decoder for `task`.
 pub(crate) fn build(t: &mut Tracer, r: &Request<'_>) -> Result<(), TraceError> {
     let (config, opts, task) = (r.config, r.opts, r.task);
-    let f = FAMILIES
-        .iter()
-        .find(|f| f.model_type == config.model_type)
-        .ok_or_else(|| TraceError::UnknownArchitecture {
-            model_type: config.model_type.clone(),
-        })?;
+    let f = crate::config::family(FAMILIES, &config.model_type, |f| f.model_type)?;
     let d = DecoderDims::from_config(config, f)?;
     let w = WeightSource::new(r.weights, "model");
     let inputs = DecoderInputs::declare(t, opts, task, (d.layers, d.kv_heads, d.head_dim));

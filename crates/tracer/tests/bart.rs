@@ -54,6 +54,23 @@ fn io(values: &[ferry_ir::Value]) -> Vec<(String, Vec<String>)> {
         .collect()
 }
 
+/// `{prefix}.{i}.decoder.key/value` (with `own` dims) then, given `cross` dims,
+/// `{prefix}.{i}.encoder.key/value`, for marian-tiny's 2 layers.
+fn cache_io(prefix: &str, own: &[String], cross: Option<&[String]>) -> Vec<(String, Vec<String>)> {
+    let mut v = Vec::new();
+    for i in 0..2 {
+        let kinds = [("decoder", Some(own)), ("encoder", cross)];
+        for (kind, dims) in kinds {
+            for kv in ["key", "value"] {
+                if let Some(dims) = dims {
+                    v.push((format!("{prefix}.{i}.{kind}.{kv}"), dims.to_vec()));
+                }
+            }
+        }
+    }
+    v
+}
+
 fn part(c: &ferry_loader::Checkpoint, weights: &Weights, p: Seq2SeqPart) -> Graph {
     trace_seq2seq(&c.config, weights, &TraceOptions::default(), p).expect("trace")
 }
@@ -107,14 +124,7 @@ fn marian_parts_have_optimums_inputs_and_outputs() {
         "logits".to_string(),
         s(&["batch_size", "decoder_sequence_length", "96"]),
     )];
-    for i in 0..2 {
-        for kv in ["key", "value"] {
-            outputs.push((format!("present.{i}.decoder.{kv}"), total.clone()));
-        }
-        for kv in ["key", "value"] {
-            outputs.push((format!("present.{i}.encoder.{kv}"), cross.clone()));
-        }
-    }
+    outputs.extend(cache_io("present", &total, Some(&cross)));
     assert_eq!(io(&g.outputs), outputs);
 
     let g = part(&c, &c.weights, Seq2SeqPart::DecoderWithPast);
@@ -122,26 +132,13 @@ fn marian_parts_have_optimums_inputs_and_outputs() {
         ("encoder_attention_mask".to_string(), enc_ids),
         ("input_ids".to_string(), dec_ids),
     ];
-    for i in 0..2 {
-        for kv in ["key", "value"] {
-            inputs.push((format!("past_key_values.{i}.decoder.{kv}"), past.clone()));
-        }
-        for kv in ["key", "value"] {
-            inputs.push((format!("past_key_values.{i}.encoder.{kv}"), cross.clone()));
-        }
-    }
+    inputs.extend(cache_io("past_key_values", &past, Some(&cross)));
     assert_eq!(io(&g.inputs), inputs);
-    let names: Vec<&str> = g.outputs.iter().map(|v| v.name.as_str()).collect();
-    assert_eq!(
-        names,
-        [
-            "logits",
-            "present.0.decoder.key",
-            "present.0.decoder.value",
-            "present.1.decoder.key",
-            "present.1.decoder.value"
-        ]
-    );
+    // optimum names the logits' sequence axis `1` here (a traced constant); ferry keeps
+    // `decoder_sequence_length`, which also runs several new tokens at once.
+    let outputs = io(&g.outputs);
+    assert_eq!(outputs[0].0, "logits");
+    assert_eq!(outputs[1..], cache_io("present", &total, None));
     // The shared table is one initializer, used by the embedding and the tied LM head;
     // Marian's sinusoidal positions are computed, not read from the checkpoint.
     for name in ["shared.weight", "decoder.embed_positions.weight"] {

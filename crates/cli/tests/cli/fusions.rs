@@ -454,9 +454,7 @@ fn bart_family_encoder_attention_fuses() {
     use ferry_verifier::{I64Tensor, Input, Model};
     let dir = tempfile::tempdir().expect("tempdir");
     for case in ["bart-tiny", "mbart-tiny", "marian-tiny"] {
-        let model = dir.path().join(format!("{case}.onnx"));
-        let o = export(&testdata(case), &model, &["--task", "feature-extraction"]);
-        assert!(o.status.success(), "export {case}: {}", stderr(&o));
+        let model = export_case(dir.path(), case, &["--task", "feature-extraction"]);
         let out = dir.path().join(format!("{case}-opt.onnx"));
         let o = run(ferry().arg("optimize").arg(&model).arg(&out));
         assert!(o.status.success(), "optimize {case}: {}", stderr(&o));
