@@ -174,6 +174,7 @@ pub fn convert_fp16(graph: &mut Graph, opts: &Fp16Options) -> Result<Fp16Stats, 
         let (a, b) = parts?;
         return Ok(a + b);
     }
+    crate::no_subgraphs(graph)?;
     let mut stats = Fp16Stats::default();
     let types = infer_dtypes(graph);
     let is_f32 = |name: &str| !name.is_empty() && types.get(name) == Some(&DType::F32);

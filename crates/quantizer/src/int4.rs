@@ -212,6 +212,7 @@ pub fn quantize_int4(graph: &mut Graph, opts: &Int4Options) -> Result<Int4Stats,
         let (a, b) = parts?;
         return Ok(a + b);
     }
+    crate::no_subgraphs(graph)?;
     let bs = opts.block_size;
     if bs < 16 || !bs.is_power_of_two() {
         return Err(QuantizeError::Invalid(format!(

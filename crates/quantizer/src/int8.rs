@@ -172,6 +172,7 @@ pub fn quantize_int8(graph: &mut Graph, opts: &Int8Options) -> Result<Int8Stats,
         let (a, b) = parts?;
         return Ok(a + b);
     }
+    crate::no_subgraphs(graph)?;
     let opset = graph.onnx_opset().unwrap_or(0);
     if opset < 11 {
         return Err(QuantizeError::Invalid(format!(
@@ -1017,6 +1018,49 @@ pub(crate) mod tests {
             vec![init("w", vec![4, 3], &W)],
             17,
         )
+    }
+
+    /// A merged decoder (two copies of [`matmul_graph`], the second reading `past` too) is
+    /// quantized as its two parts and merged again, the quantized weight stored once; an
+    /// `If` in any other graph is refused rather than risk dropping a weight a branch reads.
+    #[test]
+    fn merged_decoder_is_quantized_as_its_parts() {
+        let mut with_past = matmul_graph();
+        with_past
+            .inputs
+            .push(Value::new("past", DType::F32, vec![1.into(), 3.into()]));
+        with_past.nodes[2].inputs[1] = "past".into();
+        let mut g = ferry_ir::merge_decoders(matmul_graph(), with_past).expect("merge");
+        let stats = quantize_int8(&mut g, &Int8Options::default()).expect("quantize");
+        assert_eq!((stats.matmuls, stats.tensors), (4, 2));
+        assert_eq!(ops(&g), ["If"]);
+        let outer: Vec<&str> = g.initializers.iter().map(|t| t.name.as_str()).collect();
+        assert!(
+            outer.contains(&"w_quantized") && !outer.contains(&"w"),
+            "{outer:?}"
+        );
+        assert_eq!(outer.iter().filter(|n| **n == "w_quantized").count(), 1);
+        let (a, b) = ferry_ir::split_merged(&g).expect("still merged");
+        assert_eq!(ops(&a)[1], "MatMulInteger");
+        assert_eq!(b.nodes.last().map(|n| n.inputs[1].as_str()), Some("past"));
+
+        let mut other = matmul_graph();
+        let mut iff = node("if", "If", "", &["x"], &["z"]);
+        let branch = Graph {
+            outputs: vec![Value::new("z", DType::F32, vec![])],
+            nodes: vec![node("id", "Identity", "", &["w"], &["z"])],
+            ..Default::default()
+        };
+        iff.attrs
+            .insert("then_branch".into(), Attr::Graph(Box::new(branch.clone())));
+        iff.attrs
+            .insert("else_branch".into(), Attr::Graph(Box::new(branch)));
+        other.nodes.push(iff);
+        assert!(matches!(
+            quantize_int8(&mut other, &Int8Options::default()),
+            Err(QuantizeError::Invalid(_))
+        ));
+        assert_eq!(other.initializers.len(), 1, "untouched");
     }
 
     #[test]

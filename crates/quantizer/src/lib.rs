@@ -31,3 +31,15 @@ pub enum QuantizeError {
     #[error(transparent)]
     Merge(#[from] ferry_ir::MergeError),
 }
+
+/// Refuses a graph with `If` subgraphs that is not a merged decoder (those are rewritten
+/// as their two parts, [`ferry_ir::map_merged`]): the rewrites drop float weights their
+/// outer nodes no longer read, which a branch may still read.
+pub(crate) fn no_subgraphs(graph: &ferry_ir::Graph) -> Result<(), QuantizeError> {
+    if graph.has_subgraphs() {
+        return Err(QuantizeError::Invalid(
+            "graphs with `If` subgraphs are quantized only in optimum's merged-decoder form (one `If` on a graph input)".into(),
+        ));
+    }
+    Ok(())
+}
