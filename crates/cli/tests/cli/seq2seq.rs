@@ -461,6 +461,71 @@ fn optimized_folder_keeps_parity() {
     folder_matches(&opt, &g, "bart-tiny ferry optimize merged");
 }
 
+/// `--optimize` fuses in each file of a T5 v1.1 and a BART folder what ONNX Runtime's
+/// transformers optimizer fuses in the same plain files (onnxruntime 1.31.1,
+/// `optimizer.optimize_model(path, model_type="t5"/"bart", num_heads=4, hidden_size=32,
+/// opt_level=0)` on ferry's export of t5-tiny-v1_1 / bart-tiny: per file encoder, decoder,
+/// decoder with past), BART's encoder self-attention besides, and the optimized folder still
+/// matches transformers.
+#[test]
+fn optimized_folders_fuse_what_onnx_runtime_fuses() {
+    let cases: [(&str, &[(&str, [usize; 3])]); 2] = [
+        (
+            "t5-tiny-v1_1",
+            &[
+                ("FastGelu", [2, 2, 2]),
+                ("SimplifiedLayerNormalization", [1, 1, 1]),
+                ("SkipSimplifiedLayerNormalization", [4, 6, 6]),
+            ],
+        ),
+        (
+            "bart-tiny",
+            &[
+                ("BiasGelu", [2, 2, 2]),
+                ("LayerNormalization", [1, 1, 1]),
+                ("SkipLayerNormalization", [4, 6, 6]),
+            ],
+        ),
+    ];
+    for (name, want) in cases {
+        let case = testdata(name);
+        let dir = tempfile::tempdir().expect("tempdir");
+        let out = dir.path().join(name);
+        let o = export(
+            &case,
+            &out,
+            &["--task", "text2text-generation-with-past", "--optimize"],
+        );
+        assert!(o.status.success(), "{}", stderr(&o));
+        let opt = dir.path().join("optimized");
+        std::fs::create_dir(&opt).expect("mkdir");
+        for (k, stem) in [
+            "encoder_model",
+            "decoder_model",
+            "decoder_with_past_model",
+            "decoder_model_merged",
+        ]
+        .iter()
+        .enumerate()
+        {
+            let f = out.join(format!("{stem}-optimized.onnx"));
+            let graph = ferry_onnx::read_graph(&f).expect("reads");
+            let fused = ferry_optimizer::fused_operator_statistics(&graph);
+            for (op, counts) in want {
+                // The merged file holds both decoders.
+                let n = if k == 3 {
+                    counts[1] + counts[2]
+                } else {
+                    counts[k]
+                };
+                assert_eq!(fused[op], n, "{name} {stem}: {op}");
+            }
+            std::fs::copy(&f, opt.join(format!("{stem}.onnx"))).expect("copy");
+        }
+        folder_matches(&opt, &Golden::load(&case), &format!("{name} optimized"));
+    }
+}
+
 /// With `--external-data` every model file of the folder has its own side file.
 #[test]
 fn external_data_per_file() {
