@@ -1,6 +1,6 @@
 //! BART, mBART and Marian against transformers: every `"kind": "seq2seq"` testdata case of
-//! those model types traced part by part, written by ferry-onnx at opsets 14, 17 and 21,
-//! run in ONNX Runtime (encoder on the right-padded batch, uncached decoder on the 4-token
+//! those model types traced part by part (dynamic axes and fixed batch/source length),
+//! written by ferry-onnx at opsets 14, 17 and 21, run in ONNX Runtime (encoder on the right-padded batch, uncached decoder on the 4-token
 //! prefix, three cached steps fed the presents) and compared with transformers' outputs;
 //! optimum's input/output names, order and axes; the missing-decoder error.
 
@@ -21,19 +21,30 @@ fn bart_family_matches_transformers_step_by_step() {
     );
     let mut bad = Vec::new();
     for case in &cases {
-        for opset in [14, 17, 21] {
+        // Dynamic axes, and `--static-shapes` with the goldens' batch and source length.
+        let fixed = [
+            ("batch_size".to_string(), 2),
+            ("encoder_sequence_length".to_string(), 9),
+        ];
+        for (opset, fixed_dims) in [14, 17, 21]
+            .into_iter()
+            .flat_map(|o| [(o, Default::default()), (o, fixed.clone().into())])
+        {
+            let what = format!("{} opset {opset} fixed {fixed_dims:?}", case.display());
             let opts = TraceOptions {
                 opset,
+                fixed_dims,
                 ..Default::default()
             };
             let diffs = run_case(case, &opts);
-            eprintln!("{} opset {opset}: {diffs:?}", case.display());
+            eprintln!("{what}: {diffs:?}");
             assert_eq!(diffs.len(), 5, "encoder and 4 decoder steps");
-            for (what, d) in diffs {
-                if d > TOLERANCE {
-                    bad.push(format!("{} opset {opset}: {what} diff {d}", case.display()));
-                }
-            }
+            bad.extend(
+                diffs
+                    .iter()
+                    .filter(|(_, d)| *d > TOLERANCE)
+                    .map(|(part, d)| format!("{what}: {part} diff {d}")),
+            );
         }
     }
     assert!(bad.is_empty(), "{}", bad.join("\n"));
