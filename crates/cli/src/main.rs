@@ -299,7 +299,10 @@ struct ExportArgs {
         requires = "optimize"
     )]
     disable: Vec<String>,
-    /// Output file (`.onnx`, or `.pt` with `--format torchscript`).
+    /// Output file (`.onnx`, or `.pt` with `--format torchscript`); for an encoder-decoder
+    /// (t5, mt5, bart, mbart, marian) with a text2text-generation task, a folder in
+    /// optimum's layout (`encoder_model.onnx`, `decoder_model.onnx`, …; `--optimize` /
+    /// `--quantize` add `-optimized` / `-quantized` siblings of each file in it).
     output: Option<PathBuf>,
 }
 
