@@ -351,12 +351,14 @@ fn max_abs(got: &Input, want: &F32Tensor) -> f64 {
         )
 }
 
+/// The last component of `p` (a case's name).
 fn name_of(p: &Path) -> String {
     p.file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default()
 }
 
+/// Parses a JSON file; the error names the file.
 fn read_json(path: &Path) -> Result<serde_json::Value> {
     let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
     serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
@@ -598,6 +600,7 @@ fn write_tensors(path: &Path, tensors: &[Input]) -> Result<()> {
     std::fs::write(path, buf).map_err(|e| format!("{}: {e}", path.display()))
 }
 
+/// Encodes `tensors` as one tensor file (see xtask/cpp/ts_check.cpp).
 fn encode(w: &mut impl Write, tensors: &[Input]) -> std::io::Result<()> {
     w.write_all(MAGIC)?;
     w.write_all(&(tensors.len() as u32).to_le_bytes())?;
@@ -631,6 +634,7 @@ fn read_tensors(path: &Path) -> Result<Vec<Input>> {
     decode(&mut bytes.as_slice()).map_err(|e| format!("{}: {e}", path.display()))
 }
 
+/// Decodes one whole tensor file; trailing bytes are an error.
 fn decode(r: &mut impl Read) -> std::result::Result<Vec<Input>, String> {
     let mut word = [0u8; 8];
     let mut take = |n: usize| -> std::result::Result<[u8; 8], String> {
