@@ -203,7 +203,7 @@ pub(crate) fn build(t: &mut Tracer, r: &Request<'_>, part: Seq2SeqPart) -> Resul
         t.output(&x, "last_hidden_state");
         return Ok(());
     }
-    require_decoder(&w)?;
+    require_decoder(&w, &config.model_type)?;
     let dims = CacheDims {
         layers: d.decoder.layers,
         heads: d.decoder.heads,
@@ -218,14 +218,15 @@ pub(crate) fn build(t: &mut Tracer, r: &Request<'_>, part: Seq2SeqPart) -> Resul
 
 /// A checkpoint saved without its decoder (an encoder-only save) cannot give the decoder
 /// files: say so in one line rather than naming the first missing weight.
-fn require_decoder(w: &WeightSource<'_>) -> Result<(), TraceError> {
+fn require_decoder(w: &WeightSource<'_>, model_type: &str) -> Result<(), TraceError> {
     let probe = "decoder.layers.0.self_attn.q_proj.weight";
     if w.contains(probe) {
         return Ok(());
     }
-    Err(TraceError::Unsupported(format!(
-        "the checkpoint has no decoder weights (no `{probe}`); only the encoder (feature-extraction) can be exported"
-    )))
+    Err(TraceError::NoDecoderWeights {
+        model_type: model_type.to_string(),
+        missing: probe.to_string(),
+    })
 }
 
 /// The token embedding table of a stack: the one `shared` table when encoder and decoder

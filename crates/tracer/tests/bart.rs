@@ -8,7 +8,7 @@ mod common;
 
 use common::seq2seq::{cases, run_case, testdata};
 use ferry_ir::{Dim, Graph, Weights};
-use ferry_tracer::{Seq2SeqPart, TraceOptions, trace_seq2seq};
+use ferry_tracer::{Seq2SeqPart, TraceError, TraceOptions, trace_seq2seq};
 
 const TOLERANCE: f32 = 1e-5;
 
@@ -178,6 +178,10 @@ fn checkpoint_without_decoder_weights_exports_only_the_encoder() {
         let e = trace_seq2seq(&c.config, &encoder_only, &TraceOptions::default(), p)
             .expect_err("no decoder");
         let msg = e.to_string();
+        assert!(
+            matches!(&e, TraceError::NoDecoderWeights { model_type, .. } if model_type == "marian"),
+            "{msg}"
+        );
         assert!(msg.contains("no decoder weights"), "{msg}");
         assert!(!msg.contains('\n'), "one line: {msg}");
     }
