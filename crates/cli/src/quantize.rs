@@ -133,6 +133,13 @@ pub fn quantize_file(
     let pb = stage("reading");
     let model = ferry_onnx::read_model(input).map_err(|e| e.to_string())?;
     let mut graph = model.graph;
+    if !a.no_report && ferry_ir::split_merged(&graph).is_some() {
+        pb.finish_and_clear();
+        return Err(format!(
+            "{}: the accuracy report cannot feed a merged decoder's `use_cache_branch`; pass --no-report (its two decoders are quantized and merged again)",
+            input.display()
+        ));
+    }
     let float_bytes = graph.weight_bytes();
     let vocab = DummyVocab::of(&graph);
     done(

@@ -526,6 +526,48 @@ fn optimized_folders_fuse_what_onnx_runtime_fuses() {
     }
 }
 
+/// `ferry quantize --no-report` on a merged decoder quantizes its two decoders and merges
+/// them again: the same results as the two decoders quantized on their own; with the
+/// report it is a clear one-line error.
+#[test]
+fn ferry_quantize_on_a_merged_file() {
+    let case = testdata("bart-tiny");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().join("bart");
+    let o = export(&case, &out, &["--task", "text2text-generation-with-past"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let q = dir.path().join("q");
+    std::fs::create_dir(&q).expect("mkdir");
+    for stem in [
+        "decoder_model",
+        "decoder_with_past_model",
+        "decoder_model_merged",
+    ] {
+        let o = super::run(
+            ferry()
+                .args(["quantize", "--no-report"])
+                .arg(out.join(format!("{stem}.onnx")))
+                .arg(q.join(format!("{stem}.onnx"))),
+        );
+        assert!(o.status.success(), "{stem}: {}", stderr(&o));
+    }
+    merged_equals_parts(
+        &q,
+        "decoder_model.onnx",
+        "decoder_with_past_model.onnx",
+        "decoder_model_merged.onnx",
+        &Golden::load(&case),
+    );
+    let target = dir.path().join("report.onnx");
+    let o = super::run(
+        ferry()
+            .arg("quantize")
+            .arg(out.join("decoder_model_merged.onnx"))
+            .arg(&target),
+    );
+    assert_fails_cleanly(&o, &target, "--no-report");
+}
+
 /// With `--external-data` every model file of the folder has its own side file.
 #[test]
 fn external_data_per_file() {
