@@ -461,6 +461,9 @@ fn optimized_folder_keeps_parity() {
     folder_matches(&opt, &g, "bart-tiny ferry optimize merged");
 }
 
+/// A fused op type and its count in the encoder, decoder and decoder with past.
+type FusedCounts = (&'static str, [usize; 3]);
+
 /// `--optimize` fuses in each file of a T5 v1.1 and a BART folder what ONNX Runtime's
 /// transformers optimizer fuses in the same plain files (onnxruntime 1.31.1,
 /// `optimizer.optimize_model(path, model_type="t5"/"bart", num_heads=4, hidden_size=32,
@@ -469,7 +472,7 @@ fn optimized_folder_keeps_parity() {
 /// matches transformers.
 #[test]
 fn optimized_folders_fuse_what_onnx_runtime_fuses() {
-    let cases: [(&str, &[(&str, [usize; 3])]); 2] = [
+    let cases: [(&str, &[FusedCounts]); 2] = [
         (
             "t5-tiny-v1_1",
             &[
