@@ -54,7 +54,8 @@ pub(crate) fn task_inputs(
             .collect();
         let flat = vec![sym("batch_size*num_choices"), s];
         let shape = t.shape_of(&declared[0]);
-        let seq = t.slice_last(&shape, 2, 3);
+        let (two, three, zero) = (t.ints(&[2]), t.ints(&[3]), t.ints(&[0]));
+        let seq = t.slice(&shape, &two, &three, &zero, vec![Dim::Fixed(1)]);
         let rest = t.ints(&[-1]);
         let target = t.op(
             "Concat",
