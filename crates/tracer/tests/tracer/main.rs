@@ -1,4 +1,9 @@
-//! Tracer tests: graph structure of a traced tiny BERT.
+//! Tracer tests: graph structure of a traced tiny BERT; the encoder-decoders (`t5`, `bart`)
+//! traced part by part against transformers.
+
+mod bart;
+mod seq2seq_common;
+mod t5;
 
 use std::path::Path;
 

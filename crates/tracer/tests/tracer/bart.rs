@@ -4,9 +4,7 @@
 //! prefix, three cached steps fed the presents) and compared with transformers' outputs;
 //! optimum's input/output names, order and axes; the missing-decoder error.
 
-mod common;
-
-use common::seq2seq::{cases, run_case, testdata};
+use crate::seq2seq_common::{cases, run_case, testdata};
 use ferry_ir::{Dim, Graph, Weights};
 use ferry_tracer::{Seq2SeqPart, TraceError, TraceOptions, trace_seq2seq};
 

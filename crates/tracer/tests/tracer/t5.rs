@@ -3,9 +3,7 @@
 //! and with fixed batch/encoder axes, run in ONNX Runtime (encoder on the right-padded
 //! batch, uncached decoder on the 4-token prefix, three cached steps fed the presents).
 
-mod common;
-
-use common::seq2seq::{cases, run_case};
+use crate::seq2seq_common::{cases, run_case};
 use ferry_tracer::{Seq2SeqPart, TraceError, TraceOptions, trace_seq2seq};
 
 const TOLERANCE: f32 = 1e-5;
@@ -87,7 +85,7 @@ fn io_names_and_axes_match_optimum() {
         .expect("recorded signature"),
     )
     .expect("json");
-    let c = ferry_loader::load(&common::seq2seq::testdata().join("t5-tiny-v1_0")).expect("load");
+    let c = ferry_loader::load(&crate::seq2seq_common::testdata().join("t5-tiny-v1_0")).expect("load");
     for part in [
         Seq2SeqPart::Encoder,
         Seq2SeqPart::Decoder,
@@ -110,7 +108,7 @@ fn io_names_and_axes_match_optimum() {
 /// tasks.
 #[test]
 fn bad_t5_checkpoints_give_typed_errors() {
-    let c = ferry_loader::load(&common::seq2seq::testdata().join("t5-tiny-v1_0")).expect("load");
+    let c = ferry_loader::load(&crate::seq2seq_common::testdata().join("t5-tiny-v1_0")).expect("load");
     let opts = TraceOptions::default();
     let mut encoder_only = ferry_ir::Weights::new();
     for w in c.weights.iter().filter(|w| !w.name.starts_with("decoder.")) {

@@ -1,3 +1,0 @@
-//! Helpers shared by the tracer's integration tests.
-
-pub mod seq2seq;
