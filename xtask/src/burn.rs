@@ -32,6 +32,24 @@ struct Model {
     export_args: Vec<String>,
     /// Also run `ferry optimize` on the export (ONNX Runtime's fused contrib ops).
     optimize: bool,
+    /// A folder export's files this row runs: (file in the folder, model name); empty: the
+    /// export is one file, model `name`.
+    folder: Vec<(&'static str, String)>,
+    /// The model of the steps after the first (an encoder-decoder's decoder_with_past).
+    later: Option<String>,
+    /// Key prefix of a plain golden's tensors (`encoder.` for an encoder-decoder's encoder).
+    scope: &'static str,
+}
+
+impl Model {
+    /// The names of the ONNX files (and generated models) this row needs.
+    fn files(&self) -> Vec<String> {
+        if self.folder.is_empty() {
+            vec![self.name.clone()]
+        } else {
+            self.folder.iter().map(|(_, n)| n.clone()).collect()
+        }
+    }
 }
 
 /// What happened to one model.
@@ -114,6 +132,9 @@ fn models() -> Result<Vec<Model>> {
                 steps,
                 export_args,
                 optimize: variant == "optimized",
+                folder: Vec::new(),
+                later: None,
+                scope: "",
             }
         };
         let golden = dir.join("golden.safetensors");
@@ -143,16 +164,34 @@ fn models() -> Result<Vec<Model>> {
         } else if steps.is_file() && task == "text-generation-with-past" {
             v.push(model("past", "text-generation-with-past", &steps, 4, &[]));
             v.push(model("prefill", "text-generation", &steps, 1, &[]));
+        } else if steps.is_file() && task == "text2text-generation-with-past" {
+            // The encoder-decoder folder: encoder; decoder_model for the first step then
+            // decoder_with_past_model; the merged decoder (an If on use_cache_branch).
+            let file = |f: &str| format!("{case}--{f}");
+            let mut encoder = model("encoder", &task, &steps, 0, &[]);
+            encoder.folder = vec![("encoder_model.onnx", file("encoder"))];
+            encoder.scope = "encoder.";
+            let mut decoder = model("decoder", &task, &steps, 4, &[]);
+            decoder.folder = vec![
+                ("decoder_model.onnx", file("decoder")),
+                ("decoder_with_past_model.onnx", file("decoder-with-past")),
+            ];
+            decoder.later = Some(file("decoder-with-past"));
+            let mut merged = model("merged", &task, &steps, 4, &[]);
+            merged.folder = vec![("decoder_model_merged.onnx", file("merged"))];
+            v.extend([encoder, decoder, merged]);
         }
     }
     Ok(v)
 }
 
-/// Exports `m` with `ferry` into `dir`, replacing the file only when its bytes changed (so
-/// an unchanged export does not rerun burn-onnx and recompile its code).
-fn export(ferry: &Path, m: &Model, dir: &Path) -> Result<()> {
-    let out = dir.join(format!("{}.onnx", m.name));
-    let fresh = dir.join(format!("{}.onnx.new", m.name));
+/// Exports `m` with `ferry` (through `tmp`) into `dir`, replacing each file only when its
+/// bytes changed (so an unchanged export does not rerun burn-onnx and recompile its code).
+fn export(ferry: &Path, m: &Model, dir: &Path, tmp: &Path) -> Result<()> {
+    let fresh = tmp.join(format!("{}.onnx", m.name));
+    if fresh.is_dir() {
+        std::fs::remove_dir_all(&fresh).map_err(|e| e.to_string())?;
+    }
     let o = Command::new(ferry)
         .args(&m.export_args)
         .arg(&fresh)
@@ -166,7 +205,7 @@ fn export(ferry: &Path, m: &Model, dir: &Path) -> Result<()> {
         ));
     }
     if m.optimize {
-        let optimized = dir.join(format!("{}.onnx.opt", m.name));
+        let optimized = tmp.join(format!("{}.opt.onnx", m.name));
         let o = Command::new(ferry)
             .arg("optimize")
             .arg(&fresh)
@@ -181,14 +220,30 @@ fn export(ferry: &Path, m: &Model, dir: &Path) -> Result<()> {
         }
         std::fs::rename(&optimized, &fresh).map_err(|e| e.to_string())?;
     }
-    let same = match (std::fs::read(&out), std::fs::read(&fresh)) {
-        (Ok(a), Ok(b)) => a == b,
-        _ => false,
+    let files: Vec<(PathBuf, String)> = if m.folder.is_empty() {
+        vec![(fresh.clone(), m.name.clone())]
+    } else {
+        m.folder
+            .iter()
+            .map(|(f, n)| (fresh.join(f), n.clone()))
+            .collect()
     };
-    if same {
+    for (new, name) in files {
+        let out = dir.join(format!("{name}.onnx"));
+        let same = match (std::fs::read(&out), std::fs::read(&new)) {
+            (Ok(a), Ok(b)) => a == b,
+            _ => false,
+        };
+        if !same {
+            std::fs::rename(&new, &out).map_err(|e| format!("{}: {e}", new.display()))?;
+        }
+    }
+    if fresh.is_dir() {
+        std::fs::remove_dir_all(&fresh).map_err(|e| e.to_string())
+    } else if fresh.exists() {
         std::fs::remove_file(&fresh).map_err(|e| e.to_string())
     } else {
-        std::fs::rename(&fresh, &out).map_err(|e| e.to_string())
+        Ok(())
     }
 }
 
@@ -251,13 +306,17 @@ fn build(models_dir: &Path, skip: &BTreeMap<String, String>) -> Result<BTreeMap<
             continue;
         }
         let diag = &msg["message"];
-        let text = diag["rendered"]
+        let first = diag["rendered"]
             .as_str()
             .or(diag["message"].as_str())
             .unwrap_or("")
             .lines()
             .next()
-            .unwrap_or("")
+            .unwrap_or("");
+        // `…/out/models/<name>.rs:L:C: error…` → `models/<name>.rs:L:C: error…`.
+        let text = first
+            .rsplit_once("/out/")
+            .map_or(first, |(_, rest)| rest)
             .to_string();
         match model_of_error(diag) {
             Some(m) => {
@@ -303,13 +362,19 @@ fn listed(bin: &Path) -> Result<BTreeMap<String, String>> {
 
 /// Runs one built model against its golden.
 fn run_model(bin: &Path, m: &Model) -> Outcome {
-    let o = Command::new(bin)
-        .arg("run")
+    let mut cmd = Command::new(bin);
+    cmd.arg("run")
         .arg(&m.name)
         .arg(&m.golden)
         .arg(m.steps.to_string())
-        .arg(ATOL.to_string())
-        .output();
+        .arg(ATOL.to_string());
+    if !m.scope.is_empty() {
+        cmd.arg(format!("scope={}", m.scope));
+    }
+    if let Some(later) = &m.later {
+        cmd.arg(format!("later={later}"));
+    }
+    let o = cmd.output();
     let o = match o {
         Ok(o) => o,
         Err(e) => return Outcome::Fail(format!("{}: {e}", bin.display())),
@@ -352,16 +417,20 @@ pub(crate) fn verify_burn(args: &[String]) -> Result<()> {
     run(cargo().args(["build", "--quiet", "-p", "ferry-cli"]))?;
     let ferry = target().join("debug").join("ferry");
     let models_dir = target().join("burn").join("models");
-    std::fs::create_dir_all(&models_dir).map_err(|e| e.to_string())?;
+    let tmp = target().join("burn").join("export-tmp");
+    for d in [&models_dir, &tmp] {
+        std::fs::create_dir_all(d).map_err(|e| e.to_string())?;
+    }
     let models = models()?;
     let mut outcomes: BTreeMap<String, Outcome> = BTreeMap::new();
     let mut wanted = std::collections::BTreeSet::new();
     for m in &models {
-        let name = format!("{}.onnx", m.name);
-        wanted.insert(name);
-        if let Err(e) = export(&ferry, m, &models_dir) {
+        wanted.extend(m.files().iter().map(|n| format!("{n}.onnx")));
+        if let Err(e) = export(&ferry, m, &models_dir, &tmp) {
             outcomes.insert(m.name.clone(), Outcome::Fail(format!("ferry export: {e}")));
-            let _ = std::fs::remove_file(models_dir.join(format!("{}.onnx", m.name)));
+            for n in m.files() {
+                let _ = std::fs::remove_file(models_dir.join(format!("{n}.onnx")));
+            }
         }
     }
     // Models of cases that no longer exist would stay in the build otherwise.
@@ -405,11 +474,17 @@ pub(crate) fn verify_burn(args: &[String]) -> Result<()> {
         if outcomes.contains_key(&m.name) {
             continue;
         }
-        let outcome = match status.get(&m.name).map(String::as_str) {
+        // The row runs when every file it needs was built; else the first one's reason.
+        let files = m.files();
+        let unbuilt = files
+            .iter()
+            .find(|n| status.get(*n).is_none_or(|s| s != "built"))
+            .unwrap_or(&m.name);
+        let outcome = match status.get(unbuilt).map(String::as_str) {
             Some("built") => run_model(&bin, m),
             Some("no-compile") => Outcome::Fail(format!(
                 "generated code does not compile: {}",
-                no_compile.get(&m.name).map(String::as_str).unwrap_or("")
+                no_compile.get(unbuilt).map(String::as_str).unwrap_or("")
             )),
             Some(s) => Outcome::Fail(format!(
                 "burn-onnx: {}",

@@ -4,13 +4,16 @@
 //!
 //! ```text
 //! ferry-burn-check list                        every model: built, or why not
-//! ferry-burn-check run MODEL FILE STEPS ATOL   run MODEL on FILE's inputs, compare outputs
+//! ferry-burn-check run MODEL FILE STEPS ATOL [scope=PREFIX] [later=MODEL2]
+//!                                              run MODEL on FILE's inputs, compare outputs
 //! ```
 //!
-//! `FILE` is a golden safetensors file. With `STEPS` = 0 it holds `input.*` and `output.*`;
-//! otherwise `step{k}.input.*` and `step{k}.output.*` for `k < STEPS`, and each step after the
-//! first is fed the previous step's `present.*` as `past_key_values.*` (the first an empty
-//! cache). Prints one line: `PASS`/`FAIL`, the largest max-abs, and each output's.
+//! `FILE` is a golden safetensors file. With `STEPS` = 0 it holds `PREFIX` + `input.*` and
+//! `output.*` (`PREFIX` empty, or `encoder.` for an encoder-decoder's encoder); otherwise
+//! `step{k}.input.*` and `step{k}.output.*` for `k < STEPS`, run by MODEL at step 0 and by
+//! MODEL2 (default MODEL) after it, each step after the first fed the earlier `present.*` as
+//! `past_key_values.*` (the first an empty cache). Prints one line: `PASS`/`FAIL`, the
+//! largest max-abs, and each output's.
 
 use std::collections::BTreeMap;
 use std::process::ExitCode;
@@ -202,19 +205,46 @@ fn worst(diffs: impl Iterator<Item = f32>) -> f32 {
     })
 }
 
-/// Runs `case` on the golden's inputs (`steps` cached steps, or one plain run) and returns
-/// each compared output's max-abs difference.
-fn run_case(case: &Case, path: &str, steps: usize) -> Result<Vec<(String, f32)>, String> {
-    let run = case
-        .run
-        .ok_or_else(|| format!("{}: not built ({:?})", case.name, case.status))?;
+/// How to run a model against its golden.
+struct Plan<'a> {
+    /// The model of the first (or only) step.
+    first: &'a Case,
+    /// The model of the later steps (encoder-decoders: `decoder_with_past_model`).
+    later: &'a Case,
+    /// Cached steps (0: one run on the plain tensors under `scope`).
+    steps: usize,
+    /// Key prefix of the plain tensors (`""`, or `encoder.` for an encoder).
+    scope: String,
+}
+
+fn panic_text(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<String>()
+        .cloned()
+        .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "panic".into())
+        .replace('\n', " ")
+}
+
+/// Runs the plan on the golden's inputs and returns each compared output's max-abs
+/// difference. Each step after the first is fed the previous step's `present.*` as
+/// `past_key_values.*` (an encoder-decoder's cross-attention cache: the first step's);
+/// the first step gets an empty cache. Encoder-decoder inputs come from the golden's
+/// encoder (`encoder_attention_mask`, `encoder_hidden_states`); a merged decoder's
+/// `use_cache_branch` is true after the first step.
+/// Also returns the largest magnitude among the compared golden values.
+fn run_plan(plan: &Plan, path: &str) -> Result<(Vec<(String, f32)>, f32), String> {
     let golden = read_golden(path)?;
     let device = Device::default();
     let mut cache: Inputs = BTreeMap::new();
     let mut diffs = Vec::new();
-    for step in 0..steps.max(1) {
-        let prefix = if steps == 0 {
-            String::new()
+    let mut scale = 0.0f32;
+    for step in 0..plan.steps.max(1) {
+        let case = if step == 0 { plan.first } else { plan.later };
+        let run = case
+            .run
+            .ok_or_else(|| format!("{}: not built ({:?})", case.name, case.status))?;
+        let prefix = if plan.steps == 0 {
+            plan.scope.clone()
         } else {
             format!("step{step}.")
         };
@@ -227,40 +257,45 @@ fn run_case(case: &Case, path: &str, steps: usize) -> Result<Vec<(String, f32)>,
             .map(|(s, _)| s[0])
             .ok_or("the golden has no input_ids")?;
         for (name, dims) in case.inputs {
-            if !name.starts_with("past_key_values.") || inputs.contains_key(*name) {
+            if inputs.contains_key(*name) {
                 continue;
             }
-            let v = match cache.remove(*name) {
-                Some(v) => v,
-                None if step == 0 => {
-                    // The empty cache of the first step: batch × heads × 0 × head dim.
-                    let shape: Vec<usize> = dims
-                        .iter()
-                        .enumerate()
-                        .map(|(k, d)| match (k, d) {
-                            (0, _) => batch,
-                            (2, _) => 0,
-                            (_, Some(d)) => *d,
-                            (_, None) => 0,
-                        })
-                        .collect();
-                    (shape, Values::F32(Vec::new()))
-                }
-                None => return Err(format!("step {step}: no present for `{name}`")),
+            let v = match *name {
+                "encoder_attention_mask" => golden.get("encoder.input.attention_mask").cloned(),
+                "encoder_hidden_states" => golden.get("encoder.output.last_hidden_state").cloned(),
+                "use_cache_branch" => Some((vec![1], Values::I64(vec![i64::from(step > 0)]))),
+                n if n.starts_with("past_key_values.") => match cache.get(n) {
+                    Some(v) => Some(v.clone()),
+                    None if step == 0 => {
+                        // The empty cache of the first step: batch × heads × 0 × head dim.
+                        let shape: Vec<usize> = dims
+                            .iter()
+                            .enumerate()
+                            .map(|(k, d)| match (k, d) {
+                                (0, _) => batch,
+                                (2, _) => 0,
+                                (_, Some(d)) => *d,
+                                (_, None) => 0,
+                            })
+                            .collect();
+                        Some((shape, Values::F32(Vec::new())))
+                    }
+                    None => return Err(format!("step {step}: no present for `{n}`")),
+                },
+                _ => None,
             };
-            inputs.insert(name.to_string(), v);
+            if let Some(v) = v {
+                inputs.insert(name.to_string(), v);
+            }
         }
-        let outs = std::panic::catch_unwind(|| run(&inputs, &device)).map_err(|p| {
-            let text = p
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_else(|| "panic".into());
-            format!("step {step}: burn panicked: {}", text.replace('\n', " "))
-        })??;
+        let outs = std::panic::catch_unwind(|| run(&inputs, &device))
+            .map_err(|p| format!("step {step}: burn panicked: {}", panic_text(p.as_ref())))??;
         let want = under(&golden, &format!("{prefix}output."));
         for out in outs {
-            if let Some(past) = out.name.strip_prefix("present.") {
+            // An encoder-decoder's cross-attention cache is the first step's (optimum's
+            // merged decoder returns empty `present.*.encoder.*` in its cache branch).
+            let encoder_cache = out.name.contains(".encoder.") && step > 0;
+            if let Some(past) = out.name.strip_prefix("present.").filter(|_| !encoder_cache) {
                 cache.insert(
                     format!("past_key_values.{past}"),
                     (out.shape.clone(), Values::F32(out.data.clone())),
@@ -269,33 +304,26 @@ fn run_case(case: &Case, path: &str, steps: usize) -> Result<Vec<(String, f32)>,
             let Some((shape, Values::F32(w))) = want.get(&out.name) else {
                 continue;
             };
-            if *shape != out.shape {
+            if *shape != out.shape || w.len() != out.data.len() {
                 return Err(format!(
                     "step {step}: output `{}` has shape {:?}, golden {:?}",
                     out.name, out.shape, shape
                 ));
             }
-            if w.len() != out.data.len() {
-                return Err(format!(
-                    "step {step}: output `{}` has {} values, golden {}",
-                    out.name,
-                    out.data.len(),
-                    w.len()
-                ));
-            }
             let d = worst(w.iter().zip(&out.data).map(|(a, b)| (a - b).abs()));
-            let label = if steps == 0 {
+            let label = if plan.steps == 0 {
                 out.name.clone()
             } else {
                 format!("step{step}.{}", out.name)
             };
             diffs.push((label, d));
+            scale = scale.max(worst(w.iter().map(|x| x.abs())));
         }
     }
     if diffs.is_empty() {
         return Err("no output of the model is in the golden".into());
     }
-    Ok(diffs)
+    Ok((diffs, scale))
 }
 
 fn main() -> ExitCode {
@@ -317,25 +345,48 @@ fn main() -> ExitCode {
             }
             ExitCode::SUCCESS
         }
-        ["run", name, path, steps, atol] => {
+        ["run", name, path, steps, atol, options @ ..] => {
             let (Ok(steps), Ok(atol)) = (steps.parse::<usize>(), atol.parse::<f32>()) else {
                 eprintln!("ferry-burn-check: STEPS must be a count and ATOL a number");
                 return ExitCode::FAILURE;
             };
-            let Some(case) = CASES.iter().find(|c| c.name == *name) else {
+            let find = |n: &str| CASES.iter().find(|c| c.name == n);
+            let Some(first) = find(name) else {
                 eprintln!("ferry-burn-check: no model {name} in this build");
                 return ExitCode::FAILURE;
             };
+            let mut plan = Plan {
+                first,
+                later: first,
+                steps,
+                scope: String::new(),
+            };
+            for o in options.iter() {
+                match o.split_once('=') {
+                    Some(("scope", v)) => plan.scope = v.to_string(),
+                    Some(("later", v)) => match find(v) {
+                        Some(c) => plan.later = c,
+                        None => {
+                            eprintln!("ferry-burn-check: no model {v} in this build");
+                            return ExitCode::FAILURE;
+                        }
+                    },
+                    _ => {
+                        eprintln!("ferry-burn-check: unknown option {o}");
+                        return ExitCode::FAILURE;
+                    }
+                }
+            }
             // Quiet panics: a failing model is reported on one line.
             std::panic::set_hook(Box::new(|_| {}));
-            match run_case(case, path, steps) {
-                Ok(diffs) => {
+            match run_plan(&plan, path) {
+                Ok((diffs, scale)) => {
                     let largest = worst(diffs.iter().map(|(_, d)| *d));
                     let pass = largest <= atol;
                     let each: Vec<String> =
                         diffs.iter().map(|(n, d)| format!("{n} {d:.2e}")).collect();
                     println!(
-                        "{} max-abs {largest:.2e} ({})",
+                        "{} max-abs {largest:.2e} ({}); golden values up to {scale:.3}",
                         if pass { "PASS" } else { "FAIL" },
                         each.join(", ")
                     );
@@ -352,7 +403,9 @@ fn main() -> ExitCode {
             }
         }
         _ => {
-            eprintln!("usage: ferry-burn-check list | run MODEL FILE STEPS ATOL");
+            eprintln!(
+                "usage: ferry-burn-check list | run MODEL FILE STEPS ATOL [scope=PREFIX] [later=MODEL]"
+            );
             ExitCode::FAILURE
         }
     }
