@@ -1,7 +1,7 @@
 //! Encoder-decoder generation against transformers: every testdata case with
 //! `generate.*_ids` goldens is exported as optimum's folder and generates, greedy and with 4
 //! beams, through the merged decoder and through the two separate ones, the token ids
-//! `model.generate` returned; `ferry run` on the exported `run-t5-tiny` prints what the
+//! `model.generate` returned, and under the other settings of `seq2seq-generate/<case>.json`; `ferry run` on the exported `run-t5-tiny` prints what the
 //! translation and summarization pipelines answered (run.json); bad folders and settings fail
 //! with one line.
 
@@ -61,6 +61,7 @@ fn export_folder(case: &Path) -> (tempfile::TempDir, PathBuf) {
 
 #[test]
 fn greedy_and_beam_search_match_generate() {
+    let mut settings = 0;
     for case in generate_cases() {
         let name = case.file_name().map(|n| n.to_string_lossy().into_owned());
         let meta: serde_json::Value = serde_json::from_str(
@@ -88,7 +89,36 @@ fn greedy_and_beam_search_match_generate() {
                 assert_eq!(got, want, "{name:?} {golden} (merged decoder: {merged})");
             }
         }
+        settings += usize::from(settings_match_generate(&case, &out, &ids, &mask));
     }
+    assert!(settings >= 6, "seq2seq-generate/ goldens: {settings} cases");
+}
+
+/// The settings goldens of `seq2seq-generate/<case>.json` (early stopping modes, length
+/// penalties, n-gram blocking, min/max length, end-of-sequence lists, bad words), if the
+/// case has them.
+fn settings_match_generate(case: &Path, out: &Path, ids: &[Vec<i64>], mask: &[Vec<i64>]) -> bool {
+    let name = case.file_name().expect("case name").to_string_lossy();
+    let path = testdata("seq2seq-generate").join(format!("{name}.json"));
+    if !path.is_file() {
+        return false;
+    }
+    let golden: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).expect("settings golden"))
+            .expect("settings golden is JSON");
+    let settings = golden["generate"].as_array().expect("generate");
+    assert!(settings.len() >= 10, "{}", path.display());
+    let mut model = Seq2Seq::load(out, 1).expect("load folder");
+    for s in settings {
+        let mut cfg = Seq2SeqConfig::from_folder(out).expect("generation config");
+        cfg.apply(s["kwargs"].as_object().expect("kwargs"))
+            .expect("settings apply");
+        let got = model.generate(ids, mask, &cfg).expect("generate");
+        let want: Vec<Vec<i64>> =
+            serde_json::from_value(s["ids"].clone()).expect("ids are int rows");
+        assert_eq!(got, want, "{name} {}", s["kwargs"]);
+    }
+    true
 }
 
 /// `ferry run` arguments for a pipeline call's generate kwargs.
