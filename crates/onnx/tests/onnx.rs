@@ -178,16 +178,31 @@ fn every_golden_export_parses_in_burn_onnx_ir() {
             };
             // Half-precision goldens export as float32, as `ferry export` does by default.
             let weights = ck.weights.upcast_to_f32();
-            let g = ferry_tracer::trace(&ck.config, &weights, &opts).expect("trace");
-            let out = dir.path().join(format!("m{opset}.onnx"));
-            write_model(&g, &out, &WriteOptions::default()).expect("write");
-            let parsed = onnx_ir::OnnxGraphBuilder::new().parse_file(&out);
-            assert!(
-                parsed.is_ok(),
-                "{} ({task}, opset {opset}) does not parse in burn onnx-ir: {:?}",
-                case.display(),
-                parsed.err()
-            );
+            // An encoder-decoder's folder: each of its plain files (the merged decoder's
+            // `If` is left to ONNX Runtime).
+            let graphs = match ferry_tracer::Seq2SeqPart::for_task(&task)
+                .filter(|_| ferry_tracer::is_encoder_decoder(&ck.config.model_type))
+            {
+                Some(parts) => parts
+                    .iter()
+                    .map(|&part| {
+                        ferry_tracer::trace_seq2seq(&ck.config, &weights, &opts, part)
+                            .expect("trace")
+                    })
+                    .collect(),
+                None => vec![ferry_tracer::trace(&ck.config, &weights, &opts).expect("trace")],
+            };
+            for (k, g) in graphs.iter().enumerate() {
+                let out = dir.path().join(format!("m{opset}-{k}.onnx"));
+                write_model(g, &out, &WriteOptions::default()).expect("write");
+                let parsed = onnx_ir::OnnxGraphBuilder::new().parse_file(&out);
+                assert!(
+                    parsed.is_ok(),
+                    "{} ({task}, opset {opset}, file {k}) does not parse in burn onnx-ir: {:?}",
+                    case.display(),
+                    parsed.err()
+                );
+            }
         }
     }
 }
@@ -393,8 +408,9 @@ fn read_graph_rejects_bad_files() {
     let e = with_entry("length", "nope").expect_err("length");
     assert!(e.to_string().contains("not a number"), "{e}");
 
-    // An attribute kind the IR does not hold names the node.
-    let m = ModelProto {
+    // An attribute kind the IR does not hold (a sparse tensor) names the node; a graph
+    // attribute (an `If` branch) is read.
+    let model = |kind: i32, g: Option<Box<GraphProto>>| ModelProto {
         ir_version: 8,
         graph: Some(GraphProto {
             node: vec![NodeProto {
@@ -402,8 +418,8 @@ fn read_graph_rejects_bad_files() {
                 op_type: "If".into(),
                 attribute: vec![AttributeProto {
                     name: "then_branch".into(),
-                    r#type: attribute_type::GRAPH,
-                    g: Some(Box::default()),
+                    r#type: kind,
+                    g,
                     ..Default::default()
                 }],
                 ..Default::default()
@@ -412,10 +428,100 @@ fn read_graph_rejects_bad_files() {
         }),
         ..Default::default()
     };
-    std::fs::write(p("if.onnx"), m.encode_to_vec()).expect("write");
-    let e = read_graph(&p("if.onnx")).expect_err("graph attribute");
+    std::fs::write(p("if.onnx"), model(11, None).encode_to_vec()).expect("write");
+    let e = read_graph(&p("if.onnx")).expect_err("sparse tensor attribute");
     assert!(
         e.to_string().contains("/If") && e.to_string().contains("then_branch"),
         "{e}"
     );
+    std::fs::write(
+        p("if.onnx"),
+        model(attribute_type::GRAPH, Some(Box::default())).encode_to_vec(),
+    )
+    .expect("write");
+    let g = read_graph(&p("if.onnx")).expect("graph attribute");
+    assert!(matches!(
+        g.nodes[0].attr("then_branch"),
+        Some(ferry_ir::Attr::Graph(_))
+    ));
+    std::fs::write(
+        p("if.onnx"),
+        model(attribute_type::GRAPH, None).encode_to_vec(),
+    )
+    .expect("write");
+    let e = read_graph(&p("if.onnx")).expect_err("graph attribute without a graph");
+    assert!(e.to_string().contains("without a graph"), "{e}");
+}
+
+/// A merged decoder (`If` branches reading the outer graph's weights) is written with its
+/// weights once, in the outer graph, and read back into the same structure: branches as
+/// `Attr::Graph`, the with-past branch's empty stand-in a `Constant`, the parts recoverable.
+#[test]
+fn merged_decoder_round_trips() {
+    let weight = |name: &str| Initializer {
+        name: name.into(),
+        dtype: DType::F32,
+        dims: vec![4, 4],
+        data: TensorData::from_f32(&[0.5; 16]),
+    };
+    let part = |inputs: &[&str], outputs: &[&str]| Graph {
+        name: "part".into(),
+        inputs: inputs
+            .iter()
+            .map(|n| Value::new(*n, DType::F32, vec![Dim::sym("batch"), 4.into()]))
+            .collect(),
+        outputs: outputs
+            .iter()
+            .map(|n| Value::new(*n, DType::F32, vec![Dim::sym("batch"), 4.into()]))
+            .collect(),
+        nodes: outputs
+            .iter()
+            .zip(inputs.iter().cycle())
+            .map(|(o, i)| Node {
+                name: format!("/{o}"),
+                op_type: "MatMul".into(),
+                domain: String::new(),
+                inputs: vec![(*i).into(), "w".into()],
+                outputs: vec![(*o).into()],
+                attrs: BTreeMap::new(),
+            })
+            .collect(),
+        initializers: vec![weight("w")],
+        value_info: Vec::new(),
+        opsets: vec![OpsetImport {
+            domain: String::new(),
+            version: 17,
+        }],
+    };
+    let merged = ferry_ir::merge_decoders(
+        part(&["x"], &["logits", "cross"]),
+        part(&["past"], &["logits"]),
+    )
+    .expect("merge");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("merged.onnx");
+    write_model(&merged, &path, &WriteOptions::default()).expect("write");
+    let proto = read_model_proto(&path).expect("decode");
+    let g = proto.graph.expect("graph");
+    assert_eq!(g.initializer.len(), 1, "the shared weight once");
+    let back = ferry_onnx::read_graph(&path).expect("read");
+    assert_eq!(back.nodes.len(), 1);
+    let Some(Attr::Graph(then)) = back.nodes[0].attr("then_branch") else {
+        panic!("then_branch is not a graph: {:?}", back.nodes[0].attrs);
+    };
+    assert_eq!(
+        then.nodes
+            .iter()
+            .map(|n| n.op_type.as_str())
+            .collect::<Vec<_>>(),
+        ["MatMul", "Constant"]
+    );
+    assert!(then.initializers.is_empty());
+    let (no_past, with_past) = ferry_ir::split_merged(&back).expect("merged form");
+    let names = |g: &Graph| g.inputs.iter().map(|v| v.name.clone()).collect::<Vec<_>>();
+    assert_eq!(names(&no_past), ["x"]);
+    assert_eq!(names(&with_past), ["past"]);
+    assert_eq!(names(&back), ["x", "past", "use_cache_branch"]);
+    assert_eq!(no_past.initializers.len(), 1);
+    assert_eq!(back.inputs.last().map(|v| v.dtype), Some(DType::Bool));
 }
