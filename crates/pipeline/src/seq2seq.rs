@@ -595,7 +595,7 @@ impl Seq2Seq {
             if seqs[0].len() >= max_len || unfinished.iter().all(|u| !u) {
                 return Ok(seqs);
             }
-            feed = seqs.iter().map(|s| vec![s[s.len() - 1]]).collect();
+            feed = last_tokens(&seqs);
         }
     }
 
@@ -720,7 +720,7 @@ impl Seq2Seq {
             if !(unsatisfied.iter().any(|&u| u) && open && !all_hit) {
                 break;
             }
-            feed = running.iter().map(|s| vec![s[s.len() - 1]]).collect();
+            feed = last_tokens(&running);
         }
         // transformers fills with `pad_token_id or eos_token_id[0]`: a pad id of 0 is falsy.
         let fill = match (cfg.pad_token_id, cfg.eos_token_ids.first()) {
@@ -750,6 +750,13 @@ struct Hypothesis {
     seq: Vec<i64>,
     score: f32,
     done: bool,
+}
+
+/// Each sequence's last token, as the next decoder call's `[rows, 1]` input.
+fn last_tokens(seqs: &[Vec<i64>]) -> Vec<Vec<i64>> {
+    seqs.iter()
+        .map(|s| s.last().map(|&t| vec![t]).unwrap_or_default())
+        .collect()
 }
 
 fn matrix(rows: &[Vec<i64>]) -> I64Tensor {
