@@ -120,7 +120,8 @@ pub(crate) fn run(a: &RunArgs) -> Result<(), String> {
 }
 
 /// `ferry run` on an encoder-decoder export folder: the translation, summarization or
-/// text2text-generation pipeline (ferry-pipeline's `run_text2text`).
+/// text2text-generation pipeline (ferry-pipeline's `run_text2text`), with `--tokenizer`, the
+/// folder's `tokenizer.json` or that of the checkpoint it was exported from.
 fn run_seq2seq(a: &RunArgs) -> Result<(), String> {
     let dir = &a.model;
     if !Seq2Seq::is_folder(dir) {
@@ -145,7 +146,17 @@ fn run_seq2seq(a: &RunArgs) -> Result<(), String> {
     if !a.text_pair.is_empty() {
         return Err(format!("{task} takes no --text-pair"));
     }
-    let tok_dir = a.tokenizer.as_deref().unwrap_or(dir);
+    // The folder's own tokenizer (export copies it), else the checkpoint's it came from.
+    let source = ModelMeta::read(&dir.join(seq2seq::ENCODER_FILE))
+        .ok()
+        .and_then(|m| m.source)
+        .filter(|s| s.join("tokenizer.json").is_file());
+    let tok_dir = match (&a.tokenizer, source) {
+        (Some(t), _) => t.clone(),
+        (None, Some(s)) if !dir.join("tokenizer.json").is_file() => s,
+        _ => dir.clone(),
+    };
+    let tok_dir = tok_dir.as_path();
     if !tok_dir.join("tokenizer.json").is_file() {
         let spm = ["source.spm", "target.spm"]
             .iter()

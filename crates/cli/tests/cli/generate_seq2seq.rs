@@ -182,6 +182,20 @@ fn run_prints_the_translation_and_summarization_answers() {
         let json: serde_json::Value = serde_json::from_slice(&o.stdout).expect("one JSON document");
         assert_eq!(json, serde_json::json!([{ key: want }]), "{task} --json");
     }
+    // Without its tokenizer.json the folder uses the checkpoint's it was exported from.
+    std::fs::remove_file(out.join("tokenizer.json")).expect("remove tokenizer.json");
+    let a = &answers[0];
+    let o = run(ferry()
+        .arg("run")
+        .arg(&out)
+        .args(["--task", a["task"].as_str().expect("task")])
+        .args(["--text", a["text"].as_str().expect("text")])
+        .args(kwarg_flags(&a["kwargs"])));
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout),
+        format!("{}\n", a["translation_text"].as_str().expect("translation"))
+    );
 }
 
 #[test]
