@@ -51,7 +51,7 @@ impl Steps {
         self.view().tensor(name).is_ok()
     }
 
-    fn i64s(&self, name: &str) -> I64Tensor {
+    pub(super) fn i64s(&self, name: &str) -> I64Tensor {
         let st = self.view();
         let v = st.tensor(name).expect(name);
         I64Tensor {

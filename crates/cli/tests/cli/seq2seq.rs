@@ -16,7 +16,7 @@ use super::{assert_fails_cleanly, export, ferry, root, stderr, testdata};
 const ATOL: f32 = 1e-5;
 
 /// Every seq2seq golden case.
-fn seq2seq_cases() -> Vec<PathBuf> {
+pub(super) fn seq2seq_cases() -> Vec<PathBuf> {
     let mut v: Vec<PathBuf> = std::fs::read_dir(root().join("testdata"))
         .expect("testdata")
         .flatten()
