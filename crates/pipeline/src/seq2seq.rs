@@ -783,9 +783,14 @@ fn log_softmax(x: &[f32]) -> Vec<f32> {
 
 /// Indices of the `k` largest values, largest first; ties keep the lower index first.
 fn top_k(x: &[f32], k: usize) -> Vec<usize> {
+    // A total order (ties by index), so selecting then sorting the first k equals a full sort.
+    let order = |a: &usize, b: &usize| x[*b].total_cmp(&x[*a]).then(a.cmp(b));
     let mut idx: Vec<usize> = (0..x.len()).collect();
-    idx.sort_by(|&a, &b| x[b].total_cmp(&x[a]).then(a.cmp(&b)));
-    idx.truncate(k);
+    if k < idx.len() {
+        idx.select_nth_unstable_by(k, order);
+        idx.truncate(k);
+    }
+    idx.sort_by(order);
     idx
 }
 
