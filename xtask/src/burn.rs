@@ -185,6 +185,24 @@ fn models() -> Result<Vec<Model>> {
     Ok(v)
 }
 
+/// Runs a `ferry` command; its stderr is the error.
+fn ferry_run(cmd: &mut Command) -> Result<()> {
+    let o = cmd.output().map_err(|e| format!("{cmd:?}: {e}"))?;
+    if o.status.success() {
+        Ok(())
+    } else {
+        let args: Vec<String> = cmd
+            .get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        Err(format!(
+            "ferry {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&o.stderr).trim()
+        ))
+    }
+}
+
 /// Exports `m` with `ferry` (through `tmp`) into `dir`, replacing each file only when its
 /// bytes changed (so an unchanged export does not rerun burn-onnx and recompile its code).
 fn export(ferry: &Path, m: &Model, dir: &Path, tmp: &Path) -> Result<()> {
@@ -192,32 +210,15 @@ fn export(ferry: &Path, m: &Model, dir: &Path, tmp: &Path) -> Result<()> {
     if fresh.is_dir() {
         std::fs::remove_dir_all(&fresh).map_err(|e| e.to_string())?;
     }
-    let o = Command::new(ferry)
-        .args(&m.export_args)
-        .arg(&fresh)
-        .output()
-        .map_err(|e| format!("{}: {e}", ferry.display()))?;
-    if !o.status.success() {
-        return Err(format!(
-            "ferry {} failed: {}",
-            m.export_args.join(" "),
-            String::from_utf8_lossy(&o.stderr).trim()
-        ));
-    }
+    ferry_run(Command::new(ferry).args(&m.export_args).arg(&fresh))?;
     if m.optimize {
         let optimized = tmp.join(format!("{}.opt.onnx", m.name));
-        let o = Command::new(ferry)
-            .arg("optimize")
-            .arg(&fresh)
-            .arg(&optimized)
-            .output()
-            .map_err(|e| format!("{}: {e}", ferry.display()))?;
-        if !o.status.success() {
-            return Err(format!(
-                "ferry optimize failed: {}",
-                String::from_utf8_lossy(&o.stderr).trim()
-            ));
-        }
+        ferry_run(
+            Command::new(ferry)
+                .arg("optimize")
+                .arg(&fresh)
+                .arg(&optimized),
+        )?;
         std::fs::rename(&optimized, &fresh).map_err(|e| e.to_string())?;
     }
     let files: Vec<(PathBuf, String)> = if m.folder.is_empty() {

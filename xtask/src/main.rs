@@ -14,6 +14,9 @@
 //!   that check alone).
 //!   The same run checks ferry's `--genai` folders with onnxruntime-genai
 //!   (testdata/verify_genai.py in `target/genaivenv`, `fetch-genai` makes it).
+//! - `verify --burn [--bless]`: only the burn check (`burn.rs`): every golden export through
+//!   burn-onnx's generated Rust on burn's `flex` backend (interop/burn), against
+//!   `interop/burn/expected.tsv`.
 //! - `golden`: regenerate testdata goldens with transformers (the same `target/venv`).
 //! - `bench`: time exporting a bert-base-sized checkpoint against `cat` of its weights;
 //!   `bench --scale` does the same (`--external-data`) for ~0.5, ~2 and ~6 GB checkpoints;
