@@ -46,7 +46,7 @@ def make(root, g):
                                    model.generation_config)
         save_file(tensors, os.path.join(d, "steps.safetensors"))
         switches = ", ".join(f"{k}={v}" for k, v in extra.items() if k not in s2s.BART_BASE)
-        s2s.write_case(d, {
+        g.write_case(d, {
             "description": f"{model_cls.__name__} ({switches}, random final_logits_bias): "
                            f"encoder on a right-padded batch, decoder prefill of "
                            f"{s2s.DECODER_PREFIX + 1} tokens + 3 cached greedy steps, generate() "

@@ -14,12 +14,10 @@ and case.json has task text-generation-with-past (exported and checked step by s
 Classification and feature-extraction cases have a golden.safetensors like the encoders.
 """
 
-import json
 import os
 
 import torch
 from safetensors.torch import save_file
-import transformers
 from transformers import (
     Gemma2Config,
     Gemma2ForCausalLM,
@@ -134,15 +132,6 @@ def steps_golden(g, model, gen, fresh_model):
     return tensors
 
 
-def write_case(d, meta):
-    meta = dict(meta)
-    meta["transformers"] = transformers.__version__
-    meta["torch"] = torch.__version__
-    with open(os.path.join(d, "case.json"), "w") as f:
-        json.dump(meta, f, indent=2, sort_keys=True)
-        f.write("\n")
-
-
 def make(root, g):
     for seed, (name, cfg_cls, model_cls, extra, dtype) in enumerate(GENERATION_CASES, start=300):
         cfg, model = make_model(cfg_cls, model_cls, extra, seed, dtype)
@@ -163,7 +152,7 @@ def make(root, g):
                           ("input_ids", "attention_mask", "position_ids")}, use_cache=False)
         tensors["step0.output.logits_fp16"] = out.logits.float().contiguous()
         save_file(tensors, os.path.join(d, "steps.safetensors"))
-        write_case(d, {
+        g.write_case(d, {
             "description": f"{model_cls.__name__} ({', '.join(f'{k}={v}' for k, v in extra.items())}): "
                            f"prefill (left padding) + 3 cached greedy steps, generate() {NEW_TOKENS} tokens",
             "task": "text-generation-with-past", "steps": 4, "outputs": ["logits"],

@@ -21,13 +21,11 @@ translation and summarization pipelines) is a T5 checkpoint with a Unigram token
 t5-small's `task_specific_params`; run.json records what those pipelines answer.
 """
 
-import json
 import os
 import subprocess
 
 import torch
 from safetensors.torch import save_file
-import transformers
 from transformers import (
     BartConfig,
     BartForConditionalGeneration,
@@ -136,15 +134,6 @@ def steps_golden(model, gen, gc):
     return tensors
 
 
-def write_case(d, meta):
-    meta = dict(meta)
-    meta["transformers"] = transformers.__version__
-    meta["torch"] = torch.__version__
-    with open(os.path.join(d, "case.json"), "w") as f:
-        json.dump(meta, f, indent=2, sort_keys=True)
-        f.write("\n")
-
-
 def build(cfg_cls, model_cls, extra, gen_extra, seed):
     cfg = cfg_cls(**extra)
     torch.manual_seed(seed)
@@ -165,7 +154,7 @@ def make(root, g):
         save_file(tensors, os.path.join(d, "steps.safetensors"))
         switches = ", ".join(f"{k}={v}" for k, v in extra.items()
                              if k not in T5_BASE and k not in BART_BASE)
-        write_case(d, {
+        g.write_case(d, {
             "description": f"{model_cls.__name__} ({switches}): encoder on a right-padded batch, "
                            f"decoder prefill of {DECODER_PREFIX + 1} tokens + 3 cached greedy steps, "
                            f"generate() {NEW_TOKENS} new tokens greedy and with 4 beams",

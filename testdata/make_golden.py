@@ -91,6 +91,16 @@ def save_golden(case_dir, inputs, outputs, meta, task="feature-extraction"):
         f.write("\n")
 
 
+def write_case(d, meta):
+    """case.json of a steps-style case (decoders, encoder-decoders): `meta` plus the versions."""
+    meta = dict(meta)
+    meta["transformers"] = transformers.__version__
+    meta["torch"] = torch.__version__
+    with open(os.path.join(d, "case.json"), "w") as f:
+        json.dump(meta, f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
 def cached_steps(model, ids, mask, steps=4):
     """A prefill on `ids`/`mask` (left padding allowed), then greedy single-token steps,
     each fed the previous cache, as generate() runs them: every step's inputs

@@ -3,8 +3,10 @@ tiny T5 with a real tokenizer. Run by golden_seq2seq.py in transformers 4.57 (ta
 transformers 5 removed those pipelines. Usage: seq2seq_pipelines.py OUT_DIR."""
 
 import json
+import math
 import os
 import sys
+
 
 import torch
 import transformers
@@ -51,10 +53,10 @@ RUN_TEXTS = [
 
 
 def main(d):
-    """A T5 v1.1 checkpoint with a Unigram tokenizer trained on CORPUS (T5's special tokens:
+    """A T5 v1.1 checkpoint with a Unigram tokenizer over CORPUS (T5's special tokens:
     <pad> 0, </s> 1, <unk> 2, `</s>` appended), t5-small's task_specific_params, and the
     translation/summarization pipelines' answers."""
-    from tokenizers import SentencePieceUnigramTokenizer, processors
+    from tokenizers import SentencePieceUnigramTokenizer, Tokenizer, processors
     from transformers import PreTrainedTokenizerFast, pipeline
 
     backend = SentencePieceUnigramTokenizer()
@@ -62,7 +64,25 @@ def main(d):
                                 unk_token="<unk>", show_progress=False)
     backend.post_processor = processors.TemplateProcessing(
         single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)])
-    tok = PreTrainedTokenizerFast(tokenizer_object=backend._tokenizer, pad_token="<pad>",
+    # The trainer's piece scores (and so the pieces kept) vary from run to run. The model's
+    # vocabulary is instead counted here: every character of CORPUS, `▁`, then whole words
+    # `▁word` by frequency; score = log(count / total). Same bytes every time.
+    spec = json.loads(backend._tokenizer.to_str())
+    counts = {}
+    for line in CORPUS:
+        for word in line.split():
+            counts["\u2581" + word] = counts.get("\u2581" + word, 0) + 1
+            for ch in word:
+                counts[ch] = counts.get(ch, 0) + 1
+            counts["\u2581"] = counts.get("\u2581", 0) + 1
+    singles = sorted(p for p in counts if len(p) == 1)
+    words = sorted((p for p in counts if len(p) > 1), key=lambda p: (-counts[p], p))
+    kept = singles + words[:VOCAB - 3 - len(singles)]
+    total = sum(counts[p] for p in kept)
+    spec["model"]["vocab"] = spec["model"]["vocab"][:3] + [
+        [p, round(math.log(counts[p] / total), 6)] for p in kept]
+    backend = Tokenizer.from_str(json.dumps(spec))
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>",
                                   eos_token="</s>", unk_token="<unk>", model_max_length=512)
     assert tok.convert_tokens_to_ids(["<pad>", "</s>", "<unk>"]) == [0, 1, 2]
     cfg = T5Config(**dict(T5_BASE, vocab_size=len(tok), feed_forward_proj="gated-gelu",

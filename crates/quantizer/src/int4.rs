@@ -82,7 +82,7 @@ impl std::ops::Add for Int4Stats {
             skipped: self.skipped + o.skipped,
             float_bytes: self.float_bytes + o.float_bytes,
             quantized_bytes: self.quantized_bytes + o.quantized_bytes,
-            block_size: self.block_size + o.block_size,
+            block_size: self.block_size,
             symmetric: self.symmetric,
         }
     }
