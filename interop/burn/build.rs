@@ -147,17 +147,18 @@ fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
         .join(" ")
 }
 
-/// A Rust identifier from a model name.
+/// A snake-case Rust identifier from a model or input name (each run of other characters
+/// becomes one `_`).
 fn ident(name: &str) -> String {
-    name.chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() {
-                c.to_ascii_lowercase()
-            } else {
-                '_'
-            }
-        })
-        .collect()
+    let mut out = String::new();
+    for c in name.chars() {
+        if c.is_ascii_alphanumeric() {
+            out.push(c.to_ascii_lowercase());
+        } else if !out.ends_with('_') {
+            out.push('_');
+        }
+    }
+    out
 }
 
 /// A tensor parameter or result of `forward`: rank and kind (`""`, `"Int"` or `"Bool"`).

@@ -136,7 +136,10 @@ pub fn bool_input<const D: usize>(
 }
 
 fn output(name: &str, shape: Vec<usize>, data: TensorData) -> Output {
-    let data = data.convert::<f32>().to_vec::<f32>().unwrap_or_default();
+    let data = data
+        .convert::<f32>()
+        .try_to_vec::<f32>()
+        .unwrap_or_default();
     Output {
         name: name.to_string(),
         shape,
