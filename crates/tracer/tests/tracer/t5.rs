@@ -85,7 +85,8 @@ fn io_names_and_axes_match_optimum() {
         .expect("recorded signature"),
     )
     .expect("json");
-    let c = ferry_loader::load(&crate::seq2seq_common::testdata().join("t5-tiny-v1_0")).expect("load");
+    let c =
+        ferry_loader::load(&crate::seq2seq_common::testdata().join("t5-tiny-v1_0")).expect("load");
     for part in [
         Seq2SeqPart::Encoder,
         Seq2SeqPart::Decoder,
@@ -108,7 +109,8 @@ fn io_names_and_axes_match_optimum() {
 /// tasks.
 #[test]
 fn bad_t5_checkpoints_give_typed_errors() {
-    let c = ferry_loader::load(&crate::seq2seq_common::testdata().join("t5-tiny-v1_0")).expect("load");
+    let c =
+        ferry_loader::load(&crate::seq2seq_common::testdata().join("t5-tiny-v1_0")).expect("load");
     let opts = TraceOptions::default();
     let mut encoder_only = ferry_ir::Weights::new();
     for w in c.weights.iter().filter(|w| !w.name.starts_with("decoder.")) {
