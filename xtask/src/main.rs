@@ -478,7 +478,7 @@ transformers.js ({TRANSFORMERS_JS}) on ferry's decoder exports:"
 fn verify_consumers(py: &Path, ferry: &Path) -> Result<()> {
     println!(
         "
-optimum's ORTModelForCausalLM on ferry's decoder exports ({}):",
+optimum's ORTModelForSeq2SeqLM and ORTModelForCausalLM on ferry's encoder-decoder folders and decoder exports ({}):",
         py.display()
     );
     run(Command::new(py)
