@@ -462,7 +462,7 @@ fn transformersjs_env() -> Result<PathBuf> {
 fn verify_transformersjs(script: &Path, ferry: &Path) -> Result<()> {
     println!(
         "
-transformers.js ({TRANSFORMERS_JS}) on ferry's decoder exports:"
+transformers.js ({TRANSFORMERS_JS}) on ferry's encoder-decoder folders and decoder exports:"
     );
     run(Command::new("node")
         .arg(script)
@@ -472,9 +472,10 @@ transformers.js ({TRANSFORMERS_JS}) on ferry's decoder exports:"
     .map_err(|e| format!("transformers.js check failed: {e}"))
 }
 
-/// The consumer check: testdata/verify_consumers.py runs ferry's decoder exports with
-/// optimum's `ORTModelForCausalLM.generate` and compares the tokens with transformers'
-/// `generate`; any failure, or no case checked, is an error.
+/// The consumer check: testdata/verify_consumers.py runs ferry's encoder-decoder folders
+/// with optimum's `ORTModelForSeq2SeqLM.generate` and its decoder exports with
+/// `ORTModelForCausalLM.generate`, and compares the tokens with transformers' `generate`;
+/// any failure, or no case checked, is an error.
 fn verify_consumers(py: &Path, ferry: &Path) -> Result<()> {
     println!(
         "
