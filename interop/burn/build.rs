@@ -194,6 +194,17 @@ fn tensor_type(ty: &syn::Type) -> Option<(usize, String)> {
     Some((rank, kind))
 }
 
+/// The runner's function (`float_input`, `int_output` …) for a tensor kind of `forward`.
+fn converter(kind: &str, side: &str, name: &str) -> Result<String, String> {
+    let prefix = match kind {
+        "" => "float",
+        "Int" => "int",
+        "Bool" => "bool",
+        other => return Err(format!("{side} `{name}`: tensor kind {other}")),
+    };
+    Ok(format!("{prefix}_{side}"))
+}
+
 /// The glue around one generated model: its module and `run_<id>(inputs, device)`.
 fn runner(name: &str, id: &str, rs: &Path, info: &OnnxIo) -> Result<String, String> {
     let text = std::fs::read_to_string(rs).map_err(|e| format!("{}: {e}", rs.display()))?;
@@ -233,12 +244,7 @@ fn runner(name: &str, id: &str, rs: &Path, info: &OnnxIo) -> Result<String, Stri
                 quote_type(ty)
             ));
         };
-        let f = match kind.as_str() {
-            "" => "float_input",
-            "Int" => "int_input",
-            "Bool" => "bool_input",
-            other => return Err(format!("forward argument `{arg_name}`: kind {other}")),
-        };
+        let f = converter(&kind, "input", &arg_name)?;
         let _ = writeln!(
             body,
             "    let a{k} = crate::{f}::<{rank}>(inputs, {onnx:?}, device)?;"
@@ -267,12 +273,7 @@ fn runner(name: &str, id: &str, rs: &Path, info: &OnnxIo) -> Result<String, Stri
                 quote_type(ty)
             ));
         };
-        let f = match kind.as_str() {
-            "" => "float_output",
-            "Int" => "int_output",
-            "Bool" => "bool_output",
-            other => return Err(format!("output `{name}`: kind {other}")),
-        };
+        let f = converter(&kind, "output", name)?;
         outs.push(format!("crate::{f}({name:?}, r{k})"));
     }
     let pattern = match outs.len() {
