@@ -462,7 +462,7 @@ fn decoder(
     let past_len = inputs.past_length(t)?;
     let x = scoped(t, "decoder", |t| {
         let x = embed(t, c, &inputs.ids, &past_len)?;
-        let causal = causal_mask(t, &inputs.ids, &past_len)?;
+        let causal = causal_mask(t, &inputs.ids, &past_len, inputs.key_dim())?;
         let cross = padding_mask(t, &inputs.encoder_mask)?;
         let mut x = x;
         let mut presents = Vec::new();

@@ -114,11 +114,23 @@ pub(crate) fn element(t: &mut Tracer, v: &T, index: i64) -> Result<T, TraceError
 /// `(key, value)` of `[batch, heads, seq, head_dim]` appended to the layer's cache along
 /// the sequence axis (the cache's `update`); returned unchanged without a cache.
 pub(crate) fn append_cache(t: &mut Tracer, past: Option<(&T, &T)>, k: T, v: T) -> (T, T) {
+    append_cache_as(t, past, k, v, TOTAL)
+}
+
+/// [`append_cache`] with the appended axis named `total` (an encoder-decoder's decoder
+/// names its cache axes after the decoder's sequence).
+pub(crate) fn append_cache_as(
+    t: &mut Tracer,
+    past: Option<(&T, &T)>,
+    k: T,
+    v: T,
+    total: &str,
+) -> (T, T) {
     let Some((pk, pv)) = past else {
         return (k, v);
     };
     let mut shape = k.shape.clone();
-    shape[2] = sym(TOTAL);
+    shape[2] = sym(total);
     let cat = |t: &mut Tracer, a: &T, b: &T| {
         t.op(
             "Concat",

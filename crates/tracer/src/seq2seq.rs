@@ -282,6 +282,16 @@ impl DecoderInputs {
         }
     }
 
+    /// The self-attention key axis: the decoder's sequence without a cache, the cache
+    /// plus it with one.
+    pub(crate) fn key_dim(&self) -> Dim {
+        if self.past.is_empty() {
+            self.ids.shape[1].clone()
+        } else {
+            sym(TOTAL_DECODER)
+        }
+    }
+
     /// Layer `i`'s self-attention cache, if any.
     pub(crate) fn self_past(&self, i: usize) -> Option<(&T, &T)> {
         self.past.get(i).map(|c| (&c.self_kv.0, &c.self_kv.1))
@@ -320,7 +330,7 @@ pub(crate) fn split_heads(
 /// (the decoder-only models' cache update); returned unchanged without a cache. The
 /// presents get optimum's axis name in [`decoder_outputs`].
 pub(crate) fn append_self_cache(t: &mut Tracer, past: Option<(&T, &T)>, k: T, v: T) -> (T, T) {
-    crate::causal::append_cache(t, past, k, v)
+    crate::causal::append_cache_as(t, past, k, v, TOTAL_DECODER)
 }
 
 /// The query positions `past + arange(len)` of `ids` (`[batch, len]`) as a `[len, 1]`
@@ -350,11 +360,17 @@ pub(crate) fn positions(
     Ok((t.unsqueeze(&q, &[1]), k))
 }
 
-/// The additive causal mask `[1, 1, dec, past + dec]` of the decoder's self-attention
+/// The additive causal mask `[1, 1, dec, keys]` of the decoder's self-attention
 /// (optimum's decoders take no decoder attention mask): 0 where key `j <= past + i`,
-/// `finfo(dtype).min` elsewhere, in the compute dtype.
-pub(crate) fn causal_mask(t: &mut Tracer, ids: &T, past_len: &T) -> Result<T, TraceError> {
-    let (q, k) = positions(t, ids, past_len, sym(TOTAL_DECODER))?;
+/// `finfo(dtype).min` elsewhere, in the compute dtype. `keys` names the key axis
+/// ([`DecoderInputs::key_dim`]).
+pub(crate) fn causal_mask(
+    t: &mut Tracer,
+    ids: &T,
+    past_len: &T,
+    keys: Dim,
+) -> Result<T, TraceError> {
+    let (q, k) = positions(t, ids, past_len, keys)?;
     let grid = vec![q.shape[0].clone(), k.shape[0].clone()];
     let later = t.op("Greater", &[&k, &q], vec![], DType::Bool, grid.clone());
     let zf = t.scalar(0.0);

@@ -283,7 +283,7 @@ fn decoder(
     let embed = shared_embedding(t, w, d)?;
     let mut x = t.gather(&embed, &inputs.ids, 0)?;
     let past = inputs.past_length(t)?;
-    let causal = causal_mask(t, &inputs.ids, &past)?;
+    let causal = causal_mask(t, &inputs.ids, &past, inputs.key_dim())?;
     let cross_mask = padding_mask(t, &inputs.encoder_mask)?;
     let (q_pos, k_pos) = positions(t, &inputs.ids, &past, causal.shape[3].clone())?;
     let mut bias: Option<T> = None;

@@ -19,14 +19,7 @@ use super::{export, golden_cases, minilm_dir, root, stderr};
 
 /// Rows (case, or `*` for every case; export) tract cannot run, with the reason; each must
 /// still fail in tract (a stale entry fails the test) and still pass in ONNX Runtime.
-const KNOWN_GAPS: &[(&str, &str, &str)] = &[(
-    "*",
-    "decoder_model.onnx",
-    "ferry's value_info declares the key positions (Range_1) of the decoder without a \
-     cache as `past_decoder_sequence_length + decoder_sequence_length`, a symbol no input \
-     carries; tract unifies it with decoder_sequence_length and stops (ONNX Runtime \
-     ignores value_info)",
-)];
+const KNOWN_GAPS: &[(&str, &str, &str)] = &[];
 
 /// An export loaded in tract: decluttered and optimized as tract's users run it.
 struct Tract {
@@ -367,7 +360,12 @@ fn seq2seq_folders_run_in_tract() {
     for case in seq2seq_cases() {
         let steps = Steps::load(&case);
         let tmp = tempfile::tempdir().expect("tempdir");
-        let folder = exported(&case, tmp.path(), "folder", &[]);
+        let folder = exported(
+            &case,
+            tmp.path(),
+            "folder",
+            &["--task", "text2text-generation-with-past"],
+        );
         let mask = Input::I64(steps.i64s("encoder.input.attention_mask"));
         let encoder_feed: BTreeMap<String, Input> = [
             (
@@ -430,6 +428,92 @@ fn seq2seq_folders_run_in_tract() {
                 tract,
             });
         }
+        // The 4-token prefill through decoder_model.onnx, then three cached steps through
+        // decoder_with_past_model.onnx fed each engine's own presents (worst step).
+        let (first, cached) = (
+            folder.join("decoder_model.onnx"),
+            folder.join("decoder_with_past_model.onnx"),
+        );
+        let mut ort_first = Model::load(&first, 2).expect("ONNX Runtime loads the decoder");
+        let mut ort_cached = Model::load(&cached, 2).expect("ONNX Runtime loads the decoder");
+        let ort = seq2seq_steps(
+            &steps,
+            &decoder_feed,
+            |f| ort_first.run_inputs(f).map_err(|e| e.to_string()),
+            |f| ort_cached.run_inputs(f).map_err(|e| e.to_string()),
+        )
+        .expect("ONNX Runtime runs the cached steps");
+        let tract = Tract::load(&first)
+            .and_then(|a| Ok((a, Tract::load(&cached)?)))
+            .map_err(|e| format!("{e:#}"))
+            .and_then(|(a, b)| {
+                seq2seq_steps(
+                    &steps,
+                    &decoder_feed,
+                    |f| a.run(f).map_err(|e| format!("{e:#}")),
+                    |f| b.run(f).map_err(|e| format!("{e:#}")),
+                )
+            });
+        table.rows.push(Row {
+            case: name(&case),
+            task: "text2text-generation-with-past".into(),
+            export: "decoder + decoder_with_past".into(),
+            tol: 1e-5,
+            ort,
+            tract,
+        });
     }
     table.check("encoder-decoder folders (max-abs / max(1, |golden|))");
+}
+
+/// One engine's worst scaled logits difference over an encoder-decoder's decoder steps:
+/// `first` (the uncached decoder) on `first_feed` (step 0), then `cached` (the decoder with
+/// past) on steps 1–3, each fed the previous step's `present.*.decoder.*` and step 0's
+/// `present.*.encoder.*` as `past_key_values.*`.
+fn seq2seq_steps(
+    steps: &Steps,
+    first_feed: &BTreeMap<String, Input>,
+    mut first: impl FnMut(&BTreeMap<String, Input>) -> Result<BTreeMap<String, F32Tensor>, String>,
+    mut cached: impl FnMut(&BTreeMap<String, Input>) -> Result<BTreeMap<String, F32Tensor>, String>,
+) -> Result<f64, String> {
+    let logits = |out: &BTreeMap<String, F32Tensor>, k: usize| -> Result<f64, String> {
+        let got = out.get("logits").ok_or("no logits output")?;
+        Ok(scaled_max_abs(
+            got,
+            &steps.f32s(&format!("step{k}.output.logits")),
+        ))
+    };
+    let as_past = |name: &str| name.replacen("present.", "past_key_values.", 1);
+    let mut out = first(first_feed)?;
+    let mut worst = logits(&out, 0)?;
+    let encoder: Vec<(String, F32Tensor)> = out
+        .iter()
+        .filter(|(n, _)| n.starts_with("present.") && n.contains(".encoder."))
+        .map(|(n, t)| (as_past(n), t.clone()))
+        .collect();
+    for k in 1..4 {
+        let mut feed: BTreeMap<String, Input> = encoder
+            .iter()
+            .map(|(n, t)| (n.clone(), Input::F32(t.clone())))
+            .collect();
+        for (n, t) in &out {
+            if n.starts_with("present.") && n.contains(".decoder.") {
+                feed.insert(as_past(n), Input::F32(t.clone()));
+            }
+        }
+        feed.insert(
+            "encoder_attention_mask".into(),
+            first_feed
+                .get("encoder_attention_mask")
+                .ok_or("no encoder_attention_mask")?
+                .clone(),
+        );
+        feed.insert(
+            "input_ids".into(),
+            Input::I64(steps.i64s(&format!("step{k}.input.input_ids"))),
+        );
+        out = cached(&feed)?;
+        worst = worst.max(logits(&out, k)?);
+    }
+    Ok(worst)
 }
