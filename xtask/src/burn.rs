@@ -372,6 +372,11 @@ fn run_model(bin: &Path, m: &Model) -> Outcome {
     if !m.scope.is_empty() {
         cmd.arg(format!("scope={}", m.scope));
     }
+    if !m.folder.is_empty() {
+        // Encoder-decoder logits reach ~220 on the T5 goldens: the tolerance scales with the
+        // golden's magnitude, as in ONNX Runtime's and tract's seq2seq parity tests.
+        cmd.arg("relative=1");
+    }
     if let Some(later) = &m.later {
         cmd.arg(format!("later={later}"));
     }
@@ -496,7 +501,9 @@ pub(crate) fn verify_burn(args: &[String]) -> Result<()> {
         outcomes.insert(m.name.clone(), outcome);
     }
 
-    println!("\nburn-onnx + flex against transformers (max-abs ≤ {ATOL:e}):");
+    println!(
+        "\nburn-onnx + flex against transformers (max-abs ≤ {ATOL:e}; encoder-decoder rows ≤ {ATOL:e} × max(1, |golden|)):"
+    );
     let mut passed = 0;
     for m in &models {
         let label = format!("{} {} {}", m.case, m.task, m.variant);

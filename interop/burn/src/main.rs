@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! ferry-burn-check list                        every model: built, or why not
-//! ferry-burn-check run MODEL FILE STEPS ATOL [scope=PREFIX] [later=MODEL2]
+//! ferry-burn-check run MODEL FILE STEPS ATOL [scope=PREFIX] [later=MODEL2] [relative=1]
 //!                                              run MODEL on FILE's inputs, compare outputs
 //! ```
 //!
@@ -358,6 +358,8 @@ fn main() -> ExitCode {
                 eprintln!("ferry-burn-check: no model {name} in this build");
                 return ExitCode::FAILURE;
             };
+            // relative=1: the tolerance is ATOL × max(1, largest golden magnitude).
+            let mut relative = false;
             let mut plan = Plan {
                 first,
                 later: first,
@@ -367,6 +369,7 @@ fn main() -> ExitCode {
             for o in options.iter() {
                 match o.split_once('=') {
                     Some(("scope", v)) => plan.scope = v.to_string(),
+                    Some(("relative", "1")) => relative = true,
                     Some(("later", v)) => match find(v) {
                         Some(c) => plan.later = c,
                         None => {
@@ -385,7 +388,8 @@ fn main() -> ExitCode {
             match run_plan(&plan, path) {
                 Ok((diffs, scale)) => {
                     let largest = worst(diffs.iter().map(|(_, d)| *d));
-                    let pass = largest <= atol;
+                    let tol = if relative { atol * scale.max(1.0) } else { atol };
+                    let pass = largest <= tol;
                     let each: Vec<String> =
                         diffs.iter().map(|(n, d)| format!("{n} {d:.2e}")).collect();
                     println!(
@@ -407,7 +411,7 @@ fn main() -> ExitCode {
         }
         _ => {
             eprintln!(
-                "usage: ferry-burn-check list | run MODEL FILE STEPS ATOL [scope=PREFIX] [later=MODEL]"
+                "usage: ferry-burn-check list | run MODEL FILE STEPS ATOL [scope=PREFIX] [later=MODEL] [relative=1]"
             );
             ExitCode::FAILURE
         }
