@@ -110,7 +110,10 @@ pub fn export(a: &ExportArgs) -> Result<(), String> {
         };
         return crate::seq2seq::write(a, output, &export);
     }
-    check_output_path(output)?;
+    if !a.genai {
+        // `--genai` checked its own OUTPUT above: its folder is made when written.
+        check_output_path(output)?;
+    }
     let graph =
         ferry_tracer::trace(&ckpt.config, &weights, &trace_opts).map_err(|e| e.to_string())?;
     done(pb, format!("{} nodes", graph.nodes.len()));

@@ -306,7 +306,7 @@ fn unknown_model_type_names_supported_ones() {
     let out = ck.path().join("out.onnx");
     let o = export(ck.path(), &out, &[]);
     assert_fails_cleanly(&o, &out, "unknown architecture `bort`");
-    assert!(stderr(&o).contains("supported: albert, bert, camembert, deberta, deberta-v2, distilbert, electra, gemma, gemma2, gpt2, llama, mistral, modernbert, mpnet, phi3, qwen2, qwen3, roberta, xlm-roberta"), "{}", stderr(&o));
+    assert!(stderr(&o).contains("supported: albert, bart, bert, camembert, deberta, deberta-v2, distilbert, electra, gemma, gemma2, gpt2, llama, marian, mbart, mistral, modernbert, mpnet, mt5, phi3, qwen2, qwen3, roberta, t5, xlm-roberta"), "{}", stderr(&o));
 }
 
 #[test]
