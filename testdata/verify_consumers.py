@@ -80,6 +80,7 @@ def check_seq2seq(ferry, testdata, out_dir):
     from transformers import AutoConfig
 
     failures, checked = 0, 0
+    os.makedirs(out_dir, exist_ok=True)
     for case, src in seq2seq_cases(testdata):
         try:
             AutoConfig.from_pretrained(src)

@@ -35,10 +35,12 @@ from transformers import AutoModel
 
 warnings.filterwarnings("ignore")
 ATOL = 1e-5
-# Decoder LLMs ferry exports to ONNX only (it refuses --format torchscript for them, as
-# tests/cli/decoders.rs checks): their cases are skipped, saying so. Any other model type
-# must export; with_past reads GPT-2's config keys (n_head, n_embd, n_layer).
-ONNX_ONLY = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2")
+# Decoder LLMs and encoder-decoders ferry exports to ONNX only (it refuses --format
+# torchscript for them, as tests/cli/decoders.rs checks): their cases are skipped, saying so.
+# Any other model type must export; with_past reads GPT-2's config keys (n_head, n_embd,
+# n_layer).
+ONNX_ONLY = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2",
+             "t5", "mt5", "bart", "mbart", "marian")
 # References computed with eager attention, as the goldens are: ModernBERT's sliding-window
 # padding queries whose whole window is padding get uniform weights in eager attention
 # (what ferry exports) and other values in sdpa; real tokens agree either way.

@@ -32,6 +32,7 @@ const { AutoModelForCausalLM, AutoModelForSeq2SeqLM, Tensor, env } = await impor
 env.allowRemoteModels = false;
 env.allowLocalModels = true;
 env.localModelPath = outDir;
+fs.mkdirSync(outDir, { recursive: true });
 
 /** The int64 tensors of a safetensors file, by name: {shape, data: BigInt64Array}. */
 function readI64(file) {
