@@ -1,6 +1,8 @@
 //! Archive structure: records, 64-byte alignment, pickle opcodes within protocol 2, tensor
 //! bytes identical to the checkpoint's.
 
+mod relative_bias;
+
 use std::io::Read;
 use std::path::Path;
 
