@@ -79,6 +79,19 @@ function report(name, what, out, want, from, dir, until = want.shape[1]) {
     (ok ? "equals transformers' generate" : `differs:\n  got  ${got}\n  want ${exp}`));
 }
 
+/** `model.generate` greedily on the golden's `generate.input_ids`/`attention_mask` batch. */
+function greedy(model, st, maxNewTokens, extra) {
+  const ids = st["generate.input_ids"];
+  const mask = st["generate.attention_mask"];
+  return model.generate({
+    input_ids: new Tensor("int64", ids.data, ids.shape),
+    attention_mask: new Tensor("int64", mask.data, mask.shape),
+    max_new_tokens: maxNewTokens,
+    do_sample: false,
+    ...extra,
+  });
+}
+
 for (const name of fs.readdirSync(testdata).sort()) {
   const meta = path.join(testdata, name, "case.json");
   if (!fs.existsSync(meta) || JSON.parse(fs.readFileSync(meta, "utf8")).kind !== "seq2seq") continue;
@@ -93,16 +106,8 @@ for (const name of fs.readdirSync(testdata).sort()) {
       if (f.endsWith(".onnx")) fs.renameSync(path.join(dir, f), path.join(dir, "onnx", f));
     }
     const model = await AutoModelForSeq2SeqLM.from_pretrained(name, { dtype: "fp32", device: "cpu" });
-    const ids = st["generate.input_ids"];
-    const mask = st["generate.attention_mask"];
     const want = st["generate.greedy_ids"];
-    const out = await model.generate({
-      input_ids: new Tensor("int64", ids.data, ids.shape),
-      attention_mask: new Tensor("int64", mask.data, mask.shape),
-      max_new_tokens: want.shape[1] - 1,
-      num_beams: 1,
-      do_sample: false,
-    });
+    const out = await greedy(model, st, want.shape[1] - 1, { num_beams: 1 });
     // A config.json forced_eos_token_id that generation_config.json lacks: transformers 5
     // reads only the latter, transformers.js applies the former at the last step.
     const config = JSON.parse(fs.readFileSync(path.join(dir, "config.json"), "utf8"));
@@ -140,15 +145,8 @@ for (const name of fs.readdirSync(testdata).sort()) {
       "text-generation-with-past", path.join(dir, "onnx", "model.onnx")], { stdio: "pipe" });
     const model = await AutoModelForCausalLM.from_pretrained(name, { dtype: "fp32", device: "cpu" });
     const ids = st["generate.input_ids"];
-    const mask = st["generate.attention_mask"];
     const want = st["generate.output_ids"];
-    const out = await model.generate({
-      input_ids: new Tensor("int64", ids.data, ids.shape),
-      attention_mask: new Tensor("int64", mask.data, mask.shape),
-      max_new_tokens: want.shape[1] - ids.shape[1],
-      do_sample: false,
-      pad_token_id: 0,
-    });
+    const out = await greedy(model, st, want.shape[1] - ids.shape[1], { pad_token_id: 0 });
     report(name, "generate", out, want, ids.shape[1], dir);
     await model.dispose();
   } catch (e) {

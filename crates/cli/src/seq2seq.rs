@@ -217,20 +217,19 @@ fn write_parts(a: &ExportArgs, dir: &Path, e: &Export) -> Result<Vec<(String, u6
             decoders.push(v);
         }
     }
-    if let [no_past, with_past] = decoders.as_slice() {
-        let merge = |x: &ferry_ir::Graph, y: &ferry_ir::Graph| {
-            ferry_ir::merge_decoders(x.clone(), y.clone()).map_err(|err| err.to_string())
+    // The decoders' graphs are written: they move into the merge rather than being copied.
+    if let Ok([no_past, with_past]) = <[Variants; 2]>::try_from(decoders) {
+        let merge = |x: ferry_ir::Graph, y: ferry_ir::Graph| {
+            ferry_ir::merge_decoders(x, y).map_err(|err| err.to_string())
+        };
+        let both = |x: Option<ferry_ir::Graph>, y: Option<ferry_ir::Graph>| match (x, y) {
+            (Some(x), Some(y)) => merge(x, y).map(Some),
+            _ => Ok(None),
         };
         let merged = Variants {
-            plain: merge(&no_past.plain, &with_past.plain)?,
-            optimized: match (&no_past.optimized, &with_past.optimized) {
-                (Some(x), Some(y)) => Some(merge(x, y)?),
-                _ => None,
-            },
-            quantized: match (&no_past.quantized, &with_past.quantized) {
-                (Some(x), Some(y)) => Some(merge(x, y)?),
-                _ => None,
-            },
+            plain: merge(no_past.plain, with_past.plain)?,
+            optimized: both(no_past.optimized, with_past.optimized)?,
+            quantized: both(no_past.quantized, with_past.quantized)?,
         };
         write_variants(
             a,

@@ -190,30 +190,8 @@ fn folder_matches(out: &Path, g: &Golden, label: &str) -> f32 {
 
     // The merged file: the no-past branch, then the with-past branch fed its own presents.
     let mut merged = load("decoder_model_merged.onnx");
-    let empty_past: BTreeMap<String, Input> = merged
-        .inputs()
-        .into_iter()
-        .filter(|i| i.name.starts_with("past_key_values."))
-        .map(|i| {
-            let shape: Vec<i64> = i
-                .dims
-                .iter()
-                .enumerate()
-                .map(|(axis, d)| match d {
-                    Ok(n) => *n,
-                    Err(_) if axis == 0 => 2,
-                    Err(_) => 0,
-                })
-                .collect();
-            let t = F32Tensor {
-                shape,
-                data: Vec::new(),
-            };
-            (i.name, Input::F32(t))
-        })
-        .collect();
     let mut feed = base.clone();
-    feed.extend(empty_past);
+    feed.extend(empty_past(&merged));
     feed.extend([ids(0)]);
     let first_merged = run(&mut merged, &feed, Some(false));
     check(
@@ -280,27 +258,7 @@ fn merged_equals_parts(dir: &Path, decoder: &str, with_past: &str, merged: &str,
     let mut feed = base.clone();
     feed.extend([ids(0)]);
     let first = run(&mut load(decoder), &feed, None);
-    for i in m.inputs() {
-        if i.name.starts_with("past_key_values.") {
-            let shape = i
-                .dims
-                .iter()
-                .enumerate()
-                .map(|(axis, d)| match d {
-                    Ok(n) => *n,
-                    Err(_) if axis == 0 => 2,
-                    Err(_) => 0,
-                })
-                .collect();
-            feed.insert(
-                i.name,
-                Input::F32(F32Tensor {
-                    shape,
-                    data: Vec::new(),
-                }),
-            );
-        }
-    }
+    feed.extend(empty_past(&m));
     same("step0", &run(&mut m, &feed, Some(false)), &first);
     let mut past = as_past(&first, &BTreeMap::new());
     let mut wp = load(with_past);
@@ -658,4 +616,30 @@ fn unknown_feed_forward_proj_is_refused() {
     let out = ck.path().join("out");
     let o = export(ck.path(), &out, &["--task", "text2text-generation"]);
     assert_fails_cleanly(&o, &out, "feed_forward_proj");
+}
+
+/// The merged decoder's first-step cache: every `past_key_values.*` input empty (batch 2,
+/// symbolic lengths 0), as optimum feeds it with `use_cache_branch` false.
+fn empty_past(m: &Model) -> BTreeMap<String, Input> {
+    m.inputs()
+        .into_iter()
+        .filter(|i| i.name.starts_with("past_key_values."))
+        .map(|i| {
+            let shape = i
+                .dims
+                .iter()
+                .enumerate()
+                .map(|(axis, d)| match d {
+                    Ok(n) => *n,
+                    Err(_) if axis == 0 => 2,
+                    Err(_) => 0,
+                })
+                .collect();
+            let t = F32Tensor {
+                shape,
+                data: Vec::new(),
+            };
+            (i.name, Input::F32(t))
+        })
+        .collect()
 }
