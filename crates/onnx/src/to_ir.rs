@@ -138,46 +138,15 @@ pub fn read_model(path: &Path) -> Result<OnnxModel, ReadError> {
         .iter()
         .map(|(t, raw)| cx.tensor(t, raw.clone()))
         .collect::<Result<Vec<_>, _>>()?;
-    let init_names: std::collections::HashSet<&str> =
-        initializers.iter().map(|i| i.name.as_str()).collect();
-    let inputs = gp
-        .input
+    let mut graph = cx.graph_body(&gp, initializers, "graph")?;
+    graph.opsets = model
+        .opset_import
         .iter()
-        .filter(|v| !init_names.contains(v.name.as_str()))
-        .map(|v| cx.value(v, "graph input"))
-        .collect::<Result<Vec<_>, _>>()?;
-    let outputs = gp
-        .output
-        .iter()
-        .map(|v| cx.value(v, "graph output"))
-        .collect::<Result<Vec<_>, _>>()?;
-    // value_info entries are hints: those that are not tensors of a ferry dtype are dropped.
-    let value_info = gp
-        .value_info
-        .iter()
-        .filter_map(|v| cx.value(v, "value_info").ok())
+        .map(|o| OpsetImport {
+            domain: o.domain.clone(),
+            version: o.version,
+        })
         .collect();
-    let nodes = gp
-        .node
-        .iter()
-        .map(|n| cx.node(n))
-        .collect::<Result<Vec<_>, _>>()?;
-    let graph = Graph {
-        name: gp.name,
-        inputs,
-        outputs,
-        nodes,
-        initializers,
-        value_info,
-        opsets: model
-            .opset_import
-            .iter()
-            .map(|o| OpsetImport {
-                domain: o.domain.clone(),
-                version: o.version,
-            })
-            .collect(),
-    };
     let info = ModelInfo {
         ir_version: model.ir_version,
         producer_name: model.producer_name,
@@ -307,24 +276,30 @@ impl Context {
         })
     }
 
-    /// A subgraph (an `If` branch): nodes, outputs, value infos and its own (decoded, small)
-    /// initializers; what it reads from the enclosing graph stays a name.
-    fn subgraph(&mut self, gp: &GraphProto) -> Result<Graph, ReadError> {
-        let initializers = gp
-            .initializer
-            .iter()
-            .map(|t| self.tensor(t, None))
-            .collect::<Result<Vec<_>, _>>()?;
+    /// A graph's body (`what`: "graph", or "subgraph" for an `If` branch, whose own small
+    /// initializers are decoded and whose reads of the enclosing graph stay names): inputs
+    /// (those naming an initializer left out), outputs, value infos and nodes, with
+    /// `initializers`; no opsets (the model's, set by the caller).
+    fn graph_body(
+        &mut self,
+        gp: &GraphProto,
+        initializers: Vec<Initializer>,
+        what: &str,
+    ) -> Result<Graph, ReadError> {
+        let init_names: std::collections::HashSet<&str> =
+            initializers.iter().map(|i| i.name.as_str()).collect();
         let inputs = gp
             .input
             .iter()
-            .map(|v| self.value(v, "subgraph input"))
+            .filter(|v| !init_names.contains(v.name.as_str()))
+            .map(|v| self.value(v, &format!("{what} input")))
             .collect::<Result<Vec<_>, _>>()?;
         let outputs = gp
             .output
             .iter()
-            .map(|v| self.value(v, "subgraph output"))
+            .map(|v| self.value(v, &format!("{what} output")))
             .collect::<Result<Vec<_>, _>>()?;
+        // value_info entries are hints: those that are not tensors of a ferry dtype are dropped.
         let value_info = gp
             .value_info
             .iter()
@@ -344,6 +319,16 @@ impl Context {
             value_info,
             opsets: Vec::new(),
         })
+    }
+
+    /// A subgraph (an `If` branch) with its own decoded initializers.
+    fn subgraph(&mut self, gp: &GraphProto) -> Result<Graph, ReadError> {
+        let initializers = gp
+            .initializer
+            .iter()
+            .map(|t| self.tensor(t, None))
+            .collect::<Result<Vec<_>, _>>()?;
+        self.graph_body(gp, initializers, "subgraph")
     }
 
     /// A tensor: `raw` is where its `raw_data` lies in the model file (initializers), or
