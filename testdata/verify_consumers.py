@@ -127,6 +127,9 @@ def check_seq2seq(ferry, testdata, out_dir):
             except Exception as e:  # a load or run failure is a failure, with its reason
                 failures += 1
                 print(f"FAIL {case}: {type(e).__name__}: {e}")
+    if checked == 0:
+        print("FAIL: no encoder-decoder case was checked")
+        failures += 1
     return failures, checked
 
 

@@ -124,6 +124,11 @@ for (const name of fs.readdirSync(testdata).sort()) {
   }
 }
 
+if (checked === 0) {
+  console.log("FAIL: no encoder-decoder case was checked");
+  failures += 1;
+}
+
 for (const name of fs.readdirSync(testdata).sort()) {
   const steps = path.join(testdata, name, "steps.safetensors");
   if (!fs.existsSync(steps)) continue;
